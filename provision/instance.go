@@ -1,0 +1,230 @@
+package provision
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+var (
+	// ErrNoTemplate: no domain has the template's name.
+	ErrNoTemplate = errors.New("no such template")
+	// ErrNotManaged: the domain exists but was not created by libvirt-gci; it is never touched.
+	ErrNotManaged = errors.New("not a libvirt-gci instance")
+)
+
+// TemplateXML returns the inactive XML of the template domain name. A template must be
+// shut off (its disks are the overlays' backing files) and must not be an instance.
+func (c *Conn) TemplateXML(name string) (string, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) {
+		return "", fmt.Errorf("template %q: %w (no libvirt domain has that name)", name, ErrNoTemplate)
+	}
+	if err != nil {
+		return "", fmt.Errorf("look up template %q: %w", name, err)
+	}
+	if _, err := c.metadata(dom); err == nil {
+		return "", fmt.Errorf("template %q is a libvirt-gci instance, not a template", name)
+	} else if !errors.Is(err, ErrNotManaged) {
+		return "", err
+	}
+	state, _, err := c.api.DomainGetState(dom, 0)
+	if err != nil {
+		return "", fmt.Errorf("state of template %q: %w", name, err)
+	}
+	if libvirt.DomainState(state) != libvirt.DomainShutoff {
+		return "", fmt.Errorf("template %q is not shut off; a template's disks back every clone, so it must not run", name)
+	}
+	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return "", fmt.Errorf("XML of template %q: %w", name, err)
+	}
+	return x, nil
+}
+
+// NewVolume is an overlay volume to create: a qcow2 file whose backing file is a template disk.
+type NewVolume struct {
+	Volume
+	BackingPath   string
+	BackingFormat string // stated, or libvirt writes "raw" into the overlay
+}
+
+// Spec is an instance to create. DomainXML must carry Metadata listing every volume in
+// Volumes, so that a crash at any point leaves a domain whose metadata says what to delete.
+type Spec struct {
+	Name      string
+	DomainXML string
+	Volumes   []NewVolume
+}
+
+// Timings of one Create, for progress lines and benchmarks.
+type Timings struct {
+	Define, Clone, Start time.Duration
+}
+
+// Create defines the domain, creates its overlay volumes and starts it, in that order: the
+// domain (and its metadata) exists before anything else does. On error the caller must
+// Teardown the name; Create leaves whatever it made for that.
+func (c *Conn) Create(spec Spec) (Timings, error) {
+	var t Timings
+	pools := map[string]libvirt.StoragePool{}
+	for _, v := range spec.Volumes {
+		if _, ok := pools[v.Pool]; ok {
+			continue
+		}
+		p, err := c.api.StoragePoolLookupByName(v.Pool)
+		if err != nil {
+			return t, fmt.Errorf("storage pool %q: %w", v.Pool, err)
+		}
+		pools[v.Pool] = p
+	}
+
+	start := time.Now()
+	dom, err := c.api.DomainDefineXMLFlags(spec.DomainXML, libvirt.DomainDefineValidate)
+	if err != nil {
+		return t, fmt.Errorf("define %q: %w", spec.Name, err)
+	}
+	t.Define = time.Since(start)
+
+	start = time.Now()
+	for _, v := range spec.Volumes {
+		x, err := overlayXML(v)
+		if err != nil {
+			return t, err
+		}
+		if _, err := c.api.StorageVolCreateXML(pools[v.Pool], x, 0); err != nil {
+			return t, fmt.Errorf("create overlay %q on %q in pool %q: %w", v.Name, v.BackingPath, v.Pool, err)
+		}
+	}
+	t.Clone = time.Since(start)
+
+	start = time.Now()
+	if err := c.api.DomainCreate(dom); err != nil {
+		return t, fmt.Errorf("start %q: %w", spec.Name, err)
+	}
+	t.Start = time.Since(start)
+	return t, nil
+}
+
+func overlayXML(v NewVolume) (string, error) {
+	vol := libvirtxml.StorageVolume{
+		Name: v.Name,
+		// No capacity: the overlay takes its backing file's size.
+		Target: &libvirtxml.StorageVolumeTarget{
+			Format: &libvirtxml.StorageVolumeTargetFormat{Type: "qcow2"},
+			Compat: "1.1",
+		},
+		BackingStore: &libvirtxml.StorageVolumeBackingStore{
+			Path:   v.BackingPath,
+			Format: &libvirtxml.StorageVolumeTargetFormat{Type: v.BackingFormat},
+		},
+	}
+	x, err := vol.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("overlay %q XML: %w", v.Name, err)
+	}
+	return x, nil
+}
+
+// Metadata returns the metadata of the instance name. It fails with ErrNotManaged for a
+// domain libvirt-gci did not create.
+func (c *Conn) Metadata(name string) (Metadata, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return Metadata{}, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	return c.metadata(dom)
+}
+
+func (c *Conn) metadata(dom libvirt.Domain) (Metadata, error) {
+	s, err := c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{MetadataNS}, libvirt.DomainAffectCurrent)
+	if hasCode(err, libvirt.ErrNoDomainMetadata) {
+		return Metadata{}, fmt.Errorf("domain %q: %w", dom.Name, ErrNotManaged)
+	}
+	if err != nil {
+		return Metadata{}, fmt.Errorf("metadata of %q: %w", dom.Name, err)
+	}
+	return parseMetadata(s)
+}
+
+// Removed says what a Teardown removed.
+type Removed struct {
+	Domain    bool // the domain existed and was undefined
+	Destroyed bool // it was running
+	Volumes   []string
+}
+
+// Teardown destroys the instance name, deletes the volumes its metadata lists and
+// undefines it. It is idempotent: an absent domain, a stopped one and volumes already gone
+// are fine. It refuses domains without libvirt-gci metadata. If a volume cannot be deleted
+// the domain stays defined, so a later Teardown still knows about the volume.
+func (c *Conn) Teardown(name string) (Removed, error) {
+	var r Removed
+	dom, err := c.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) {
+		return r, nil
+	}
+	if err != nil {
+		return r, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	meta, err := c.metadata(dom)
+	if err != nil {
+		return r, fmt.Errorf("tear down %q: %w", name, err)
+	}
+	err = c.api.DomainDestroyFlags(dom, libvirt.DomainDestroyDefault)
+	switch {
+	case err == nil:
+		r.Destroyed = true
+	case hasCode(err, libvirt.ErrOperationInvalid): // not running
+	case hasCode(err, libvirt.ErrNoDomain):
+		return r, nil // removed by someone else meanwhile
+	default:
+		return r, fmt.Errorf("destroy %q: %w", name, err)
+	}
+
+	var errs []error
+	for _, v := range meta.Volumes {
+		deleted, err := c.deleteVolume(v)
+		if err != nil {
+			errs = append(errs, err)
+		} else if deleted {
+			r.Volumes = append(r.Volumes, v.Name)
+		}
+	}
+	if len(errs) > 0 {
+		return r, fmt.Errorf("tear down %q: %w", name, errors.Join(errs...))
+	}
+
+	flags := libvirt.DomainUndefineNvram | libvirt.DomainUndefineManagedSave |
+		libvirt.DomainUndefineSnapshotsMetadata | libvirt.DomainUndefineCheckpointsMetadata
+	if err := c.api.DomainUndefineFlags(dom, flags); err != nil && !hasCode(err, libvirt.ErrNoDomain) {
+		return r, fmt.Errorf("undefine %q: %w", name, err)
+	}
+	r.Domain = true
+	return r, nil
+}
+
+// deleteVolume deletes v; a volume or pool that is already gone is not an error.
+func (c *Conn) deleteVolume(v Volume) (bool, error) {
+	pool, err := c.api.StoragePoolLookupByName(v.Pool)
+	if hasCode(err, libvirt.ErrNoStoragePool) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("storage pool %q: %w", v.Pool, err)
+	}
+	vol, err := c.api.StorageVolLookupByName(pool, v.Name)
+	if hasCode(err, libvirt.ErrNoStorageVol) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look up volume %q in pool %q: %w", v.Name, v.Pool, err)
+	}
+	if err := c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal); err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {
+		return false, fmt.Errorf("delete volume %q in pool %q: %w", v.Name, v.Pool, err)
+	}
+	return true, nil
+}

@@ -1,0 +1,55 @@
+package provision
+
+import (
+	"bytes"
+	"encoding/xml"
+	"fmt"
+)
+
+// MetadataNS is the XML namespace of the <metadata> element libvirt-gci puts on every
+// instance it creates. Only domains that carry it are ever torn down.
+const MetadataNS = "https://gitlab.com/libvirt-gci/xmlns/instance/1"
+
+const metadataPrefix = "gci"
+
+// Metadata is what later stages and cleanup need to know about an instance. It lives in
+// the domain's own <metadata>, so the host keeps no state of ours. It is readable by
+// read-only libvirt clients: never put secrets here.
+type Metadata struct {
+	Template  string   `xml:"template"`
+	JobID     string   `xml:"job-id,omitempty"`
+	Project   string   `xml:"project,omitempty"`
+	Runner    string   `xml:"runner,omitempty"` // CI_RUNNER_SHORT_TOKEN, shown in every job log
+	CreatedAt string   `xml:"created-at"`       // RFC 3339
+	Volumes   []Volume `xml:"volume"`
+}
+
+// Volume is a storage volume created for an instance, deleted with it.
+type Volume struct {
+	Pool string `xml:"pool,attr"`
+	Name string `xml:"name,attr"`
+}
+
+// MarshalElement renders m as a namespaced element for a domain's <metadata>.
+func (m Metadata) MarshalElement() (string, error) {
+	var b bytes.Buffer
+	enc := xml.NewEncoder(&b)
+	enc.Indent("", "  ")
+	start := xml.StartElement{
+		Name: xml.Name{Local: metadataPrefix + ":instance"},
+		Attr: []xml.Attr{{Name: xml.Name{Local: "xmlns:" + metadataPrefix}, Value: MetadataNS}},
+	}
+	if err := enc.EncodeElement(m, start); err != nil {
+		return "", fmt.Errorf("encode instance metadata: %w", err)
+	}
+	return b.String(), nil
+}
+
+// parseMetadata reads the element libvirt returns for our namespace.
+func parseMetadata(s string) (Metadata, error) {
+	var m Metadata
+	if err := xml.Unmarshal([]byte(s), &m); err != nil {
+		return Metadata{}, fmt.Errorf("parse instance metadata: %w", err)
+	}
+	return m, nil
+}

@@ -1,0 +1,169 @@
+// Package template turns a template domain's XML into the XML of a throwaway instance.
+//
+// It is pure: no libvirt connection, no file system. The caller decides names and
+// volumes; this package decides what of the template an instance keeps.
+package template
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"libvirt.org/go/libvirtxml"
+)
+
+// AgentChannel is the virtio-serial port name of the QEMU guest agent.
+const AgentChannel = "org.qemu.guest_agent.0"
+
+// Disk is a writable template disk: each one gets a copy-on-write overlay in the instance.
+type Disk struct {
+	Target string // guest device name, e.g. "vda"; unique within a domain
+	Path   string // the template's image file, the overlay's backing file
+	Format string // the template image's format ("qcow2", "raw")
+}
+
+// Template is a parsed template domain.
+type Template struct {
+	Name     string
+	HasAgent bool   // it has the org.qemu.guest_agent.0 channel
+	Disks    []Disk // writable disks, in domain order
+	dom      libvirtxml.Domain
+}
+
+// Parse reads a template domain's inactive XML. It fails for disks it cannot clone.
+func Parse(domainXML string) (*Template, error) {
+	var t Template
+	if err := t.dom.Unmarshal(domainXML); err != nil {
+		return nil, fmt.Errorf("parse template XML: %w", err)
+	}
+	t.Name = t.dom.Name
+	if t.dom.Devices == nil {
+		return &t, nil
+	}
+	for _, ch := range t.dom.Devices.Channels {
+		if ch.Target != nil && ch.Target.VirtIO != nil && ch.Target.VirtIO.Name == AgentChannel {
+			t.HasAgent = true
+		}
+	}
+	for i := range t.dom.Devices.Disks {
+		d := &t.dom.Devices.Disks[i]
+		if !writable(d) {
+			continue
+		}
+		target := ""
+		if d.Target != nil {
+			target = d.Target.Dev
+		}
+		if target == "" {
+			return nil, fmt.Errorf("template %q: disk %d has no target device", t.Name, i)
+		}
+		if d.Source == nil || d.Source.File == nil || d.Source.File.File == "" {
+			return nil, fmt.Errorf("template %q: disk %q is not a file-backed disk; only file disks can be cloned (mark it <readonly/> or <shareable/> to pass it through)", t.Name, target)
+		}
+		format := "raw" // what libvirt assumes when the driver names no type
+		if d.Driver != nil && d.Driver.Type != "" {
+			format = d.Driver.Type
+		}
+		if format != "raw" && format != "qcow2" {
+			return nil, fmt.Errorf("template %q: disk %q has format %q; only qcow2 and raw can back an overlay", t.Name, target, format)
+		}
+		t.Disks = append(t.Disks, Disk{Target: target, Path: d.Source.File.File, Format: format})
+	}
+	return &t, nil
+}
+
+// writable tells whether a template disk would be written to by a guest, and so needs an
+// overlay. CD-ROMs, floppies, read-only and shareable disks are passed through unchanged.
+func writable(d *libvirtxml.DomainDisk) bool {
+	if d.Device != "" && d.Device != "disk" {
+		return false
+	}
+	return d.ReadOnly == nil && d.Shareable == nil && d.Transient == nil
+}
+
+// Overlay names the storage volume that replaces one writable template disk.
+type Overlay struct {
+	Pool   string
+	Volume string
+}
+
+// Instance describes the domain to make from a template.
+type Instance struct {
+	Name     string
+	Overlays map[string]Overlay // by disk target; one for every Template.Disks entry
+	Metadata string             // an XML element in a namespace of the caller's, added to <metadata>
+}
+
+// Render returns the instance's domain XML: the template's hardware with a new name, no
+// UUID, no MAC addresses (libvirt generates fresh ones), every writable disk replaced by
+// its overlay volume, no NVRAM path (libvirt makes a fresh one from the firmware's
+// template) and the caller's metadata element added.
+func (t *Template) Render(inst Instance) (string, error) {
+	if inst.Name == "" {
+		return "", errors.New("render instance: empty name")
+	}
+	// Work on a deep copy: marshal and parse again, so the template stays untouched.
+	src, err := t.dom.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(src); err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
+	dom.Name = inst.Name
+	dom.UUID = ""
+	dom.ID = nil
+	dom.GenID = nil
+	if dom.OS != nil && dom.OS.NVRam != nil {
+		dom.OS.NVRam.NVRam = ""
+		dom.OS.NVRam.Source = nil
+	}
+	if inst.Metadata != "" {
+		if dom.Metadata == nil {
+			dom.Metadata = &libvirtxml.DomainMetadata{}
+		}
+		dom.Metadata.XML = strings.TrimSpace(dom.Metadata.XML + "\n" + inst.Metadata)
+	}
+	if dom.Devices != nil {
+		for i := range dom.Devices.Interfaces {
+			iface := &dom.Devices.Interfaces[i]
+			iface.MAC = nil
+			iface.Target = nil
+			iface.Alias = nil
+		}
+		used := map[string]bool{}
+		for i := range dom.Devices.Disks {
+			d := &dom.Devices.Disks[i]
+			if !writable(d) {
+				continue
+			}
+			ov, ok := inst.Overlays[d.Target.Dev]
+			if !ok || ov.Pool == "" || ov.Volume == "" {
+				return "", fmt.Errorf("render instance %q: no overlay volume for disk %q", inst.Name, d.Target.Dev)
+			}
+			used[d.Target.Dev] = true
+			if d.Driver == nil {
+				d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+			}
+			d.Driver.Type = "qcow2"
+			d.Source = &libvirtxml.DomainDiskSource{
+				Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},
+			}
+			// The overlay's qcow2 header names its backing file and format; a chain copied
+			// from the template would describe the template, not the overlay.
+			d.BackingStore = nil
+			d.Alias = nil
+		}
+		for target := range inst.Overlays {
+			if !used[target] {
+				return "", fmt.Errorf("render instance %q: overlay for %q, which is not a writable disk of template %q", inst.Name, target, t.Name)
+			}
+		}
+	}
+	out, err := dom.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
+	return out, nil
+}
