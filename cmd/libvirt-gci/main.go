@@ -1,0 +1,190 @@
+// Command libvirt-gci is a GitLab Runner custom executor that runs every job in a fresh,
+// throwaway libvirt VM cloned from a template.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+	"github.com/urfave/cli/v2"
+
+	"github.com/libvirt-gci/libvirt-gci/executor"
+)
+
+// version is set with -ldflags "-X main.version=..."; else the module version is used.
+var version = ""
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, os.Args, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run is main without the exit: it returns GitLab's exit code for the stage.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var renv executor.RunnerEnv
+	_ = envconfig.Process("", &renv) // string fields only: cannot fail
+	codes := renv.Codes()
+
+	var job executor.Job
+	_ = envconfig.Process("CUSTOM_ENV", &job)
+
+	var log *slog.Logger
+	var exec *executor.Executor
+	setup := func(c *cli.Context) error {
+		level := slog.LevelInfo
+		if c.Bool("debug") {
+			level = slog.LevelDebug
+		}
+		log = slog.New(newLineHandler(stderr, level))
+		s := executor.Settings{
+			URI:             c.String("uri"),
+			Pool:            c.String("pool"),
+			Templates:       executor.SplitPatterns(c.String("templates")),
+			DefaultTemplate: c.String("default-template"),
+			Prefix:          c.String("prefix"),
+			BootTimeout:     c.Duration("boot-timeout"),
+		}
+		if err := s.Validate(); err != nil {
+			return err
+		}
+		exec = &executor.Executor{Settings: s, Version: versionString(), Log: log, Stdout: stdout, Stderr: stderr}
+		return nil
+	}
+	machineFlag := &cli.StringFlag{Name: "machine", Usage: "instance `NAME` (by hand; under GitLab Runner it is derived from the job)"}
+
+	app := &cli.App{
+		Name:      "libvirt-gci",
+		Usage:     "GitLab Runner custom executor: every job in a fresh, throwaway libvirt VM",
+		Version:   versionString(),
+		Writer:    stderr,
+		ErrWriter: stderr,
+		// Errors are reported and mapped to exit codes below, in one place.
+		ExitErrHandler: func(*cli.Context, error) {},
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "uri", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_GCI_URI"}, Usage: "libvirt connection `URI`"},
+			&cli.StringFlag{Name: "pool", Value: "default", EnvVars: []string{"LIBVIRT_GCI_POOL"}, Usage: "storage `POOL` that receives instance overlays"},
+			&cli.StringFlag{Name: "templates", Value: "*", EnvVars: []string{"LIBVIRT_GCI_TEMPLATES"}, Usage: "comma-separated glob `PATTERNS` of templates a job may pick"},
+			&cli.StringFlag{Name: "default-template", EnvVars: []string{"LIBVIRT_GCI_DEFAULT_TEMPLATE"}, Usage: "`TEMPLATE` used when the job names none"},
+			&cli.StringFlag{Name: "prefix", Value: "gci-", EnvVars: []string{"LIBVIRT_GCI_PREFIX"}, Usage: "name `PREFIX` of managed instances"},
+			&cli.DurationFlag{Name: "boot-timeout", Value: 5 * time.Minute, EnvVars: []string{"LIBVIRT_GCI_BOOT_TIMEOUT"}, Usage: "how long prepare waits for the guest"},
+			&cli.BoolFlag{Name: "debug", EnvVars: []string{"LIBVIRT_GCI_DEBUG"}, Usage: "debug logging on stderr"},
+		},
+		Before: setup,
+		Commands: []*cli.Command{
+			{
+				Name:  "config",
+				Usage: "print the custom executor configuration (config_exec)",
+				Flags: []cli.Flag{machineFlag},
+				Action: func(c *cli.Context) error {
+					t, err := exec.TargetFor(c.String("machine"), job)
+					if err != nil {
+						return err
+					}
+					return exec.Config(t)
+				},
+			},
+			{
+				Name:  "prepare",
+				Usage: "clone a template into a new instance and boot it (prepare_exec)",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "distro", Usage: "`TEMPLATE` to clone (else the job's DISTRO or image:, else the default)"},
+					machineFlag,
+				},
+				Action: func(c *cli.Context) error {
+					tmpl, err := executor.SelectTemplate(exec.Settings, c.String("distro"), job)
+					if err != nil {
+						return err
+					}
+					machine := c.String("machine")
+					if machine == "" && !job.InJob() {
+						machine = exec.Settings.Prefix + "manual-" + randomSuffix()
+					}
+					t, err := exec.TargetFor(machine, job)
+					if err != nil {
+						return err
+					}
+					if err := exec.Prepare(c.Context, t, tmpl); err != nil {
+						return err
+					}
+					if !job.InJob() {
+						fmt.Fprintln(stdout, t.Name) // by hand: say which machine to use
+					}
+					return nil
+				},
+			},
+			{
+				Name:      "run",
+				Usage:     "run a stage script in the instance (run_exec)",
+				ArgsUsage: "SCRIPT [STAGE]",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "script", Usage: "script `FILE` (also accepted as the first argument)"},
+					machineFlag,
+				},
+				Action: func(c *cli.Context) error {
+					args := c.Args().Slice()
+					script := c.String("script")
+					if script == "" && len(args) > 0 {
+						script, args = args[0], args[1:]
+					}
+					if script == "" || len(args) > 1 {
+						return &executor.InputError{Msg: "usage: libvirt-gci run [--machine NAME] SCRIPT [STAGE]"}
+					}
+					stage := "build_script"
+					if len(args) == 1 {
+						stage = args[0]
+					}
+					t, err := exec.TargetFor(c.String("machine"), job)
+					if err != nil {
+						return err
+					}
+					return exec.Run(c.Context, t, script, stage, renv.BuildExitCodeFile)
+				},
+			},
+			{
+				Name:  "cleanup",
+				Usage: "remove the instance and its volumes (cleanup_exec)",
+				Flags: []cli.Flag{machineFlag},
+				Action: func(c *cli.Context) error {
+					t, err := exec.TargetFor(c.String("machine"), job)
+					if err != nil {
+						return err
+					}
+					return exec.Cleanup(c.Context, t)
+				},
+			},
+		},
+	}
+
+	err := app.RunContext(ctx, args)
+	if err != nil {
+		var bf *executor.BuildFailure
+		if log == nil {
+			log = slog.New(newLineHandler(stderr, slog.LevelInfo))
+		}
+		if !errors.As(err, &bf) { // a failed script speaks for itself in the job log
+			log.Error(err.Error())
+		}
+	}
+	return executor.ExitCode(err, codes)
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}

@@ -1,0 +1,245 @@
+// Package executor is the GitLab Runner custom-executor protocol: the config, prepare, run
+// and cleanup stages, what they read from the job, and how they end.
+package executor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// Paths inside the guest, reported to the runner by config.
+const (
+	BuildsDir = "/builds"
+	CacheDir  = "/cache"
+)
+
+// teardownTime bounds a cleanup or a rollback, which run even after a cancel.
+const teardownTime = 2 * time.Minute
+
+// Executor runs the stages. Stdout and Stderr carry the job's output; Log the tool's own.
+type Executor struct {
+	Settings Settings
+	Version  string
+	Log      *slog.Logger
+	Stdout   io.Writer
+	Stderr   io.Writer
+}
+
+// Target names the instance a stage works on: a job's, or one named by hand.
+type Target struct {
+	Name string
+	Job  Job
+}
+
+// TargetFor derives the instance from --machine, or else from the job.
+func (e *Executor) TargetFor(machine string, job Job) (Target, error) {
+	if machine != "" {
+		if err := CheckMachineName(machine); err != nil {
+			return Target{}, err
+		}
+		return Target{Name: machine, Job: job}, nil
+	}
+	if !job.InJob() {
+		return Target{}, &InputError{"no instance given: use --machine NAME, or run under GitLab Runner (CUSTOM_ENV_CI_JOB_ID is not set)"}
+	}
+	name, err := InstanceName(e.Settings.Prefix, job)
+	if err != nil {
+		return Target{}, err
+	}
+	return Target{Name: name, Job: job}, nil
+}
+
+// Config prints the custom executor's configuration JSON, and nothing else, on stdout.
+func (e *Executor) Config(t Target) error {
+	cfg := map[string]any{
+		"builds_dir":           BuildsDir,
+		"cache_dir":            CacheDir,
+		"builds_dir_is_shared": false,
+		"hostname":             t.Name,
+		"driver":               map[string]string{"name": "libvirt-gci", "version": e.Version},
+		"shell":                "bash",
+	}
+	return json.NewEncoder(e.Stdout).Encode(cfg)
+}
+
+// Prepare clones the template into a new instance, boots it and waits for its guest agent.
+// On any failure it removes what it created.
+func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err error) {
+	begin := time.Now()
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	tx, err := conn.TemplateXML(tmplName)
+	if err != nil {
+		return err
+	}
+	tmpl, err := template.Parse(tx)
+	if err != nil {
+		return err
+	}
+	if !tmpl.HasAgent {
+		return fmt.Errorf("template %q has no guest agent channel; add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices", tmplName, template.AgentChannel)
+	}
+
+	// GitLab retries prepare after a cleanup, but a crash can leave an instance behind.
+	removed, err := conn.Teardown(t.Name)
+	if errors.Is(err, provision.ErrNotManaged) {
+		return fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", t.Name)
+	}
+	if err != nil {
+		return fmt.Errorf("remove leftover instance %q: %w", t.Name, err)
+	}
+	if removed.Domain {
+		e.Log.Info(fmt.Sprintf("removed leftover instance %s", t.Name))
+	}
+
+	spec, err := e.spec(t, tmpl)
+	if err != nil {
+		return err
+	}
+	// From here on, a failure leaves something to remove.
+	defer func() {
+		if err != nil {
+			e.rollback(ctx, t.Name)
+		}
+	}()
+	tm, err := conn.Create(spec)
+	if err != nil {
+		return err
+	}
+	e.Log.Info(fmt.Sprintf("cloned %s into %s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
+		tmplName, t.Name, (tm.Define + tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()))
+
+	agent, err := guest.NewAgent(conn.Libvirt(), t.Name)
+	if err != nil {
+		return err
+	}
+	bootStart := time.Now()
+	bctx, cancel := context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
+	defer cancel()
+	if err := agent.WaitReady(bctx); err != nil {
+		return fmt.Errorf("instance %q: %w", t.Name, err)
+	}
+	e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), t.Name, time.Since(begin).Seconds()))
+	return nil
+}
+
+// spec lays out the instance: one overlay per writable template disk, the metadata that
+// records them, and the domain XML.
+func (e *Executor) spec(t Target, tmpl *template.Template) (provision.Spec, error) {
+	meta := provision.Metadata{
+		Template:  tmpl.Name,
+		JobID:     t.Job.ID,
+		Project:   t.Job.Project(),
+		Runner:    t.Job.RunnerToken,
+		CreatedAt: time.Now().UTC().Format(time.RFC3339),
+	}
+	spec := provision.Spec{Name: t.Name}
+	overlays := map[string]template.Overlay{}
+	for _, d := range tmpl.Disks {
+		v := provision.NewVolume{
+			Volume:        provision.Volume{Pool: e.Settings.Pool, Name: t.Name + "-" + d.Target + ".qcow2"},
+			BackingPath:   d.Path,
+			BackingFormat: d.Format,
+		}
+		spec.Volumes = append(spec.Volumes, v)
+		meta.Volumes = append(meta.Volumes, v.Volume)
+		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
+	}
+	md, err := meta.MarshalElement()
+	if err != nil {
+		return spec, err
+	}
+	spec.DomainXML, err = tmpl.Render(template.Instance{Name: t.Name, Overlays: overlays, Metadata: md})
+	return spec, err
+}
+
+// rollback removes a half-made instance. It runs after ctx may have ended, on a connection
+// of its own (the prepare connection closes with ctx).
+func (e *Executor) rollback(ctx context.Context, name string) {
+	if err := e.teardown(ctx, name); err != nil {
+		e.Log.Error(fmt.Sprintf("could not remove %s after the failed prepare: %v", name, err))
+	}
+}
+
+func (e *Executor) teardown(ctx context.Context, name string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), teardownTime)
+	defer cancel()
+	start := time.Now()
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	r, err := conn.Teardown(name)
+	if err != nil {
+		return err
+	}
+	if r.Domain {
+		e.Log.Info(fmt.Sprintf("removed %s and %d volumes in %d ms", name, len(r.Volumes), time.Since(start).Milliseconds()))
+	} else {
+		e.Log.Info(fmt.Sprintf("no instance %s; nothing to remove", name))
+	}
+	return nil
+}
+
+// Run runs one stage script in the instance with its output streamed live. A script that
+// exits non-zero is a BuildFailure, its code written to the runner's BUILD_EXIT_CODE_FILE.
+func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCodeFile string) error {
+	script, err := os.ReadFile(scriptPath)
+	if err != nil {
+		return fmt.Errorf("read %s script: %w", stage, err)
+	}
+	// The connection must outlive a cancel: killing the script in the guest needs it.
+	conn, err := provision.Connect(context.WithoutCancel(ctx), e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := conn.Metadata(t.Name); err != nil {
+		return fmt.Errorf("%s: %w (was prepare run?)", stage, err)
+	}
+	agent, err := guest.NewAgent(conn.Libvirt(), t.Name)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	st, err := agent.Run(ctx, script, e.Stdout, e.Stderr)
+	if err != nil {
+		return fmt.Errorf("run %s in %s: %w", stage, t.Name, err)
+	}
+	e.Log.Debug(fmt.Sprintf("%s: %s after %d ms", stage, st, time.Since(start).Milliseconds()))
+	if st.Code == 0 {
+		return nil
+	}
+	if exitCodeFile != "" {
+		if err := os.WriteFile(exitCodeFile, []byte(strconv.Itoa(st.Code)+"\n"), 0o600); err != nil {
+			return fmt.Errorf("write BUILD_EXIT_CODE_FILE: %w", err)
+		}
+	}
+	return &BuildFailure{Code: st.Code}
+}
+
+// Cleanup removes the instance and its volumes. It finishes even after a cancel, and is
+// idempotent: a missing or half-made instance is fine.
+func (e *Executor) Cleanup(ctx context.Context, t Target) error {
+	err := e.teardown(ctx, t.Name)
+	if errors.Is(err, provision.ErrNotManaged) {
+		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
+	}
+	return err
+}

@@ -1,0 +1,361 @@
+package guest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+)
+
+// AgentAPI is the part of go-libvirt the agent transport uses.
+type AgentAPI interface {
+	DomainLookupByName(name string) (libvirt.Domain, error)
+	QEMUDomainAgentCommand(dom libvirt.Domain, cmd string, timeout int32, flags uint32) (libvirt.OptString, error)
+}
+
+const (
+	agentTimeout = 10 // seconds libvirt waits for one agent reply
+	pingTimeout  = 2
+	chunk        = 512 << 10 // bytes per guest-file-read/-write; well under libvirt's message cap
+	pollMin      = 40 * time.Millisecond
+	pollMax      = 250 * time.Millisecond
+	killGrace    = 3 * time.Second
+	cleanupTime  = 20 * time.Second
+)
+
+// runWrapper is run by /bin/sh as `sh -c runWrapper gci SCRIPT OUT ERR`. It sends the
+// job's output to the two files the host reads as they grow, runs the script with bash
+// in a session of its own (so that the whole process group can be killed), and removes
+// the script, which carries the job's secrets, and the output files (the host still
+// holds them open) when bash ends.
+const runWrapper = `exec >>"$2" 2>>"$3" </dev/null
+run='bash "$1"; rc=$?; rm -f "$1" "$2" "$3"; exit $rc'
+if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$run" gci-job "$@"; fi
+exec /bin/sh -c "$run" gci-job "$@"`
+
+// Agent reaches a guest through the QEMU guest agent, via libvirt.
+type Agent struct {
+	api AgentAPI
+	dom libvirt.Domain
+}
+
+// NewAgent returns the agent transport for the domain name.
+func NewAgent(api AgentAPI, name string) (*Agent, error) {
+	dom, err := api.DomainLookupByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	return &Agent{api: api, dom: dom}, nil
+}
+
+// AgentError is an error the guest agent itself reported (the command reached the guest).
+type AgentError struct {
+	Command string
+	Err     error
+}
+
+func (e *AgentError) Error() string { return fmt.Sprintf("guest agent %s: %v", e.Command, e.Err) }
+func (e *AgentError) Unwrap() error { return e.Err }
+
+// call runs one agent command and decodes its "return" value into ret (if not nil).
+func (a *Agent) call(ctx context.Context, timeout int32, execute string, args, ret any) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("guest agent %s: %w", execute, context.Cause(ctx))
+	}
+	req := map[string]any{"execute": execute}
+	if args != nil {
+		req["arguments"] = args
+	}
+	cmd, err := json.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("guest agent %s: %w", execute, err)
+	}
+	out, err := a.api.QEMUDomainAgentCommand(a.dom, string(cmd), timeout, 0)
+	if err != nil {
+		return &AgentError{Command: execute, Err: err}
+	}
+	if ret == nil {
+		return nil
+	}
+	if len(out) == 0 {
+		return fmt.Errorf("guest agent %s: empty reply", execute)
+	}
+	var reply struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(out[0]), &reply); err != nil {
+		return fmt.Errorf("guest agent %s: reply %q: %w", execute, out[0], err)
+	}
+	if err := json.Unmarshal(reply.Return, ret); err != nil {
+		return fmt.Errorf("guest agent %s: reply %q: %w", execute, out[0], err)
+	}
+	return nil
+}
+
+// WaitReady polls guest-ping until the agent answers. While the guest boots libvirt
+// answers "agent not connected" at once, so polling fast costs nothing. A domain that
+// stops running fails at once.
+func (a *Agent) WaitReady(ctx context.Context) error {
+	var last error
+	for {
+		err := a.call(ctx, pingTimeout, "guest-ping", nil, nil)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: the guest agent did not answer (%v; last error: %v); is qemu-guest-agent installed and started at boot in the template?", ErrNotReady, context.Cause(ctx), last)
+		}
+		last = err
+		var lerr libvirt.Error
+		if errors.As(err, &lerr) && (lerr.Code == uint32(libvirt.ErrOperationInvalid) || lerr.Code == uint32(libvirt.ErrNoDomain)) {
+			return fmt.Errorf("%w: %v", ErrNotReady, err) // not running any more, or gone
+		}
+		if !sleep(ctx, 50*time.Millisecond) {
+			continue // the next call reports the context's end
+		}
+	}
+}
+
+// sleep waits d or until ctx ends; it reports whether it slept the whole time.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+type execStatus struct {
+	Exited   bool   `json:"exited"`
+	ExitCode *int   `json:"exitcode"`
+	Signal   *int   `json:"signal"`
+	OutData  string `json:"out-data"`
+	ErrData  string `json:"err-data"`
+}
+
+func (s execStatus) status() ExitStatus {
+	switch {
+	case s.Signal != nil:
+		return ExitStatus{Code: 128 + *s.Signal, Signal: *s.Signal}
+	case s.ExitCode != nil:
+		return ExitStatus{Code: *s.ExitCode}
+	}
+	return ExitStatus{Code: -1}
+}
+
+func (a *Agent) exec(ctx context.Context, capture bool, path string, args ...string) (int, error) {
+	var ret struct {
+		PID int `json:"pid"`
+	}
+	err := a.call(ctx, agentTimeout, "guest-exec", map[string]any{"path": path, "arg": args, "capture-output": capture}, &ret)
+	return ret.PID, err
+}
+
+func (a *Agent) execStatus(ctx context.Context, pid int) (execStatus, error) {
+	var st execStatus
+	err := a.call(ctx, agentTimeout, "guest-exec-status", map[string]any{"pid": pid}, &st)
+	return st, err
+}
+
+// execWait runs a short helper command to its end and returns its status and output.
+func (a *Agent) execWait(ctx context.Context, path string, args ...string) (ExitStatus, string, error) {
+	pid, err := a.exec(ctx, true, path, args...)
+	if err != nil {
+		return ExitStatus{}, "", err
+	}
+	for d := pollMin / 4; ; d = min(2*d, pollMax) {
+		st, err := a.execStatus(ctx, pid)
+		if err != nil {
+			return ExitStatus{}, "", err
+		}
+		if st.Exited {
+			out, _ := base64.StdEncoding.DecodeString(st.OutData)
+			errOut, _ := base64.StdEncoding.DecodeString(st.ErrData)
+			return st.status(), string(out) + string(errOut), nil
+		}
+		if !sleep(ctx, d) {
+			return ExitStatus{}, "", fmt.Errorf("wait for %s: %w", path, context.Cause(ctx))
+		}
+	}
+}
+
+func (a *Agent) open(ctx context.Context, path, mode string) (int, error) {
+	var h int
+	err := a.call(ctx, agentTimeout, "guest-file-open", map[string]any{"path": path, "mode": mode}, &h)
+	return h, err
+}
+
+func (a *Agent) close(ctx context.Context, h int) error {
+	return a.call(ctx, agentTimeout, "guest-file-close", map[string]any{"handle": h}, nil)
+}
+
+// upload writes data to path in the guest, creating Dir first if it is missing.
+func (a *Agent) upload(ctx context.Context, path string, data []byte) error {
+	h, err := a.open(ctx, path, "w")
+	if err != nil {
+		// Dir is missing (first stage of a job, or the job removed it): make it and retry.
+		st, out, mkErr := a.execWait(ctx, "/bin/sh", "-c", `umask 077 && mkdir -p "$0" && chmod 0700 "$0"`, Dir)
+		if mkErr != nil {
+			return fmt.Errorf("create %s in the guest: %w", Dir, mkErr)
+		}
+		if st.Code != 0 {
+			return fmt.Errorf("create %s in the guest: %s: %s", Dir, st, out)
+		}
+		if h, err = a.open(ctx, path, "w"); err != nil {
+			return fmt.Errorf("upload %s: %w", path, err)
+		}
+	}
+	for off := 0; off < len(data); off += chunk {
+		end := min(off+chunk, len(data))
+		args := map[string]any{"handle": h, "buf-b64": base64.StdEncoding.EncodeToString(data[off:end])}
+		if err := a.call(ctx, agentTimeout, "guest-file-write", args, nil); err != nil {
+			_ = a.close(ctx, h)
+			return fmt.Errorf("upload %s: %w", path, err)
+		}
+	}
+	if err := a.close(ctx, h); err != nil {
+		return fmt.Errorf("upload %s: %w", path, err)
+	}
+	return nil
+}
+
+// drain copies what is readable now from the guest file h to w. It returns the number
+// of bytes copied.
+func (a *Agent) drain(ctx context.Context, h int, w io.Writer) (int, error) {
+	total := 0
+	for {
+		var ret struct {
+			Count int    `json:"count"`
+			Buf   string `json:"buf-b64"`
+		}
+		if err := a.call(ctx, agentTimeout, "guest-file-read", map[string]any{"handle": h, "count": chunk}, &ret); err != nil {
+			return total, err
+		}
+		if ret.Count == 0 {
+			return total, nil
+		}
+		buf, err := base64.StdEncoding.DecodeString(ret.Buf)
+		if err != nil {
+			return total, fmt.Errorf("guest-file-read: %w", err)
+		}
+		if _, err := w.Write(buf); err != nil {
+			return total, fmt.Errorf("write job output: %w", err)
+		}
+		total += len(buf)
+		if ret.Count < chunk {
+			return total, nil
+		}
+	}
+}
+
+// Run implements Transport.
+func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (ExitStatus, error) {
+	// Cleanup must work after ctx ends (that is when it matters most).
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
+	defer cancel()
+
+	base := Dir + "/" + randomID()
+	scriptPath, outPath, errPath := base+".sh", base+".out", base+".err"
+	removeFiles := func() {
+		_, _, _ = a.execWait(cctx, "/bin/rm", "-f", scriptPath, outPath, errPath)
+	}
+	if err := a.upload(ctx, scriptPath, script); err != nil {
+		removeFiles()
+		return ExitStatus{}, err
+	}
+	var handles []int
+	defer func() {
+		for _, h := range handles {
+			_ = a.close(cctx, h)
+		}
+	}()
+	for _, p := range []string{outPath, errPath} {
+		h, err := a.open(ctx, p, "w+")
+		if err != nil {
+			removeFiles()
+			return ExitStatus{}, fmt.Errorf("open %s: %w", p, err)
+		}
+		handles = append(handles, h)
+	}
+	hOut, hErr := handles[0], handles[1]
+
+	pid, err := a.exec(ctx, false, "/bin/sh", "-c", runWrapper, "gci", scriptPath, outPath, errPath)
+	if err != nil {
+		removeFiles()
+		return ExitStatus{}, fmt.Errorf("start script: %w", err)
+	}
+	interrupted := func() (ExitStatus, error) {
+		a.kill(cctx, pid)
+		_, _ = a.drain(cctx, hOut, stdout)
+		_, _ = a.drain(cctx, hErr, stderr)
+		removeFiles()
+		return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+	}
+
+	wait := pollMin
+	for {
+		st, err := a.execStatus(ctx, pid)
+		if err != nil {
+			if ctx.Err() != nil {
+				return interrupted()
+			}
+			return ExitStatus{}, fmt.Errorf("script status: %w", err)
+		}
+		// Read after the status: when it says "exited", all output is in the files.
+		n1, err1 := a.drain(ctx, hOut, stdout)
+		n2, err2 := a.drain(ctx, hErr, stderr)
+		if err := errors.Join(err1, err2); err != nil {
+			if ctx.Err() != nil {
+				return interrupted()
+			}
+			return ExitStatus{}, fmt.Errorf("read script output: %w", err)
+		}
+		if st.Exited {
+			return st.status(), nil
+		}
+		if n1+n2 > 0 {
+			wait = pollMin
+			continue
+		}
+		if !sleep(ctx, wait) {
+			return interrupted()
+		}
+		wait = min(wait*2, pollMax)
+	}
+}
+
+// kill ends the script's process group: SIGTERM, then SIGKILL if it is still there
+// after killGrace.
+func (a *Agent) kill(ctx context.Context, pid int) {
+	for _, sig := range []string{"TERM", "KILL"} {
+		p := strconv.Itoa(pid)
+		_, _, _ = a.execWait(ctx, "/bin/sh", "-c", `kill -`+sig+` -"$0" 2>/dev/null || kill -`+sig+` "$0" 2>/dev/null; true`, p)
+		deadline := time.Now().Add(killGrace)
+		for time.Now().Before(deadline) {
+			st, err := a.execStatus(ctx, pid)
+			if err != nil || st.Exited {
+				return
+			}
+			if !sleep(ctx, pollMin) {
+				return
+			}
+		}
+	}
+}
+
+func randomID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
