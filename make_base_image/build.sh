@@ -25,7 +25,6 @@ done
 [[ $(id -u) == 0 ]] || { echo "build.sh: must run as root (mmdebstrap, mkfs.ext4 -d keep file owners)" >&2; exit 1; }
 
 work=$(mktemp -d /var/tmp/gci-image.XXXXXX)
-chmod 0755 "$work"   # apt-get download drops privileges to _apt
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 start=$SECONDS
@@ -33,7 +32,7 @@ start=$SECONDS
 # 1. Kernel: Debian's cloud kernel, taken from its .deb (virtio is modular there).
 kpkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -1)
 [[ -n $kpkg ]] || { echo "build.sh: no linux-image-cloud-amd64 in apt (run apt-get update)" >&2; exit 1; }
-(cd "$work" && apt-get download -q "$kpkg" >/dev/null)
+(cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
 dpkg-deb -x "$work"/"$kpkg"_*.deb "$work/kernel"
 kver=${kpkg#linux-image-}
 kdir=$work/kernel/lib/modules/$kver

@@ -1,0 +1,561 @@
+package main
+
+// End-to-end tests: the built binary, called the way GitLab Runner calls it, against the
+// real libvirtd, real QEMU and the tiny test guest that scripts/testenv.sh sets up.
+//
+// Without that environment they skip, unless LIBVIRT_GCI_E2E=1 (make test, CI), where a
+// missing environment is a failure.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var (
+	binPath   string // the libvirt-gci binary under test
+	buildErr  error
+	testURI   = envOr("LIBVIRT_GCI_URI", "qemu:///system")
+	testTmpl  = envOr("LIBVIRT_GCI_TEST_TEMPLATE", "tiny-bookworm")
+	testPool  = envOr("LIBVIRT_GCI_TEST_POOL", "gci-test")
+	jobSerial atomic.Int64
+)
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "libvirt-gci-e2e")
+	if err != nil {
+		panic(err)
+	}
+	binPath = filepath.Join(dir, "libvirt-gci")
+	out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+	if err != nil {
+		buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// lv connects to libvirt for the test's own checks, or skips/fails when it cannot.
+func lv(t testing.TB) *libvirt.Libvirt {
+	t.Helper()
+	require.NoError(t, buildErr)
+	required := os.Getenv("LIBVIRT_GCI_E2E") == "1"
+	if testing.Short() && !required {
+		t.Skip("real-VM test; -short given")
+	}
+	fail := func(format string, args ...any) {
+		t.Helper()
+		msg := fmt.Sprintf(format, args...) + " (run scripts/testenv.sh setup)"
+		if required {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	u, _ := url.Parse(testURI)
+	l, err := libvirt.ConnectToURI(u)
+	if err != nil {
+		fail("no libvirt at %s: %v", testURI, err)
+	}
+	t.Cleanup(func() { _ = l.Disconnect() })
+	if _, err := l.DomainLookupByName(testTmpl); err != nil {
+		fail("no template %q: %v", testTmpl, err)
+	}
+	if _, err := l.StoragePoolLookupByName(testPool); err != nil {
+		fail("no storage pool %q: %v", testPool, err)
+	}
+	return l
+}
+
+// gitlabJob is one CI job as GitLab Runner presents it to the custom executor.
+type gitlabJob struct {
+	t      testing.TB
+	l      *libvirt.Libvirt
+	dir    string
+	prefix string
+	env    map[string]string
+}
+
+var notPrefix = regexp.MustCompile(`[^a-z0-9]+`)
+
+// newJob sets up a job whose instances carry a prefix of the test's own, and checks
+// after the test that no domain or volume with that prefix is left.
+func newJob(t testing.TB) *gitlabJob {
+	t.Helper()
+	l := lv(t)
+	id := jobSerial.Add(1)
+	short := notPrefix.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), "")
+	prefix := fmt.Sprintf("e2e-%.12s%d-", short, id)
+	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix}
+	jobID := fmt.Sprint(time.Now().UnixNano()%1e9*100 + id)
+	j.env = map[string]string{
+		"LIBVIRT_GCI_URI":                  testURI,
+		"LIBVIRT_GCI_POOL":                 testPool,
+		"LIBVIRT_GCI_PREFIX":               prefix,
+		"LIBVIRT_GCI_TEMPLATES":            "tiny-*",
+		"LIBVIRT_GCI_BOOT_TIMEOUT":         "3m",
+		"BUILD_FAILURE_EXIT_CODE":          "1",
+		"SYSTEM_FAILURE_EXIT_CODE":         "2",
+		"BUILD_EXIT_CODE_FILE":             filepath.Join(j.dir, "exit-code"),
+		"JOB_RESPONSE_FILE":                filepath.Join(j.dir, "response.json"),
+		"TMPDIR":                           j.dir,
+		"CUSTOM_ENV_CI_JOB_ID":             jobID,
+		"CUSTOM_ENV_CI_PROJECT_PATH":       "Group/My Project!",
+		"CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3stRunner",
+		"CUSTOM_ENV_CI_CONCURRENT_ID":      "0",
+		"CUSTOM_ENV_DISTRO":                testTmpl,
+	}
+	t.Cleanup(func() { assertNothingLeft(t, l, prefix) })
+	return j
+}
+
+func (j *gitlabJob) environ() []string {
+	var env []string
+	for _, kv := range os.Environ() { // the runner's process environment, minus ours
+		if !strings.HasPrefix(kv, "LIBVIRT_GCI_") && !strings.HasPrefix(kv, "CUSTOM_ENV_") {
+			env = append(env, kv)
+		}
+	}
+	for k, v := range j.env {
+		env = append(env, k+"="+v)
+	}
+	return env
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// stage runs the binary to completion.
+func (j *gitlabJob) stage(args ...string) result {
+	j.t.Helper()
+	cmd := exec.Command(binPath, args...)
+	cmd.Env = j.environ()
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else {
+		require.NoError(j.t, err)
+	}
+	return result{code, out.String(), errb.String()}
+}
+
+// script writes a stage script the way the runner does (a file in TMPDIR).
+func (j *gitlabJob) script(name, body string) string {
+	p := filepath.Join(j.dir, name)
+	require.NoError(j.t, os.WriteFile(p, []byte("#!/usr/bin/env bash\nset -eo pipefail\n"+body+"\n"), 0o600))
+	return p
+}
+
+// run is `run_exec <script> <stage>`.
+func (j *gitlabJob) run(stage, body string) result {
+	return j.stage("run", j.script(stage+".sh", body), stage)
+}
+
+func (j *gitlabJob) instance() string {
+	r := j.stage("config")
+	require.Equal(j.t, 0, r.code, r.stderr)
+	var cfg struct{ Hostname string }
+	require.NoError(j.t, json.Unmarshal([]byte(r.stdout), &cfg))
+	return cfg.Hostname
+}
+
+func (j *gitlabJob) prepare() {
+	j.t.Helper()
+	r := j.stage("prepare")
+	require.Equal(j.t, 0, r.code, "prepare failed:\n%s", r.stderr)
+	j.t.Cleanup(func() { j.stage("cleanup") }) // in case the test stops early
+}
+
+// leftovers lists domains and volumes whose names start with prefix.
+func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
+	t.Helper()
+	var left []string
+	doms, _, err := l.ConnectListAllDomains(1, 0)
+	require.NoError(t, err)
+	for _, d := range doms {
+		if strings.HasPrefix(d.Name, prefix) {
+			left = append(left, "domain "+d.Name)
+		}
+	}
+	pool, err := l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	vols, _, err := l.StoragePoolListAllVolumes(pool, 1, 0)
+	require.NoError(t, err)
+	for _, v := range vols {
+		if strings.HasPrefix(v.Name, prefix) {
+			left = append(left, "volume "+v.Name)
+		}
+	}
+	// And on disk, in case something bypassed libvirt's bookkeeping.
+	px, err := l.StoragePoolGetXMLDesc(pool, 0)
+	require.NoError(t, err)
+	m := regexp.MustCompile(`(?s)<target>\s*<path>([^<]+)</path>`).FindStringSubmatch(px)
+	require.NotNil(t, m, "pool %s has no target path", testPool)
+	files, err := filepath.Glob(filepath.Join(m[1], prefix+"*"))
+	require.NoError(t, err)
+	for _, f := range files {
+		left = append(left, "file "+f)
+	}
+	return left
+}
+
+func assertNothingLeft(t testing.TB, l *libvirt.Libvirt, prefix string) {
+	t.Helper()
+	assert.Empty(t, leftovers(t, l, prefix), "instances or volumes left behind")
+}
+
+func TestConfigPrintsOnlyJSON(t *testing.T) {
+	t.Parallel()
+	require.NoError(t, buildErr)
+	j := &gitlabJob{t: t, dir: t.TempDir(), env: map[string]string{
+		"CUSTOM_ENV_CI_JOB_ID":             "4242",
+		"CUSTOM_ENV_CI_PROJECT_PATH":       "Group/My Project!",
+		"CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "abcd1234",
+	}}
+	r := j.stage("config")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, r.stderr)
+	var cfg map[string]any
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &cfg), "stdout must be exactly the JSON: %q", r.stdout)
+	assert.Equal(t, "/builds", cfg["builds_dir"])
+	assert.Equal(t, "/cache", cfg["cache_dir"])
+	assert.Equal(t, false, cfg["builds_dir_is_shared"])
+	assert.Equal(t, "bash", cfg["shell"])
+	assert.Equal(t, "gci-abcd1234-4242-group-my-project", cfg["hostname"])
+	assert.Equal(t, "libvirt-gci", cfg["driver"].(map[string]any)["name"])
+}
+
+// A job as GitLab Runner runs it: every stage, in order, on one VM.
+func TestJobSucceeds(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	name := j.instance()
+	j.prepare()
+
+	r := j.run("prepare_script", `echo "Running on $(hostname)"`)
+	require.Equal(t, 0, r.code, r.stderr)
+	r = j.run("get_sources", `mkdir -p /builds/group/project && cd /builds/group/project && echo "fetched"`)
+	require.Equal(t, 0, r.code, r.stderr)
+	r = j.run("build_script", `export MY_VAR='value with spaces'
+cd /builds/group/project
+echo "MY_VAR is $MY_VAR"
+echo "to stderr" >&2
+echo artifact > out.txt`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "MY_VAR is value with spaces")
+	assert.Contains(t, r.stderr, "to stderr")
+	assert.NotContains(t, r.stdout, "to stderr", "stdout and stderr stay apart")
+	r = j.run("after_script", `cat /builds/group/project/out.txt`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "artifact\n", r.stdout)
+
+	// No earlier stage's script (with its secrets) or output is left in the guest.
+	r = j.run("cleanup_file_variables", `ls -A `+"/run/libvirt-gci"+` | grep -v "^$(basename "$0" .sh)\." || true`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, r.stdout, "files left in the guest's script directory")
+
+	r = j.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "removed "+name)
+}
+
+func TestBuildScriptFailureRunsAfterScript(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.prepare()
+
+	r := j.run("build_script", `echo before; exit 7`)
+	assert.Equal(t, 1, r.code, "BUILD_FAILURE_EXIT_CODE")
+	assert.Contains(t, r.stdout, "before")
+	code, err := os.ReadFile(j.env["BUILD_EXIT_CODE_FILE"])
+	require.NoError(t, err)
+	assert.Equal(t, "7", strings.TrimSpace(string(code)))
+
+	r = j.run("after_script", `echo after ran`)
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "after ran")
+
+	r = j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
+}
+
+// Output reaches the job log while the script runs, and SIGTERM (the runner's cancel and
+// timeout) ends the stage promptly, kills the script in the guest, and cleanup still works.
+func TestLiveOutputAndSIGTERM(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.prepare()
+
+	cmd := exec.Command(binPath, "run", j.script("build.sh", `echo started; echo err-started >&2; sleep 613; echo never`), "build_script")
+	cmd.Env = j.environ()
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	lines := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	select {
+	case l := <-lines:
+		require.Equal(t, "started", l)
+	case err := <-exited:
+		t.Fatalf("run exited (%v) before any output was streamed; stderr:\n%s", err, stderr.String())
+	case <-time.After(60 * time.Second):
+		t.Fatal("no output streamed within 60 s")
+	}
+	// The script is still running (sleep 613): the line arrived live, not at exit.
+	select {
+	case err := <-exited:
+		t.Fatalf("run exited early: %v", err)
+	default:
+	}
+	assert.Eventually(t, func() bool { return strings.Contains(stderr.String(), "err-started") }, 10*time.Second, 50*time.Millisecond, "stderr is streamed live too")
+
+	sent := time.Now()
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-exited:
+		ee, ok := err.(*exec.ExitError)
+		require.True(t, ok, "want a non-zero exit, got %v", err)
+		assert.Equal(t, 2, ee.ExitCode(), "a cancelled stage is a system failure")
+		t.Logf("run exited %.1f s after SIGTERM", time.Since(sent).Seconds())
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("run did not exit within 30 s of SIGTERM")
+	}
+	for l := range lines {
+		assert.NotEqual(t, "never", l)
+	}
+
+	// The script's processes are gone from the guest, and so are its files.
+	r := j.run("after_script", `n=0
+for f in /proc/[0-9]*/cmdline; do
+  if tr '\0' ' ' <"$f" 2>/dev/null | grep -q '^sleep 613'; then n=$((n+1)); fi
+done
+echo "sleepers=$n"
+ls -A /run/libvirt-gci | grep -v "^$(basename "$0" .sh)\." || true`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "sleepers=0\n", r.stdout)
+
+	r = j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// Templates a job may not have, or that do not exist, fail prepare before anything is
+// created, with a one-line error naming the value.
+func TestPrepareRejectsTemplates(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, distro, image, want string
+	}{
+		{"unknown", "tiny-does-not-exist", "", `template "tiny-does-not-exist": no such template`},
+		{"not allowed", "debian-12", "", `template "debian-12" (from CUSTOM_ENV_DISTRO) is not allowed on this runner; allowed: tiny-*`},
+		{"not allowed image", "", "alpine:3.20", `template "alpine:3.20" (from CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)) is not allowed`},
+		{"path", "../../etc/passwd", "", `template name "../../etc/passwd" is invalid`},
+		{"glob", "tiny-*", "", `template name "tiny-*" is invalid`},
+		{"shell", "tiny;rm -rf /", "", `template name "tiny;rm -rf /" is invalid`},
+		{"none", "", "", "no template chosen"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			j := newJob(t)
+			j.env["CUSTOM_ENV_DISTRO"] = tc.distro
+			j.env["CUSTOM_ENV_CI_JOB_IMAGE"] = tc.image
+			r := j.stage("prepare")
+			assert.Equal(t, 2, r.code, "SYSTEM_FAILURE_EXIT_CODE")
+			assert.Contains(t, r.stderr, tc.want)
+			assert.Equal(t, 1, strings.Count(r.stderr, "\n"), "one line: %q", r.stderr)
+			assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare created something")
+		})
+	}
+}
+
+// A template without the guest agent channel is refused with a hint, before anything
+// is created.
+func TestPrepareRejectsTemplateWithoutAgent(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	tmpl, err := j.l.DomainLookupByName(testTmpl)
+	require.NoError(t, err)
+	x, err := j.l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	name := "tiny-noagent-" + j.env["CUSTOM_ENV_CI_JOB_ID"]
+	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
+	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
+	x = regexp.MustCompile(`(?s)<channel type='unix'>.*?</channel>`).ReplaceAllString(x, "")
+	dom, err := j.l.DomainDefineXMLFlags(x, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = j.l.DomainUndefine(dom) })
+
+	j.env["CUSTOM_ENV_DISTRO"] = name
+	r := j.stage("prepare")
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, fmt.Sprintf("template %q has no guest agent channel", name))
+}
+
+// GitLab retries prepare; a leftover instance of the same job is replaced. Cleanup is
+// idempotent: before prepare, and twice after.
+func TestPrepareRetryAndCleanupTwice(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, "cleanup of an instance that never existed: %s", r.stderr)
+
+	j.prepare()
+	r = j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "removed leftover instance")
+	r = j.run("build_script", "echo second try")
+	assert.Equal(t, 0, r.code, r.stderr)
+
+	for i := 0; i < 2; i++ {
+		r = j.stage("cleanup")
+		assert.Equal(t, 0, r.code, "cleanup #%d: %s", i+1, r.stderr)
+	}
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+}
+
+// SIGTERM while prepare waits for the guest: prepare exits, and removes what it made.
+func TestPrepareSIGTERMRollsBack(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	cmd := exec.Command(binPath, "prepare")
+	cmd.Env = j.environ()
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	require.Eventually(t, func() bool { return strings.Contains(stderr.String(), "cloned ") }, 60*time.Second, 20*time.Millisecond, "prepare did not clone: %s", stderr.String())
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	err := cmd.Wait()
+	ee, ok := err.(*exec.ExitError)
+	require.True(t, ok, "want a failure exit, got %v; stderr:\n%s", err, stderr.String())
+	assert.Equal(t, 2, ee.ExitCode())
+	assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare left things behind after SIGTERM:\n%s", stderr.String())
+}
+
+// Manual use, as with the Python libvirt-gci: no CUSTOM_ENV_* at all.
+func TestManualUse(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	for k := range j.env {
+		if strings.HasPrefix(k, "CUSTOM_ENV_") || k == "BUILD_EXIT_CODE_FILE" {
+			delete(j.env, k)
+		}
+	}
+	r := j.stage("prepare")
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, "no template chosen")
+	r = j.stage("run", j.script("x.sh", "true"))
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, "use --machine NAME")
+	r = j.stage("cleanup", "--machine", "bad/name")
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, `machine name "bad/name" is invalid`)
+
+	machine := j.prefix + "manual"
+	r = j.stage("prepare", "--distro", testTmpl, "--machine", machine)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, machine+"\n", r.stdout)
+	r = j.stage("run", "--machine", machine, "--script", j.script("hello.sh", "echo hello by hand"))
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "hello by hand\n", r.stdout)
+	r = j.stage("run", "--machine", machine, j.script("fail.sh", "exit 3"))
+	assert.Equal(t, 1, r.code)
+	r = j.stage("cleanup", "--machine", machine)
+	assert.Equal(t, 0, r.code, r.stderr)
+
+	// cleanup never touches a domain it did not create: the template, say.
+	r = j.stage("cleanup", "--machine", testTmpl)
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, "was not created by libvirt-gci; refusing to remove it")
+	_, err := j.l.DomainLookupByName(testTmpl)
+	assert.NoError(t, err, "the template must survive")
+}
+
+// A VM that vanishes under a running stage is a system failure, not a build failure.
+func TestRunOnVanishedVM(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.prepare()
+	name := j.instance()
+	cmd := exec.Command(binPath, "run", j.script("b.sh", "echo up; sleep 300"), "build_script")
+	cmd.Env = j.environ()
+	var out lockedBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	require.NoError(t, cmd.Start())
+	require.Eventually(t, func() bool { return strings.Contains(out.String(), "up") }, 60*time.Second, 20*time.Millisecond)
+	dom, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	require.NoError(t, j.l.DomainDestroy(dom))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		ee, ok := err.(*exec.ExitError)
+		require.True(t, ok, "want a failure exit, got %v", err)
+		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE: %s", out.String())
+	case <-ctx.Done():
+		_ = cmd.Process.Kill()
+		t.Fatal("run did not notice the VM was gone")
+	}
+	_, _ = io.Discard.Write(nil)
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Sets up this machine for libvirt-gci's demo and tests, from a fresh Debian 12 on:
+#   - installs libvirt, QEMU and the image-build tools from apt (if missing);
+#   - starts virtlogd and libvirtd (if not running; CI has no systemd to do it);
+#   - builds the tiny test guest once, cached by the hash of make_base_image/;
+#   - creates the storage pools and defines the template domain.
+# Idempotent and quick when everything is there. Needs root.
+#
+# usage: scripts/testenv.sh [setup]     set everything up (default)
+#        scripts/testenv.sh env         print the settings the tests use, as shell exports
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+uri=qemu:///system
+state=/var/lib/libvirt-gci
+template=${LIBVIRT_GCI_TEST_TEMPLATE:-tiny-bookworm}
+test_pool=${LIBVIRT_GCI_TEST_POOL:-gci-test}
+packages=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
+  e2fsprogs busybox-static cpio kmod xz-utils ca-certificates)
+
+say() { echo "testenv: $*" >&2; }
+
+install_packages() {
+  local missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+start_daemons() {
+  virsh -c "$uri" version >/dev/null 2>&1 && return 0
+  if [[ -d /run/systemd/system ]]; then
+    systemctl start virtlogd libvirtd
+  else
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+  fi
+  for _ in $(seq 100); do
+    virsh -c "$uri" version >/dev/null 2>&1 && { say "libvirtd is up"; return 0; }
+    sleep 0.1
+  done
+  say "libvirtd did not come up"; exit 1
+}
+
+# The guest image, rebuilt only when its builder changes.
+build_image() {
+  local hash dir
+  hash=$(cat "$root"/make_base_image/* | sha256sum | cut -c1-12)
+  dir=$state/images/tiny-$hash
+  if [[ ! -f $dir/root.qcow2 ]]; then
+    say "building the test guest image (about a minute)"
+    rm -rf "$dir.tmp"
+    "$root/make_base_image/build.sh" "$dir.tmp"
+    mv "$dir.tmp" "$dir"
+  fi
+  image_dir=$dir
+}
+
+ensure_pool() { # name path
+  if ! virsh -c "$uri" pool-info "$1" >/dev/null 2>&1; then
+    mkdir -p "$2"
+    virsh -c "$uri" pool-define-as "$1" dir --target "$2" >/dev/null
+    virsh -c "$uri" pool-autostart "$1" >/dev/null
+  fi
+  local info
+  info=$(virsh -c "$uri" pool-info "$1")
+  [[ $info =~ State:\ *running ]] || virsh -c "$uri" pool-start "$1" >/dev/null
+}
+
+template_xml() {
+  cat <<EOF
+<domain type='qemu'>
+  <name>$template</name>
+  <title>libvirt-gci test guest (tiny Debian, busybox init)</title>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$image_dir/vmlinuz</kernel>
+    <initrd>$image_dir/initrd.img</initrd>
+    <cmdline>console=ttyS0 quiet</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$image_dir/root.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <serial type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+
+define_template() {
+  local want have
+  want=$(template_xml)
+  have=$(virsh -c "$uri" dumpxml --inactive "$template" 2>/dev/null || true)
+  if [[ $have == *"$image_dir/root.qcow2"* ]]; then
+    return 0
+  fi
+  if [[ -n $have ]]; then # an older build's template
+    [[ $(virsh -c "$uri" domstate "$template") == "shut off" ]] || virsh -c "$uri" destroy "$template" >/dev/null
+    virsh -c "$uri" undefine "$template" >/dev/null
+  fi
+  virsh -c "$uri" define /dev/stdin <<<"$want" >/dev/null
+  say "defined template $template on $image_dir"
+  for d in "$state"/images/tiny-*; do # images of older builders
+    [[ $d == "$image_dir" ]] || rm -rf "$d"
+  done
+}
+
+setup() {
+  [[ $(id -u) == 0 ]] || { say "must run as root (apt-get, libvirtd, the image build)"; exit 1; }
+  install_packages
+  start_daemons
+  build_image
+  ensure_pool default /var/lib/libvirt/images
+  ensure_pool "$test_pool" "$state/pool-$test_pool"
+  define_template
+}
+
+case ${1:-setup} in
+  setup) setup ;;
+  env)
+    echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_POOL=$test_pool"
+    ;;
+  *) echo "usage: $0 [setup|env]" >&2; exit 2 ;;
+esac
