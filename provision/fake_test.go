@@ -1,0 +1,253 @@
+package provision
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"sync"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+// fakeLibvirt is a stateful in-memory libvirt: domains and volumes in maps, the XML it is
+// given parsed, and the error values real libvirt returns.
+type fakeLibvirt struct {
+	mu      sync.Mutex
+	domains map[string]*fakeDomain
+	pools   map[string]map[string]string // pool -> volume -> volume XML
+	// failures to inject, by method name
+	fail map[string]error
+}
+
+type fakeDomain struct {
+	xml     string
+	running bool
+}
+
+func newFake(pools ...string) *fakeLibvirt {
+	f := &fakeLibvirt{domains: map[string]*fakeDomain{}, pools: map[string]map[string]string{}, fail: map[string]error{}}
+	for _, p := range pools {
+		f.pools[p] = map[string]string{}
+	}
+	return f
+}
+
+func lverr(code libvirt.ErrorNumber, format string, args ...any) error {
+	return libvirt.Error{Code: uint32(code), Message: fmt.Sprintf(format, args...)}
+}
+
+func (f *fakeLibvirt) injected(method string) error { return f.fail[method] }
+
+func (f *fakeLibvirt) DomainLookupByName(name string) (libvirt.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.domains[name]; !ok {
+		return libvirt.Domain{}, lverr(libvirt.ErrNoDomain, "Domain not found: no domain with matching name '%s'", name)
+	}
+	return libvirt.Domain{Name: name}, nil
+}
+
+func (f *fakeLibvirt) dom(d libvirt.Domain) (*fakeDomain, error) {
+	fd, ok := f.domains[d.Name]
+	if !ok {
+		return nil, lverr(libvirt.ErrNoDomain, "Domain not found: '%s'", d.Name)
+	}
+	return fd, nil
+}
+
+func (f *fakeLibvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlags) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return "", err
+	}
+	return fd.xml, nil
+}
+
+func (f *fakeLibvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return 0, 0, err
+	}
+	if fd.running {
+		return int32(libvirt.DomainRunning), 1, nil
+	}
+	return int32(libvirt.DomainShutoff), 0, nil
+}
+
+func (f *fakeLibvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt.OptString, _ libvirt.DomainModificationImpact) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return "", err
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(fd.xml); err != nil {
+		return "", err
+	}
+	if typ != int32(libvirt.DomainMetadataElement) || len(uri) != 1 {
+		return "", lverr(libvirt.ErrInvalidArg, "bad metadata request")
+	}
+	if dom.Metadata != nil {
+		// The element in that namespace: the one whose prefix is bound to uri.
+		re := regexp.MustCompile(`(?s)<(\w+):(\w+)\s+xmlns:(\w+)="` + regexp.QuoteMeta(uri[0]) + `".*?</(\w+):(\w+)>`)
+		if m := re.FindString(dom.Metadata.XML); m != "" {
+			return m, nil
+		}
+	}
+	return "", lverr(libvirt.ErrNoDomainMetadata, "metadata not found: Requested metadata element is not present")
+}
+
+func (f *fakeLibvirt) DomainDefineXMLFlags(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.injected("DomainDefineXMLFlags"); err != nil {
+		return libvirt.Domain{}, err
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return libvirt.Domain{}, lverr(libvirt.ErrXMLError, "%v", err)
+	}
+	if _, ok := f.domains[dom.Name]; ok {
+		return libvirt.Domain{}, lverr(libvirt.ErrOperationFailed, "domain '%s' already exists", dom.Name)
+	}
+	f.domains[dom.Name] = &fakeDomain{xml: x}
+	return libvirt.Domain{Name: dom.Name}, nil
+}
+
+func (f *fakeLibvirt) DomainCreate(d libvirt.Domain) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return err
+	}
+	if err := f.injected("DomainCreate"); err != nil {
+		return err
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(fd.xml); err != nil {
+		return err
+	}
+	if dom.Devices == nil {
+		dom.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	for _, disk := range dom.Devices.Disks { // like QEMU: every volume must exist
+		if disk.Source == nil {
+			continue
+		}
+		if v := disk.Source.Volume; v != nil {
+			if _, ok := f.pools[v.Pool][v.Volume]; !ok {
+				return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching name '%s'", v.Volume)
+			}
+		}
+	}
+	fd.running = true
+	return nil
+}
+
+func (f *fakeLibvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFlagsValues) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return err
+	}
+	if !fd.running {
+		return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
+	}
+	fd.running = false
+	return nil
+}
+
+func (f *fakeLibvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUndefineFlagsValues) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return err
+	}
+	if fd.running {
+		return lverr(libvirt.ErrOperationInvalid, "cannot undefine a running domain in this fake")
+	}
+	delete(f.domains, d.Name)
+	return nil
+}
+
+func (f *fakeLibvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.pools[name]; !ok {
+		return libvirt.StoragePool{}, lverr(libvirt.ErrNoStoragePool, "Storage pool not found: no storage pool with matching name '%s'", name)
+	}
+	return libvirt.StoragePool{Name: name}, nil
+}
+
+func (f *fakeLibvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.injected("StorageVolCreateXML"); err != nil {
+		return libvirt.StorageVol{}, err
+	}
+	var v libvirtxml.StorageVolume
+	if err := v.Unmarshal(x); err != nil {
+		return libvirt.StorageVol{}, lverr(libvirt.ErrXMLError, "%v", err)
+	}
+	if _, ok := f.pools[p.Name][v.Name]; ok {
+		return libvirt.StorageVol{}, lverr(libvirt.ErrStorageVolExist, "storage volume '%s' exists already", v.Name)
+	}
+	f.pools[p.Name][v.Name] = x
+	return libvirt.StorageVol{Pool: p.Name, Name: v.Name}, nil
+}
+
+func (f *fakeLibvirt) StorageVolLookupByName(p libvirt.StoragePool, name string) (libvirt.StorageVol, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.pools[p.Name][name]; !ok {
+		return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching name '%s'", name)
+	}
+	return libvirt.StorageVol{Pool: p.Name, Name: name}, nil
+}
+
+func (f *fakeLibvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVolDeleteFlags) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.injected("StorageVolDelete"); err != nil {
+		return err
+	}
+	if _, ok := f.pools[v.Pool][v.Name]; !ok {
+		return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
+	}
+	delete(f.pools[v.Pool], v.Name)
+	return nil
+}
+
+// state summarises what exists, for assertions on end state.
+func (f *fakeLibvirt) state() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var parts []string
+	for n, d := range f.domains {
+		parts = append(parts, fmt.Sprintf("domain %s running=%v", n, d.running))
+	}
+	for p, vols := range f.pools {
+		for v := range vols {
+			parts = append(parts, "volume "+p+"/"+v)
+		}
+	}
+	return strings.Join(sortStrings(parts), "; ")
+}
+
+func sortStrings(s []string) []string {
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+	return s
+}

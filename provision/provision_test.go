@@ -1,0 +1,205 @@
+package provision
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"libvirt.org/go/libvirtxml"
+)
+
+const inst = "gci-r-1"
+
+func instanceSpec(t *testing.T, pool string) Spec {
+	t.Helper()
+	vols := []NewVolume{
+		{Volume: Volume{Pool: pool, Name: inst + "-vda.qcow2"}, BackingPath: "/t/root.qcow2", BackingFormat: "qcow2"},
+		{Volume: Volume{Pool: pool, Name: inst + "-vdb.qcow2"}, BackingPath: "/t/data.img", BackingFormat: "raw"},
+	}
+	md, err := Metadata{Template: "t", JobID: "1", CreatedAt: "2026-11-22T10:00:00Z",
+		Volumes: []Volume{vols[0].Volume, vols[1].Volume}}.MarshalElement()
+	require.NoError(t, err)
+	dom := libvirtxml.Domain{Type: "qemu", Name: inst, Metadata: &libvirtxml.DomainMetadata{XML: md},
+		Devices: &libvirtxml.DomainDeviceList{}}
+	for _, v := range vols {
+		dom.Devices.Disks = append(dom.Devices.Disks, libvirtxml.DomainDisk{
+			Device: "disk",
+			Source: &libvirtxml.DomainDiskSource{Volume: &libvirtxml.DomainDiskSourceVolume{Pool: v.Pool, Volume: v.Name}},
+		})
+	}
+	x, err := dom.Marshal()
+	require.NoError(t, err)
+	return Spec{Name: inst, DomainXML: x, Volumes: vols}
+}
+
+func TestMetadataRoundTrip(t *testing.T) {
+	t.Parallel()
+	m := Metadata{Template: "debian-12", JobID: "42", Project: "g/p <&>", Runner: "abc", CreatedAt: "2026-11-22T10:00:00Z",
+		Volumes: []Volume{{Pool: "default", Name: "x-vda.qcow2"}}}
+	s, err := m.MarshalElement()
+	require.NoError(t, err)
+	assert.Contains(t, s, `<gci:instance xmlns:gci="`+MetadataNS+`">`)
+	assert.Contains(t, s, `g/p &lt;&amp;&gt;`)
+	// libvirt hands the element back with the prefix it was stored with.
+	got, err := parseMetadata(s)
+	require.NoError(t, err)
+	assert.Equal(t, m, got)
+}
+
+func TestCreateThenTeardown(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := c.Create(instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	assert.Equal(t, "domain gci-r-1 running=true; volume ci/gci-r-1-vda.qcow2; volume ci/gci-r-1-vdb.qcow2", f.state())
+
+	// The overlays state their backing format (else libvirt writes raw).
+	var v libvirtxml.StorageVolume
+	require.NoError(t, v.Unmarshal(f.pools["ci"][inst+"-vdb.qcow2"]))
+	assert.Equal(t, "qcow2", v.Target.Format.Type)
+	assert.Equal(t, "/t/data.img", v.BackingStore.Path)
+	assert.Equal(t, "raw", v.BackingStore.Format.Type)
+	assert.Nil(t, v.Capacity, "an overlay takes its backing file's size")
+
+	r, err := c.Teardown(inst)
+	require.NoError(t, err)
+	assert.Equal(t, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}, r)
+	assert.Empty(t, f.state())
+}
+
+// Create fails at each step; the metadata written first lets Teardown remove everything.
+func TestCreateFailuresLeaveARecord(t *testing.T) {
+	t.Parallel()
+	for _, step := range []string{"DomainDefineXMLFlags", "StorageVolCreateXML", "DomainCreate"} {
+		t.Run(step, func(t *testing.T) {
+			f := newFake("ci")
+			f.fail[step] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "injected"}
+			c := &Conn{api: f}
+			_, err := c.Create(instanceSpec(t, "ci"))
+			require.ErrorContains(t, err, "injected")
+			delete(f.fail, step)
+			_, err = c.Teardown(inst)
+			require.NoError(t, err)
+			assert.Empty(t, f.state())
+		})
+	}
+	f := newFake("ci")
+	_, err := (&Conn{api: f}).Create(instanceSpec(t, "missing"))
+	assert.ErrorContains(t, err, `storage pool "missing"`)
+	assert.Empty(t, f.state(), "nothing is defined when the pool is missing")
+}
+
+// Teardown over every partial state an instance can be left in.
+func TestTeardownPartialStates(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, f *fakeLibvirt, c *Conn)
+		want  Removed
+	}{
+		{"nothing created", func(*testing.T, *fakeLibvirt, *Conn) {}, Removed{}},
+		{"defined, no volumes yet", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			_, err := f.DomainDefineXMLFlags(instanceSpec(t, "ci").DomainXML, 0)
+			require.NoError(t, err)
+		}, Removed{Domain: true}},
+		{"defined, one volume", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			s := instanceSpec(t, "ci")
+			_, err := f.DomainDefineXMLFlags(s.DomainXML, 0)
+			require.NoError(t, err)
+			x, _ := overlayXML(s.Volumes[0])
+			_, err = f.StorageVolCreateXML(libvirt.StoragePool{Name: "ci"}, x, 0)
+			require.NoError(t, err)
+		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2"}}},
+		{"defined, not started", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			f.fail["DomainCreate"] = errors.New("no start")
+			_, _ = c.Create(instanceSpec(t, "ci"))
+			delete(f.fail, "DomainCreate")
+		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
+		{"running", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			_, err := c.Create(instanceSpec(t, "ci"))
+			require.NoError(t, err)
+		}, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
+		{"volumes deleted behind our back", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			_, err := c.Create(instanceSpec(t, "ci"))
+			require.NoError(t, err)
+			f.pools["ci"] = map[string]string{}
+		}, Removed{Domain: true, Destroyed: true}},
+		{"pool gone", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+			_, err := c.Create(instanceSpec(t, "ci"))
+			require.NoError(t, err)
+			delete(f.pools, "ci")
+		}, Removed{Domain: true, Destroyed: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFake("ci")
+			c := &Conn{api: f}
+			tc.setup(t, f, c)
+			r, err := c.Teardown(inst)
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, r)
+			assert.Empty(t, f.state())
+			// And again: already gone.
+			r, err = c.Teardown(inst)
+			require.NoError(t, err)
+			assert.Equal(t, Removed{}, r)
+		})
+	}
+}
+
+func TestTeardownRefusesUnmanagedDomains(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>`+inst+`</name></domain>`, 0)
+	require.NoError(t, err)
+	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: inst}))
+	_, err = c.Teardown(inst)
+	require.ErrorIs(t, err, ErrNotManaged)
+	assert.Equal(t, "domain gci-r-1 running=true", f.state(), "an unmanaged domain is never touched")
+}
+
+// A volume that cannot be deleted keeps the domain (and its record of the volume).
+func TestTeardownKeepsRecordWhenVolumeDeleteFails(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := c.Create(instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	f.fail["StorageVolDelete"] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"}
+	_, err = c.Teardown(inst)
+	require.ErrorContains(t, err, "device busy")
+	assert.Contains(t, f.state(), "domain gci-r-1 running=false")
+	assert.Contains(t, f.state(), "volume ci/gci-r-1-vda.qcow2")
+
+	delete(f.fail, "StorageVolDelete")
+	_, err = c.Teardown(inst)
+	require.NoError(t, err)
+	assert.Empty(t, f.state())
+}
+
+func TestTemplateXML(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>tmpl</name></domain>`, 0)
+	require.NoError(t, err)
+	x, err := c.TemplateXML("tmpl")
+	require.NoError(t, err)
+	assert.Contains(t, x, "<name>tmpl</name>")
+
+	_, err = c.TemplateXML("nope")
+	assert.ErrorIs(t, err, ErrNoTemplate)
+
+	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: "tmpl"}))
+	_, err = c.TemplateXML("tmpl")
+	assert.ErrorContains(t, err, `template "tmpl" is not shut off`)
+
+	_, err = c.Create(instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	require.NoError(t, f.DomainDestroyFlags(libvirt.Domain{Name: inst}, 0))
+	_, err = c.TemplateXML(inst)
+	assert.ErrorContains(t, err, "is a libvirt-gci instance, not a template")
+}

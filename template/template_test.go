@@ -1,0 +1,127 @@
+package template
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"libvirt.org/go/libvirtxml"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/template")
+
+const goldenDir = "../testdata/template"
+
+func readTemplate(t *testing.T, name string) *Template {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(goldenDir, name+".template.xml"))
+	require.NoError(t, err)
+	tmpl, err := Parse(string(b))
+	require.NoError(t, err)
+	return tmpl
+}
+
+func TestParseFindsWritableDisksAndAgent(t *testing.T) {
+	t.Parallel()
+	tmpl := readTemplate(t, "full")
+	assert.Equal(t, "debian-12", tmpl.Name)
+	assert.True(t, tmpl.HasAgent)
+	assert.Equal(t, []Disk{
+		{Target: "vda", Path: "/var/lib/libvirt/images/debian-12.qcow2", Format: "qcow2"},
+		{Target: "vdb", Path: "/var/lib/libvirt/images/debian-12-data.img", Format: "raw"}, // no driver type: raw
+	}, tmpl.Disks, "read-only, shareable and CD-ROM disks are not cloned")
+
+	bare := readTemplate(t, "noagent")
+	assert.False(t, bare.HasAgent)
+}
+
+func TestRenderGolden(t *testing.T) {
+	t.Parallel()
+	tmpl := readTemplate(t, "full")
+	const meta = `<gci:instance xmlns:gci="https://example.invalid/ns"><template>debian-12</template></gci:instance>`
+	got, err := tmpl.Render(Instance{
+		Name: "gci-abc-42-proj",
+		Overlays: map[string]Overlay{
+			"vda": {Pool: "ci", Volume: "gci-abc-42-proj-vda.qcow2"},
+			"vdb": {Pool: "ci", Volume: "gci-abc-42-proj-vdb.qcow2"},
+		},
+		Metadata: meta,
+	})
+	require.NoError(t, err)
+
+	golden := filepath.Join(goldenDir, "full.instance.xml")
+	if *update {
+		require.NoError(t, os.WriteFile(golden, []byte(got+"\n"), 0o644))
+	}
+	want, err := os.ReadFile(golden)
+	require.NoError(t, err)
+	assert.Equal(t, strings.TrimSpace(string(want)), got)
+
+	// The properties the golden file stands for, checked on the parsed result.
+	var dom libvirtxml.Domain
+	require.NoError(t, dom.Unmarshal(got))
+	assert.Equal(t, "gci-abc-42-proj", dom.Name)
+	assert.Empty(t, dom.UUID, "libvirt must generate a fresh UUID")
+	assert.Nil(t, dom.Devices.Interfaces[0].MAC, "libvirt must generate a fresh MAC")
+	assert.Equal(t, "default", dom.Devices.Interfaces[0].Source.Network.Network)
+	assert.Empty(t, dom.OS.NVRam.NVRam, "the template's NVRAM file must not be shared")
+	assert.Equal(t, "/usr/share/OVMF/OVMF_VARS_4M.fd", dom.OS.NVRam.Template)
+	assert.Contains(t, dom.Metadata.XML, "libosinfo", "other metadata is kept")
+	assert.Contains(t, dom.Metadata.XML, meta)
+
+	disks := dom.Devices.Disks
+	require.Len(t, disks, 5)
+	for i, want := range []string{"gci-abc-42-proj-vda.qcow2", "gci-abc-42-proj-vdb.qcow2"} {
+		require.NotNil(t, disks[i].Source.Volume, "disk %d", i)
+		assert.Equal(t, Overlay{"ci", want}, Overlay{disks[i].Source.Volume.Pool, disks[i].Source.Volume.Volume})
+		assert.Equal(t, "qcow2", disks[i].Driver.Type)
+		assert.Nil(t, disks[i].BackingStore)
+	}
+	assert.Equal(t, "unsafe", disks[0].Driver.Cache, "driver tuning is kept")
+	assert.Equal(t, "/srv/ci/tools.img", disks[2].Source.File.File, "read-only disk kept")
+	assert.Equal(t, "/dev/vg0/ci-cache", disks[3].Source.Block.Dev, "shareable disk kept")
+	assert.Equal(t, "/srv/ci/seed.iso", disks[4].Source.File.File, "CD-ROM kept")
+
+	// The template itself is untouched by rendering.
+	assert.Equal(t, "2f3c8a51-7f40-4bd3-a3bb-0b3f0e4b9d11", tmpl.dom.UUID)
+	assert.Equal(t, "/var/lib/libvirt/images/debian-12.qcow2", tmpl.dom.Devices.Disks[0].Source.File.File)
+}
+
+func TestParseRejects(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, disk, want string }{
+		{"network disk", `<disk type='network' device='disk'><source protocol='rbd' name='pool/img'/><target dev='vda'/></disk>`,
+			`disk "vda" is not a file-backed disk`},
+		{"block disk", `<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vda'/></disk>`,
+			`disk "vda" is not a file-backed disk`},
+		{"vmdk", `<disk type='file' device='disk'><driver name='qemu' type='vmdk'/><source file='/a.vmdk'/><target dev='vda'/></disk>`,
+			`disk "vda" has format "vmdk"`},
+		{"no target", `<disk type='file' device='disk'><source file='/a.img'/></disk>`, "has no target device"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse(`<domain type='qemu'><name>t</name><devices>` + tc.disk + `</devices></domain>`)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tc.want)
+		})
+	}
+	_, err := Parse("<domain><name>broken")
+	assert.ErrorContains(t, err, "parse template XML")
+}
+
+func TestRenderNeedsExactlyTheWritableDisks(t *testing.T) {
+	t.Parallel()
+	tmpl := readTemplate(t, "noagent")
+	_, err := tmpl.Render(Instance{Name: "x"})
+	assert.ErrorContains(t, err, `no overlay volume for disk "vda"`)
+	_, err = tmpl.Render(Instance{Name: "x", Overlays: map[string]Overlay{"vda": {"p", "v"}, "vdz": {"p", "w"}}})
+	assert.ErrorContains(t, err, `overlay for "vdz", which is not a writable disk`)
+	_, err = tmpl.Render(Instance{Overlays: map[string]Overlay{"vda": {"p", "v"}}})
+	assert.ErrorContains(t, err, "empty name")
+	out, err := tmpl.Render(Instance{Name: "x", Overlays: map[string]Overlay{"vda": {"p", "v"}}})
+	require.NoError(t, err)
+	assert.NotContains(t, out, "<metadata", "no metadata element without metadata")
+}
