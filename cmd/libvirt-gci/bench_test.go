@@ -1,0 +1,104 @@
+package main
+
+// Benchmarks on the real VM (make bench): how long each stage takes, split the way the
+// progress lines report it.
+
+import (
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+)
+
+var (
+	clonedRE = regexp.MustCompile(`define (\d+) ms, \d+ overlays (\d+) ms\), started in (\d+) ms`)
+	readyRE  = regexp.MustCompile(`guest agent ready after ([0-9.]+) s`)
+)
+
+func BenchmarkPrepare(b *testing.B) {
+	j := newJob(b)
+	var define, clone, start, agent, total time.Duration
+	for i := 0; i < b.N; i++ {
+		t0 := time.Now()
+		r := j.stage("prepare")
+		total += time.Since(t0)
+		if r.code != 0 {
+			b.Fatalf("prepare: %s", r.stderr)
+		}
+		b.StopTimer()
+		m, a := clonedRE.FindStringSubmatch(r.stderr), readyRE.FindStringSubmatch(r.stderr)
+		if m == nil || a == nil {
+			b.Fatalf("no timings in %q", r.stderr)
+		}
+		define += msArg(m[1])
+		clone += msArg(m[2])
+		start += msArg(m[3])
+		s, _ := strconv.ParseFloat(a[1], 64)
+		agent += time.Duration(s * float64(time.Second))
+		if r := j.stage("cleanup"); r.code != 0 {
+			b.Fatalf("cleanup: %s", r.stderr)
+		}
+		b.StartTimer()
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(define.Milliseconds())/n, "define-ms")
+	b.ReportMetric(float64(clone.Milliseconds())/n, "overlay-ms")
+	b.ReportMetric(float64(start.Milliseconds())/n, "start-ms")
+	b.ReportMetric(float64(agent.Milliseconds())/n, "agent-ready-ms")
+	b.ReportMetric(float64(total.Milliseconds())/n, "prepare-ms")
+}
+
+func msArg(s string) time.Duration {
+	n, _ := strconv.Atoi(s)
+	return time.Duration(n) * time.Millisecond
+}
+
+// The per-stage overhead: run with an empty script.
+func BenchmarkRunEmptyScript(b *testing.B) {
+	j := newJob(b)
+	j.prepare()
+	script := j.script("empty.sh", "true")
+	if r := j.stage("run", script, "build_script"); r.code != 0 { // creates the guest directory
+		b.Fatal(r.stderr)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if r := j.stage("run", script, "build_script"); r.code != 0 {
+			b.Fatal(r.stderr)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/stage")
+	j.stage("cleanup")
+}
+
+// Output throughput: a script that prints 16 MiB.
+func BenchmarkRunOutput16MiB(b *testing.B) {
+	j := newJob(b)
+	j.prepare()
+	script := j.script("out.sh", "head -c 16777216 /dev/zero | tr '\\0' 'x'")
+	b.SetBytes(16 << 20)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		r := j.stage("run", script, "build_script")
+		if r.code != 0 || len(r.stdout) != 16<<20 {
+			b.Fatalf("exit %d, %d bytes of output: %s", r.code, len(r.stdout), r.stderr)
+		}
+	}
+	b.StopTimer()
+	j.stage("cleanup")
+}
+
+func BenchmarkCleanup(b *testing.B) {
+	j := newJob(b)
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		if r := j.stage("prepare"); r.code != 0 {
+			b.Fatal(r.stderr)
+		}
+		b.StartTimer()
+		if r := j.stage("cleanup"); r.code != 0 {
+			b.Fatal(r.stderr)
+		}
+	}
+}
