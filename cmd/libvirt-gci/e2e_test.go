@@ -305,6 +305,13 @@ func TestBuildScriptFailureRunsAfterScript(t *testing.T) {
 	assert.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "after ran")
 
+	// A script killed by a signal (the OOM killer, say) is a build failure too, 128+signal.
+	r = j.run("build_script", `kill -KILL $$`)
+	assert.Equal(t, 1, r.code, r.stderr)
+	code, err = os.ReadFile(j.env["BUILD_EXIT_CODE_FILE"])
+	require.NoError(t, err)
+	assert.Equal(t, "137", strings.TrimSpace(string(code)))
+
 	r = j.stage("cleanup")
 	assert.Equal(t, 0, r.code, r.stderr)
 }
