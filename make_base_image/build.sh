@@ -30,7 +30,9 @@ mkdir -p "$out"
 start=$SECONDS
 
 # 1. Kernel: Debian's cloud kernel, taken from its .deb (virtio is modular there).
-kpkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -1)
+kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -1; }
+kpkg=$(kernel_pkg)
+[[ -n $kpkg ]] || { apt-get update -qq && kpkg=$(kernel_pkg); }
 [[ -n $kpkg ]] || { echo "build.sh: no linux-image-cloud-amd64 in apt (run apt-get update)" >&2; exit 1; }
 (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
 dpkg-deb -x "$work"/"$kpkg"_*.deb "$work/kernel"

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/url"
 	"sync"
-	"time"
 
 	"github.com/digitalocean/go-libvirt"
 )
@@ -111,6 +110,3 @@ func hasCode(err error, codes ...libvirt.ErrorNumber) bool {
 	}
 	return false
 }
-
-// ms formats a duration as whole milliseconds for progress lines.
-func ms(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }

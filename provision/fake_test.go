@@ -3,6 +3,7 @@ package provision
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 
@@ -240,14 +241,6 @@ func (f *fakeLibvirt) state() string {
 			parts = append(parts, "volume "+p+"/"+v)
 		}
 	}
-	return strings.Join(sortStrings(parts), "; ")
-}
-
-func sortStrings(s []string) []string {
-	for i := 1; i < len(s); i++ {
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
-	return s
+	slices.Sort(parts)
+	return strings.Join(parts, "; ")
 }

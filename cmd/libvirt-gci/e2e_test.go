@@ -12,7 +12,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"os/exec"
@@ -280,7 +279,7 @@ echo artifact > out.txt`)
 	assert.Equal(t, "artifact\n", r.stdout)
 
 	// No earlier stage's script (with its secrets) or output is left in the guest.
-	r = j.run("cleanup_file_variables", `ls -A `+"/run/libvirt-gci"+` | grep -v "^$(basename "$0" .sh)\." || true`)
+	r = j.run("cleanup_file_variables", `ls -A /run/libvirt-gci | grep -v "^$(basename "$0" .sh)\." || true`)
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, r.stdout, "files left in the guest's script directory")
 
@@ -562,7 +561,6 @@ func TestRunOnVanishedVM(t *testing.T) {
 		_ = cmd.Process.Kill()
 		t.Fatal("run did not notice the VM was gone")
 	}
-	_, _ = io.Discard.Write(nil)
 	r := j.stage("cleanup")
 	assert.Equal(t, 0, r.code, r.stderr)
 }
