@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -187,4 +189,11 @@ func versionString() string {
 		return bi.Main.Version
 	}
 	return "dev"
+}
+
+// randomSuffix names machines prepared by hand without --machine.
+func randomSuffix() string {
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
