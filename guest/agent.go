@@ -28,8 +28,15 @@ const (
 	pollMin      = 40 * time.Millisecond
 	pollMax      = 250 * time.Millisecond
 	killGrace    = 3 * time.Second
-	cleanupTime  = 20 * time.Second
 )
+
+// cleanupTime bounds the work Run does after its context ends (killing the script,
+// removing its files); that time starts when the cleanup does.
+var cleanupTime = 20 * time.Second
+
+func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
+}
 
 // runWrapper is run by /bin/sh as `sh -c runWrapper gci SCRIPT OUT ERR`. It sends the
 // job's output to the two files the host reads as they grow, runs the script with bash
@@ -262,12 +269,11 @@ func (a *Agent) drain(ctx context.Context, h int, w io.Writer) (int, error) {
 // Run implements Transport.
 func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (ExitStatus, error) {
 	// Cleanup must work after ctx ends (that is when it matters most).
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
-	defer cancel()
-
 	base := Dir + "/" + randomID()
 	scriptPath, outPath, errPath := base+".sh", base+".out", base+".err"
 	removeFiles := func() {
+		cctx, cancel := cleanupContext(ctx)
+		defer cancel()
 		_, _, _ = a.execWait(cctx, "/bin/rm", "-f", scriptPath, outPath, errPath)
 	}
 	if err := a.upload(ctx, scriptPath, script); err != nil {
@@ -276,6 +282,8 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 	}
 	var handles []int
 	defer func() {
+		cctx, cancel := cleanupContext(ctx)
+		defer cancel()
 		for _, h := range handles {
 			_ = a.close(cctx, h)
 		}
@@ -296,6 +304,8 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 		return ExitStatus{}, fmt.Errorf("start script: %w", err)
 	}
 	interrupted := func() (ExitStatus, error) {
+		cctx, cancel := cleanupContext(ctx)
+		defer cancel()
 		a.kill(cctx, pid)
 		_, _ = a.drain(cctx, hOut, stdout)
 		_, _ = a.drain(cctx, hErr, stderr)

@@ -306,6 +306,38 @@ func TestRunCancelKillsTheScript(t *testing.T) {
 	assert.Empty(t, g.handles)
 }
 
+// The time allowed for cleanup starts when the cleanup does: a script cancelled long after
+// it started is still killed. (Found by the gitlab-runner test: a cancel 30 s into a job
+// left the script running.)
+func TestRunCancelLateStillKills(t *testing.T) {
+	defer func(d time.Duration) { cleanupTime = d }(cleanupTime)
+	cleanupTime = 200 * time.Millisecond
+	g := newFakeGuest()
+	g.dirs[Dir] = true
+	g.job = func(_ string, w func(int, string), killed <-chan struct{}) (int, int) {
+		w(1, "started\n")
+		<-killed
+		return 0, 15
+	}
+	a, _ := NewAgent(g, "vm")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	var out syncBuffer
+	go func() {
+		for !strings.Contains(out.String(), "started") {
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(3 * cleanupTime)
+		cancel(errors.New("SIGTERM"))
+	}()
+	_, err := a.Run(ctx, []byte("x"), &out, &bytes.Buffer{})
+	var in *Interrupted
+	require.ErrorAs(t, err, &in)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	assert.Empty(t, g.procs, "the script was killed")
+	assert.Empty(t, g.files, "script and output files removed")
+}
+
 func TestWaitReady(t *testing.T) {
 	t.Parallel()
 	g := newFakeGuest()
