@@ -107,9 +107,7 @@ var notPrefix = regexp.MustCompile(`[^a-z0-9]+`)
 func newJob(t testing.TB) *gitlabJob {
 	t.Helper()
 	l := lv(t)
-	id := jobSerial.Add(1)
-	short := notPrefix.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), "")
-	prefix := fmt.Sprintf("e2e-%.12s%d-", short, id)
+	prefix, id := testPrefix(t)
 	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix}
 	jobID := fmt.Sprint(time.Now().UnixNano()%1e9*100 + id)
 	j.env = map[string]string{
@@ -133,13 +131,27 @@ func newJob(t testing.TB) *gitlabJob {
 	return j
 }
 
-func (j *gitlabJob) environ() []string {
+// testPrefix is an instance name prefix of the test's own, and a serial number.
+func testPrefix(t testing.TB) (string, int64) {
+	id := jobSerial.Add(1)
+	short := notPrefix.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), "")
+	return fmt.Sprintf("e2e-%.12s%d-", short, id), id
+}
+
+// hostEnviron is the test process's environment without any libvirt-gci setting or job
+// variable, as the base for a runner's or a stage's environment.
+func hostEnviron() []string {
 	var env []string
-	for _, kv := range os.Environ() { // the runner's process environment, minus ours
+	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "LIBVIRT_GCI_") && !strings.HasPrefix(kv, "CUSTOM_ENV_") {
 			env = append(env, kv)
 		}
 	}
+	return env
+}
+
+func (j *gitlabJob) environ() []string {
+	env := hostEnviron()
 	for k, v := range j.env {
 		env = append(env, k+"="+v)
 	}
