@@ -28,14 +28,14 @@ lint:
 
 # The real-VM tests fail (not skip) when their environment is missing: LIBVIRT_GCI_E2E=1.
 test: testenv lint
-	LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -timeout 30m ./...
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 # Unit tests only: no libvirt needed.
 unit:
 	$(GO) test -race -count=1 -short ./...
 
 bench: testenv
-	LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 30m ./cmd/libvirt-gci
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 30m ./cmd/libvirt-gci
 
 clean:
 	rm -rf bin

@@ -3,7 +3,11 @@
 #   - installs libvirt, QEMU and the image-build tools from apt (if missing);
 #   - starts virtlogd and libvirtd (if not running; CI has no systemd to do it);
 #   - builds the tiny test guest once, cached by the hash of make_base_image/;
-#   - creates the storage pools and defines the template domain.
+#   - creates the storage pools and defines the template domain;
+#   - finds a gitlab-runner for the tests that drive libvirt-gci with the real runner:
+#     $GITLAB_RUNNER_BIN, else gitlab-runner on PATH, else one built once (about 5 minutes)
+#     from the Go module proxy with the build script in $GITLAB_RUNNER_BUILD_SH or
+#     ../shared/tools/gitlab-runner/build.sh, cached by that script's hash.
 # Idempotent and quick when everything is there. Needs root.
 #
 # usage: scripts/testenv.sh [setup]     set everything up (default)
@@ -124,6 +128,35 @@ define_template() {
   done
 }
 
+# The gitlab-runner the tests drive; with "build", build it if there is none.
+find_runner() {
+  runner=
+  if [[ -n ${GITLAB_RUNNER_BIN:-} ]]; then
+    [[ -x $GITLAB_RUNNER_BIN ]] || { say "GITLAB_RUNNER_BIN=$GITLAB_RUNNER_BIN is not an executable"; exit 1; }
+    runner=$GITLAB_RUNNER_BIN
+    return 0
+  fi
+  runner=$(command -v gitlab-runner) && return 0
+  local build=${GITLAB_RUNNER_BUILD_SH:-$root/../shared/tools/gitlab-runner/build.sh}
+  if [[ ! -f $build ]]; then
+    runner=
+    [[ ${1:-} != build ]] && return 0
+    say "no gitlab-runner: set GITLAB_RUNNER_BIN, put gitlab-runner on PATH, or point"
+    say "GITLAB_RUNNER_BUILD_SH at a script that builds one (none at $build)"
+    exit 1
+  fi
+  local dir hash
+  dir=$(dirname "$build")
+  hash=$( (cat "$build"; [[ -d $dir/stubs ]] && find "$dir/stubs" -type f | sort | xargs cat) | sha256sum | cut -c1-12)
+  runner=$state/tools/gitlab-runner-$hash
+  [[ -x $runner || ${1:-} != build ]] && return 0
+  say "building gitlab-runner from the Go module proxy (about 5 minutes, once)"
+  mkdir -p "$state/tools"
+  rm -f "$state"/tools/gitlab-runner-*
+  bash "$build" "$runner.tmp" >&2
+  mv "$runner.tmp" "$runner"
+}
+
 setup() {
   [[ $(id -u) == 0 ]] || { say "must run as root (apt-get, libvirtd, the image build)"; exit 1; }
   install_packages
@@ -132,12 +165,16 @@ setup() {
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
   define_template
+  find_runner build
+  say "gitlab-runner: $runner"
 }
 
 case ${1:-setup} in
   setup) setup ;;
   env)
     echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_POOL=$test_pool"
+    find_runner
+    [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;
   *) echo "usage: $0 [setup|env]" >&2; exit 2 ;;
 esac

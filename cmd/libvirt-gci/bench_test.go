@@ -13,6 +13,8 @@ import (
 var (
 	clonedRE = regexp.MustCompile(`define (\d+) ms, \d+ overlays (\d+) ms\), started in (\d+) ms`)
 	readyRE  = regexp.MustCompile(`guest agent ready after ([0-9.]+) s`)
+	// a job log's section markers, from GitLab Runner
+	sectionRE = regexp.MustCompile(`^section_(start|end):\d+:(\w+)`)
 )
 
 func BenchmarkPrepare(b *testing.B) {
@@ -100,5 +102,60 @@ func BenchmarkCleanup(b *testing.B) {
 		if r := j.stage("cleanup"); r.code != 0 {
 			b.Fatal(r.stderr)
 		}
+	}
+}
+
+// A trivial job (script: true) end to end through the real gitlab-runner: from the moment
+// the runner takes the job to its final update, split by the job log's sections (each
+// line carries the runner's timestamp). "setup" is the runner's own start and the config
+// stage; "cleanup" is from the last section's end to the final update.
+func BenchmarkRunnerTrivialJob(b *testing.B) {
+	h := newRunnerHost(b)
+	jobs := make([]*fakeJob, b.N)
+	for i := range jobs {
+		jobs[i] = h.gl.add(jobSpec{Script: []string{"true"}})
+	}
+	b.ResetTimer()
+	p := h.runSingle(b.N)
+	for _, j := range jobs {
+		if final, trace := h.finish(j); final.State != "success" {
+			b.Fatalf("job failed: %+v\n%s", final, trace)
+		}
+	}
+	p.wait(b, time.Minute)
+	b.StopTimer()
+
+	phases := map[string]time.Duration{}
+	var order []string
+	add := func(name string, d time.Duration) {
+		if _, ok := phases[name]; !ok {
+			order = append(order, name)
+		}
+		phases[name] += d
+	}
+	for _, j := range jobs {
+		taken, finished := h.gl.times(j)
+		add("job", finished.Sub(taken))
+		starts := map[string]time.Time{}
+		var first, last time.Time
+		for _, l := range parseTrace(h.gl.Trace(j)) {
+			m := sectionRE.FindStringSubmatch(l.Text)
+			switch {
+			case m == nil:
+			case m[1] == "start":
+				starts[m[2]] = l.At
+				if first.IsZero() {
+					first = l.At
+				}
+			default:
+				add(m[2], l.At.Sub(starts[m[2]]))
+				last = l.At
+			}
+		}
+		add("setup", first.Sub(taken))
+		add("cleanup", finished.Sub(last))
+	}
+	for _, name := range order {
+		b.ReportMetric(float64(phases[name].Milliseconds())/float64(b.N), name+"-ms")
 	}
 }
