@@ -139,8 +139,9 @@ find_runner() {
   runner=$(command -v gitlab-runner) && return 0
   local build=${GITLAB_RUNNER_BUILD_SH:-$root/../shared/tools/gitlab-runner/build.sh}
   if [[ ! -f $build ]]; then
-    runner=
-    [[ ${1:-} != build ]] && return 0
+    # No build script here: take one built earlier, if any.
+    runner=$(ls -t "$state"/tools/gitlab-runner-* 2>/dev/null | grep -v '\.tmp$' | head -1 || true)
+    [[ -n $runner || ${1:-} != build ]] && return 0
     say "no gitlab-runner: set GITLAB_RUNNER_BIN, put gitlab-runner on PATH, or point"
     say "GITLAB_RUNNER_BUILD_SH at a script that builds one (none at $build)"
     exit 1
