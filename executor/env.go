@@ -3,6 +3,7 @@ package executor
 import (
 	"fmt"
 	"path"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -17,7 +18,18 @@ type Settings struct {
 	DefaultTemplate string
 	Prefix          string
 	BootTimeout     time.Duration
+	Transport       string // how stages reach the guest: "agent" or "ssh"
+	SSHUser         string // the guest user jobs run as with the ssh transport
+	SecretFile      string // the host secret instance SSH keys are derived from (0600)
 }
+
+// Transports.
+const (
+	TransportAgent = "agent"
+	TransportSSH   = "ssh"
+)
+
+var userRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
 
 var prefixRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
 
@@ -47,6 +59,18 @@ func (s Settings) Validate() error {
 	}
 	if s.BootTimeout <= 0 {
 		return fmt.Errorf("LIBVIRT_GCI_BOOT_TIMEOUT %s is invalid; want a positive duration such as 5m", s.BootTimeout)
+	}
+	switch s.Transport {
+	case TransportAgent:
+	case TransportSSH:
+		if !userRE.MatchString(s.SSHUser) {
+			return fmt.Errorf("LIBVIRT_GCI_SSH_USER %q is invalid; want a user name: 1 to 32 of [a-z0-9_-], starting with a letter or _", s.SSHUser)
+		}
+		if !filepath.IsAbs(s.SecretFile) {
+			return fmt.Errorf("LIBVIRT_GCI_SECRET_FILE %q is invalid; want an absolute path", s.SecretFile)
+		}
+	default:
+		return fmt.Errorf("LIBVIRT_GCI_TRANSPORT %q is invalid; want agent or ssh", s.Transport)
 	}
 	return nil
 }

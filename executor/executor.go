@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"strconv"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/libvirt-gci/libvirt-gci/template"
+	"golang.org/x/crypto/ssh"
 )
 
 // Paths inside the guest, reported to the runner by config.
@@ -134,8 +136,72 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 	if err := agent.WaitReady(bctx); err != nil {
 		return fmt.Errorf("instance %q: %w", t.Name, err)
 	}
-	e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), t.Name, time.Since(begin).Seconds()))
+	if e.Settings.Transport != TransportSSH {
+		e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), t.Name, time.Since(begin).Seconds()))
+		return nil
+	}
+	e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", time.Since(bootStart).Seconds()))
+	sshStart := time.Now()
+	if err := e.prepareSSH(bctx, conn, agent, t.Name); err != nil {
+		return fmt.Errorf("instance %q: %w", t.Name, err)
+	}
+	e.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), t.Name, time.Since(begin).Seconds()))
 	return nil
+}
+
+// prepareSSH makes the instance reachable over SSH: it authorizes the instance's own
+// client key in the guest, gives the guest a fresh host key and pins it, records the
+// forwarded port in the metadata, and waits for an authenticated session.
+func (e *Executor) prepareSSH(ctx context.Context, conn *provision.Conn, agent *guest.Agent, name string) error {
+	inst, err := conn.Lookup(name)
+	if err != nil {
+		return err
+	}
+	port, err := conn.ForwardedPort(name, 22)
+	if err != nil {
+		return err
+	}
+	key, err := e.clientKey(inst, true)
+	if err != nil {
+		return err
+	}
+	hostKey, err := agent.SetupSSH(ctx, e.Settings.SSHUser, guest.AuthorizedKey(key.PublicKey(), "libvirt-gci@"+name))
+	if err != nil {
+		return err
+	}
+	m := inst.Metadata
+	m.SSH = &provision.SSH{Host: "127.0.0.1", Port: port, User: e.Settings.SSHUser, HostKey: guest.AuthorizedKey(hostKey, name)}
+	if err := conn.SetMetadata(name, m); err != nil {
+		return err
+	}
+	s, err := e.sshTransport(m.SSH, key)
+	if err != nil {
+		return err
+	}
+	s.Rekey = agent.ReloadSSHD
+	return s.WaitReady(ctx)
+}
+
+// clientKey derives the instance's SSH client key; only prepare may create the secret.
+func (e *Executor) clientKey(inst provision.Instance, create bool) (ssh.Signer, error) {
+	secret, err := guest.LoadSecret(e.Settings.SecretFile, create)
+	if err != nil {
+		return nil, err
+	}
+	return guest.ClientKey(secret, inst.UUID)
+}
+
+func (e *Executor) sshTransport(info *provision.SSH, key ssh.Signer) (*guest.SSH, error) {
+	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
+	if err != nil {
+		return nil, fmt.Errorf("pinned host key in the metadata: %w", err)
+	}
+	return &guest.SSH{
+		Addr:    net.JoinHostPort(info.Host, strconv.Itoa(info.Port)),
+		User:    info.User,
+		Key:     key,
+		HostKey: hostKey,
+	}, nil
 }
 
 // spec lays out the instance: one overlay per writable template disk, the metadata that
@@ -164,8 +230,28 @@ func (e *Executor) spec(t Target, tmpl *template.Template) (provision.Spec, erro
 	if err != nil {
 		return spec, err
 	}
-	spec.DomainXML, err = tmpl.Render(template.Instance{Name: t.Name, Overlays: overlays, Metadata: md})
+	inst := template.Instance{Name: t.Name, Overlays: overlays, Metadata: md}
+	if e.Settings.Transport == TransportSSH {
+		slot, err := tmpl.FreePCISlot()
+		if err != nil {
+			return spec, err
+		}
+		inst.QEMUArgs = sshNetArgs(slot)
+	}
+	spec.DomainXML, err = tmpl.Render(inst)
 	return spec, err
+}
+
+// sshNetArgs give an ssh instance a NIC on QEMU's user-mode network that reaches nothing
+// but the host (restrict=on), and forward a free port on the host's 127.0.0.1 (port 0: the
+// kernel picks one, so concurrent prepares cannot collide) to the guest's sshd. The NIC
+// goes in a PCI slot the template leaves free: libvirt does not place devices it did not
+// make.
+func sshNetArgs(slot int) []string {
+	return []string{
+		"-netdev", "user,id=gcissh,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
+		"-device", fmt.Sprintf("virtio-net-pci,netdev=gcissh,addr=0x%x", slot),
+	}
 }
 
 // rollback removes a half-made instance. It runs after ctx may have ended, on a connection
@@ -210,15 +296,25 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 		return err
 	}
 	defer conn.Close()
-	if _, err := conn.Metadata(t.Name); err != nil {
+	inst, err := conn.Lookup(t.Name)
+	if err != nil {
 		return fmt.Errorf("%s: %w (was prepare run?)", stage, err)
 	}
-	agent, err := guest.NewAgent(conn.Libvirt(), t.Name)
-	if err != nil {
+	// The transport is the one prepare set up, as the metadata says.
+	var tr guest.Transport
+	if info := inst.Metadata.SSH; info != nil {
+		key, err := e.clientKey(inst, false)
+		if err != nil {
+			return err
+		}
+		if tr, err = e.sshTransport(info, key); err != nil {
+			return err
+		}
+	} else if tr, err = guest.NewAgent(conn.Libvirt(), t.Name); err != nil {
 		return err
 	}
 	start := time.Now()
-	st, err := agent.Run(ctx, script, e.Stdout, e.Stderr)
+	st, err := tr.Run(ctx, script, e.Stdout, e.Stderr)
 	if err != nil {
 		return fmt.Errorf("run %s in %s: %w", stage, t.Name, err)
 	}

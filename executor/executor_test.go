@@ -84,7 +84,8 @@ func TestCheckMachineName(t *testing.T) {
 }
 
 func settings() Settings {
-	return Settings{URI: "qemu:///system", Pool: "default", Templates: []string{"debian-*", "fedora-40"}, Prefix: "gci-", BootTimeout: time.Minute}
+	return Settings{URI: "qemu:///system", Pool: "default", Templates: []string{"debian-*", "fedora-40"}, Prefix: "gci-", BootTimeout: time.Minute,
+		Transport: TransportAgent, SSHUser: "root", SecretFile: "/etc/libvirt-gci/secret"}
 }
 
 func TestSelectTemplate(t *testing.T) {
@@ -131,6 +132,9 @@ func TestSelectTemplate(t *testing.T) {
 func TestSettingsValidate(t *testing.T) {
 	t.Parallel()
 	require.NoError(t, settings().Validate())
+	ssh := settings()
+	ssh.Transport = TransportSSH
+	require.NoError(t, ssh.Validate())
 	for _, tc := range []struct {
 		mut  func(*Settings)
 		want string
@@ -143,6 +147,10 @@ func TestSettingsValidate(t *testing.T) {
 		{func(s *Settings) { s.BootTimeout = 0 }, "LIBVIRT_GCI_BOOT_TIMEOUT"},
 		{func(s *Settings) { s.Pool = "" }, "LIBVIRT_GCI_POOL"},
 		{func(s *Settings) { s.URI = "" }, "LIBVIRT_GCI_URI"},
+		{func(s *Settings) { s.Transport = "telnet" }, `LIBVIRT_GCI_TRANSPORT "telnet" is invalid; want agent or ssh`},
+		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "root;id" }, `LIBVIRT_GCI_SSH_USER "root;id" is invalid`},
+		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "-oProxyCommand" }, `LIBVIRT_GCI_SSH_USER "-oProxyCommand" is invalid`},
+		{func(s *Settings) { s.Transport = TransportSSH; s.SecretFile = "secret" }, `LIBVIRT_GCI_SECRET_FILE "secret" is invalid; want an absolute path`},
 	} {
 		s := settings()
 		tc.mut(&s)

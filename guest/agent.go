@@ -10,9 +10,11 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"golang.org/x/crypto/ssh"
 )
 
 // AgentAPI is the part of go-libvirt the agent transport uses.
@@ -368,4 +370,49 @@ func randomID() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// sshSetup runs in the guest as `sh -c sshSetup gci USER AUTHORIZED_KEY`: it authorizes
+// the instance's client key for USER, replaces the host keys cloned from the template by
+// a fresh Ed25519 key, has a running sshd reload, and prints the new host public key.
+const sshSetup = `set -e
+user=$1 key=$2
+home=$(getent passwd "$user" | cut -d: -f6)
+[ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
+umask 077
+mkdir -p "$home/.ssh"
+printf '%s\n' "$key" >>"$home/.ssh/authorized_keys"
+chown "$user:$(id -gn "$user")" "$home/.ssh" "$home/.ssh/authorized_keys"
+chmod 700 "$home/.ssh"
+chmod 600 "$home/.ssh/authorized_keys"
+rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key
+` + sshdReload + `
+cat /etc/ssh/ssh_host_ed25519_key.pub`
+
+// sshdReload has a running sshd (re-exec and) load its host keys again.
+const sshdReload = `if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true; fi`
+
+// SetupSSH installs authorizedKey for user, gives the guest a host key of its own and
+// returns it; read through the agent, a trusted path, it is the key to pin.
+func (a *Agent) SetupSSH(ctx context.Context, user, authorizedKey string) (ssh.PublicKey, error) {
+	st, out, err := a.execWait(ctx, "/bin/sh", "-c", sshSetup, "gci", user, authorizedKey)
+	if err != nil {
+		return nil, fmt.Errorf("set up ssh in the guest: %w", err)
+	}
+	if st.Code != 0 || st.Signal != 0 {
+		return nil, fmt.Errorf("set up ssh in the guest: %s: %s", st, strings.TrimSpace(out))
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if key, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line)); err == nil {
+			return key, nil
+		}
+	}
+	return nil, fmt.Errorf("set up ssh in the guest: no host key in the output %q", out)
+}
+
+// ReloadSSHD has the guest's sshd load its host keys again.
+func (a *Agent) ReloadSSHD(ctx context.Context) error {
+	_, _, err := a.execWait(ctx, "/bin/sh", "-c", sshdReload)
+	return err
 }

@@ -22,6 +22,8 @@ type domainAPI interface {
 	DomainCreate(dom libvirt.Domain) error
 	DomainDestroyFlags(dom libvirt.Domain, flags libvirt.DomainDestroyFlagsValues) error
 	DomainUndefineFlags(dom libvirt.Domain, flags libvirt.DomainUndefineFlagsValues) error
+	DomainSetMetadata(dom libvirt.Domain, typ int32, metadata libvirt.OptString, key libvirt.OptString, uri libvirt.OptString, flags libvirt.DomainModificationImpact) error
+	QEMUDomainMonitorCommand(dom libvirt.Domain, cmd string, flags uint32) (string, error)
 }
 
 type storageAPI interface {

@@ -244,3 +244,49 @@ func (f *fakeLibvirt) state() string {
 	slices.Sort(parts)
 	return strings.Join(parts, "; ")
 }
+
+func (f *fakeLibvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, key, uri libvirt.OptString, _ libvirt.DomainModificationImpact) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return err
+	}
+	if typ != int32(libvirt.DomainMetadataElement) || len(metadata) != 1 || len(key) != 1 || len(uri) != 1 {
+		return lverr(libvirt.ErrInvalidArg, "bad metadata request")
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(fd.xml); err != nil {
+		return err
+	}
+	// As libvirt does: the element gets the prefix key bound to uri, replacing any other.
+	el := regexp.MustCompile(`^<(\w+)>`).ReplaceAllString(metadata[0], "<"+key[0]+":$1 xmlns:"+key[0]+`="`+uri[0]+`">`)
+	el = regexp.MustCompile(`</(\w+)>$`).ReplaceAllString(el, "</"+key[0]+":$1>")
+	if dom.Metadata == nil {
+		dom.Metadata = &libvirtxml.DomainMetadata{}
+	}
+	old := regexp.MustCompile(`(?s)<(\w+):(\w+)\s+xmlns:(\w+)="` + regexp.QuoteMeta(uri[0]) + `".*?</(\w+):(\w+)>`)
+	dom.Metadata.XML = old.ReplaceAllString(dom.Metadata.XML, "") + el
+	x, err := dom.Marshal()
+	if err != nil {
+		return err
+	}
+	fd.xml = x
+	return nil
+}
+
+// QEMUDomainMonitorCommand answers `info usernet` as QEMU 7.2 does for a domain with
+// a user-mode network that forwards 127.0.0.1:40022 to the guest's port 22.
+func (f *fakeLibvirt) QEMUDomainMonitorCommand(d libvirt.Domain, cmd string, flags uint32) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, err := f.dom(d); err != nil {
+		return "", err
+	}
+	if cmd != "info usernet" || flags != monitorHMP {
+		return "", lverr(libvirt.ErrOperationUnsupported, "unsupported monitor command %q", cmd)
+	}
+	return "Hub -1 (gcissh):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n" +
+		"  TCP[HOST_FORWARD]   8       127.0.0.1 40023       10.0.2.15    23     0     0\r\n" +
+		"  TCP[HOST_FORWARD]   3       127.0.0.1 40022       10.0.2.15    22     0     0\r\n", nil
+}

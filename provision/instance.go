@@ -3,6 +3,8 @@ package provision
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -137,6 +139,78 @@ func (c *Conn) Metadata(name string) (Metadata, error) {
 		return Metadata{}, fmt.Errorf("look up instance %q: %w", name, err)
 	}
 	return c.metadata(dom)
+}
+
+// Instance is a managed instance as a later stage finds it.
+type Instance struct {
+	Name     string
+	UUID     [16]byte // libvirt's, made at define: unique to this instance
+	Metadata Metadata
+}
+
+// Lookup finds the instance name. It fails with ErrNotManaged for a domain libvirt-gci
+// did not create.
+func (c *Conn) Lookup(name string) (Instance, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return Instance{}, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	m, err := c.metadata(dom)
+	if err != nil {
+		return Instance{}, err
+	}
+	return Instance{Name: dom.Name, UUID: dom.UUID, Metadata: m}, nil
+}
+
+// SetMetadata replaces the instance's metadata, in the running domain and its definition.
+func (c *Conn) SetMetadata(name string, m Metadata) error {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	x, err := m.marshalPlain()
+	if err != nil {
+		return err
+	}
+	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{x}, libvirt.OptString{metadataPrefix},
+		libvirt.OptString{MetadataNS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
+	if err != nil {
+		return fmt.Errorf("set metadata of %q: %w", name, err)
+	}
+	return nil
+}
+
+// monitorHMP is VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP (libvirt-qemu.h), which go-libvirt lacks.
+const monitorHMP = 1
+
+// ForwardedPort asks QEMU which host port its user-mode network forwards to the guest's
+// port guestPort (the host side is bound with port 0, so the kernel picks a free one).
+func (c *Conn) ForwardedPort(name string, guestPort int) (int, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return 0, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	out, err := c.api.QEMUDomainMonitorCommand(dom, "info usernet", monitorHMP)
+	if err != nil {
+		return 0, fmt.Errorf("instance %q: info usernet: %w", name, err)
+	}
+	return parseForward(out, guestPort)
+}
+
+// parseForward finds a host forward to guestPort in the output of QEMU's `info usernet`:
+//
+//	TCP[HOST_FORWARD]   3       127.0.0.1 41639       10.0.2.15    22     0     0
+func parseForward(usernet string, guestPort int) (int, error) {
+	for _, line := range strings.Split(usernet, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 6 || f[0] != "TCP[HOST_FORWARD]" || f[2] != "127.0.0.1" || f[5] != strconv.Itoa(guestPort) {
+			continue
+		}
+		if port, err := strconv.Atoi(f[3]); err == nil && port > 0 && port < 65536 {
+			return port, nil
+		}
+	}
+	return 0, fmt.Errorf("no forward from 127.0.0.1 to guest port %d in QEMU's user network: %q", guestPort, usernet)
 }
 
 func (c *Conn) metadata(dom libvirt.Domain) (Metadata, error) {

@@ -22,6 +22,16 @@ type Metadata struct {
 	Runner    string   `xml:"runner,omitempty"` // CI_RUNNER_SHORT_TOKEN, shown in every job log
 	CreatedAt string   `xml:"created-at"`       // RFC 3339
 	Volumes   []Volume `xml:"volume"`
+	SSH       *SSH     `xml:"ssh,omitempty"` // set when the instance is reached over SSH
+}
+
+// SSH is how to reach an instance over SSH. Only public data: the client key is derived
+// again at every stage, never stored.
+type SSH struct {
+	Host    string `xml:"host,attr"`
+	Port    int    `xml:"port,attr"`
+	User    string `xml:"user,attr"`
+	HostKey string `xml:"host-key"` // the guest's host public key (authorized_keys format), pinned at prepare
 }
 
 // Volume is a storage volume created for an instance, deleted with it.
@@ -43,6 +53,18 @@ func (m Metadata) MarshalElement() (string, error) {
 		return "", fmt.Errorf("encode instance metadata: %w", err)
 	}
 	return b.String(), nil
+}
+
+// marshalPlain renders m without a namespace, as DomainSetMetadata wants it.
+func (m Metadata) marshalPlain() (string, error) {
+	b, err := xml.Marshal(struct {
+		XMLName xml.Name `xml:"instance"`
+		Metadata
+	}{Metadata: m})
+	if err != nil {
+		return "", fmt.Errorf("encode instance metadata: %w", err)
+	}
+	return string(b), nil
 }
 
 // parseMetadata reads the element libvirt returns for our namespace.

@@ -203,3 +203,56 @@ func TestTemplateXML(t *testing.T) {
 	_, err = c.TemplateXML(inst)
 	assert.ErrorContains(t, err, "is a libvirt-gci instance, not a template")
 }
+
+// What prepare adds for the ssh transport, and what later stages read back.
+func TestSSHMetadataAndForward(t *testing.T) {
+	f := newFake("p")
+	c := &Conn{api: f}
+	spec := instanceSpec(t, "p")
+	_, err := c.Create(spec)
+	require.NoError(t, err)
+
+	port, err := c.ForwardedPort(spec.Name, 22)
+	require.NoError(t, err)
+	assert.Equal(t, 40022, port)
+	_, err = c.ForwardedPort(spec.Name, 2222)
+	assert.ErrorContains(t, err, "no forward from 127.0.0.1 to guest port 2222")
+
+	inst, err := c.Lookup(spec.Name)
+	require.NoError(t, err)
+	m := inst.Metadata
+	m.SSH = &SSH{Host: "127.0.0.1", Port: port, User: "root", HostKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7 libvirt-gci"}
+	require.NoError(t, c.SetMetadata(spec.Name, m))
+	inst, err = c.Lookup(spec.Name)
+	require.NoError(t, err)
+	assert.Equal(t, m, inst.Metadata)
+
+	// Teardown still finds the volumes through the new metadata.
+	r, err := c.Teardown(spec.Name)
+	require.NoError(t, err)
+	assert.Len(t, r.Volumes, len(spec.Volumes))
+}
+
+func TestParseForward(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		want     int
+	}{
+		{"qemu 7.2", "Hub -1 (n):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n  TCP[HOST_FORWARD]   3       127.0.0.1 41639       10.0.2.15    22     0     0\r\n", 41639},
+		{"bound elsewhere", "  TCP[HOST_FORWARD]   3       0.0.0.0 41639       10.0.2.15    22     0     0\n", 0},
+		{"udp", "  UDP[HOST_FORWARD]   3       127.0.0.1 41639       10.0.2.15    22     0     0\n", 0},
+		{"other port", "  TCP[HOST_FORWARD]   3       127.0.0.1 41639       10.0.2.15    2222     0     0\n", 0},
+		{"garbage port", "  TCP[HOST_FORWARD]   3       127.0.0.1 99999       10.0.2.15    22     0     0\n", 0},
+		{"empty", "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseForward(tc.in, 22)
+			if tc.want == 0 {
+				assert.Error(t, err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, got)
+		})
+	}
+}

@@ -5,8 +5,11 @@
 package template
 
 import (
+	"encoding/xml"
 	"errors"
 	"fmt"
+	"io"
+	"strconv"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
@@ -92,6 +95,7 @@ type Instance struct {
 	Name     string
 	Overlays map[string]Overlay // by disk target; one for every Template.Disks entry
 	Metadata string             // an XML element in a namespace of the caller's, added to <metadata>
+	QEMUArgs []string           // extra QEMU arguments, after any the template passes (qemu:commandline)
 }
 
 // Render returns the instance's domain XML: the template's hardware with a new name, no
@@ -161,9 +165,60 @@ func (t *Template) Render(inst Instance) (string, error) {
 			}
 		}
 	}
+	if len(inst.QEMUArgs) > 0 {
+		if dom.QEMUCommandline == nil {
+			dom.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
+		}
+		for _, a := range inst.QEMUArgs {
+			dom.QEMUCommandline.Args = append(dom.QEMUCommandline.Args, libvirtxml.DomainQEMUCommandlineArg{Value: a})
+		}
+	}
 	out, err := dom.Marshal()
 	if err != nil {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
 	return out, nil
+}
+
+// FreePCISlot is a slot on PCI bus 0 that none of the template's devices uses, for a
+// device added by QEMU arguments (which libvirt does not place). It picks from the top,
+// away from the slots libvirt fills from the bottom.
+func (t *Template) FreePCISlot() (int, error) {
+	x, err := t.dom.Marshal()
+	if err != nil {
+		return 0, fmt.Errorf("template %q: %w", t.Name, err)
+	}
+	used := map[int]bool{0: true}
+	dec := xml.NewDecoder(strings.NewReader(x))
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("template %q: %w", t.Name, err)
+		}
+		el, ok := tok.(xml.StartElement)
+		if !ok || el.Name.Local != "address" {
+			continue
+		}
+		a := map[string]string{}
+		for _, at := range el.Attr {
+			a[at.Name.Local] = at.Value
+		}
+		if a["type"] != "pci" {
+			continue
+		}
+		dom, _ := strconv.ParseUint(a["domain"], 0, 32)
+		bus, _ := strconv.ParseUint(a["bus"], 0, 32)
+		if slot, err := strconv.ParseUint(a["slot"], 0, 8); err == nil && dom == 0 && bus == 0 {
+			used[int(slot)] = true
+		}
+	}
+	for slot := 31; slot > 0; slot-- {
+		if !used[slot] {
+			return slot, nil
+		}
+	}
+	return 0, fmt.Errorf("template %q: no free slot on PCI bus 0", t.Name)
 }

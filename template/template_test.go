@@ -2,6 +2,7 @@ package template
 
 import (
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -124,4 +125,53 @@ func TestRenderNeedsExactlyTheWritableDisks(t *testing.T) {
 	out, err := tmpl.Render(Instance{Name: "x", Overlays: map[string]Overlay{"vda": {"p", "v"}}})
 	require.NoError(t, err)
 	assert.NotContains(t, out, "<metadata", "no metadata element without metadata")
+}
+
+// Extra QEMU arguments (the ssh transport's user-mode network) follow the template's own.
+func TestRenderQEMUArgs(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, extra string
+		want        []string
+	}{
+		{"none in the template", "", []string{"-netdev", "user,id=n"}},
+		{"kept from the template", `<qemu:commandline xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0"><qemu:arg value="-no-hpet"/></qemu:commandline>`,
+			[]string{"-no-hpet", "-netdev", "user,id=n"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			x := `<domain type="qemu"><name>t</name><memory>1</memory>` + tc.extra + `</domain>`
+			tmpl, err := Parse(x)
+			require.NoError(t, err)
+			got, err := tmpl.Render(Instance{Name: "i", QEMUArgs: []string{"-netdev", "user,id=n"}})
+			require.NoError(t, err)
+			var dom libvirtxml.Domain
+			require.NoError(t, dom.Unmarshal(got))
+			require.NotNil(t, dom.QEMUCommandline)
+			var args []string
+			for _, a := range dom.QEMUCommandline.Args {
+				args = append(args, a.Value)
+			}
+			assert.Equal(t, tc.want, args)
+		})
+	}
+}
+
+func TestFreePCISlot(t *testing.T) {
+	t.Parallel()
+	slot, err := readTemplate(t, "full").FreePCISlot()
+	require.NoError(t, err)
+	assert.Equal(t, 31, slot)
+
+	var b strings.Builder
+	b.WriteString(`<domain type="qemu"><name>t</name><memory>1</memory><devices>`)
+	for s := 31; s >= 5; s-- { // 0x1f..0x05 taken on bus 0; 0x04 free; bus 1 does not count
+		fmt.Fprintf(&b, `<controller type="pci" index="%d" model="pci-bridge"><address type="pci" domain="0x0000" bus="0x00" slot="0x%02x" function="0x0"/></controller>`, 40-s, s)
+	}
+	b.WriteString(`<memballoon model="virtio"><address type="pci" domain="0x0000" bus="0x01" slot="0x04" function="0x0"/></memballoon>`)
+	b.WriteString(`</devices></domain>`)
+	tmpl, err := Parse(b.String())
+	require.NoError(t, err)
+	slot, err = tmpl.FreePCISlot()
+	require.NoError(t, err)
+	assert.Equal(t, 4, slot)
 }

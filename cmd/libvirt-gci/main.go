@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -56,6 +57,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			DefaultTemplate: c.String("default-template"),
 			Prefix:          c.String("prefix"),
 			BootTimeout:     c.Duration("boot-timeout"),
+			Transport:       c.String("transport"),
+			SSHUser:         c.String("ssh-user"),
+			SecretFile:      c.String("secret-file"),
 		}
 		if err := s.Validate(); err != nil {
 			return err
@@ -80,6 +84,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			&cli.StringFlag{Name: "default-template", EnvVars: []string{"LIBVIRT_GCI_DEFAULT_TEMPLATE"}, Usage: "`TEMPLATE` used when the job names none"},
 			&cli.StringFlag{Name: "prefix", Value: "gci-", EnvVars: []string{"LIBVIRT_GCI_PREFIX"}, Usage: "name `PREFIX` of managed instances"},
 			&cli.DurationFlag{Name: "boot-timeout", Value: 5 * time.Minute, EnvVars: []string{"LIBVIRT_GCI_BOOT_TIMEOUT"}, Usage: "how long prepare waits for the guest"},
+			&cli.StringFlag{Name: "transport", Value: executor.TransportAgent, EnvVars: []string{"LIBVIRT_GCI_TRANSPORT"}, Usage: "how stages reach the guest: `agent` or ssh"},
+			&cli.StringFlag{Name: "ssh-user", Value: "root", EnvVars: []string{"LIBVIRT_GCI_SSH_USER"}, Usage: "guest `USER` jobs run as over ssh"},
+			&cli.StringFlag{Name: "secret-file", Value: defaultSecretFile(), EnvVars: []string{"LIBVIRT_GCI_SECRET_FILE"}, Usage: "host secret `FILE` that instance ssh keys are derived from (made 0600 on first use)"},
 			&cli.BoolFlag{Name: "debug", EnvVars: []string{"LIBVIRT_GCI_DEBUG"}, Usage: "debug logging on stderr"},
 		},
 		Before: setup,
@@ -179,6 +186,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	return executor.ExitCode(err, codes)
+}
+
+// defaultSecretFile is in the user's configuration directory: ~/.config/libvirt-gci/secret.
+func defaultSecretFile() string {
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(dir, "libvirt-gci", "secret")
 }
 
 func versionString() string {

@@ -1,0 +1,99 @@
+package guest
+
+import (
+	"crypto/ed25519"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/crypto/ssh"
+)
+
+// secretSize is the length of the host secret that instance keys are derived from.
+const secretSize = 32
+
+// LoadSecret reads the host secret from path, a file only its owner may read. With
+// create, a missing file is made (0600, in a 0700 directory if that is missing too);
+// concurrent first uses agree on one secret.
+func LoadSecret(path string, create bool) ([]byte, error) {
+	if path == "" {
+		return nil, errors.New("no secret file: set LIBVIRT_GCI_SECRET_FILE")
+	}
+	s, err := readSecret(path)
+	if err == nil || !create || !errors.Is(err, fs.ErrNotExist) {
+		return s, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	var b [secretSize]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	// Write a temporary file, then link it into place: the link fails if another process
+	// got there first, and then its secret is the one.
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".secret-*")
+	if err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	_, werr := tmp.WriteString(hex.EncodeToString(b[:]) + "\n")
+	if err := errors.Join(werr, tmp.Sync(), tmp.Close()); err != nil {
+		return nil, fmt.Errorf("secret file %s: %w", path, err)
+	}
+	if err := os.Link(tmp.Name(), path); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	return readSecret(path)
+}
+
+func readSecret(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("secret file %s has mode %04o: others can read it; it must be 0600 (chmod 600 %s)", path, perm, path)
+	}
+	buf := make([]byte, 2*secretSize+2)
+	n, _ := f.Read(buf)
+	s, err := hex.DecodeString(strings.TrimSpace(string(buf[:n])))
+	if err != nil || len(s) != secretSize {
+		return nil, fmt.Errorf("secret file %s: want %d hex-encoded bytes", path, secretSize)
+	}
+	return s, nil
+}
+
+// ClientKey derives an instance's SSH client key from the host secret and the instance's
+// libvirt UUID: stable for one instance (every stage re-derives it, nothing is stored),
+// different for every other, and unknown to anyone without the secret.
+func ClientKey(secret []byte, uuid [16]byte) (ssh.Signer, error) {
+	if len(secret) != secretSize {
+		return nil, fmt.Errorf("client key: secret of %d bytes, want %d", len(secret), secretSize)
+	}
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte("libvirt-gci ssh client key v1\x00"))
+	mac.Write(uuid[:])
+	signer, err := ssh.NewSignerFromKey(ed25519.NewKeyFromSeed(mac.Sum(nil)))
+	if err != nil {
+		return nil, fmt.Errorf("client key: %w", err)
+	}
+	return signer, nil
+}
+
+// AuthorizedKey is the authorized_keys line for a client key, with a comment.
+func AuthorizedKey(pub ssh.PublicKey, comment string) string {
+	return strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub))) + " " + comment
+}

@@ -1,0 +1,224 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+)
+
+const (
+	sshHandshakeTimeout = 10 * time.Second
+	sshPollMin          = 50 * time.Millisecond
+	sshPollMax          = 250 * time.Millisecond
+)
+
+// SSH reaches a guest over SSH, with a per-instance client key and the host key pinned
+// at prepare. It keeps nothing open between calls.
+type SSH struct {
+	Addr    string        // host:port, e.g. a forward on 127.0.0.1
+	User    string        // the guest user jobs run as
+	Key     ssh.Signer    // the instance's client key
+	HostKey ssh.PublicKey // the only host key accepted
+	// Rekey, if set, is called during WaitReady when the guest presents another host key:
+	// at prepare that is an sshd that has not reloaded its new key yet.
+	Rekey func(ctx context.Context) error
+}
+
+// HostKeyError: the guest presented a host key other than the pinned one.
+type HostKeyError struct {
+	Addr      string
+	Want, Got string // SHA256 fingerprints
+}
+
+func (e *HostKeyError) Error() string {
+	return fmt.Sprintf("host key mismatch at %s: the guest presented %s, but prepare pinned %s; refusing to connect (was the guest's host key changed, or is something else listening there?)", e.Addr, e.Got, e.Want)
+}
+
+func (s *SSH) checkHostKey(_ string, _ net.Addr, key ssh.PublicKey) error {
+	if key.Type() == s.HostKey.Type() && bytes.Equal(key.Marshal(), s.HostKey.Marshal()) {
+		return nil
+	}
+	return &HostKeyError{Addr: s.Addr, Want: ssh.FingerprintSHA256(s.HostKey), Got: ssh.FingerprintSHA256(key)}
+}
+
+// dial opens an authenticated connection; ctx bounds the dial and the handshake.
+func (s *SSH) dial(ctx context.Context) (*ssh.Client, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", s.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("ssh %s: %w", s.Addr, err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
+	defer stop()
+	_ = c.SetDeadline(time.Now().Add(sshHandshakeTimeout))
+	cc, chans, reqs, err := ssh.NewClientConn(c, s.Addr, &ssh.ClientConfig{
+		User:              s.User,
+		Auth:              []ssh.AuthMethod{ssh.PublicKeys(s.Key)},
+		HostKeyCallback:   s.checkHostKey,
+		HostKeyAlgorithms: []string{s.HostKey.Type()},
+	})
+	if err != nil {
+		_ = c.Close()
+		var hk *HostKeyError
+		if errors.As(err, &hk) {
+			return nil, hk
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("ssh %s: %w", s.Addr, context.Cause(ctx))
+		}
+		return nil, fmt.Errorf("ssh %s: %w", s.Addr, err)
+	}
+	_ = c.SetDeadline(time.Time{})
+	return ssh.NewClient(cc, chans, reqs), nil
+}
+
+// WaitReady polls until an authenticated session runs `true`, or ctx ends.
+func (s *SSH) WaitReady(ctx context.Context) error {
+	var last error
+	var rekeyed time.Time
+	for wait := sshPollMin; ; wait = min(2*wait, sshPollMax) {
+		err := s.probe(ctx)
+		if err == nil {
+			return nil
+		}
+		last = err
+		var hk *HostKeyError
+		if errors.As(err, &hk) && s.Rekey != nil && time.Since(rekeyed) > time.Second {
+			rekeyed = time.Now()
+			if rerr := s.Rekey(ctx); rerr != nil {
+				last = fmt.Errorf("%w; reloading sshd: %v", err, rerr)
+			}
+		}
+		if !sleep(ctx, wait) {
+			return fmt.Errorf("%w: no SSH session at %s as %s (%v; last error: %v); is sshd started at boot in the template?", ErrNotReady, s.Addr, s.User, context.Cause(ctx), last)
+		}
+	}
+}
+
+func (s *SSH) probe(ctx context.Context) error {
+	c, err := s.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	sess, err := c.NewSession()
+	if err != nil {
+		return err
+	}
+	defer sess.Close()
+	return sess.Run("true")
+}
+
+// sshWrapper runs in the guest as `/bin/sh -c sshWrapper gci ID`: it reads the script
+// from stdin into a new private directory named after ID (mkdir fails if something is
+// there already), records its own PID (sshd made it a session leader, so that is also
+// its process group) for sshKill, runs the script with bash, and removes the directory.
+// If it cannot set up, it kills itself with USR1, which the host reports as a transport
+// failure rather than as the script's exit code.
+const sshWrapper = `umask 077
+d="${TMPDIR:-/tmp}/libvirt-gci.$1"
+mkdir "$d" || { echo "libvirt-gci: cannot create $d" >&2; kill -USR1 $$; }
+echo $$ >"$d/pid"
+cat >"$d/script" || { echo "libvirt-gci: cannot write the script" >&2; rm -rf "$d"; kill -USR1 $$; }
+bash "$d/script" </dev/null
+rc=$?
+rm -rf "$d"
+exit $rc`
+
+// sshKill runs as `/bin/sh -c sshKill gci ID` in a second session: it ends the process
+// group of the wrapper with that ID, TERM first and KILL after 3 s, and removes its
+// directory. (OpenSSH's own "signal" request is not honoured by every sshd.)
+const sshKill = `d="${TMPDIR:-/tmp}/libvirt-gci.$1"
+p=$(cat "$d/pid" 2>/dev/null) || exit 0
+kill -TERM -"$p" 2>/dev/null
+i=0
+while [ $i -lt 30 ] && kill -0 -"$p" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+kill -KILL -"$p" 2>/dev/null
+rm -rf "$d"
+true`
+
+// shellQuote quotes s for a POSIX shell.
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// shCommand is the command line that runs a POSIX sh script with arguments (made of
+// [0-9a-f] only), whatever the user's login shell.
+func shCommand(script string, args ...string) string {
+	return "exec /bin/sh -c " + shellQuote(script) + " gci " + strings.Join(args, " ")
+}
+
+// Run implements Transport.
+func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (ExitStatus, error) {
+	c, err := s.dial(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+		}
+		return ExitStatus{}, err
+	}
+	defer c.Close()
+	sess, err := c.NewSession()
+	if err != nil {
+		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
+	}
+	defer sess.Close()
+	sess.Stdout, sess.Stderr = stdout, stderr
+	stdin, err := sess.StdinPipe()
+	if err != nil {
+		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
+	}
+	id := randomID()
+	if err := sess.Start(shCommand(sshWrapper, id)); err != nil {
+		return ExitStatus{}, fmt.Errorf("ssh start: %w", err)
+	}
+	go func() {
+		_, _ = stdin.Write(script)
+		_ = stdin.Close()
+	}()
+	done := make(chan error, 1)
+	go func() { done <- sess.Wait() }()
+
+	select {
+	case err := <-done:
+		return sshStatus(err)
+	case <-ctx.Done():
+	}
+	// Cancelled: end the script's process group from a second session, then let the
+	// first one finish delivering output.
+	cctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	if k, err := c.NewSession(); err == nil {
+		stop := context.AfterFunc(cctx, func() { _ = c.Close() })
+		_ = k.Run(shCommand(sshKill, id))
+		stop()
+		_ = k.Close()
+	}
+	select {
+	case <-done:
+	case <-cctx.Done():
+	}
+	return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+}
+
+// sshStatus maps the end of a session to the script's exit status or a transport error.
+func sshStatus(err error) (ExitStatus, error) {
+	var ee *ssh.ExitError
+	switch {
+	case err == nil:
+		return ExitStatus{}, nil
+	case errors.As(err, &ee) && ee.Signal() == "":
+		return ExitStatus{Code: ee.ExitStatus()}, nil
+	case errors.As(err, &ee) && ee.Signal() == "USR1":
+		return ExitStatus{}, fmt.Errorf("could not set up the script in the guest: %s", strings.TrimSpace(ee.Msg()))
+	case errors.As(err, &ee):
+		return ExitStatus{}, fmt.Errorf("the script's shell in the guest was killed by SIG%s", ee.Signal())
+	default:
+		return ExitStatus{}, fmt.Errorf("ssh session lost: %w", err)
+	}
+}

@@ -1,0 +1,186 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
+)
+
+func TestSecretFile(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sub", "secret")
+
+	_, err := LoadSecret(path, false)
+	assert.ErrorContains(t, err, "secret file", "missing, and not to be created")
+
+	// Concurrent first uses agree on one secret.
+	var wg sync.WaitGroup
+	got := make([][]byte, 8)
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := LoadSecret(path, true)
+			assert.NoError(t, err)
+			got[i] = s
+		}()
+	}
+	wg.Wait()
+	for _, s := range got {
+		assert.Equal(t, got[0], s)
+	}
+	assert.Len(t, got[0], secretSize)
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	di, err := os.Stat(filepath.Dir(path))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o700), di.Mode().Perm())
+	left, _ := filepath.Glob(filepath.Join(dir, "sub", ".secret-*"))
+	assert.Empty(t, left, "temporary files removed")
+
+	again, err := LoadSecret(path, true)
+	require.NoError(t, err)
+	assert.Equal(t, got[0], again, "the secret is stable")
+
+	require.NoError(t, os.Chmod(path, 0o640))
+	_, err = LoadSecret(path, false)
+	assert.ErrorContains(t, err, "has mode 0640: others can read it; it must be 0600")
+
+	bad := filepath.Join(dir, "bad")
+	require.NoError(t, os.WriteFile(bad, []byte("not hex\n"), 0o600))
+	_, err = LoadSecret(bad, true)
+	assert.ErrorContains(t, err, "want 32 hex-encoded bytes")
+}
+
+func TestClientKeyDerivation(t *testing.T) {
+	t.Parallel()
+	secret := bytes.Repeat([]byte{7}, secretSize)
+	u1 := [16]byte{1}
+	u2 := [16]byte{2}
+	k1, err := ClientKey(secret, u1)
+	require.NoError(t, err)
+	k1again, err := ClientKey(secret, u1)
+	require.NoError(t, err)
+	k2, err := ClientKey(secret, u2)
+	require.NoError(t, err)
+	other, err := ClientKey(bytes.Repeat([]byte{8}, secretSize), u1)
+	require.NoError(t, err)
+
+	pub := func(s ssh.Signer) string { return string(s.PublicKey().Marshal()) }
+	assert.Equal(t, pub(k1), pub(k1again), "stable for one instance")
+	assert.NotEqual(t, pub(k1), pub(k2), "different for another instance")
+	assert.NotEqual(t, pub(k1), pub(other), "different with another secret")
+	assert.Equal(t, ssh.KeyAlgoED25519, k1.PublicKey().Type())
+	_, err = ClientKey([]byte("short"), u1)
+	assert.Error(t, err)
+}
+
+// testServer is an in-process SSH server with the given host key, accepting one client
+// key, that runs every command with /bin/sh on this machine.
+func testServer(t *testing.T, hostKey ssh.Signer, client ssh.PublicKey) string {
+	t.Helper()
+	cfg := &ssh.ServerConfig{PublicKeyCallback: func(_ ssh.ConnMetadata, k ssh.PublicKey) (*ssh.Permissions, error) {
+		if bytes.Equal(k.Marshal(), client.Marshal()) {
+			return nil, nil
+		}
+		return nil, errors.New("unknown key")
+	}}
+	cfg.AddHostKey(hostKey)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				_, chans, reqs, err := ssh.NewServerConn(c, cfg)
+				if err != nil {
+					return
+				}
+				go ssh.DiscardRequests(reqs)
+				for nc := range chans {
+					ch, creqs, _ := nc.Accept()
+					go func() {
+						for r := range creqs {
+							if r.Type != "exec" {
+								_ = r.Reply(false, nil)
+								continue
+							}
+							_ = r.Reply(true, nil)
+							ch.SendRequest("exit-status", false, ssh.Marshal(struct{ Status uint32 }{0}))
+							ch.Close()
+						}
+					}()
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func newSigner(t *testing.T) ssh.Signer {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	s, err := ssh.NewSignerFromKey(priv)
+	require.NoError(t, err)
+	return s
+}
+
+func TestSSHHostKeyPinned(t *testing.T) {
+	t.Parallel()
+	host, impostor, client := newSigner(t), newSigner(t), newSigner(t)
+	good := &SSH{Addr: testServer(t, host, client.PublicKey()), User: "root", Key: client, HostKey: host.PublicKey()}
+	require.NoError(t, good.WaitReady(context.Background()), "the pinned key is accepted")
+
+	bad := &SSH{Addr: testServer(t, impostor, client.PublicKey()), User: "root", Key: client, HostKey: host.PublicKey()}
+	_, err := bad.Run(context.Background(), []byte("echo hi"), &bytes.Buffer{}, &bytes.Buffer{})
+	var hk *HostKeyError
+	require.ErrorAs(t, err, &hk, "another host key is refused")
+	assert.Equal(t, ssh.FingerprintSHA256(host.PublicKey()), hk.Want)
+	assert.Equal(t, ssh.FingerprintSHA256(impostor.PublicKey()), hk.Got)
+	assert.Contains(t, err.Error(), "refusing to connect")
+
+	// At prepare, WaitReady asks the guest to reload sshd, and keeps trying until the end.
+	rekeys := 0
+	bad.Rekey = func(context.Context) error { rekeys++; return nil }
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	err = bad.WaitReady(ctx)
+	assert.ErrorIs(t, err, ErrNotReady)
+	assert.ErrorContains(t, err, "host key mismatch")
+	assert.True(t, rekeys >= 1 && rekeys <= 2, "at most one reload a second: %d", rekeys)
+
+	// A client key the guest does not know is refused too.
+	stranger := &SSH{Addr: good.Addr, User: "root", Key: newSigner(t), HostKey: host.PublicKey()}
+	_, err = stranger.Run(context.Background(), []byte("true"), &bytes.Buffer{}, &bytes.Buffer{})
+	assert.ErrorContains(t, err, "unable to authenticate")
+}
+
+func TestSSHStatus(t *testing.T) {
+	t.Parallel()
+	st, err := sshStatus(nil)
+	require.NoError(t, err)
+	assert.Equal(t, ExitStatus{}, st)
+	_, err = sshStatus(fmt.Errorf("wrapped: %w", errors.New("EOF")))
+	assert.ErrorContains(t, err, "ssh session lost")
+	_, err = sshStatus(&ssh.ExitMissingError{})
+	assert.ErrorContains(t, err, "ssh session lost")
+}
