@@ -106,6 +106,26 @@ var notPrefix = regexp.MustCompile(`[^a-z0-9]+`)
 // after the test that no domain or volume with that prefix is left.
 func newJob(t testing.TB) *gitlabJob {
 	t.Helper()
+	return newJobOver(t, "agent")
+}
+
+// transports are the ways a stage can reach the guest; the job suite runs over each.
+var transports = []string{"agent", "ssh"}
+
+// overEachTransport runs f as a parallel subtest per transport.
+func overEachTransport(t *testing.T, f func(t *testing.T, j *gitlabJob)) {
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			t.Parallel()
+			f(t, newJobOver(t, tr))
+		})
+	}
+}
+
+// newJobOver is newJob with the operator's choice of transport. The host secret for ssh
+// keys lives in the job's TMPDIR, so that nothing is written elsewhere.
+func newJobOver(t testing.TB, transport string) *gitlabJob {
+	t.Helper()
 	l := lv(t)
 	prefix, id := testPrefix(t)
 	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix}
@@ -126,6 +146,8 @@ func newJob(t testing.TB) *gitlabJob {
 		"CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3stRunner",
 		"CUSTOM_ENV_CI_CONCURRENT_ID":      "0",
 		"CUSTOM_ENV_DISTRO":                testTmpl,
+		"LIBVIRT_GCI_TRANSPORT":            transport,
+		"LIBVIRT_GCI_SECRET_FILE":          filepath.Join(j.dir, "secret"),
 	}
 	t.Cleanup(func() { assertNothingLeft(t, l, prefix) })
 	return j
@@ -207,6 +229,15 @@ func (j *gitlabJob) prepare() {
 	j.t.Cleanup(func() { j.stage("cleanup") }) // in case the test stops early
 }
 
+// leftInGuest is a stage script that lists the files earlier stages left in the guest's
+// script locations (the agent's /run/libvirt-gci, ssh's ${TMPDIR:-/tmp}/libvirt-gci.*),
+// apart from its own.
+const leftInGuest = `self=$(basename "$0" .sh); selfdir=$(dirname "$0")
+for f in /run/libvirt-gci/* "${TMPDIR:-/tmp}"/libvirt-gci.*; do
+  [ -e "$f" ] || continue
+  case "$f" in "$selfdir"|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
+done`
+
 // leftovers lists domains and volumes whose names start with prefix.
 func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
 	t.Helper()
@@ -269,7 +300,10 @@ func TestConfigPrintsOnlyJSON(t *testing.T) {
 // A job as GitLab Runner runs it: every stage, in order, on one VM.
 func TestJobSucceeds(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testJobSucceeds)
+}
+
+func testJobSucceeds(t *testing.T, j *gitlabJob) {
 	name := j.instance()
 	j.prepare()
 
@@ -291,7 +325,7 @@ echo artifact > out.txt`)
 	assert.Equal(t, "artifact\n", r.stdout)
 
 	// No earlier stage's script (with its secrets) or output is left in the guest.
-	r = j.run("cleanup_file_variables", `ls -A /run/libvirt-gci | grep -v "^$(basename "$0" .sh)\." || true`)
+	r = j.run("cleanup_file_variables", leftInGuest)
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, r.stdout, "files left in the guest's script directory")
 
@@ -302,7 +336,10 @@ echo artifact > out.txt`)
 
 func TestBuildScriptFailureRunsAfterScript(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testBuildScriptFailureRunsAfterScript)
+}
+
+func testBuildScriptFailureRunsAfterScript(t *testing.T, j *gitlabJob) {
 	j.prepare()
 
 	r := j.run("build_script", `echo before; exit 7`)
@@ -331,7 +368,10 @@ func TestBuildScriptFailureRunsAfterScript(t *testing.T) {
 // timeout) ends the stage promptly, kills the script in the guest, and cleanup still works.
 func TestLiveOutputAndSIGTERM(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testLiveOutputAndSIGTERM)
+}
+
+func testLiveOutputAndSIGTERM(t *testing.T, j *gitlabJob) {
 	j.prepare()
 
 	cmd := exec.Command(binPath, "run", j.script("build.sh", `echo started; echo err-started >&2; sleep 613; echo never`), "build_script")
@@ -390,7 +430,7 @@ for f in /proc/[0-9]*/cmdline; do
   if tr '\0' ' ' <"$f" 2>/dev/null | grep -q '^sleep 613'; then n=$((n+1)); fi
 done
 echo "sleepers=$n"
-ls -A /run/libvirt-gci | grep -v "^$(basename "$0" .sh)\." || true`)
+`+leftInGuest)
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Equal(t, "sleepers=0\n", r.stdout)
 
@@ -470,7 +510,10 @@ func TestPrepareRejectsTemplateWithoutAgent(t *testing.T) {
 // idempotent: before prepare, and twice after.
 func TestPrepareRetryAndCleanupTwice(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testPrepareRetryAndCleanupTwice)
+}
+
+func testPrepareRetryAndCleanupTwice(t *testing.T, j *gitlabJob) {
 	r := j.stage("cleanup")
 	assert.Equal(t, 0, r.code, "cleanup of an instance that never existed: %s", r.stderr)
 
@@ -491,7 +534,10 @@ func TestPrepareRetryAndCleanupTwice(t *testing.T) {
 // SIGTERM while prepare waits for the guest: prepare exits, and removes what it made.
 func TestPrepareSIGTERMRollsBack(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testPrepareSIGTERMRollsBack)
+}
+
+func testPrepareSIGTERMRollsBack(t *testing.T, j *gitlabJob) {
 	cmd := exec.Command(binPath, "prepare")
 	cmd.Env = j.environ()
 	var stderr lockedBuffer
@@ -548,7 +594,10 @@ func TestManualUse(t *testing.T) {
 // A VM that vanishes under a running stage is a system failure, not a build failure.
 func TestRunOnVanishedVM(t *testing.T) {
 	t.Parallel()
-	j := newJob(t)
+	overEachTransport(t, testRunOnVanishedVM)
+}
+
+func testRunOnVanishedVM(t *testing.T, j *gitlabJob) {
 	j.prepare()
 	name := j.instance()
 	cmd := exec.Command(binPath, "run", j.script("b.sh", "echo up; sleep 300"), "build_script")
