@@ -110,7 +110,13 @@ func BenchmarkCleanup(b *testing.B) {
 // line carries the runner's timestamp). "setup" is the runner's own start and the config
 // stage; "cleanup" is from the last section's end to the final update.
 func BenchmarkRunnerTrivialJob(b *testing.B) {
-	h := newRunnerHost(b)
+	for _, tr := range transports {
+		b.Run(tr, func(b *testing.B) { benchmarkRunnerTrivialJob(b, tr) })
+	}
+}
+
+func benchmarkRunnerTrivialJob(b *testing.B, transport string) {
+	h := newRunnerHost(b, transport)
 	jobs := make([]*fakeJob, b.N)
 	for i := range jobs {
 		jobs[i] = h.gl.add(jobSpec{Script: []string{"true"}})

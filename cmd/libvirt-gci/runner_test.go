@@ -80,7 +80,15 @@ type runnerHost struct {
 	env    []string
 }
 
-func newRunnerHost(t testing.TB) *runnerHost {
+// overTransports runs f once per transport, each with a runner host of its own. Not in
+// parallel: the timeout tests want the machine's attention.
+func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) { f(t, newRunnerHost(t, tr)) })
+	}
+}
+
+func newRunnerHost(t testing.TB, transport string) *runnerHost {
 	t.Helper()
 	l := lv(t)
 	h := &runnerHost{t: t, l: l, bin: gitlabRunnerBin(t), gl: newFakeGitLab(t)}
@@ -99,6 +107,8 @@ func newRunnerHost(t testing.TB) *runnerHost {
 		"LIBVIRT_GCI_TEMPLATES=tiny-*",
 		"LIBVIRT_GCI_DEFAULT_TEMPLATE="+testTmpl,
 		"LIBVIRT_GCI_BOOT_TIMEOUT=3m",
+		"LIBVIRT_GCI_TRANSPORT="+transport,
+		"LIBVIRT_GCI_SECRET_FILE="+filepath.Join(dir, "secret"),
 		"TMPDIR="+tmp,
 	)
 	t.Cleanup(func() {
@@ -185,8 +195,9 @@ func exitCode(u jobUpdate) int {
 	return *u.ExitCode
 }
 
-func TestRunnerJobSucceeds(t *testing.T) {
-	h := newRunnerHost(t)
+func TestRunnerJobSucceeds(t *testing.T) { overTransports(t, testRunnerJobSucceeds) }
+
+func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{
 		Script: []string{
 			`echo "greeting=$GREETING"`,
@@ -212,8 +223,9 @@ func TestRunnerJobSucceeds(t *testing.T) {
 	assert.Empty(t, leftovers(t, h.l, h.prefix), "cleanup ran")
 }
 
-func TestRunnerScriptFailure(t *testing.T) {
-	h := newRunnerHost(t)
+func TestRunnerScriptFailure(t *testing.T) { overTransports(t, testRunnerScriptFailure) }
+
+func testRunnerScriptFailure(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{
 		Script:      []string{`echo before`, `exit 7`, `echo never`},
 		AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`},
@@ -233,8 +245,9 @@ func TestRunnerScriptFailure(t *testing.T) {
 
 // A template the runner does not allow: prepare fails as a system failure, GitLab Runner
 // tries it three times, and nothing is ever created.
-func TestRunnerDisallowedTemplate(t *testing.T) {
-	h := newRunnerHost(t)
+func TestRunnerDisallowedTemplate(t *testing.T) { overTransports(t, testRunnerDisallowedTemplate) }
+
+func testRunnerDisallowedTemplate(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{Script: []string{`echo never`}, Variables: map[string]string{"DISTRO": "windows-11"}})
 	p := h.runSingle(1)
 	final, trace := h.finish(j)
@@ -255,8 +268,9 @@ const sleepersCheck = `n=0; for f in /proc/[0-9]*/cmdline; do if tr '\0' ' ' <"$
 // SIGTERM (not after graceful_kill_timeout), and the VM is removed. With
 // RUNNER_SCRIPT_TIMEOUT the script times out but after_script still runs in the same VM,
 // which shows that the script's processes are gone.
-func TestRunnerTimeouts(t *testing.T) {
-	h := newRunnerHost(t)
+func TestRunnerTimeouts(t *testing.T) { overTransports(t, testRunnerTimeouts) }
+
+func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	const timeout = 20
 	job := h.gl.add(jobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
 	script := h.gl.add(jobSpec{
@@ -286,9 +300,10 @@ func TestRunnerTimeouts(t *testing.T) {
 // GitLab cancels a running job: "canceling" (graceful: after_script still runs, in the
 // same VM) and "canceled" (abort). Either way the script stops and the VM goes.
 func TestRunnerCancel(t *testing.T) {
-	for _, status := range []string{"canceling", "canceled"} {
-		t.Run(status, func(t *testing.T) {
-			h := newRunnerHost(t)
+	for _, tc := range [][2]string{{"agent", "canceling"}, {"agent", "canceled"}, {"ssh", "canceling"}, {"ssh", "canceled"}} {
+		transport, status := tc[0], tc[1]
+		t.Run(transport+"/"+status, func(t *testing.T) {
+			h := newRunnerHost(t, transport)
 			// The runner hears of a cancel in the answer to its next trace upload, so the
 			// script keeps printing (else that is the keep-alive, every 30 s).
 			j := h.gl.add(jobSpec{
@@ -319,8 +334,9 @@ func TestRunnerCancel(t *testing.T) {
 
 // Two jobs at once with concurrent = 2 and limit = 2 (the README's config.toml, run by
 // `gitlab-runner run` as a service would): both succeed, each in its own VM.
-func TestRunnerTwoJobsAtOnce(t *testing.T) {
-	h := newRunnerHost(t)
+func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobsAtOnce) }
+
+func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	script := []string{`echo "job $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $CI_JOB_ID"`}
 	a, b := h.gl.add(jobSpec{Script: script}), h.gl.add(jobSpec{Script: script})
 	p := h.start("run", "-c", h.config, "--working-directory", filepath.Dir(h.config))
