@@ -63,6 +63,7 @@ func (s *SSH) dial(ctx context.Context) (*ssh.Client, error) {
 		Auth:              []ssh.AuthMethod{ssh.PublicKeys(s.Key)},
 		HostKeyCallback:   s.checkHostKey,
 		HostKeyAlgorithms: []string{s.HostKey.Type()},
+		Config:            ssh.Config{Ciphers: sshCiphers},
 	})
 	if err != nil {
 		_ = c.Close()
@@ -114,6 +115,16 @@ func (s *SSH) probe(ctx context.Context) error {
 	}
 	defer sess.Close()
 	return sess.Run("true")
+}
+
+// sshCiphers puts ChaCha20-Poly1305 first, as OpenSSH's own client does. The guest's
+// sshd does most of the encrypting (the job's output), and a guest CPU without AES
+// instructions (QEMU's default models, software emulation) is much faster with it:
+// 16 MiB of output took 2.0 s instead of 2.6 s with AES-GCM here. With AES in the
+// guest both are far faster than any job prints.
+var sshCiphers = []string{
+	ssh.CipherChaCha20Poly1305, ssh.CipherAES128GCM, ssh.CipherAES256GCM,
+	ssh.CipherAES128CTR, ssh.CipherAES192CTR, ssh.CipherAES256CTR,
 }
 
 // sshWrapper runs in the guest as `/bin/sh -c sshWrapper gci ID`: it reads the script

@@ -13,13 +13,22 @@ import (
 var (
 	clonedRE = regexp.MustCompile(`define (\d+) ms, \d+ overlays (\d+) ms\), started in (\d+) ms`)
 	readyRE  = regexp.MustCompile(`guest agent ready after ([0-9.]+) s`)
+	sshRE    = regexp.MustCompile(`ssh ready after ([0-9.]+) s more`)
 	// a job log's section markers, from GitLab Runner
 	sectionRE = regexp.MustCompile(`^section_(start|end):\d+:(\w+)`)
 )
 
-func BenchmarkPrepare(b *testing.B) {
-	j := newJob(b)
-	var define, clone, start, agent, total time.Duration
+// perTransport runs f as a sub-benchmark per transport, each with a job of its own.
+func perTransport(b *testing.B, f func(b *testing.B, j *gitlabJob)) {
+	for _, tr := range transports {
+		b.Run(tr, func(b *testing.B) { f(b, newJobOver(b, tr)) })
+	}
+}
+
+func BenchmarkPrepare(b *testing.B) { perTransport(b, benchmarkPrepare) }
+
+func benchmarkPrepare(b *testing.B, j *gitlabJob) {
+	var define, clone, start, agent, ssh, total time.Duration
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
 		r := j.stage("prepare")
@@ -35,8 +44,10 @@ func BenchmarkPrepare(b *testing.B) {
 		define += msArg(m[1])
 		clone += msArg(m[2])
 		start += msArg(m[3])
-		s, _ := strconv.ParseFloat(a[1], 64)
-		agent += time.Duration(s * float64(time.Second))
+		agent += secondsArg(a[1])
+		if m := sshRE.FindStringSubmatch(r.stderr); m != nil {
+			ssh += secondsArg(m[1])
+		}
 		if r := j.stage("cleanup"); r.code != 0 {
 			b.Fatalf("cleanup: %s", r.stderr)
 		}
@@ -47,7 +58,15 @@ func BenchmarkPrepare(b *testing.B) {
 	b.ReportMetric(float64(clone.Milliseconds())/n, "overlay-ms")
 	b.ReportMetric(float64(start.Milliseconds())/n, "start-ms")
 	b.ReportMetric(float64(agent.Milliseconds())/n, "agent-ready-ms")
+	if ssh > 0 {
+		b.ReportMetric(float64(ssh.Milliseconds())/n, "then-ssh-ready-ms")
+	}
 	b.ReportMetric(float64(total.Milliseconds())/n, "prepare-ms")
+}
+
+func secondsArg(s string) time.Duration {
+	f, _ := strconv.ParseFloat(s, 64)
+	return time.Duration(f * float64(time.Second))
 }
 
 func msArg(s string) time.Duration {
@@ -56,8 +75,9 @@ func msArg(s string) time.Duration {
 }
 
 // The per-stage overhead: run with an empty script.
-func BenchmarkRunEmptyScript(b *testing.B) {
-	j := newJob(b)
+func BenchmarkRunEmptyScript(b *testing.B) { perTransport(b, benchmarkRunEmptyScript) }
+
+func benchmarkRunEmptyScript(b *testing.B, j *gitlabJob) {
 	j.prepare()
 	script := j.script("empty.sh", "true")
 	if r := j.stage("run", script, "build_script"); r.code != 0 { // creates the guest directory
@@ -75,8 +95,9 @@ func BenchmarkRunEmptyScript(b *testing.B) {
 }
 
 // Output throughput: a script that prints 16 MiB.
-func BenchmarkRunOutput16MiB(b *testing.B) {
-	j := newJob(b)
+func BenchmarkRunOutput16MiB(b *testing.B) { perTransport(b, benchmarkRunOutput16MiB) }
+
+func benchmarkRunOutput16MiB(b *testing.B, j *gitlabJob) {
 	j.prepare()
 	script := j.script("out.sh", "head -c 16777216 /dev/zero | tr '\\0' 'x'")
 	b.SetBytes(16 << 20)
