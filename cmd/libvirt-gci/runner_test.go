@@ -300,35 +300,36 @@ func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 // GitLab cancels a running job: "canceling" (graceful: after_script still runs, in the
 // same VM) and "canceled" (abort). Either way the script stops and the VM goes.
 func TestRunnerCancel(t *testing.T) {
-	for _, tc := range [][2]string{{"agent", "canceling"}, {"agent", "canceled"}, {"ssh", "canceling"}, {"ssh", "canceled"}} {
-		transport, status := tc[0], tc[1]
-		t.Run(transport+"/"+status, func(t *testing.T) {
-			h := newRunnerHost(t, transport)
-			// The runner hears of a cancel in the answer to its next trace upload, so the
-			// script keeps printing (else that is the keep-alive, every 30 s).
-			j := h.gl.add(jobSpec{
-				Script:      []string{`echo started`, `sleep 613 & while sleep 0.5; do echo tick; done`},
-				AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`, sleepersCheck},
+	for _, transport := range transports {
+		for _, status := range []string{"canceling", "canceled"} {
+			t.Run(transport+"/"+status, func(t *testing.T) {
+				h := newRunnerHost(t, transport)
+				// The runner hears of a cancel in the answer to its next trace upload, so the
+				// script keeps printing (else that is the keep-alive, every 30 s).
+				j := h.gl.add(jobSpec{
+					Script:      []string{`echo started`, `sleep 613 & while sleep 0.5; do echo tick; done`},
+					AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`, sleepersCheck},
+				})
+				p := h.runSingle(1)
+				require.Eventually(t, func() bool { return hasLine(h.gl.Trace(j), "started") },
+					3*time.Minute, 100*time.Millisecond, "the script never started:\n%s", h.gl.Trace(j))
+				sent := time.Now()
+				h.gl.cancel(j, status)
+				p.wait(t, 2*time.Minute)
+				took := time.Since(sent)
+				t.Logf("the runner was done %.1f s after the cancel", took.Seconds())
+				// Had the run stage ignored SIGTERM, the runner would wait graceful_kill_timeout (10 min).
+				assert.Less(t, took, time.Minute)
+				final, trace := h.gl.Final(j), h.gl.Trace(j)
+				assert.Equal(t, "failed", final.State, trace)
+				assert.Equal(t, "job_canceled", final.FailureReason)
+				if status == "canceling" {
+					assert.True(t, hasLine(trace, "after_script sees canceled"))
+					assert.True(t, hasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
+				}
+				assert.Empty(t, leftovers(t, h.l, h.prefix))
 			})
-			p := h.runSingle(1)
-			require.Eventually(t, func() bool { return hasLine(h.gl.Trace(j), "started") },
-				3*time.Minute, 100*time.Millisecond, "the script never started:\n%s", h.gl.Trace(j))
-			sent := time.Now()
-			h.gl.cancel(j, status)
-			p.wait(t, 2*time.Minute)
-			took := time.Since(sent)
-			t.Logf("the runner was done %.1f s after the cancel", took.Seconds())
-			// Had the run stage ignored SIGTERM, the runner would wait graceful_kill_timeout (10 min).
-			assert.Less(t, took, time.Minute)
-			final, trace := h.gl.Final(j), h.gl.Trace(j)
-			assert.Equal(t, "failed", final.State, trace)
-			assert.Equal(t, "job_canceled", final.FailureReason)
-			if status == "canceling" {
-				assert.True(t, hasLine(trace, "after_script sees canceled"))
-				assert.True(t, hasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
-			}
-			assert.Empty(t, leftovers(t, h.l, h.prefix))
-		})
+		}
 	}
 }
 
