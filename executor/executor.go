@@ -85,7 +85,9 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 	}
 	defer conn.Close()
 
+	lookupStart := time.Now()
 	tx, err := conn.TemplateXML(tmplName)
+	e.warnIfSlow("template lookup", tmplName, time.Since(lookupStart))
 	if err != nil {
 		return err
 	}
@@ -119,7 +121,8 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 			e.rollback(ctx, t.Name)
 		}
 	}()
-	tm, err := conn.Create(spec)
+	tm, err := conn.Create(ctx, spec)
+	e.warnIfSlow("define", t.Name, tm.Define)
 	if err != nil {
 		return err
 	}
@@ -147,6 +150,16 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 	}
 	e.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), t.Name, time.Since(begin).Seconds()))
 	return nil
+}
+
+// warnIfSlow says so when a libvirt call that takes milliseconds on a healthy host took
+// seconds, and why that usually is.
+func (e *Executor) warnIfSlow(call, name string, took time.Duration) {
+	if took < provision.SlowCall {
+		return
+	}
+	e.Log.Warn(fmt.Sprintf("libvirt took %.1f s for the %s of %s: %s", took.Seconds(), call, name, provision.SlowHint(e.Settings.URI)),
+		"call", call, "ms", took.Milliseconds())
 }
 
 // prepareSSH makes the instance reachable over SSH: it authorizes the instance's own

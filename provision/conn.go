@@ -6,10 +6,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"os/user"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
 )
 
 // The go-libvirt calls this package makes, split by concern so a test fake stays small.
@@ -38,66 +44,223 @@ type api interface {
 	storageAPI
 }
 
+// CancelGrace bounds how long a cancelled Conn waits for the answer to a call that
+// creates something (a define, an overlay, a start) before it drops the connection.
+// libvirtd carries out a call it has received whether or not the client is still there,
+// so dropping the connection at once would leave the caller unable to know, and undo,
+// what the call made.
+const CancelGrace = 2 * time.Minute
+
 // Conn is a connection to libvirtd.
 type Conn struct {
-	lv   *libvirt.Libvirt // nil for a fake
-	api  api
-	stop func() bool
-	once sync.Once
+	lv    *libvirt.Libvirt // nil for a fake
+	api   api
+	drop  func()        // closes the socket at once: calls in flight fail with ErrInterrupted
+	grace time.Duration // CancelGrace, shorter in tests
+
+	mu        sync.Mutex
+	inflight  int  // calls in flight whose outcome must be known
+	cancelled bool // ctx ended; drop the connection once inflight is 0 (or after grace)
+	dropOnce  sync.Once
+	stop      func() bool
+	closeOnce sync.Once
 }
 
-// Connect dials libvirt at uri (qemu:///system, qemu+ssh://host/system, test:///default, ...).
-// go-libvirt takes no contexts, so the connection is closed when ctx ends: calls in flight
-// then return at once with an error.
+// Connect dials libvirt at uri (qemu:///system, qemu+ssh://host/system, test:///default,
+// ...). go-libvirt takes no contexts, so when ctx ends the connection's socket is closed,
+// and calls in flight return at once, even if libvirtd is stalled. Calls that create
+// something are the exception: see CancelGrace.
 func Connect(ctx context.Context, uri string) (*Conn, error) {
 	u, err := url.Parse(uri)
 	if err != nil {
 		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
 	}
-	type result struct {
-		lv  *libvirt.Libvirt
-		err error
+	d, err := dialerFor(u)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
 	}
-	done := make(chan result, 1)
-	go func() {
-		lv, err := libvirt.ConnectToURI(u)
-		done <- result{lv, err}
-	}()
-	var r result
-	select {
-	case r = <-done:
-	case <-ctx.Done():
-		go func() { // do not leak a connection that completes after we gave up
-			if r := <-done; r.err == nil {
-				_ = r.lv.Disconnect()
-			}
-		}()
-		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, context.Cause(ctx))
+	c, err := connect(ctx, d, libvirt.RemoteURI(u))
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, err)
 	}
-	if r.err != nil {
-		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, r.err)
-	}
-	c := &Conn{lv: r.lv, api: r.lv}
-	c.stop = context.AfterFunc(ctx, func() { _ = c.Close() })
 	return c, nil
+}
+
+// connect opens a connection through d, giving up (and closing the socket) when ctx ends.
+func connect(ctx context.Context, d *droppable, uri libvirt.ConnectURI) (*Conn, error) {
+	lv := libvirt.NewWithDialer(d)
+	done := make(chan error, 1)
+	go func() { done <- lv.ConnectToURI(uri) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return nil, err
+		}
+	case <-ctx.Done():
+		d.drop() // the handshake in flight fails at once
+		return nil, context.Cause(ctx)
+	}
+	c := &Conn{lv: lv, api: lv, drop: d.drop, grace: CancelGrace}
+	c.stop = context.AfterFunc(ctx, c.cancel)
+	return c, nil
+}
+
+// droppable is a socket.Dialer whose connection can be closed under go-libvirt's feet.
+// go-libvirt's own Disconnect first sends an RPC and waits for its answer, which never
+// comes from a stalled libvirtd.
+type droppable struct {
+	socket.Dialer
+	mu      sync.Mutex
+	conn    net.Conn
+	dropped bool
+}
+
+func (d *droppable) Dial() (net.Conn, error) {
+	conn, err := d.Dialer.Dial()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.dropped {
+		conn.Close()
+		return nil, net.ErrClosed
+	}
+	d.conn = conn
+	return conn, nil
+}
+
+func (d *droppable) drop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.dropped = true
+	if d.conn != nil {
+		_ = d.conn.Close()
+	}
+}
+
+// dialerFor picks go-libvirt's dialer for a URI's transport: the local socket (the
+// default, with ?socket=), ssh, tcp or tls.
+func dialerFor(u *url.URL) (*droppable, error) {
+	transport := "unix"
+	if s := strings.SplitN(u.Scheme, "+", 2); len(s) == 2 {
+		transport = s[1]
+	} else if u.Host != "" {
+		transport = "tls"
+	}
+	switch transport {
+	case "unix":
+		var opts []dialers.LocalOption
+		if s := u.Query().Get("socket"); s != "" {
+			opts = append(opts, dialers.WithSocket(s))
+		}
+		return &droppable{Dialer: dialers.NewLocal(opts...)}, nil
+	case "tcp":
+		var opts []dialers.RemoteOption
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UsePort(p))
+		}
+		return &droppable{Dialer: dialers.NewRemote(u.Hostname(), opts...)}, nil
+	case "tls":
+		var opts []dialers.TLSOption
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UseTLSPort(p))
+		}
+		if p := u.Query().Get("pkipath"); p != "" {
+			opts = append(opts, dialers.UsePKIPath(p))
+		}
+		return &droppable{Dialer: dialers.NewTLS(u.Hostname(), opts...)}, nil
+	case "ssh": // Go's ssh client with the user's ~/.ssh keys and known_hosts
+		me, err := user.Current()
+		if err != nil {
+			return nil, err
+		}
+		opts := []dialers.SSHOption{dialers.WithSystemSSHDefaults(me)}
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UseSSHPort(p))
+		}
+		if n := u.User.Username(); n != "" {
+			opts = append(opts, dialers.UseSSHUsername(n))
+		}
+		if k := u.Query().Get("keyfile"); k != "" {
+			opts = append(opts, dialers.UseKeyFile(k))
+		}
+		if s := u.Query().Get("socket"); s != "" {
+			opts = append(opts, dialers.WithRemoteSocket(s))
+		}
+		return &droppable{Dialer: dialers.NewSSH(u.Hostname(), opts...)}, nil
+	}
+	return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", transport)
 }
 
 // Libvirt is the raw client, for the guest package's agent transport.
 func (c *Conn) Libvirt() *libvirt.Libvirt { return c.lv }
 
-// Close disconnects. It is safe to call more than once.
+// cancel runs when the Conn's context ends: it drops the connection now, or, while a call
+// that creates something is in flight, when that call returns or the grace has passed.
+func (c *Conn) cancel() {
+	c.mu.Lock()
+	c.cancelled = true
+	busy := c.inflight > 0
+	c.mu.Unlock()
+	if !busy {
+		c.dropNow()
+		return
+	}
+	time.AfterFunc(c.grace, c.dropNow)
+}
+
+func (c *Conn) dropNow() {
+	c.dropOnce.Do(func() {
+		if c.drop != nil {
+			c.drop()
+		}
+	})
+}
+
+// awaited runs call, a call whose outcome the caller must know even after a cancel:
+// the connection stays up until it returns (or CancelGrace passes).
+func (c *Conn) awaited(call func() error) error {
+	c.mu.Lock()
+	c.inflight++
+	c.mu.Unlock()
+	err := call()
+	c.mu.Lock()
+	c.inflight--
+	idle := c.inflight == 0 && c.cancelled
+	c.mu.Unlock()
+	if idle {
+		c.dropNow()
+	}
+	return err
+}
+
+// Close disconnects. It is safe to call more than once. A stalled libvirtd cannot hold it
+// up for more than a few seconds.
 func (c *Conn) Close() error {
 	var err error
-	c.once.Do(func() {
+	c.closeOnce.Do(func() {
 		if c.stop != nil {
 			c.stop()
 		}
-		if c.lv != nil {
-			err = c.lv.Disconnect()
+		if c.lv == nil {
+			c.dropNow()
+			return
+		}
+		done := make(chan error, 1)
+		go func() { done <- c.lv.Disconnect() }()
+		select {
+		case err = <-done:
+		case <-time.After(closeTime):
+			c.dropNow()
+			err = <-done
 		}
 	})
 	return err
 }
+
+// closeTime bounds a polite disconnect.
+const closeTime = 3 * time.Second
 
 // hasCode tells whether err carries a libvirt error with one of codes.
 func hasCode(err error, codes ...libvirt.ErrorNumber) bool {

@@ -19,6 +19,13 @@ type fakeLibvirt struct {
 	pools   map[string]map[string]string // pool -> volume -> volume XML
 	// failures to inject, by method name
 	fail map[string]error
+	// gates hold a call, by method name, until the channel is closed; entered gets the
+	// method's name when such a call arrives. The call then completes in the fake libvirtd
+	// whatever became of the client, as in libvirtd.
+	gates   map[string]chan struct{}
+	entered chan string
+	dropped chan struct{} // closed when the client drops its connection
+	drop    func()
 }
 
 type fakeDomain struct {
@@ -27,7 +34,9 @@ type fakeDomain struct {
 }
 
 func newFake(pools ...string) *fakeLibvirt {
-	f := &fakeLibvirt{domains: map[string]*fakeDomain{}, pools: map[string]map[string]string{}, fail: map[string]error{}}
+	f := &fakeLibvirt{domains: map[string]*fakeDomain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
+		gates: map[string]chan struct{}{}, entered: make(chan string, 16)}
+	f.reconnect()
 	for _, p := range pools {
 		f.pools[p] = map[string]string{}
 	}
@@ -39,6 +48,44 @@ func lverr(code libvirt.ErrorNumber, format string, args ...any) error {
 }
 
 func (f *fakeLibvirt) injected(method string) error { return f.fail[method] }
+
+// call runs op, a call to the fake libvirtd. A client that has dropped its connection
+// gets libvirt.ErrInterrupted, as from go-libvirt. A gated call waits for its gate in
+// libvirtd; a client that drops meanwhile gets ErrInterrupted at once, and op still runs
+// when the gate opens.
+func (f *fakeLibvirt) call(method string, op func() error) error {
+	f.mu.Lock()
+	gate, dropped := f.gates[method], f.dropped
+	f.mu.Unlock()
+	select {
+	case <-dropped:
+		return libvirt.ErrInterrupted
+	default:
+	}
+	if gate == nil {
+		return op()
+	}
+	f.entered <- method
+	done := make(chan error, 1)
+	go func() {
+		<-gate
+		done <- op()
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-dropped:
+		return libvirt.ErrInterrupted
+	}
+}
+
+// reconnect is a new client connection to the same fake libvirtd.
+func (f *fakeLibvirt) reconnect() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	dropped := make(chan struct{})
+	f.dropped, f.drop = dropped, sync.OnceFunc(func() { close(dropped) })
+}
 
 func (f *fakeLibvirt) DomainLookupByName(name string) (libvirt.Domain, error) {
 	f.mu.Lock()
@@ -104,7 +151,15 @@ func (f *fakeLibvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt
 	return "", lverr(libvirt.ErrNoDomainMetadata, "metadata not found: Requested metadata element is not present")
 }
 
-func (f *fakeLibvirt) DomainDefineXMLFlags(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
+func (f *fakeLibvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (d libvirt.Domain, err error) {
+	err = f.call("DomainDefineXMLFlags", func() (err error) {
+		d, err = f.define(x, fl)
+		return err
+	})
+	return d, err
+}
+
+func (f *fakeLibvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.injected("DomainDefineXMLFlags"); err != nil {
@@ -122,6 +177,10 @@ func (f *fakeLibvirt) DomainDefineXMLFlags(x string, _ libvirt.DomainDefineFlags
 }
 
 func (f *fakeLibvirt) DomainCreate(d libvirt.Domain) error {
+	return f.call("DomainCreate", func() error { return f.start(d) })
+}
+
+func (f *fakeLibvirt) start(d libvirt.Domain) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -189,7 +248,15 @@ func (f *fakeLibvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool,
 	return libvirt.StoragePool{Name: name}, nil
 }
 
-func (f *fakeLibvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
+func (f *fakeLibvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvirt.StorageVolCreateFlags) (v libvirt.StorageVol, err error) {
+	err = f.call("StorageVolCreateXML", func() (err error) {
+		v, err = f.createVol(p, x, fl)
+		return err
+	})
+	return v, err
+}
+
+func (f *fakeLibvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.injected("StorageVolCreateXML"); err != nil {

@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -70,7 +71,11 @@ type Timings struct {
 // Create defines the domain, creates its overlay volumes and starts it, in that order: the
 // domain (and its metadata) exists before anything else does. On error the caller must
 // Teardown the name; Create leaves whatever it made for that.
-func (c *Conn) Create(spec Spec) (Timings, error) {
+//
+// When ctx ends, Create makes no further call, and it returns only once libvirt has
+// answered the call in flight (within CancelGrace): what that call made is then in
+// libvirt for the Teardown to find. It returns an error wrapping the cancel's cause.
+func (c *Conn) Create(ctx context.Context, spec Spec) (Timings, error) {
 	var t Timings
 	pools := map[string]libvirt.StoragePool{}
 	for _, v := range spec.Volumes {
@@ -83,32 +88,50 @@ func (c *Conn) Create(spec Spec) (Timings, error) {
 		}
 		pools[v.Pool] = p
 	}
-
-	start := time.Now()
-	dom, err := c.api.DomainDefineXMLFlags(spec.DomainXML, libvirt.DomainDefineValidate)
-	if err != nil {
-		return t, fmt.Errorf("define %q: %w", spec.Name, err)
+	// step runs one call that creates something, awaited even if ctx ends meanwhile.
+	step := func(what string, took *time.Duration, call func() error) error {
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: not started: %w", what, context.Cause(ctx))
+		}
+		start := time.Now()
+		err := c.awaited(call)
+		*took += time.Since(start)
+		if err != nil && ctx.Err() != nil && errors.Is(err, libvirt.ErrInterrupted) {
+			return fmt.Errorf("%s: outcome unknown: libvirt did not answer within %s of the cancel; "+
+				"if the call completes later, `libvirt-gci cleanup --machine %s` removes what it made: %w", what, c.grace, spec.Name, err)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: done, but cancelled meanwhile: %w", what, context.Cause(ctx))
+		}
+		return nil
 	}
-	t.Define = time.Since(start)
 
-	start = time.Now()
+	var dom libvirt.Domain
+	err := step(fmt.Sprintf("define %q", spec.Name), &t.Define, func() (err error) {
+		dom, err = c.api.DomainDefineXMLFlags(spec.DomainXML, libvirt.DomainDefineValidate)
+		return err
+	})
+	if err != nil {
+		return t, err
+	}
 	for _, v := range spec.Volumes {
 		x, err := overlayXML(v)
 		if err != nil {
 			return t, err
 		}
-		if _, err := c.api.StorageVolCreateXML(pools[v.Pool], x, 0); err != nil {
-			return t, fmt.Errorf("create overlay %q on %q in pool %q: %w", v.Name, v.BackingPath, v.Pool, err)
+		err = step(fmt.Sprintf("create overlay %q on %q in pool %q", v.Name, v.BackingPath, v.Pool), &t.Clone, func() error {
+			_, err := c.api.StorageVolCreateXML(pools[v.Pool], x, 0)
+			return err
+		})
+		if err != nil {
+			return t, err
 		}
 	}
-	t.Clone = time.Since(start)
-
-	start = time.Now()
-	if err := c.api.DomainCreate(dom); err != nil {
-		return t, fmt.Errorf("start %q: %w", spec.Name, err)
-	}
-	t.Start = time.Since(start)
-	return t, nil
+	err = step(fmt.Sprintf("start %q", spec.Name), &t.Start, func() error { return c.api.DomainCreate(dom) })
+	return t, err
 }
 
 func overlayXML(v NewVolume) (string, error) {

@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"context"
 	"errors"
 	"testing"
 
@@ -52,7 +53,7 @@ func TestCreateThenTeardown(t *testing.T) {
 	t.Parallel()
 	f := newFake("ci")
 	c := &Conn{api: f}
-	_, err := c.Create(instanceSpec(t, "ci"))
+	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	assert.Equal(t, "domain gci-r-1 running=true; volume ci/gci-r-1-vda.qcow2; volume ci/gci-r-1-vdb.qcow2", f.state())
 
@@ -78,7 +79,7 @@ func TestCreateFailuresLeaveARecord(t *testing.T) {
 			f := newFake("ci")
 			f.fail[step] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "injected"}
 			c := &Conn{api: f}
-			_, err := c.Create(instanceSpec(t, "ci"))
+			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.ErrorContains(t, err, "injected")
 			delete(f.fail, step)
 			_, err = c.Teardown(inst)
@@ -87,7 +88,7 @@ func TestCreateFailuresLeaveARecord(t *testing.T) {
 		})
 	}
 	f := newFake("ci")
-	_, err := (&Conn{api: f}).Create(instanceSpec(t, "missing"))
+	_, err := (&Conn{api: f}).Create(context.Background(), instanceSpec(t, "missing"))
 	assert.ErrorContains(t, err, `storage pool "missing"`)
 	assert.Empty(t, f.state(), "nothing is defined when the pool is missing")
 }
@@ -115,20 +116,20 @@ func TestTeardownPartialStates(t *testing.T) {
 		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2"}}},
 		{"defined, not started", func(t *testing.T, f *fakeLibvirt, c *Conn) {
 			f.fail["DomainCreate"] = errors.New("no start")
-			_, _ = c.Create(instanceSpec(t, "ci"))
+			_, _ = c.Create(context.Background(), instanceSpec(t, "ci"))
 			delete(f.fail, "DomainCreate")
 		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
 		{"running", func(t *testing.T, f *fakeLibvirt, c *Conn) {
-			_, err := c.Create(instanceSpec(t, "ci"))
+			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
 		}, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
 		{"volumes deleted behind our back", func(t *testing.T, f *fakeLibvirt, c *Conn) {
-			_, err := c.Create(instanceSpec(t, "ci"))
+			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
 			f.pools["ci"] = map[string]string{}
 		}, Removed{Domain: true, Destroyed: true}},
 		{"pool gone", func(t *testing.T, f *fakeLibvirt, c *Conn) {
-			_, err := c.Create(instanceSpec(t, "ci"))
+			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
 			delete(f.pools, "ci")
 		}, Removed{Domain: true, Destroyed: true}},
@@ -166,7 +167,7 @@ func TestTeardownKeepsRecordWhenVolumeDeleteFails(t *testing.T) {
 	t.Parallel()
 	f := newFake("ci")
 	c := &Conn{api: f}
-	_, err := c.Create(instanceSpec(t, "ci"))
+	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	f.fail["StorageVolDelete"] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"}
 	_, err = c.Teardown(inst)
@@ -197,7 +198,7 @@ func TestTemplateXML(t *testing.T) {
 	_, err = c.TemplateXML("tmpl")
 	assert.ErrorContains(t, err, `template "tmpl" is not shut off`)
 
-	_, err = c.Create(instanceSpec(t, "ci"))
+	_, err = c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	require.NoError(t, f.DomainDestroyFlags(libvirt.Domain{Name: inst}, 0))
 	_, err = c.TemplateXML(inst)
@@ -209,7 +210,7 @@ func TestSSHMetadataAndForward(t *testing.T) {
 	f := newFake("p")
 	c := &Conn{api: f}
 	spec := instanceSpec(t, "p")
-	_, err := c.Create(spec)
+	_, err := c.Create(context.Background(), spec)
 	require.NoError(t, err)
 
 	port, err := c.ForwardedPort(spec.Name, 22)

@@ -1,0 +1,250 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"net"
+	"net/url"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/libvirttest"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// fakeConn is a Conn to f that is cancelled with ctx, as Connect's is.
+func fakeConn(ctx context.Context, f *fakeLibvirt, grace time.Duration) *Conn {
+	c := &Conn{api: f, drop: f.drop, grace: grace}
+	c.stop = context.AfterFunc(ctx, c.cancel)
+	return c
+}
+
+type createResult struct {
+	err  error
+	when time.Time
+}
+
+func createAsync(ctx context.Context, c *Conn, spec Spec) chan createResult {
+	done := make(chan createResult, 1)
+	go func() {
+		_, err := c.Create(ctx, spec)
+		done <- createResult{err, time.Now()}
+	}()
+	return done
+}
+
+// The runner's SIGTERM arrives while libvirtd is still working on the define (it was
+// slow: re-probing QEMU, say). Create waits for libvirt's answer, so the domain it made
+// is there for the rollback, which removes it. Before, the connection closed at once, the
+// rollback found nothing, and the define completed afterwards: a leaked VM.
+func TestCancelDuringDefineAwaitsItsOutcome(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	gate := make(chan struct{})
+	f.gates["DomainDefineXMLFlags"] = gate
+	ctx, cancel := context.WithCancel(context.Background())
+	c := fakeConn(ctx, f, time.Minute)
+	done := createAsync(ctx, c, instanceSpec(t, "ci"))
+
+	require.Equal(t, "DomainDefineXMLFlags", <-f.entered)
+	cancel()
+	select {
+	case r := <-done:
+		t.Fatalf("Create returned while its define was still in flight: %v", r.err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	opened := time.Now()
+	close(gate) // libvirtd finishes the define after the cancel
+
+	r := <-done
+	require.ErrorIs(t, r.err, context.Canceled)
+	assert.ErrorContains(t, r.err, `define "gci-r-1": done, but cancelled meanwhile`)
+	assert.False(t, r.when.Before(opened))
+	assert.Equal(t, "domain gci-r-1 running=false", f.state(), "no further call after the cancel")
+	f.mu.Lock()
+	dropped := f.dropped
+	f.mu.Unlock()
+	select {
+	case <-dropped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the cancelled connection was not dropped once the define returned")
+	}
+
+	// The rollback, on a connection of its own, finds the domain and removes it.
+	f.reconnect()
+	_, err := (&Conn{api: f}).Teardown(inst)
+	require.NoError(t, err)
+	assert.Empty(t, f.state())
+}
+
+// The same for an overlay being created: the volume that libvirt made after the cancel is
+// in the metadata's list, and the rollback deletes it.
+func TestCancelDuringOverlayAwaitsItsOutcome(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	gate := make(chan struct{})
+	f.gates["StorageVolCreateXML"] = gate
+	ctx, cancel := context.WithCancel(context.Background())
+	c := fakeConn(ctx, f, time.Minute)
+	done := createAsync(ctx, c, instanceSpec(t, "ci"))
+
+	require.Equal(t, "StorageVolCreateXML", <-f.entered)
+	cancel()
+	close(gate)
+	r := <-done
+	require.ErrorIs(t, r.err, context.Canceled)
+	assert.Equal(t, "domain gci-r-1 running=false; volume ci/gci-r-1-vda.qcow2", f.state(), "the second overlay and the start never happen")
+
+	f.reconnect()
+	_, err := (&Conn{api: f}).Teardown(inst)
+	require.NoError(t, err)
+	assert.Empty(t, f.state())
+}
+
+// A libvirtd that never answers does not hold a cancelled Create for longer than the
+// grace; its error says the outcome is unknown and how to remove what may appear.
+func TestCancelDuringStalledDefineGivesUpAfterGrace(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	f.gates["DomainDefineXMLFlags"] = make(chan struct{}) // never opens
+	ctx, cancel := context.WithCancel(context.Background())
+	c := fakeConn(ctx, f, 200*time.Millisecond)
+	done := createAsync(ctx, c, instanceSpec(t, "ci"))
+
+	<-f.entered
+	cancel()
+	cancelled := time.Now()
+	select {
+	case r := <-done:
+		took := r.when.Sub(cancelled)
+		assert.GreaterOrEqual(t, took, 200*time.Millisecond, "gave up before the grace")
+		assert.Less(t, took, 5*time.Second)
+		require.ErrorIs(t, r.err, libvirt.ErrInterrupted)
+		assert.ErrorContains(t, r.err, "outcome unknown")
+		assert.ErrorContains(t, r.err, "libvirt-gci cleanup --machine gci-r-1")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Create waited past its grace for a stalled libvirtd")
+	}
+}
+
+// Cancelled before it starts, Create makes no call at all.
+func TestCreateCancelledBeforeStartMakesNothing(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	ctx, cancel := context.WithCancel(context.Background())
+	c := fakeConn(ctx, f, time.Minute)
+	cancel()
+	_, err := c.Create(ctx, instanceSpec(t, "ci"))
+	require.ErrorIs(t, err, context.Canceled)
+	assert.Empty(t, f.state())
+}
+
+// With the real go-libvirt client: a cancel drops the socket at once, so a call that a
+// stalled libvirtd never answers returns (go-libvirt's own Disconnect would first wait for
+// libvirtd's answer to its goodbye). An awaited call keeps the connection for its grace.
+// libvirttest's mock answers the handshake and never answers DomainGetMetadata.
+func TestCancelUnblocksCallsToAStalledLibvirtd(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		awaited bool
+		grace   time.Duration
+	}{{"plain call", false, time.Minute}, {"awaited call", true, 300 * time.Millisecond}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			c, err := connect(ctx, &droppable{Dialer: libvirttest.New()}, "test:///default")
+			require.NoError(t, err)
+			c.grace = tc.grace
+			call := func() error {
+				_, err := c.lv.DomainGetMetadata(libvirt.Domain{Name: "x"}, 0, nil, 0)
+				return err
+			}
+			if tc.awaited {
+				inner := call
+				call = func() error { return c.awaited(inner) }
+			}
+			done := make(chan error, 1)
+			go func() { done <- call() }()
+			time.Sleep(50 * time.Millisecond)
+			select {
+			case err := <-done:
+				t.Fatalf("the mock answered: %v", err)
+			default:
+			}
+			cancel()
+			cancelled := time.Now()
+			select {
+			case err := <-done:
+				assert.ErrorIs(t, err, libvirt.ErrInterrupted)
+				if tc.awaited {
+					assert.GreaterOrEqual(t, time.Since(cancelled), tc.grace)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the call in flight did not return after the cancel")
+			}
+			assert.NoError(t, errorsIgnoringClosed(c.Close()))
+		})
+	}
+}
+
+func errorsIgnoringClosed(err error) error {
+	if err == nil || errors.Is(err, net.ErrClosed) || errors.Is(err, libvirt.ErrInterrupted) {
+		return nil
+	}
+	return err
+}
+
+// Connect gives up when its context ends, even if libvirtd accepted the connection and
+// then never said a word.
+func TestConnectToAStalledLibvirtdHonoursTheContext(t *testing.T) {
+	t.Parallel()
+	sock := filepath.Join(t.TempDir(), "libvirt-sock")
+	ln, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	defer ln.Close()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer conn.Close() // accepted, never answered
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = Connect(ctx, "qemu:///system?socket="+sock)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(start), 5*time.Second)
+}
+
+func TestDialerForURI(t *testing.T) {
+	t.Parallel()
+	for _, uri := range []string{"qemu:///system", "test:///default", "qemu:///session?socket=/x", "qemu+unix:///system",
+		"qemu+tcp://h/system", "qemu+tls://h:16514/system", "qemu://h/system", "qemu+ssh://u@h:2222/system?keyfile=/k"} {
+		u, err := url.Parse(uri)
+		require.NoError(t, err)
+		d, err := dialerFor(u)
+		assert.NoError(t, err, uri)
+		assert.NotNil(t, d, uri)
+	}
+	for _, uri := range []string{"qemu+libssh2://h/system", "qemu+ext:///system"} {
+		_, err := Connect(context.Background(), uri)
+		assert.ErrorContains(t, err, "is not supported; want", uri)
+	}
+}
+
+func TestSlowHint(t *testing.T) {
+	t.Parallel()
+	assert.Contains(t, SlowHint("qemu+ssh://h/system"), "Slow libvirt", "a remote host's /dev/kvm is not looked at")
+	assert.Equal(t, "generic", kvmHint(fs.ModeDevice|fs.ModeCharDevice|0o660, "/dev/kvm", "generic"))
+	assert.Equal(t, "generic", kvmHint(fs.ModeDevice|fs.ModeCharDevice|0o666, "/dev/kvm", "generic"))
+	h := kvmHint(fs.ModeDevice|fs.ModeCharDevice|0o600, "/dev/kvm", "generic")
+	assert.Contains(t, h, "/dev/kvm is mode -rw-------")
+	assert.Contains(t, h, "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm")
+}
