@@ -7,7 +7,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 SOURCES  := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 
-.PHONY: all build demo test unit lint bench testenv clean
+.PHONY: all build demo test unit lint bench testenv testrunner clean
 
 all: build
 
@@ -19,6 +19,10 @@ $(BIN): $(SOURCES)
 testenv:
 	scripts/testenv.sh setup
 
+# The gitlab-runner the runner tests drive (built once if there is none): not for the demo.
+testrunner:
+	scripts/testenv.sh runner
+
 demo: build testenv
 	scripts/demo.sh $(BIN)
 
@@ -27,14 +31,14 @@ lint:
 	$(GO) vet ./...
 
 # The real-VM tests fail (not skip) when their environment is missing: LIBVIRT_GCI_E2E=1.
-test: testenv lint
+test: testenv testrunner lint
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 # Unit tests only: no libvirt needed.
 unit:
 	$(GO) test -race -count=1 -short ./...
 
-bench: testenv
+bench: testenv testrunner
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 30m ./cmd/libvirt-gci
 
 clean:

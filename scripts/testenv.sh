@@ -4,13 +4,18 @@
 #   - starts virtlogd and libvirtd (if not running; CI has no systemd to do it);
 #   - builds the tiny test guest once, cached by the hash of make_base_image/;
 #   - creates the storage pools and defines the template domain;
-#   - finds a gitlab-runner for the tests that drive libvirt-gci with the real runner:
-#     $GITLAB_RUNNER_BIN, else gitlab-runner on PATH, else one built once (about 5 minutes)
-#     from the Go module proxy with the build script in $GITLAB_RUNNER_BUILD_SH or
-#     ../shared/tools/gitlab-runner/build.sh, cached by that script's hash.
+#   - gives /dev/kvm the group and mode udev would, so libvirt's QEMU capability cache
+#     stays valid (else libvirtd probes QEMU again on every call: defines take minutes);
+#   - checks that a define takes well under a second, and stops with the reason if not.
+# With "runner" (make test, make bench; not the demo), it also finds a gitlab-runner for
+# the tests that drive libvirt-gci with the real runner: $GITLAB_RUNNER_BIN, else
+# gitlab-runner on PATH, else one built once (about 5 minutes) from the Go module proxy
+# with the build script in $GITLAB_RUNNER_BUILD_SH or ../shared/tools/gitlab-runner/build.sh,
+# cached by that script's hash.
 # Idempotent and quick when everything is there. Needs root.
 #
-# usage: scripts/testenv.sh [setup]     set everything up (default)
+# usage: scripts/testenv.sh [setup]     set up libvirt, the image and the template (default)
+#        scripts/testenv.sh runner      find or build the gitlab-runner the tests drive
 #        scripts/testenv.sh env         print the settings the tests use, as shell exports
 set -euo pipefail
 
@@ -48,6 +53,40 @@ start_daemons() {
     sleep 0.1
   done
   say "libvirtd did not come up"; exit 1
+}
+
+# libvirt keeps QEMU's capabilities in a cache that is valid only while KVM is as usable
+# (to QEMU's user, libvirt-qemu) as when QEMU was probed. Without udev (containers, this
+# CI), /dev/kvm stays crw------- root:root, the check and the probe disagree, and libvirtd
+# probes QEMU again on every define or lookup: seconds each, one at a time. udev's rule
+# gives the device to the kvm group, mode 0660; do the same. The guests use TCG either way.
+fix_kvm() {
+  [[ -c /dev/kvm ]] || return 0
+  getent group kvm >/dev/null || { say "no kvm group; cannot give /dev/kvm the mode udev would"; return 0; }
+  local now
+  now=$(stat -c '%G %a' /dev/kvm)
+  [[ $now == "kvm 660" || $now == *" 666" ]] && return 0
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+  say "/dev/kvm was $now; made it kvm 660 as udev would, so libvirt stops probing QEMU on every call"
+}
+
+# A define must take milliseconds; a slow one makes every test slow and time out.
+check_libvirt_speed() {
+  local name=libvirt-gci-speedcheck-$$ xml t0 ms i
+  xml=$(template_xml | sed -e "s|<name>$template</name>|<name>$name</name>|")
+  for i in 1 2; do # the first may probe QEMU once (its cache was just made valid)
+    t0=$(date +%s%N)
+    virsh -c "$uri" define /dev/stdin <<<"$xml" >/dev/null
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    virsh -c "$uri" undefine "$name" >/dev/null
+  done
+  if ((ms > 2000)); then
+    say "libvirt is slow: a define took $ms ms (want well under a second)."
+    say "libvirtd is probably probing QEMU again on every call; its log says why after"
+    say "  virt-admin daemon-log-filters 1:qemu.qemu_capabilities; see \"Slow libvirt\" in README.rst"
+    exit 1
+  fi
+  say "libvirt is healthy: a define takes $ms ms"
 }
 
 # The guest image, rebuilt only when its builder changes.
@@ -161,21 +200,25 @@ find_runner() {
 setup() {
   [[ $(id -u) == 0 ]] || { say "must run as root (apt-get, libvirtd, the image build)"; exit 1; }
   install_packages
+  fix_kvm
   start_daemons
   build_image
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
   define_template
-  find_runner build
-  say "gitlab-runner: $runner"
+  check_libvirt_speed
 }
 
 case ${1:-setup} in
   setup) setup ;;
+  runner)
+    find_runner build
+    say "gitlab-runner: $runner"
+    ;;
   env)
     echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_POOL=$test_pool"
     find_runner
     [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;
-  *) echo "usage: $0 [setup|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup|runner|env]" >&2; exit 2 ;;
 esac

@@ -91,6 +91,27 @@ func lv(t testing.TB) *libvirt.Libvirt {
 	return l
 }
 
+// requireFastLibvirt fails the test at once, saying why, when libvirt takes seconds to
+// define a domain (see "Slow libvirt" in README.rst): tests whose clocks include prepare,
+// such as a job timeout, would otherwise fail with a misleading message.
+func requireFastLibvirt(t testing.TB, l *libvirt.Libvirt) {
+	t.Helper()
+	tmpl, err := l.DomainLookupByName(testTmpl)
+	require.NoError(t, err)
+	x, err := l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	name := fmt.Sprintf("e2e-speedcheck-%d-%d", os.Getpid(), jobSerial.Add(1))
+	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
+	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
+	start := time.Now()
+	dom, err := l.DomainDefineXMLFlags(x, libvirt.DomainDefineValidate)
+	took := time.Since(start)
+	require.NoError(t, err)
+	require.NoError(t, l.DomainUndefine(dom))
+	require.Less(t, took, 2*time.Second, "libvirt is slow: a define took %s; the timings this test checks would be wrong. "+
+		"libvirtd is probably probing QEMU again on every call (see \"Slow libvirt\" in README.rst)", took)
+}
+
 // gitlabJob is one CI job as GitLab Runner presents it to the custom executor.
 type gitlabJob struct {
 	t      testing.TB

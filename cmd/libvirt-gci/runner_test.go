@@ -91,6 +91,7 @@ func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 func newRunnerHost(t testing.TB, transport string) *runnerHost {
 	t.Helper()
 	l := lv(t)
+	requireFastLibvirt(t, l)
 	h := &runnerHost{t: t, l: l, bin: gitlabRunnerBin(t), gl: newFakeGitLab(t)}
 	h.prefix, _ = testPrefix(t)
 	dir := t.TempDir()
@@ -283,7 +284,7 @@ func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	final, trace := h.finish(job)
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Equal(t, "job_execution_timeout", final.FailureReason)
-	assert.True(t, hasLine(trace, "started"), "the timeout hit the script, not prepare")
+	require.True(t, hasLine(trace, "started"), "the %d s job timeout hit before the script started: prepare took too long; is libvirt slow?\n%s", timeout, trace)
 	taken, finished := h.gl.times(job)
 	took := finished.Sub(taken)
 	assert.Less(t, took, (timeout+20)*time.Second, "the job took %s for a %d s timeout", took, timeout)

@@ -1,0 +1,131 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// slowQEMU is a QEMU binary that libvirt takes seconds to probe, as on a host where
+// libvirtd probes QEMU again on every call (see "Slow libvirt" in README.rst). It is
+// a wrapper that sleeps in libvirt's capability probes (QEMU started with -machine none)
+// while the file "slow" exists beside it, and logs each probe's start and end.
+type slowQEMU struct {
+	dir, bin, log string
+}
+
+func newSlowQEMU(t *testing.T) *slowQEMU {
+	t.Helper()
+	// libvirt runs the probe as its QEMU user: the directory must be open to it.
+	dir, err := os.MkdirTemp("", "libvirt-gci-slowqemu")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	q := &slowQEMU{dir: dir, bin: filepath.Join(dir, "qemu-system-x86_64"), log: filepath.Join(dir, "probes.log")}
+	require.NoError(t, os.WriteFile(q.log, nil, 0o666))
+	require.NoError(t, os.Chmod(q.log, 0o666))
+	script := `#!/bin/sh
+case " $* " in
+*" -machine none"*)
+  if [ -e ` + dir + `/slow ]; then echo probe >>` + q.log + `; sleep 4; echo probed >>` + q.log + `; fi ;;
+esac
+exec /usr/bin/qemu-system-x86_64 "$@"
+`
+	require.NoError(t, os.WriteFile(q.bin, []byte(script), 0o755))
+	return q
+}
+
+// slowDown makes the next libvirt call that needs QEMU's capabilities probe again, slowly:
+// libvirt's cache of them is invalid once the binary's ctime changes.
+func (q *slowQEMU) slowDown(t *testing.T) {
+	require.NoError(t, os.WriteFile(filepath.Join(q.dir, "slow"), nil, 0o644))
+	now := time.Now()
+	require.NoError(t, os.Chtimes(q.bin, now, now))
+}
+
+// idle tells whether no probe has run for 5 s.
+func (q *slowQEMU) idle() bool {
+	s, f := q.probes()
+	fi, err := os.Stat(q.log)
+	return err == nil && s == f && time.Since(fi.ModTime()) > 5*time.Second
+}
+
+func (q *slowQEMU) probes() (started, finished int) {
+	b, _ := os.ReadFile(q.log)
+	for _, l := range strings.Split(string(b), "\n") {
+		switch l {
+		case "probe":
+			started++
+		case "probed":
+			finished++
+		}
+	}
+	return
+}
+
+// The runner's SIGTERM (a cancel, a timeout) reaches prepare while libvirtd is still
+// working on its define. Prepare waits for libvirt's answer, removes the domain it made
+// and exits; nothing is left, even after libvirtd is done. Before, prepare dropped the
+// call, its rollback found no domain yet, and the define landed afterwards: a leaked VM.
+func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	q := newSlowQEMU(t)
+
+	// A template like the test template, on the slow QEMU.
+	tmpl, err := j.l.DomainLookupByName(testTmpl)
+	require.NoError(t, err)
+	x, err := j.l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	name := "tiny-slowqemu-" + j.env["CUSTOM_ENV_CI_JOB_ID"]
+	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
+	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
+	x = regexp.MustCompile(`(?s)<emulator>.*?</emulator>`).ReplaceAllString(x, "<emulator>"+q.bin+"</emulator>")
+	dom, err := j.l.DomainDefineXMLFlags(x, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = j.l.DomainUndefine(dom) })
+	j.env["CUSTOM_ENV_DISTRO"] = name
+
+	q.slowDown(t)
+	cmd := exec.Command(binPath, "prepare")
+	cmd.Env = j.environ()
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	require.Eventually(t, func() bool { n, _ := q.probes(); return n > 0 }, 2*time.Minute, 20*time.Millisecond,
+		"prepare's define never made libvirt probe QEMU; stderr:\n%s", stderr.String())
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM)) // the define is in libvirtd now
+
+	select {
+	case err := <-exited:
+		ee, ok := err.(*exec.ExitError)
+		require.True(t, ok, "want a failure exit, got %v; stderr:\n%s", err, stderr.String())
+		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
+	case <-time.After(3 * time.Minute):
+		_ = cmd.Process.Kill()
+		t.Fatalf("prepare did not exit within 3 min of SIGTERM; stderr:\n%s", stderr.String())
+	}
+	_, finished := q.probes()
+	assert.Positive(t, finished, "prepare exited before libvirt answered its define")
+	inst := j.prefix
+	assert.Regexp(t, `libvirt took \d+\.\d s for the define of `+regexp.QuoteMeta(inst), stderr.String(), "the slow define is named")
+	assert.Regexp(t, `removed `+regexp.QuoteMeta(inst)+`\S* and 0 volumes`, stderr.String(), "the rollback removed the domain")
+
+	// Wait until libvirtd is done with the slow QEMU (no probe running, none for 5 s: one
+	// define probes twice, 2 s apart), then look again: a define that landed after prepare
+	// exited would show now.
+	require.Eventually(t, q.idle, 3*time.Minute, 100*time.Millisecond)
+	assert.Empty(t, leftovers(t, j.l, j.prefix), "stderr:\n%s", stderr.String())
+}
