@@ -29,6 +29,19 @@ const (
 // teardownTime bounds a cleanup or a rollback, which run even after a cancel.
 const teardownTime = 2 * time.Minute
 
+// runAfterCancel bounds what a run stage does after its cancel (kill the script, read
+// the last of its output, remove its files; seconds on a healthy host).
+const runAfterCancel = 30 * time.Second
+
+// lingering returns a context that ends d after ctx does.
+func lingering(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	lctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		time.AfterFunc(d, func() { cancel(fmt.Errorf("%w, and %s more passed", context.Cause(ctx), d)) })
+	})
+	return lctx, func() { stop(); cancel(context.Canceled) }
+}
+
 // Executor runs the stages. Stdout and Stderr carry the job's output; Log the tool's own.
 type Executor struct {
 	Settings Settings
@@ -303,8 +316,11 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	if err != nil {
 		return fmt.Errorf("read %s script: %w", stage, err)
 	}
-	// The connection must outlive a cancel: killing the script in the guest needs it.
-	conn, err := provision.Connect(context.WithoutCancel(ctx), e.Settings.URI)
+	// The connection must outlive a cancel: killing the script in the guest needs it. But
+	// not for long: a stalled libvirtd must not keep a cancelled stage alive.
+	cctx, cancel := lingering(ctx, runAfterCancel)
+	defer cancel()
+	conn, err := provision.Connect(cctx, e.Settings.URI)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -128,4 +130,47 @@ func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	// exited would show now.
 	require.Eventually(t, q.idle, 3*time.Minute, 100*time.Millisecond)
 	assert.Empty(t, leftovers(t, j.l, j.prefix), "stderr:\n%s", stderr.String())
+}
+
+// A stalled libvirtd (here stopped with SIGSTOP) does not keep a cancelled run stage
+// alive: go-libvirt has no timeouts, so the stage drops its connection a bounded time
+// after the runner's SIGTERM and exits with a system failure. Not parallel: stopping
+// libvirtd stalls every test that uses it, and sequential tests run alone.
+func TestRunSIGTERMWithStalledLibvirtd(t *testing.T) {
+	j := newJob(t)
+	j.prepare()
+	out, err := exec.Command("pgrep", "-x", "libvirtd").Output()
+	require.NoError(t, err, "libvirtd is not running")
+	pid, err := strconv.Atoi(strings.Fields(string(out))[0])
+	require.NoError(t, err)
+
+	cmd := exec.Command(binPath, "run", j.script("b.sh", "echo up; sleep 613"), "build_script")
+	cmd.Env = j.environ()
+	var output lockedBuffer
+	cmd.Stdout, cmd.Stderr = &output, &output
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	require.Eventually(t, func() bool { return strings.Contains(output.String(), "up") }, time.Minute, 20*time.Millisecond)
+
+	resume := sync.OnceFunc(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	t.Cleanup(resume)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+	time.Sleep(500 * time.Millisecond) // the stage is now waiting on libvirtd
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	sent := time.Now()
+	select {
+	case err := <-exited:
+		resume()
+		ee, ok := err.(*exec.ExitError)
+		require.True(t, ok, "want a failure exit, got %v; output:\n%s", err, output.String())
+		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
+		t.Logf("run exited %.1f s after SIGTERM with libvirtd stopped", time.Since(sent).Seconds())
+	case <-time.After(2 * time.Minute):
+		resume()
+		_ = cmd.Process.Kill()
+		t.Fatalf("run still waits on the stopped libvirtd 2 min after SIGTERM; output:\n%s", output.String())
+	}
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
 }
