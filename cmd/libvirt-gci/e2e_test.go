@@ -96,13 +96,7 @@ func lv(t testing.TB) *libvirt.Libvirt {
 // such as a job timeout, would otherwise fail with a misleading message.
 func requireFastLibvirt(t testing.TB, l *libvirt.Libvirt) {
 	t.Helper()
-	tmpl, err := l.DomainLookupByName(testTmpl)
-	require.NoError(t, err)
-	x, err := l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
-	require.NoError(t, err)
-	name := fmt.Sprintf("e2e-speedcheck-%d-%d", os.Getpid(), jobSerial.Add(1))
-	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
-	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
+	x := templateVariant(t, l, fmt.Sprintf("e2e-speedcheck-%d-%d", os.Getpid(), jobSerial.Add(1)))
 	start := time.Now()
 	dom, err := l.DomainDefineXMLFlags(x, libvirt.DomainDefineValidate)
 	took := time.Since(start)
@@ -110,6 +104,32 @@ func requireFastLibvirt(t testing.TB, l *libvirt.Libvirt) {
 	require.NoError(t, l.DomainUndefine(dom))
 	require.Less(t, took, 2*time.Second, "libvirt is slow: a define took %s; the timings this test checks would be wrong. "+
 		"libvirtd is probably probing QEMU again on every call (see \"Slow libvirt\" in README.rst)", took)
+}
+
+// templateVariant is the test template's inactive XML as a new domain called name (no
+// UUID), with each edit applied: pairs of a regexp and its replacement.
+func templateVariant(t testing.TB, l *libvirt.Libvirt, name string, edits ...string) string {
+	t.Helper()
+	require.Zero(t, len(edits)%2, "edits come in pairs")
+	tmpl, err := l.DomainLookupByName(testTmpl)
+	require.NoError(t, err)
+	x, err := l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	edits = append([]string{`(?s)<name>.*?</name>`, "<name>" + name + "</name>", `(?s)<uuid>.*?</uuid>`, ""}, edits...)
+	for i := 0; i < len(edits); i += 2 {
+		x = regexp.MustCompile(edits[i]).ReplaceAllLiteralString(x, edits[i+1])
+	}
+	return x
+}
+
+// defineTemplate defines a variant of the test template (see templateVariant) for the
+// job to pick, until the test ends.
+func (j *gitlabJob) defineTemplate(name string, edits ...string) {
+	j.t.Helper()
+	dom, err := j.l.DomainDefineXMLFlags(templateVariant(j.t, j.l, name, edits...), 0)
+	require.NoError(j.t, err)
+	j.t.Cleanup(func() { _ = j.l.DomainUndefine(dom) })
+	j.env["CUSTOM_ENV_DISTRO"] = name
 }
 
 // gitlabJob is one CI job as GitLab Runner presents it to the custom executor.
@@ -509,19 +529,8 @@ func TestPrepareRejectsTemplates(t *testing.T) {
 func TestPrepareRejectsTemplateWithoutAgent(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
-	tmpl, err := j.l.DomainLookupByName(testTmpl)
-	require.NoError(t, err)
-	x, err := j.l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
-	require.NoError(t, err)
 	name := "tiny-noagent-" + j.env["CUSTOM_ENV_CI_JOB_ID"]
-	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
-	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
-	x = regexp.MustCompile(`(?s)<channel type='unix'>.*?</channel>`).ReplaceAllString(x, "")
-	dom, err := j.l.DomainDefineXMLFlags(x, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = j.l.DomainUndefine(dom) })
-
-	j.env["CUSTOM_ENV_DISTRO"] = name
+	j.defineTemplate(name, `(?s)<channel type='unix'>.*?</channel>`, "")
 	r := j.stage("prepare")
 	assert.Equal(t, 2, r.code)
 	assert.Contains(t, r.stderr, fmt.Sprintf("template %q has no guest agent channel", name))

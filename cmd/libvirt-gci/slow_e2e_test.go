@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -84,18 +83,7 @@ func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	q := newSlowQEMU(t)
 
 	// A template like the test template, on the slow QEMU.
-	tmpl, err := j.l.DomainLookupByName(testTmpl)
-	require.NoError(t, err)
-	x, err := j.l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
-	require.NoError(t, err)
-	name := "tiny-slowqemu-" + j.env["CUSTOM_ENV_CI_JOB_ID"]
-	x = regexp.MustCompile(`(?s)<name>.*?</name>`).ReplaceAllString(x, "<name>"+name+"</name>")
-	x = regexp.MustCompile(`(?s)<uuid>.*?</uuid>`).ReplaceAllString(x, "")
-	x = regexp.MustCompile(`(?s)<emulator>.*?</emulator>`).ReplaceAllString(x, "<emulator>"+q.bin+"</emulator>")
-	dom, err := j.l.DomainDefineXMLFlags(x, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = j.l.DomainUndefine(dom) })
-	j.env["CUSTOM_ENV_DISTRO"] = name
+	j.defineTemplate("tiny-slowqemu-"+j.env["CUSTOM_ENV_CI_JOB_ID"], `(?s)<emulator>.*?</emulator>`, "<emulator>"+q.bin+"</emulator>")
 
 	q.slowDown(t)
 	cmd := exec.Command(binPath, "prepare")
