@@ -11,6 +11,7 @@ import (
 	"os/user"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -62,6 +63,7 @@ type Conn struct {
 	inflight  int  // calls in flight whose outcome must be known
 	cancelled bool // ctx ended; drop the connection once inflight is 0 (or after grace)
 	dropOnce  sync.Once
+	dropped   atomic.Bool
 	stop      func() bool
 	closeOnce sync.Once
 }
@@ -212,6 +214,7 @@ func (c *Conn) cancel() {
 
 func (c *Conn) dropNow() {
 	c.dropOnce.Do(func() {
+		c.dropped.Store(true)
 		if c.drop != nil {
 			c.drop()
 		}
@@ -243,7 +246,7 @@ func (c *Conn) Close() error {
 		if c.stop != nil {
 			c.stop()
 		}
-		if c.lv == nil {
+		if c.lv == nil || c.dropped.Load() { // no one to say goodbye to
 			c.dropNow()
 			return
 		}

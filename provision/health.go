@@ -13,7 +13,7 @@ import (
 const SlowCall = 2 * time.Second
 
 // kvmDevice is where libvirt looks for KVM.
-var kvmDevice = "/dev/kvm"
+const kvmDevice = "/dev/kvm"
 
 // SlowHint says why libvirt at uri answers slowly, as far as this host can tell. The
 // usual cause is libvirtd probing QEMU's capabilities again on every call (seconds
