@@ -62,7 +62,6 @@ type Conn struct {
 	mu        sync.Mutex
 	inflight  int  // calls in flight whose outcome must be known
 	cancelled bool // ctx ended; drop the connection once inflight is 0 (or after grace)
-	dropOnce  sync.Once
 	dropped   atomic.Bool
 	stop      func() bool
 	closeOnce sync.Once
@@ -213,12 +212,9 @@ func (c *Conn) cancel() {
 }
 
 func (c *Conn) dropNow() {
-	c.dropOnce.Do(func() {
-		c.dropped.Store(true)
-		if c.drop != nil {
-			c.drop()
-		}
-	})
+	if c.dropped.CompareAndSwap(false, true) && c.drop != nil {
+		c.drop()
+	}
 }
 
 // awaited runs call, a call whose outcome the caller must know even after a cancel:
