@@ -101,7 +101,8 @@ type Instance struct {
 // Render returns the instance's domain XML: the template's hardware with a new name, no
 // UUID, no MAC addresses (libvirt generates fresh ones), every writable disk replaced by
 // its overlay volume, no NVRAM path (libvirt makes a fresh one from the firmware's
-// template) and the caller's metadata element added.
+// template), the caller's metadata element instead of the template's, and devices made
+// the instance's own (see isolate).
 func (t *Template) Render(inst Instance) (string, error) {
 	if inst.Name == "" {
 		return "", errors.New("render instance: empty name")
@@ -123,12 +124,13 @@ func (t *Template) Render(inst Instance) (string, error) {
 		dom.OS.NVRam.NVRam = ""
 		dom.OS.NVRam.Source = nil
 	}
+	// Only the caller's metadata: the template's (its template mark, say) is not the
+	// instance's.
+	dom.Metadata = nil
 	if inst.Metadata != "" {
-		if dom.Metadata == nil {
-			dom.Metadata = &libvirtxml.DomainMetadata{}
-		}
-		dom.Metadata.XML = strings.TrimSpace(dom.Metadata.XML + "\n" + inst.Metadata)
+		dom.Metadata = &libvirtxml.DomainMetadata{XML: inst.Metadata}
 	}
+	isolate(&dom)
 	if dom.Devices != nil {
 		for i := range dom.Devices.Interfaces {
 			iface := &dom.Devices.Interfaces[i]

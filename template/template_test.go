@@ -71,8 +71,7 @@ func TestRenderGolden(t *testing.T) {
 	assert.Equal(t, "default", dom.Devices.Interfaces[0].Source.Network.Network)
 	assert.Empty(t, dom.OS.NVRam.NVRam, "the template's NVRAM file must not be shared")
 	assert.Equal(t, "/usr/share/OVMF/OVMF_VARS_4M.fd", dom.OS.NVRam.Template)
-	assert.Contains(t, dom.Metadata.XML, "libosinfo", "other metadata is kept")
-	assert.Contains(t, dom.Metadata.XML, meta)
+	assert.Equal(t, meta, dom.Metadata.XML, "the template's metadata (its template mark, say) is not the instance's")
 
 	disks := dom.Devices.Disks
 	require.Len(t, disks, 5)
@@ -84,12 +83,70 @@ func TestRenderGolden(t *testing.T) {
 	}
 	assert.Equal(t, "unsafe", disks[0].Driver.Cache, "driver tuning is kept")
 	assert.Equal(t, "/srv/ci/tools.img", disks[2].Source.File.File, "read-only disk kept")
-	assert.Equal(t, "/dev/vg0/ci-cache", disks[3].Source.Block.Dev, "shareable disk kept")
+	assert.Equal(t, "/dev/vg0/ci-cache", disks[3].Source.Block.Dev, "read-only shareable disk kept")
 	assert.Equal(t, "/srv/ci/seed.iso", disks[4].Source.File.File, "CD-ROM kept")
 
 	// The template itself is untouched by rendering.
 	assert.Equal(t, "2f3c8a51-7f40-4bd3-a3bb-0b3f0e4b9d11", tmpl.dom.UUID)
 	assert.Equal(t, "/var/lib/libvirt/images/debian-12.qcow2", tmpl.dom.Devices.Disks[0].Source.File.File)
+}
+
+// Every instance gets its own display ports and sockets, ptys instead of the template's
+// files, sockets and ports, its own vsock CID, and ports isolated from the other clones.
+func TestRenderIsolatesDevicesGolden(t *testing.T) {
+	t.Parallel()
+	tmpl := readTemplate(t, "devices")
+	assert.Empty(t, tmpl.HostAccess())
+	got, err := tmpl.Render(Instance{Name: "gci-1-x", Overlays: map[string]Overlay{"vda": {Pool: "ci", Volume: "gci-1-x-vda.qcow2"}}})
+	require.NoError(t, err)
+	golden := filepath.Join(goldenDir, "devices.instance.xml")
+	if *update {
+		require.NoError(t, os.WriteFile(golden, []byte(got+"\n"), 0o644))
+	}
+	want, err := os.ReadFile(golden)
+	require.NoError(t, err)
+	assert.Equal(t, strings.TrimSpace(string(want)), got)
+
+	// What the golden file stands for: nothing of the template's that two running
+	// clones could both claim.
+	for _, fixed := range []string{"/var/log/ci/", "/run/ci/", "devices.org.qemu", "5901", "5701", "5930", "5931", "4555", "0.0.0.0", "address=\"42\"", "vnet-tmpl", "52:54:00"} {
+		assert.NotContains(t, got, fixed)
+	}
+	var dom libvirtxml.Domain
+	require.NoError(t, dom.Unmarshal(got))
+	d := dom.Devices
+	assert.Equal(t, "yes", d.Interfaces[0].PortOptions.Isolated, "network")
+	assert.Equal(t, "yes", d.Interfaces[1].PortOptions.Isolated, "bridge")
+	assert.Nil(t, d.Interfaces[2].PortOptions, "user networking has no bridge port")
+	assert.Equal(t, "yes", d.Graphics[0].VNC.AutoPort)
+	assert.Equal(t, -1, d.Graphics[0].VNC.WebSocket)
+	assert.Equal(t, "127.0.0.1", d.Graphics[0].VNC.Listeners[0].Address.Address, "listen addresses are kept")
+	assert.NotNil(t, d.Graphics[1].VNC.Listeners[0].Socket, "a socket of libvirt's naming")
+	assert.Equal(t, "yes", d.Graphics[2].Spice.AutoPort)
+	for _, s := range d.Serials {
+		assert.NotNil(t, s.Source.Pty)
+		assert.Nil(t, s.Log)
+	}
+	assert.NotNil(t, d.Consoles[0].Source.Pty)
+	assert.Equal(t, "org.qemu.guest_agent.0", d.Channels[0].Target.VirtIO.Name)
+	assert.Empty(t, d.Channels[0].Source.UNIX.Path)
+	assert.Equal(t, "yes", d.VSock.CID.Auto)
+}
+
+// Devices that reach the host's hardware or files, or other guests, are named, so that
+// prepare can refuse the template.
+func TestHostAccess(t *testing.T) {
+	t.Parallel()
+	assert.Empty(t, readTemplate(t, "full").HostAccess())
+	assert.Equal(t, []string{
+		"a <hostdev> (PCI)",
+		"a <filesystem> (a host directory or image shared in)",
+		"a writable <shareable/> disk (vdb)",
+		"a <shmem> (memory shared with other domains)",
+		`an <input type="passthrough"> (a host input device)`,
+		"an <interface> on host network plumbing (only network, bridge and user interfaces are isolated)",
+		"a <channel> to a host file, device or port",
+	}, readTemplate(t, "hostaccess").HostAccess())
 }
 
 func TestParseRejects(t *testing.T) {
