@@ -14,13 +14,16 @@ import (
 type Settings struct {
 	URI             string
 	Pool            string
-	Templates       []string // glob patterns of template names a job may pick
+	Templates       []string // glob patterns of domains a job may pick besides the marked templates
 	DefaultTemplate string
 	Prefix          string
 	BootTimeout     time.Duration
 	Transport       string // how stages reach the guest: "agent" or "ssh"
 	SSHUser         string // the guest user jobs run as with the ssh transport
 	SecretFile      string // the host secret instance SSH keys are derived from (0600)
+	// AllowHostAccess lets templates give jobs host devices, host directory shares,
+	// shared writable disks and the like (template.HostAccess). Off by default.
+	AllowHostAccess bool
 }
 
 // Transports.
@@ -43,9 +46,6 @@ func (s Settings) Validate() error {
 	}
 	if !prefixRE.MatchString(s.Prefix) {
 		return fmt.Errorf("LIBVIRT_GCI_PREFIX %q is invalid; want 1 to 32 of [a-z0-9-], not starting with '-'", s.Prefix)
-	}
-	if len(s.Templates) == 0 {
-		return fmt.Errorf("LIBVIRT_GCI_TEMPLATES is empty; want comma-separated glob patterns, or * for any template")
 	}
 	for _, p := range s.Templates {
 		if _, err := path.Match(p, ""); err != nil || p == "" {
@@ -110,25 +110,18 @@ func (r RunnerEnv) Codes() ExitCodes {
 }
 
 // Job is what the job tells us, from CUSTOM_ENV_* variables. Any project member can set
-// these: everything here is validated before use and never reaches a shell or a path.
+// these: they choose a template among those the operator offers, and nothing else.
+// Whose job it is comes from the runner's job response (ReadIdentity), never from here.
 type Job struct {
-	ID          string `envconfig:"CI_JOB_ID"`
-	ProjectPath string `envconfig:"CI_PROJECT_PATH"`
-	ProjectName string `envconfig:"CI_PROJECT_NAME"`
-	RunnerToken string `envconfig:"CI_RUNNER_SHORT_TOKEN"`
-	Distro      string `envconfig:"DISTRO"` // the Python libvirt-gci's variable
-	Image       string `envconfig:"CI_JOB_IMAGE"`
+	Distro string // CUSTOM_ENV_DISTRO, the Python libvirt-gci's variable
+	Image  string // CUSTOM_ENV_CI_JOB_IMAGE, the job's image:
 }
 
-// InJob tells whether we run under GitLab Runner (rather than by hand).
-func (j Job) InJob() bool { return j.ID != "" }
-
-// Project is the most readable project name there is.
-func (j Job) Project() string {
-	if j.ProjectPath != "" {
-		return j.ProjectPath
-	}
-	return j.ProjectName
+// JobFromEnv reads the job's variables through lookup (os.LookupEnv). It reads only the
+// CUSTOM_ENV_ names: a DISTRO in the runner's own environment is not the job's.
+func JobFromEnv(lookup func(string) (string, bool)) Job {
+	get := func(k string) string { v, _ := lookup("CUSTOM_ENV_" + k); return v }
+	return Job{Distro: get("DISTRO"), Image: get("CI_JOB_IMAGE")}
 }
 
 var templateNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:-]{0,99}$`)
@@ -140,30 +133,35 @@ func checkTemplateName(name string) error {
 	return nil
 }
 
+// Choice is the template a stage is to clone, and what chose it.
+type Choice struct {
+	Name   string
+	From   string // the flag or variable that named it, for error messages
+	Listed bool   // matched by LIBVIRT_GCI_TEMPLATES; else it must carry the template mark
+}
+
 // SelectTemplate picks the template: the operator's --distro flag, else the job's DISTRO,
-// else its image:, else the default. The choice must be a valid name that the operator's
-// allowlist matches. Nothing is looked up here: this runs before anything is created.
-func SelectTemplate(s Settings, flagDistro string, job Job) (string, error) {
-	name, from := flagDistro, "--distro"
-	for _, c := range []struct{ v, from string }{
-		{job.Distro, "CUSTOM_ENV_DISTRO"},
-		{job.Image, "CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)"},
-		{s.DefaultTemplate, "LIBVIRT_GCI_DEFAULT_TEMPLATE"},
+// else its image:, else the default. The choice must be a valid name. Whether the
+// operator offers it is known only once it is looked up: it must be matched by
+// LIBVIRT_GCI_TEMPLATES or marked as a template. Nothing is looked up here: this runs
+// before anything is created.
+func SelectTemplate(s Settings, flagDistro string, job Job) (Choice, error) {
+	c := Choice{Name: flagDistro, From: "--distro"}
+	for _, alt := range []Choice{
+		{Name: job.Distro, From: "CUSTOM_ENV_DISTRO"},
+		{Name: job.Image, From: "CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)"},
+		{Name: s.DefaultTemplate, From: "LIBVIRT_GCI_DEFAULT_TEMPLATE"},
 	} {
-		if name == "" {
-			name, from = c.v, c.from
+		if c.Name == "" {
+			c = alt
 		}
 	}
-	if name == "" {
-		return "", &InputError{"no template chosen: set DISTRO or image: in the job, or LIBVIRT_GCI_DEFAULT_TEMPLATE on the runner"}
+	if c.Name == "" {
+		return c, &InputError{"no template chosen: set DISTRO or image: in the job, or LIBVIRT_GCI_DEFAULT_TEMPLATE on the runner"}
 	}
-	if err := checkTemplateName(name); err != nil {
-		return "", fmt.Errorf("%s: %w", from, err)
+	if err := checkTemplateName(c.Name); err != nil {
+		return c, fmt.Errorf("%s: %w", c.From, err)
 	}
-	for _, p := range s.Templates {
-		if ok, _ := path.Match(p, name); ok {
-			return name, nil
-		}
-	}
-	return "", &InputError{fmt.Sprintf("template %q (from %s) is not allowed on this runner; allowed: %s", name, from, strings.Join(s.Templates, ","))}
+	c.Listed = s.listed(c.Name)
+	return c, nil
 }

@@ -4,6 +4,8 @@ package executor
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
@@ -53,26 +56,41 @@ type Executor struct {
 
 // Target names the instance a stage works on: a job's, or one named by hand.
 type Target struct {
-	Name string
-	Job  Job
+	Name   string
+	Owner  provision.Owner
+	ByHand bool // named with --machine by the operator: any instance of ours will do
 }
 
-// TargetFor derives the instance from --machine, or else from the job.
-func (e *Executor) TargetFor(machine string, job Job) (Target, error) {
+// TargetFor derives the instance from --machine, or else from the job response GitLab
+// Runner wrote (responseFile, from the runner's unprefixed JOB_RESPONSE_FILE).
+func (e *Executor) TargetFor(machine, responseFile string) (Target, error) {
 	if machine != "" {
 		if err := CheckMachineName(machine); err != nil {
 			return Target{}, err
 		}
-		return Target{Name: machine, Job: job}, nil
+		return Target{Name: machine, Owner: provision.Owner{Manual: true}, ByHand: true}, nil
 	}
-	if !job.InJob() {
-		return Target{}, &InputError{"no instance given: use --machine NAME, or run under GitLab Runner (CUSTOM_ENV_CI_JOB_ID is not set)"}
+	if responseFile == "" {
+		return Target{}, &InputError{"no instance given: use --machine NAME, or run under GitLab Runner (JOB_RESPONSE_FILE is not set)"}
 	}
-	name, err := InstanceName(e.Settings.Prefix, job)
+	owner, err := ReadIdentity(responseFile)
 	if err != nil {
 		return Target{}, err
 	}
-	return Target{Name: name, Job: job}, nil
+	name, err := InstanceName(e.Settings.Prefix, owner)
+	if err != nil {
+		return Target{}, err
+	}
+	return Target{Name: name, Owner: owner}, nil
+}
+
+// mine refuses an instance that belongs to someone else. The operator (--machine) may
+// act on any.
+func (t Target) mine(m provision.Metadata) error {
+	if t.ByHand || sameOwner(m.Owner, t.Owner) {
+		return nil
+	}
+	return fmt.Errorf("instance %q belongs to %s, not to this %s; leaving it alone", t.Name, ownerString(m.Owner), ownerString(t.Owner))
 }
 
 // Config prints the custom executor's configuration JSON, and nothing else, on stdout.
@@ -90,7 +108,7 @@ func (e *Executor) Config(t Target) error {
 
 // Prepare clones the template into a new instance, boots it and waits for its guest agent.
 // On any failure it removes what it created.
-func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err error) {
+func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err error) {
 	begin := time.Now()
 	conn, err := provision.Connect(ctx, e.Settings.URI)
 	if err != nil {
@@ -98,9 +116,15 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 	}
 	defer conn.Close()
 
+	tmplName := choice.Name
 	lookupStart := time.Now()
-	tx, err := conn.TemplateXML(tmplName)
+	tx, marked, err := conn.TemplateXML(tmplName)
 	e.warnIfSlow("template lookup", tmplName, time.Since(lookupStart))
+	if !choice.Listed && !marked && (err == nil || errors.Is(err, provision.ErrNoTemplate) || errors.Is(err, provision.ErrNotTemplate)) {
+		// The same answer whether or not such a domain exists: a job learns nothing of
+		// the host's other VMs.
+		return &InputError{fmt.Sprintf("template %q (from %s) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES", tmplName, choice.From)}
+	}
 	if err != nil {
 		return err
 	}
@@ -108,12 +132,17 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 	if err != nil {
 		return err
 	}
+	if access := tmpl.HostAccess(); len(access) > 0 && !e.Settings.AllowHostAccess {
+		return fmt.Errorf("template %q has %s: through it a job's VM reaches the host or other VMs; remove it from the template, or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true",
+			tmplName, strings.Join(access, ", "))
+	}
 	if !tmpl.HasAgent {
 		return fmt.Errorf("template %q has no guest agent channel; add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices", tmplName, template.AgentChannel)
 	}
 
-	// GitLab retries prepare after a cleanup, but a crash can leave an instance behind.
-	removed, err := conn.Teardown(t.Name)
+	// GitLab retries prepare after a cleanup, but a crash can leave an instance behind:
+	// ours is removed, anyone else's left alone.
+	removed, err := conn.Teardown(t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", t.Name)
 	}
@@ -124,14 +153,16 @@ func (e *Executor) Prepare(ctx context.Context, t Target, tmplName string) (err 
 		e.Log.Info(fmt.Sprintf("removed leftover instance %s", t.Name))
 	}
 
-	spec, err := e.spec(t, tmpl)
+	prepareID := randomHex(8)
+	spec, err := e.spec(t, tmpl, prepareID)
 	if err != nil {
 		return err
 	}
-	// From here on, a failure leaves something to remove.
+	// From here on, a failure leaves something to remove: what this prepare made, and
+	// nothing another prepare of the same name made meanwhile.
 	defer func() {
 		if err != nil {
-			e.rollback(ctx, t.Name)
+			e.rollback(ctx, t.Name, prepareID)
 		}
 	}()
 	tm, err := conn.Create(ctx, spec)
@@ -232,19 +263,19 @@ func (e *Executor) sshTransport(info *provision.SSH, key ssh.Signer) (*guest.SSH
 
 // spec lays out the instance: one overlay per writable template disk, the metadata that
 // records them, and the domain XML.
-func (e *Executor) spec(t Target, tmpl *template.Template) (provision.Spec, error) {
+func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string) (provision.Spec, error) {
 	meta := provision.Metadata{
 		Template:  tmpl.Name,
-		JobID:     t.Job.ID,
-		Project:   t.Job.Project(),
-		Runner:    t.Job.RunnerToken,
+		Owner:     t.Owner,
+		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
 	}
 	spec := provision.Spec{Name: t.Name}
 	overlays := map[string]template.Overlay{}
 	for _, d := range tmpl.Disks {
+		// The prepare's id in the volume's name: no other prepare's volume can be in the way.
 		v := provision.NewVolume{
-			Volume:        provision.Volume{Pool: e.Settings.Pool, Name: t.Name + "-" + d.Target + ".qcow2"},
+			Volume:        provision.Volume{Pool: e.Settings.Pool, Name: t.Name + "-" + prepareID[:6] + "-" + d.Target + ".qcow2"},
 			BackingPath:   d.Path,
 			BackingFormat: d.Format,
 		}
@@ -280,15 +311,22 @@ func sshNetArgs(slot int) []string {
 	}
 }
 
-// rollback removes a half-made instance. It runs after ctx may have ended, on a connection
-// of its own (the prepare connection closes with ctx).
-func (e *Executor) rollback(ctx context.Context, name string) {
-	if err := e.teardown(ctx, name); err != nil {
+// rollback removes a half-made instance: only the one this prepare (prepareID) made. It
+// runs after ctx may have ended, on a connection of its own (the prepare connection
+// closes with ctx).
+func (e *Executor) rollback(ctx context.Context, name, prepareID string) {
+	err := e.teardown(ctx, name, func(m provision.Metadata) error {
+		if m.PrepareID != prepareID {
+			return fmt.Errorf("instance %q was made by another prepare (%s), not this one (%s); leaving it alone", name, m.PrepareID, prepareID)
+		}
+		return nil
+	})
+	if err != nil {
 		e.Log.Error(fmt.Sprintf("could not remove %s after the failed prepare: %v", name, err))
 	}
 }
 
-func (e *Executor) teardown(ctx context.Context, name string) error {
+func (e *Executor) teardown(ctx context.Context, name string, allow func(provision.Metadata) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), teardownTime)
 	defer cancel()
 	start := time.Now()
@@ -297,7 +335,7 @@ func (e *Executor) teardown(ctx context.Context, name string) error {
 		return err
 	}
 	defer conn.Close()
-	r, err := conn.Teardown(name)
+	r, err := conn.Teardown(name, allow)
 	if err != nil {
 		return err
 	}
@@ -328,6 +366,9 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	inst, err := conn.Lookup(t.Name)
 	if err != nil {
 		return fmt.Errorf("%s: %w (was prepare run?)", stage, err)
+	}
+	if err := t.mine(inst.Metadata); err != nil {
+		return fmt.Errorf("%s: %w", stage, err)
 	}
 	// The transport is the one prepare set up, as the metadata says.
 	var tr guest.Transport
@@ -362,9 +403,16 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 // Cleanup removes the instance and its volumes. It finishes even after a cancel, and is
 // idempotent: a missing or half-made instance is fine.
 func (e *Executor) Cleanup(ctx context.Context, t Target) error {
-	err := e.teardown(ctx, t.Name)
+	err := e.teardown(ctx, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
 	}
 	return err
+}
+
+// randomHex is n random bytes in hex.
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }

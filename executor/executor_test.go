@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -15,63 +19,111 @@ import (
 
 var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*[a-z0-9]$`)
 
+func owner(job, project string) provision.Owner {
+	return provision.Owner{Server: "a1b2c3d4-uuid", Runner: "runner-uuid", ProjectID: "77", JobID: job, Project: project}
+}
+
 func TestInstanceName(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name string
-		job  Job
-		want string
+		o    provision.Owner
+		want string // without the hash
 	}{
-		{"plain", Job{ID: "42", RunnerToken: "abcd1234", ProjectPath: "group/app"}, "gci-abcd1234-42-group-app"},
-		{"no project", Job{ID: "42", RunnerToken: "abcd1234"}, "gci-abcd1234-42"},
-		{"hostile project", Job{ID: "7", RunnerToken: "r1", ProjectPath: "../../etc/passwd; rm -rf / $(reboot)"}, "gci-r1-7-etc-passwd-rm-rf-reboot"},
-		{"unicode project", Job{ID: "7", RunnerToken: "r1", ProjectName: "Ünïcødé Prøject 🚀"}, "gci-r1-7-n-c-d-pr-ject"},
-		{"only punctuation", Job{ID: "7", RunnerToken: "r1", ProjectPath: "!!!///"}, "gci-r1-7"},
-		{"long project", Job{ID: "123456789", RunnerToken: "abcd1234", ProjectPath: strings.Repeat("very-long-name/", 10)},
-			"gci-abcd1234-123456789-very-long-name-very-long-name-very-long"},
-		{"no token", Job{ID: "5"}, "gci-local-5"},
+		{"plain", owner("42", "group/app"), "gci-42-group-app"},
+		{"no project", owner("42", ""), "gci-42"},
+		{"hostile project", owner("7", "../../etc/passwd; rm -rf / $(reboot)"), "gci-7-etc-passwd-rm-rf-reboot"},
+		{"unicode project", owner("7", "Ünïcødé Prøject 🚀"), "gci-7-n-c-d-pr-ject"},
+		{"only punctuation", owner("7", "!!!///"), "gci-7"},
+		{"long project", owner("123456789", strings.Repeat("very-long-name/", 10)), "gci-123456789-very-long-name-very-long-name-very-l"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := InstanceName("gci-", tc.job)
+			got, err := InstanceName("gci-", tc.o)
 			require.NoError(t, err)
-			assert.Equal(t, tc.want, got)
+			assert.Equal(t, tc.want+"-"+identityHash(tc.o), got)
 			assert.LessOrEqual(t, len(got), MaxNameLen)
 			assert.Regexp(t, validName, got)
 		})
 	}
 }
 
-func TestInstanceNameIsUniquePerRunnerAndJob(t *testing.T) {
+// Names are unique per owner: identities whose readable parts look alike (the old
+// scheme's token ab-12, job 345, project foo against token ab, job 12, project 345-foo)
+// and identities that differ in a single part all get names of their own.
+func TestInstanceNameIsUniquePerOwner(t *testing.T) {
 	t.Parallel()
+	seen := map[string]provision.Owner{}
 	long := strings.Repeat("p", 200)
-	seen := map[string]string{}
-	for _, token := range []string{"abcd1234", "ABCD1234", "abcd_1234", "abcd-1234", "glrt-AbCdEfGhIjKlMnOpQ", "glrt-AbCdEfGhIjKlMnOpq"} {
-		for _, id := range []string{"1", "12", "123456789012"} {
-			name, err := InstanceName("gci-", Job{ID: id, RunnerToken: token, ProjectPath: long})
-			require.NoError(t, err)
-			assert.LessOrEqual(t, len(name), MaxNameLen)
-			assert.Regexp(t, validName, name)
-			key := token + "/" + id
-			if prev, dup := seen[name]; dup {
-				t.Errorf("%s and %s both map to %s", prev, key, name)
+	for _, server := range []string{"", "uuid-1", "uuid-12", "https://gitlab.example.com"} {
+		for _, runner := range []string{"", "ab", "ab-12", "r1"} {
+			for _, project := range []string{"1", "12", "345"} {
+				for _, job := range []string{"1", "12", "345", "123456789012"} {
+					for _, path := range []string{"foo", "345-foo", long} {
+						o := provision.Owner{Server: server, Runner: runner, ProjectID: project, JobID: job, Project: path}
+						name, err := InstanceName("gci-", o)
+						require.NoError(t, err)
+						assert.LessOrEqual(t, len(name), MaxNameLen)
+						assert.Regexp(t, validName, name)
+						if prev, dup := seen[name]; dup && !sameOwner(prev, o) {
+							t.Errorf("%+v and %+v both map to %s", prev, o, name)
+						}
+						seen[name] = o
+						again, _ := InstanceName("gci-", o)
+						assert.Equal(t, name, again, "deterministic")
+					}
+				}
 			}
-			seen[name] = key
-			again, _ := InstanceName("gci-", Job{ID: id, RunnerToken: token, ProjectPath: long})
-			assert.Equal(t, name, again, "deterministic")
 		}
 	}
 }
 
 func TestInstanceNameRejects(t *testing.T) {
 	t.Parallel()
-	for _, id := range []string{"", "abc", "-1", "1 2", "1;reboot", "123456789012345678901", "../1"} {
-		_, err := InstanceName("gci-", Job{ID: id, RunnerToken: "r"})
-		var ie *InputError
-		require.ErrorAs(t, err, &ie, "job id %q", id)
-		assert.Contains(t, err.Error(), fmt.Sprintf("CUSTOM_ENV_CI_JOB_ID %q is invalid", id))
-	}
-	_, err := InstanceName(strings.Repeat("p", 32), Job{ID: "12345678901234567890", RunnerToken: strings.Repeat("x", 40)})
+	_, err := InstanceName(strings.Repeat("p", 32), owner("12345678901234567890", ""))
 	assert.ErrorContains(t, err, "use a shorter LIBVIRT_GCI_PREFIX")
+	_, err = InstanceName("gci-", provision.Owner{Manual: true})
+	assert.Error(t, err)
+}
+
+func TestReadIdentity(t *testing.T) {
+	t.Parallel()
+	write := func(s string) string {
+		p := filepath.Join(t.TempDir(), "response.json")
+		require.NoError(t, os.WriteFile(p, []byte(s), 0o600))
+		return p
+	}
+	o, err := ReadIdentity(write(`{"id": 4242, "token": "glcbt-SECRET", "job_info": {"project_id": 77, "project_full_path": "Group/My Project",
+		"instance_uuid": "", "project_name": "My Project"}, "git_info": {"repo_url": "https://gitlab-ci-token:glcbt-SECRET@gitlab.example.com:8443/group/p.git"},
+		"runner_info": {"uuid": "r-uuid", "timeout": 3600}, "variables": [{"key": "CI_JOB_ID", "value": "1"}, {"key": "CI_PROJECT_ID", "value": "1"}]}`))
+	require.NoError(t, err)
+	assert.Equal(t, provision.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, o,
+		"from the response's own fields, never its variables; the repo URL's credentials dropped")
+	o, err = ReadIdentity(write(`{"id": 1, "job_info": {"project_id": 2, "project_name": "p", "instance_uuid": "inst-uuid"}}`))
+	require.NoError(t, err)
+	assert.Equal(t, provision.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, o)
+
+	for _, tc := range []struct{ body, want string }{
+		{`{"job_info": {"project_id": 2}}`, "has no job id"},
+		{`{"id": -3, "job_info": {"project_id": 2}}`, "has no job id"},
+		{`{"id": 3}`, "has no project id"},
+		{`{"id": "3"}`, "is not a job response"},
+		{`not json`, "is not a job response"},
+	} {
+		_, err := ReadIdentity(write(tc.body))
+		assert.ErrorContains(t, err, tc.want, tc.body)
+	}
+	_, err = ReadIdentity(filepath.Join(t.TempDir(), "missing.json"))
+	assert.ErrorContains(t, err, "JOB_RESPONSE_FILE")
+}
+
+// Job values come only from CUSTOM_ENV_*: the runner's own environment is not the job's.
+func TestJobFromEnv(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"DISTRO": "runner-distro", "CI_JOB_IMAGE": "runner-image", "CUSTOM_ENV_DISTRO": "job-distro"}
+	lookup := func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	assert.Equal(t, Job{Distro: "job-distro"}, JobFromEnv(lookup))
+	delete(env, "CUSTOM_ENV_DISTRO")
+	assert.Equal(t, Job{}, JobFromEnv(lookup))
 }
 
 func TestCheckMachineName(t *testing.T) {
@@ -98,23 +150,23 @@ func TestSelectTemplate(t *testing.T) {
 		s       Settings
 		flag    string
 		job     Job
-		want    string
+		want    Choice
 		wantErr string
 	}{
-		{"distro", settings(), "", Job{Distro: "debian-12"}, "debian-12", ""},
-		{"image", settings(), "", Job{Image: "fedora-40"}, "fedora-40", ""},
-		{"distro beats image", settings(), "", Job{Distro: "debian-11", Image: "fedora-40"}, "debian-11", ""},
-		{"flag beats job", settings(), "fedora-40", Job{Distro: "debian-11"}, "fedora-40", ""},
-		{"default", withDefault, "", Job{}, "debian-12", ""},
-		{"none", settings(), "", Job{}, "", "no template chosen"},
-		{"not allowed", settings(), "", Job{Distro: "windows-11"}, "", `template "windows-11" (from CUSTOM_ENV_DISTRO) is not allowed on this runner; allowed: debian-*,fedora-40`},
-		{"default does not widen the allowlist", withDefault, "", Job{Image: "fedora-41"}, "", `template "fedora-41"`},
-		{"glob metacharacters", settings(), "", Job{Distro: "debian-*"}, "", `template name "debian-*" is invalid`},
-		{"path", settings(), "", Job{Image: "../debian-12"}, "", `template name "../debian-12" is invalid`},
-		{"slash", settings(), "", Job{Image: "registry.example.com/debian:12"}, "", "is invalid"},
-		{"shell", settings(), "", Job{Distro: "debian-12;reboot"}, "", "is invalid"},
-		{"newline", settings(), "", Job{Distro: "debian-12\nx"}, "", "is invalid"},
-		{"too long", settings(), "", Job{Distro: "debian-" + strings.Repeat("x", 100)}, "", "is invalid"},
+		{"distro", settings(), "", Job{Distro: "debian-12"}, Choice{"debian-12", "CUSTOM_ENV_DISTRO", true}, ""},
+		{"image", settings(), "", Job{Image: "fedora-40"}, Choice{"fedora-40", "CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)", true}, ""},
+		{"distro beats image", settings(), "", Job{Distro: "debian-11", Image: "fedora-40"}, Choice{"debian-11", "CUSTOM_ENV_DISTRO", true}, ""},
+		{"flag beats job", settings(), "fedora-40", Job{Distro: "debian-11"}, Choice{"fedora-40", "--distro", true}, ""},
+		{"default", withDefault, "", Job{}, Choice{"debian-12", "LIBVIRT_GCI_DEFAULT_TEMPLATE", true}, ""},
+		{"not listed: must be marked", settings(), "", Job{Distro: "windows-11"}, Choice{"windows-11", "CUSTOM_ENV_DISTRO", false}, ""},
+		{"default does not widen the list", withDefault, "", Job{Image: "fedora-41"}, Choice{"fedora-41", "CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)", false}, ""},
+		{"none", settings(), "", Job{}, Choice{}, "no template chosen"},
+		{"glob metacharacters", settings(), "", Job{Distro: "debian-*"}, Choice{}, `template name "debian-*" is invalid`},
+		{"path", settings(), "", Job{Image: "../debian-12"}, Choice{}, `template name "../debian-12" is invalid`},
+		{"slash", settings(), "", Job{Image: "registry.example.com/debian:12"}, Choice{}, "is invalid"},
+		{"shell", settings(), "", Job{Distro: "debian-12;reboot"}, Choice{}, "is invalid"},
+		{"newline", settings(), "", Job{Distro: "debian-12\nx"}, Choice{}, "is invalid"},
+		{"too long", settings(), "", Job{Distro: "debian-" + strings.Repeat("x", 100)}, Choice{}, "is invalid"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := SelectTemplate(tc.s, tc.flag, tc.job)
@@ -143,7 +195,6 @@ func TestSettingsValidate(t *testing.T) {
 		{func(s *Settings) { s.Prefix = "GCI_" }, `LIBVIRT_GCI_PREFIX "GCI_" is invalid`},
 		{func(s *Settings) { s.Prefix = "" }, `LIBVIRT_GCI_PREFIX "" is invalid`},
 		{func(s *Settings) { s.Templates = []string{"[abc"} }, `LIBVIRT_GCI_TEMPLATES pattern "[abc" is invalid`},
-		{func(s *Settings) { s.Templates = nil }, "LIBVIRT_GCI_TEMPLATES is empty"},
 		{func(s *Settings) { s.DefaultTemplate = "a b" }, "LIBVIRT_GCI_DEFAULT_TEMPLATE"},
 		{func(s *Settings) { s.BootTimeout = 0 }, "LIBVIRT_GCI_BOOT_TIMEOUT"},
 		{func(s *Settings) { s.Pool = "" }, "LIBVIRT_GCI_POOL"},
@@ -177,14 +228,29 @@ func TestExitCode(t *testing.T) {
 func TestTargetFor(t *testing.T) {
 	t.Parallel()
 	e := &Executor{Settings: settings()}
-	tg, err := e.TargetFor("", Job{ID: "9", RunnerToken: "tok"})
+	resp := filepath.Join(t.TempDir(), "response.json")
+	require.NoError(t, os.WriteFile(resp, []byte(`{"id": 9, "job_info": {"project_id": 5, "project_full_path": "g/p"}, "runner_info": {"uuid": "r"}}`), 0o600))
+	tg, err := e.TargetFor("", resp)
 	require.NoError(t, err)
-	assert.Equal(t, "gci-tok-9", tg.Name)
-	tg, err = e.TargetFor("my-vm", Job{ID: "9"})
+	o := provision.Owner{Runner: "r", ProjectID: "5", JobID: "9", Project: "g/p"}
+	assert.Equal(t, Target{Name: "gci-9-g-p-" + identityHash(o), Owner: o}, tg)
+	tg, err = e.TargetFor("my-vm", resp)
 	require.NoError(t, err)
-	assert.Equal(t, "my-vm", tg.Name, "--machine wins")
-	_, err = e.TargetFor("", Job{})
+	assert.Equal(t, Target{Name: "my-vm", Owner: provision.Owner{Manual: true}, ByHand: true}, tg, "--machine wins")
+	_, err = e.TargetFor("", "")
 	assert.ErrorContains(t, err, "use --machine NAME")
+}
+
+func TestTargetMine(t *testing.T) {
+	t.Parallel()
+	me := Target{Name: "x", Owner: owner("1", "g/p")}
+	assert.NoError(t, me.mine(provision.Metadata{Owner: owner("1", "renamed/project")}), "the project path is for people, not identity")
+	for _, other := range []provision.Owner{owner("2", "g/p"), {Manual: true}, {Server: "other", Runner: "runner-uuid", ProjectID: "77", JobID: "1"}} {
+		err := me.mine(provision.Metadata{Owner: other})
+		assert.ErrorContains(t, err, `instance "x" belongs to`, "%+v", other)
+		assert.ErrorContains(t, err, "leaving it alone")
+	}
+	assert.NoError(t, Target{Name: "x", ByHand: true}.mine(provision.Metadata{Owner: owner("2", "")}), "the operator may act on any")
 }
 
 func TestLingeringEndsAfterItsParent(t *testing.T) {

@@ -2,52 +2,40 @@ package executor
 
 import (
 	"fmt"
-	"hash/fnv"
 	"regexp"
 	"strings"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 // MaxNameLen bounds instance names: a DNS label, which also keeps file names sane.
 const MaxNameLen = 63
 
 var (
-	jobIDRE   = regexp.MustCompile(`^[0-9]{1,20}$`)
 	machineRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 	notSlug   = regexp.MustCompile(`[^a-z0-9]+`)
 )
 
-// InstanceName derives the instance of a job: the prefix, the runner's short token and the
-// job id (unique per runner and job, so every stage finds the same VM), then as much of
-// the project name as fits, for people reading `virsh list`. Only [a-z0-9-], at most 63.
-func InstanceName(prefix string, job Job) (string, error) {
-	if !jobIDRE.MatchString(job.ID) {
-		return "", &InputError{fmt.Sprintf("CUSTOM_ENV_CI_JOB_ID %q is invalid; want a decimal job id", job.ID)}
+// InstanceName derives the instance of a job from its owner (what GitLab Runner wrote, not
+// what the job says): the prefix, the job id and as much of the project path as fits, for
+// people reading `virsh list`, then a hash of every identity part, which makes the name
+// unique per owner however the readable parts look. Only [a-z0-9-], at most 63.
+func InstanceName(prefix string, o provision.Owner) (string, error) {
+	if o.Manual || o.JobID == "" {
+		return "", fmt.Errorf("instance name: no job to name it after")
 	}
-	base := prefix + runnerPart(job.RunnerToken) + "-" + job.ID
-	if len(base) > MaxNameLen {
-		return "", fmt.Errorf("instance name %q is longer than %d characters; use a shorter LIBVIRT_GCI_PREFIX", base, MaxNameLen)
+	hash := "-" + identityHash(o)
+	head := prefix + slug(o.JobID)
+	if len(head)+len(hash) > MaxNameLen {
+		return "", fmt.Errorf("instance name %q is longer than %d characters; use a shorter LIBVIRT_GCI_PREFIX", head+hash, MaxNameLen)
 	}
-	name := base
-	if p := slug(job.Project()); p != "" {
-		name = strings.TrimRight((base + "-" + p)[:min(len(base)+1+len(p), MaxNameLen)], "-")
+	if p := slug(o.Project); p != "" {
+		room := MaxNameLen - len(head) - len(hash) - 1
+		if p = strings.TrimRight(p[:min(len(p), max(room, 0))], "-"); p != "" {
+			head += "-" + p
+		}
 	}
-	return name, nil
-}
-
-// runnerPart is the runner's short token as a name part. A token that is not already
-// lowercase alphanumeric is shortened and given a hash of the original, so two tokens
-// that differ only in case or punctuation still give different names.
-func runnerPart(token string) string {
-	s := slug(token)
-	if s == "" {
-		return "local"
-	}
-	if s == token && len(s) <= 20 {
-		return s
-	}
-	h := fnv.New32a()
-	h.Write([]byte(token))
-	return fmt.Sprintf("%s%08x", s[:min(len(s), 8)], h.Sum32())
+	return head + hash, nil
 }
 
 // slug lowercases s and turns every run of other characters into one '-'.

@@ -51,7 +51,7 @@ func heldCreate(t *testing.T, f *fakeLibvirt, method string, grace time.Duration
 func rollBack(t *testing.T, f *fakeLibvirt) {
 	t.Helper()
 	f.reconnect()
-	_, err := (&Conn{api: f}).Teardown(inst)
+	_, err := (&Conn{api: f}).Teardown(inst, nil)
 	require.NoError(t, err)
 	assert.Empty(t, f.state())
 }

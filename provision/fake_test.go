@@ -319,16 +319,20 @@ func (f *fakeLibvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, k
 	if err != nil {
 		return err
 	}
-	if typ != int32(libvirt.DomainMetadataElement) || len(metadata) != 1 || len(key) != 1 || len(uri) != 1 {
+	if typ != int32(libvirt.DomainMetadataElement) || len(metadata) > 1 || len(key) != 1 || len(uri) != 1 {
 		return lverr(libvirt.ErrInvalidArg, "bad metadata request")
 	}
 	var dom libvirtxml.Domain
 	if err := dom.Unmarshal(fd.xml); err != nil {
 		return err
 	}
-	// As libvirt does: the element gets the prefix key bound to uri, replacing any other.
-	el := regexp.MustCompile(`^<(\w+)>`).ReplaceAllString(metadata[0], "<"+key[0]+":$1 xmlns:"+key[0]+`="`+uri[0]+`">`)
-	el = regexp.MustCompile(`</(\w+)>$`).ReplaceAllString(el, "</"+key[0]+":$1>")
+	// As libvirt does: the element gets the prefix key bound to uri, replacing any other;
+	// no element removes the old one.
+	el := ""
+	if len(metadata) == 1 {
+		el = regexp.MustCompile(`^<(\w+)>`).ReplaceAllString(metadata[0], "<"+key[0]+":$1 xmlns:"+key[0]+`="`+uri[0]+`">`)
+		el = regexp.MustCompile(`</(\w+)>$`).ReplaceAllString(el, "</"+key[0]+":$1>")
+	}
 	if dom.Metadata == nil {
 		dom.Metadata = &libvirtxml.DomainMetadata{}
 	}
@@ -356,4 +360,14 @@ func (f *fakeLibvirt) QEMUDomainMonitorCommand(d libvirt.Domain, cmd string, fla
 	return "Hub -1 (gcissh):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n" +
 		"  TCP[HOST_FORWARD]   8       127.0.0.1 40023       10.0.2.15    23     0     0\r\n" +
 		"  TCP[HOST_FORWARD]   3       127.0.0.1 40022       10.0.2.15    22     0     0\r\n", nil
+}
+
+func (f *fakeLibvirt) ConnectListAllDomains(_ int32, _ libvirt.ConnectListAllDomainsFlags) ([]libvirt.Domain, uint32, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []libvirt.Domain
+	for n := range f.domains {
+		out = append(out, libvirt.Domain{Name: n})
+	}
+	return out, uint32(len(out)), nil
 }

@@ -17,36 +17,9 @@ var (
 	ErrNoTemplate = errors.New("no such template")
 	// ErrNotManaged: the domain exists but was not created by libvirt-gci; it is never touched.
 	ErrNotManaged = errors.New("not a libvirt-gci instance")
+	// ErrNotTemplate: the domain exists but cannot be a template (it runs, or is an instance).
+	ErrNotTemplate = errors.New("not usable as a template")
 )
-
-// TemplateXML returns the inactive XML of the template domain name. A template must be
-// shut off (its disks are the overlays' backing files) and must not be an instance.
-func (c *Conn) TemplateXML(name string) (string, error) {
-	dom, err := c.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) {
-		return "", fmt.Errorf("template %q: %w (no libvirt domain has that name)", name, ErrNoTemplate)
-	}
-	if err != nil {
-		return "", fmt.Errorf("look up template %q: %w", name, err)
-	}
-	if _, err := c.metadata(dom); err == nil {
-		return "", fmt.Errorf("template %q is a libvirt-gci instance, not a template", name)
-	} else if !errors.Is(err, ErrNotManaged) {
-		return "", err
-	}
-	state, _, err := c.api.DomainGetState(dom, 0)
-	if err != nil {
-		return "", fmt.Errorf("state of template %q: %w", name, err)
-	}
-	if libvirt.DomainState(state) != libvirt.DomainShutoff {
-		return "", fmt.Errorf("template %q is not shut off; a template's disks back every clone, so it must not run", name)
-	}
-	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
-	if err != nil {
-		return "", fmt.Errorf("XML of template %q: %w", name, err)
-	}
-	return x, nil
-}
 
 // NewVolume is an overlay volume to create: a qcow2 file whose backing file is a template disk.
 type NewVolume struct {
@@ -256,9 +229,10 @@ type Removed struct {
 
 // Teardown destroys the instance name, deletes the volumes its metadata lists and
 // undefines it. It is idempotent: an absent domain, a stopped one and volumes already gone
-// are fine. It refuses domains without libvirt-gci metadata. If a volume cannot be deleted
-// the domain stays defined, so a later Teardown still knows about the volume.
-func (c *Conn) Teardown(name string) (Removed, error) {
+// are fine. It refuses domains without libvirt-gci metadata, and any whose metadata allow
+// (if not nil) refuses: then it touches nothing and returns allow's error. If a volume
+// cannot be deleted the domain stays defined, so a later Teardown still knows about it.
+func (c *Conn) Teardown(name string, allow func(Metadata) error) (Removed, error) {
 	var r Removed
 	dom, err := c.api.DomainLookupByName(name)
 	if hasCode(err, libvirt.ErrNoDomain) {
@@ -270,6 +244,11 @@ func (c *Conn) Teardown(name string) (Removed, error) {
 	meta, err := c.metadata(dom)
 	if err != nil {
 		return r, fmt.Errorf("tear down %q: %w", name, err)
+	}
+	if allow != nil {
+		if err := allow(meta); err != nil {
+			return r, err
+		}
 	}
 	err = c.api.DomainDestroyFlags(dom, libvirt.DomainDestroyDefault)
 	switch {

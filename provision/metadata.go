@@ -17,12 +17,22 @@ const metadataPrefix = "gci"
 // read-only libvirt clients: never put secrets here.
 type Metadata struct {
 	Template  string   `xml:"template"`
-	JobID     string   `xml:"job-id,omitempty"`
-	Project   string   `xml:"project,omitempty"`
-	Runner    string   `xml:"runner,omitempty"` // CI_RUNNER_SHORT_TOKEN, shown in every job log
-	CreatedAt string   `xml:"created-at"`       // RFC 3339
+	Owner     Owner    `xml:"owner"`
+	PrepareID string   `xml:"prepare-id"` // random, one per prepare: a rollback removes only its own
+	CreatedAt string   `xml:"created-at"` // RFC 3339
 	Volumes   []Volume `xml:"volume"`
 	SSH       *SSH     `xml:"ssh,omitempty"` // set when the instance is reached over SSH
+}
+
+// Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or
+// the operator's (made by hand). Stages act only on an instance whose owner is theirs.
+type Owner struct {
+	Manual    bool   `xml:"manual,attr,omitempty"`     // made by hand (prepare --machine)
+	Server    string `xml:"server,attr,omitempty"`     // the GitLab instance
+	Runner    string `xml:"runner,attr,omitempty"`     // the runner's UUID
+	ProjectID string `xml:"project-id,attr,omitempty"` // GitLab's project id
+	JobID     string `xml:"job-id,attr,omitempty"`     // GitLab's job id
+	Project   string `xml:"project,attr,omitempty"`    // the project's path, for people; not identity
 }
 
 // SSH is how to reach an instance over SSH. Only public data: the client key is derived

@@ -19,7 +19,7 @@ func instanceSpec(t *testing.T, pool string) Spec {
 		{Volume: Volume{Pool: pool, Name: inst + "-vda.qcow2"}, BackingPath: "/t/root.qcow2", BackingFormat: "qcow2"},
 		{Volume: Volume{Pool: pool, Name: inst + "-vdb.qcow2"}, BackingPath: "/t/data.img", BackingFormat: "raw"},
 	}
-	md, err := Metadata{Template: "t", JobID: "1", CreatedAt: "2026-11-22T10:00:00Z",
+	md, err := Metadata{Template: "t", Owner: Owner{JobID: "1", ProjectID: "2"}, PrepareID: "p1", CreatedAt: "2026-11-22T10:00:00Z",
 		Volumes: []Volume{vols[0].Volume, vols[1].Volume}}.MarshalElement()
 	require.NoError(t, err)
 	dom := libvirtxml.Domain{Type: "qemu", Name: inst, Metadata: &libvirtxml.DomainMetadata{XML: md},
@@ -37,12 +37,12 @@ func instanceSpec(t *testing.T, pool string) Spec {
 
 func TestMetadataRoundTrip(t *testing.T) {
 	t.Parallel()
-	m := Metadata{Template: "debian-12", JobID: "42", Project: "g/p <&>", Runner: "abc", CreatedAt: "2026-11-22T10:00:00Z",
+	m := Metadata{Template: "debian-12", Owner: Owner{Server: "https://gitlab.example.com", Runner: "r-uuid", ProjectID: "7", JobID: "42", Project: "g/p <&>\""}, PrepareID: "0123456789abcdef", CreatedAt: "2026-11-22T10:00:00Z",
 		Volumes: []Volume{{Pool: "default", Name: "x-vda.qcow2"}}}
 	s, err := m.MarshalElement()
 	require.NoError(t, err)
 	assert.Contains(t, s, `<gci:instance xmlns:gci="`+MetadataNS+`">`)
-	assert.Contains(t, s, `g/p &lt;&amp;&gt;`)
+	assert.Contains(t, s, `project="g/p &lt;&amp;&gt;&#34;"`)
 	// libvirt hands the element back with the prefix it was stored with.
 	got, err := parseMetadata(s)
 	require.NoError(t, err)
@@ -65,7 +65,7 @@ func TestCreateThenTeardown(t *testing.T) {
 	assert.Equal(t, "raw", v.BackingStore.Format.Type)
 	assert.Nil(t, v.Capacity, "an overlay takes its backing file's size")
 
-	r, err := c.Teardown(inst)
+	r, err := c.Teardown(inst, nil)
 	require.NoError(t, err)
 	assert.Equal(t, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}, r)
 	assert.Empty(t, f.state())
@@ -82,7 +82,7 @@ func TestCreateFailuresLeaveARecord(t *testing.T) {
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.ErrorContains(t, err, "injected")
 			delete(f.fail, step)
-			_, err = c.Teardown(inst)
+			_, err = c.Teardown(inst, nil)
 			require.NoError(t, err)
 			assert.Empty(t, f.state())
 		})
@@ -138,12 +138,12 @@ func TestTeardownPartialStates(t *testing.T) {
 			f := newFake("ci")
 			c := &Conn{api: f}
 			tc.setup(t, f, c)
-			r, err := c.Teardown(inst)
+			r, err := c.Teardown(inst, nil)
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, r)
 			assert.Empty(t, f.state())
 			// And again: already gone.
-			r, err = c.Teardown(inst)
+			r, err = c.Teardown(inst, nil)
 			require.NoError(t, err)
 			assert.Equal(t, Removed{}, r)
 		})
@@ -157,7 +157,7 @@ func TestTeardownRefusesUnmanagedDomains(t *testing.T) {
 	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>`+inst+`</name></domain>`, 0)
 	require.NoError(t, err)
 	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: inst}))
-	_, err = c.Teardown(inst)
+	_, err = c.Teardown(inst, nil)
 	require.ErrorIs(t, err, ErrNotManaged)
 	assert.Equal(t, "domain gci-r-1 running=true", f.state(), "an unmanaged domain is never touched")
 }
@@ -170,13 +170,13 @@ func TestTeardownKeepsRecordWhenVolumeDeleteFails(t *testing.T) {
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	f.fail["StorageVolDelete"] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"}
-	_, err = c.Teardown(inst)
+	_, err = c.Teardown(inst, nil)
 	require.ErrorContains(t, err, "device busy")
 	assert.Contains(t, f.state(), "domain gci-r-1 running=false")
 	assert.Contains(t, f.state(), "volume ci/gci-r-1-vda.qcow2")
 
 	delete(f.fail, "StorageVolDelete")
-	_, err = c.Teardown(inst)
+	_, err = c.Teardown(inst, nil)
 	require.NoError(t, err)
 	assert.Empty(t, f.state())
 }
@@ -187,22 +187,59 @@ func TestTemplateXML(t *testing.T) {
 	c := &Conn{api: f}
 	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>tmpl</name></domain>`, 0)
 	require.NoError(t, err)
-	x, err := c.TemplateXML("tmpl")
+	x, marked, err := c.TemplateXML("tmpl")
 	require.NoError(t, err)
 	assert.Contains(t, x, "<name>tmpl</name>")
+	assert.False(t, marked, "no domain is a template until the operator marks it")
 
-	_, err = c.TemplateXML("nope")
+	require.NoError(t, c.MarkTemplate("tmpl", true))
+	_, marked, err = c.TemplateXML("tmpl")
+	require.NoError(t, err)
+	assert.True(t, marked)
+	list, err := c.Templates()
+	require.NoError(t, err)
+	assert.Equal(t, []TemplateInfo{{Name: "tmpl", Marked: true, Shutoff: true}}, list)
+	require.NoError(t, c.MarkTemplate("tmpl", false))
+	_, marked, err = c.TemplateXML("tmpl")
+	require.NoError(t, err)
+	assert.False(t, marked, "unmarked")
+
+	_, _, err = c.TemplateXML("nope")
 	assert.ErrorIs(t, err, ErrNoTemplate)
 
 	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: "tmpl"}))
-	_, err = c.TemplateXML("tmpl")
+	_, _, err = c.TemplateXML("tmpl")
+	assert.ErrorIs(t, err, ErrNotTemplate)
 	assert.ErrorContains(t, err, `template "tmpl" is not shut off`)
 
 	_, err = c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	require.NoError(t, f.DomainDestroyFlags(libvirt.Domain{Name: inst}, 0))
-	_, err = c.TemplateXML(inst)
-	assert.ErrorContains(t, err, "is a libvirt-gci instance, not a template")
+	_, _, err = c.TemplateXML(inst)
+	assert.ErrorIs(t, err, ErrNotTemplate)
+	assert.ErrorContains(t, c.MarkTemplate(inst, true), "is a libvirt-gci instance")
+	list, err = c.Templates()
+	require.NoError(t, err)
+	assert.Equal(t, []TemplateInfo{{Name: "tmpl"}}, list, "instances are not listed")
+}
+
+// Teardown leaves alone an instance its caller does not own, touching nothing.
+func TestTeardownAsksFirst(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	before := f.state()
+	var seen Metadata
+	_, err = c.Teardown(inst, func(m Metadata) error { seen = m; return errors.New("not yours") })
+	require.EqualError(t, err, "not yours")
+	assert.Equal(t, before, f.state())
+	assert.Equal(t, "p1", seen.PrepareID)
+	r, err := c.Teardown(inst, func(Metadata) error { return nil })
+	require.NoError(t, err)
+	assert.True(t, r.Domain)
+	assert.Empty(t, f.state())
 }
 
 // What prepare adds for the ssh transport, and what later stages read back.
@@ -229,7 +266,7 @@ func TestSSHMetadataAndForward(t *testing.T) {
 	assert.Equal(t, m, inst.Metadata)
 
 	// Teardown still finds the volumes through the new metadata.
-	r, err := c.Teardown(spec.Name)
+	r, err := c.Teardown(spec.Name, nil)
 	require.NoError(t, err)
 	assert.Len(t, r.Volumes, len(spec.Volumes))
 }

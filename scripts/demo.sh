@@ -11,13 +11,16 @@ trap 'rm -rf "$work"' EXIT
 
 export LIBVIRT_GCI_URI=${LIBVIRT_GCI_URI:-qemu:///system}
 export LIBVIRT_GCI_POOL=${LIBVIRT_GCI_POOL:-default}
-export LIBVIRT_GCI_TEMPLATES=${LIBVIRT_GCI_TEMPLATES:-tiny-*}
 export LIBVIRT_GCI_DEFAULT_TEMPLATE=${LIBVIRT_GCI_DEFAULT_TEMPLATE:-tiny-bookworm}
+# What the operator does once per template: let jobs clone it.
+"$bin" template mark "$LIBVIRT_GCI_DEFAULT_TEMPLATE"
 # What the runner sets for every stage:
 export BUILD_FAILURE_EXIT_CODE=1 SYSTEM_FAILURE_EXIT_CODE=2 TMPDIR=$work
 export BUILD_EXIT_CODE_FILE=$work/exit-code JOB_RESPONSE_FILE=$work/job.json
-export CUSTOM_ENV_CI_JOB_ID=$((RANDOM * 1000 + $$ % 1000)) CUSTOM_ENV_CI_PROJECT_PATH=demo/hello
-export CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN=demo CUSTOM_ENV_CI_CONCURRENT_ID=0
+job_id=$((RANDOM * 1000 + $$ % 1000))
+# The job response GitLab Runner writes: whose job it is (the job's variables cannot say).
+printf '{"id": %d, "job_info": {"project_id": 1, "project_full_path": "demo/hello"}, "runner_info": {"uuid": "demo"}}\n' "$job_id" >"$JOB_RESPONSE_FILE"
+export CUSTOM_ENV_CI_JOB_ID=$job_id CUSTOM_ENV_CI_PROJECT_PATH=demo/hello CUSTOM_ENV_CI_CONCURRENT_ID=0
 
 stage() { printf '\n\033[1m$ libvirt-gci %s\033[0m\n' "$*" >&2; "$bin" "$@"; }
 script() { printf '#!/usr/bin/env bash\nset -eo pipefail\n%s\n' "$2" >"$work/$1"; echo "$work/$1"; }

@@ -107,7 +107,7 @@ func requireFastLibvirt(t testing.TB, l *libvirt.Libvirt) {
 }
 
 // templateVariant is the test template's inactive XML as a new domain called name (no
-// UUID), with each edit applied: pairs of a regexp and its replacement.
+// UUID, no metadata), with each edit applied: pairs of a regexp and its replacement.
 func templateVariant(t testing.TB, l *libvirt.Libvirt, name string, edits ...string) string {
 	t.Helper()
 	require.Zero(t, len(edits)%2, "edits come in pairs")
@@ -115,7 +115,8 @@ func templateVariant(t testing.TB, l *libvirt.Libvirt, name string, edits ...str
 	require.NoError(t, err)
 	x, err := l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
 	require.NoError(t, err)
-	edits = append([]string{`(?s)<name>.*?</name>`, "<name>" + name + "</name>", `(?s)<uuid>.*?</uuid>`, ""}, edits...)
+	edits = append([]string{`(?s)<name>.*?</name>`, "<name>" + name + "</name>", `(?s)<uuid>.*?</uuid>`, "",
+		`(?s)<metadata>.*?</metadata>`, ""}, edits...) // not the test template's mark
 	for i := 0; i < len(edits); i += 2 {
 		x = regexp.MustCompile(edits[i]).ReplaceAllLiteralString(x, edits[i+1])
 	}
@@ -138,7 +139,16 @@ type gitlabJob struct {
 	l      *libvirt.Libvirt
 	dir    string
 	prefix string
+	jobID  string
 	env    map[string]string
+}
+
+// writeResponse writes the job response GitLab Runner would: whose job this is.
+func (j *gitlabJob) writeResponse(jobID, projectID, runnerUUID string) {
+	j.t.Helper()
+	body := fmt.Sprintf(`{"id": %s, "token": "glcbt-test-job-token", "job_info": {"project_id": %s, "project_full_path": "Group/My Project!", "instance_uuid": "e2e-gitlab"}, `+
+		`"runner_info": {"uuid": %q, "timeout": 3600}, "variables": []}`, jobID, projectID, runnerUUID)
+	require.NoError(j.t, os.WriteFile(j.env["JOB_RESPONSE_FILE"], []byte(body), 0o600))
 }
 
 var notPrefix = regexp.MustCompile(`[^a-z0-9]+`)
@@ -169,27 +179,26 @@ func newJobOver(t testing.TB, transport string) *gitlabJob {
 	t.Helper()
 	l := lv(t)
 	prefix, id := testPrefix(t)
-	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix}
 	jobID := fmt.Sprint(time.Now().UnixNano()%1e9*100 + id)
+	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix, jobID: jobID}
 	j.env = map[string]string{
-		"LIBVIRT_GCI_URI":                  testURI,
-		"LIBVIRT_GCI_POOL":                 testPool,
-		"LIBVIRT_GCI_PREFIX":               prefix,
-		"LIBVIRT_GCI_TEMPLATES":            "tiny-*",
-		"LIBVIRT_GCI_BOOT_TIMEOUT":         "3m",
-		"BUILD_FAILURE_EXIT_CODE":          "1",
-		"SYSTEM_FAILURE_EXIT_CODE":         "2",
-		"BUILD_EXIT_CODE_FILE":             filepath.Join(j.dir, "exit-code"),
-		"JOB_RESPONSE_FILE":                filepath.Join(j.dir, "response.json"),
-		"TMPDIR":                           j.dir,
-		"CUSTOM_ENV_CI_JOB_ID":             jobID,
-		"CUSTOM_ENV_CI_PROJECT_PATH":       "Group/My Project!",
-		"CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3stRunner",
-		"CUSTOM_ENV_CI_CONCURRENT_ID":      "0",
-		"CUSTOM_ENV_DISTRO":                testTmpl,
-		"LIBVIRT_GCI_TRANSPORT":            transport,
-		"LIBVIRT_GCI_SECRET_FILE":          filepath.Join(j.dir, "secret"),
+		"LIBVIRT_GCI_URI":             testURI,
+		"LIBVIRT_GCI_POOL":            testPool,
+		"LIBVIRT_GCI_PREFIX":          prefix,
+		"LIBVIRT_GCI_TEMPLATES":       "tiny-*",
+		"LIBVIRT_GCI_BOOT_TIMEOUT":    "3m",
+		"BUILD_FAILURE_EXIT_CODE":     "1",
+		"SYSTEM_FAILURE_EXIT_CODE":    "2",
+		"BUILD_EXIT_CODE_FILE":        filepath.Join(j.dir, "exit-code"),
+		"JOB_RESPONSE_FILE":           filepath.Join(j.dir, "response.json"),
+		"TMPDIR":                      j.dir,
+		"CUSTOM_ENV_CI_JOB_ID":        jobID,
+		"CUSTOM_ENV_CI_CONCURRENT_ID": "0",
+		"CUSTOM_ENV_DISTRO":           testTmpl,
+		"LIBVIRT_GCI_TRANSPORT":       transport,
+		"LIBVIRT_GCI_SECRET_FILE":     filepath.Join(j.dir, "secret"),
 	}
+	j.writeResponse(jobID, "77", "e2e-runner")
 	t.Cleanup(func() { assertNothingLeft(t, l, prefix) })
 	return j
 }
@@ -320,11 +329,9 @@ func assertNothingLeft(t testing.TB, l *libvirt.Libvirt, prefix string) {
 func TestConfigPrintsOnlyJSON(t *testing.T) {
 	t.Parallel()
 	require.NoError(t, buildErr)
-	j := &gitlabJob{t: t, dir: t.TempDir(), env: map[string]string{
-		"CUSTOM_ENV_CI_JOB_ID":             "4242",
-		"CUSTOM_ENV_CI_PROJECT_PATH":       "Group/My Project!",
-		"CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "abcd1234",
-	}}
+	j := &gitlabJob{t: t, dir: t.TempDir()}
+	j.env = map[string]string{"JOB_RESPONSE_FILE": filepath.Join(j.dir, "response.json")}
+	j.writeResponse("4242", "77", "abcd1234")
 	r := j.stage("config")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, r.stderr)
@@ -334,7 +341,7 @@ func TestConfigPrintsOnlyJSON(t *testing.T) {
 	assert.Equal(t, "/cache", cfg["cache_dir"])
 	assert.Equal(t, false, cfg["builds_dir_is_shared"])
 	assert.Equal(t, "bash", cfg["shell"])
-	assert.Equal(t, "gci-abcd1234-4242-group-my-project", cfg["hostname"])
+	assert.Regexp(t, `^gci-4242-group-my-project-[0-9a-f]{12}$`, cfg["hostname"])
 	assert.Equal(t, "libvirt-gci", cfg["driver"].(map[string]any)["name"])
 }
 
@@ -504,8 +511,8 @@ func TestPrepareRejectsTemplates(t *testing.T) {
 		name, distro, image, want string
 	}{
 		{"unknown", "tiny-does-not-exist", "", `template "tiny-does-not-exist": no such template`},
-		{"not allowed", "debian-12", "", `template "debian-12" (from CUSTOM_ENV_DISTRO) is not allowed on this runner; allowed: tiny-*`},
-		{"not allowed image", "", "alpine:3.20", `template "alpine:3.20" (from CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)) is not allowed`},
+		{"not offered", "debian-12", "", `template "debian-12" (from CUSTOM_ENV_DISTRO) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES`},
+		{"not offered image", "", "alpine:3.20", `template "alpine:3.20" (from CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)) is not offered on this runner`},
 		{"path", "../../etc/passwd", "", `template name "../../etc/passwd" is invalid`},
 		{"glob", "tiny-*", "", `template name "tiny-*" is invalid`},
 		{"shell", "tiny;rm -rf /", "", `template name "tiny;rm -rf /" is invalid`},
@@ -519,6 +526,9 @@ func TestPrepareRejectsTemplates(t *testing.T) {
 			assert.Equal(t, 2, r.code, "SYSTEM_FAILURE_EXIT_CODE")
 			assert.Contains(t, r.stderr, tc.want)
 			assert.Equal(t, 1, strings.Count(r.stderr, "\n"), "one line: %q", r.stderr)
+			if tc.distro != "tiny-*" {
+				assert.NotContains(t, r.stderr, "tiny-*", "the operator's settings stay out of the job log")
+			}
 			assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare created something")
 		})
 	}
@@ -529,7 +539,7 @@ func TestPrepareRejectsTemplates(t *testing.T) {
 func TestPrepareRejectsTemplateWithoutAgent(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
-	name := "tiny-noagent-" + j.env["CUSTOM_ENV_CI_JOB_ID"]
+	name := "tiny-noagent-" + j.jobID
 	j.defineTemplate(name, `(?s)<channel type='unix'>.*?</channel>`, "")
 	r := j.stage("prepare")
 	assert.Equal(t, 2, r.code)
@@ -582,12 +592,12 @@ func testPrepareSIGTERMRollsBack(t *testing.T, j *gitlabJob) {
 	assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare left things behind after SIGTERM:\n%s", stderr.String())
 }
 
-// Manual use, as with the Python libvirt-gci: no CUSTOM_ENV_* at all.
+// Manual use, as with the Python libvirt-gci: no runner, no CUSTOM_ENV_* at all.
 func TestManualUse(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
 	for k := range j.env {
-		if strings.HasPrefix(k, "CUSTOM_ENV_") || k == "BUILD_EXIT_CODE_FILE" {
+		if strings.HasPrefix(k, "CUSTOM_ENV_") || k == "BUILD_EXIT_CODE_FILE" || k == "JOB_RESPONSE_FILE" {
 			delete(j.env, k)
 		}
 	}

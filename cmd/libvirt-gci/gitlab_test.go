@@ -124,9 +124,9 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	j := &fakeJob{ID: id, Token: token, done: make(chan struct{}), Payload: map[string]any{
 		"id":          id,
 		"token":       token,
-		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": 42, "project_name": "hello"},
+		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": 42, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
 		"git_info":    map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)},
-		"runner_info": map[string]any{"timeout": s.Timeout},
+		"runner_info": map[string]any{"timeout": s.Timeout, "uuid": "fake-runner"},
 		"variables":   vars,
 		"steps":       steps,
 		"features": map[string]any{

@@ -39,8 +39,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	_ = envconfig.Process("", &renv) // string fields only: cannot fail
 	codes := renv.Codes()
 
-	var job executor.Job
-	_ = envconfig.Process("CUSTOM_ENV", &job)
+	job := executor.JobFromEnv(os.LookupEnv)
+	// Set by GitLab Runner, unprefixed: no job can set or change it. Whose job it is, and
+	// so which instance a stage may touch, comes from that file alone.
+	responseFile := os.Getenv("JOB_RESPONSE_FILE")
+	inJob := responseFile != ""
 
 	var log *slog.Logger
 	var exec *executor.Executor
@@ -60,6 +63,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			Transport:       c.String("transport"),
 			SSHUser:         c.String("ssh-user"),
 			SecretFile:      c.String("secret-file"),
+			AllowHostAccess: c.Bool("allow-host-access"),
 		}
 		if err := s.Validate(); err != nil {
 			return err
@@ -80,13 +84,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "uri", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_GCI_URI"}, Usage: "libvirt connection `URI`"},
 			&cli.StringFlag{Name: "pool", Value: "default", EnvVars: []string{"LIBVIRT_GCI_POOL"}, Usage: "storage `POOL` that receives instance overlays"},
-			&cli.StringFlag{Name: "templates", Value: "*", EnvVars: []string{"LIBVIRT_GCI_TEMPLATES"}, Usage: "comma-separated glob `PATTERNS` of templates a job may pick"},
+			&cli.StringFlag{Name: "templates", EnvVars: []string{"LIBVIRT_GCI_TEMPLATES"}, Usage: "comma-separated glob `PATTERNS` of domains a job may clone besides those marked with `template mark`"},
 			&cli.StringFlag{Name: "default-template", EnvVars: []string{"LIBVIRT_GCI_DEFAULT_TEMPLATE"}, Usage: "`TEMPLATE` used when the job names none"},
 			&cli.StringFlag{Name: "prefix", Value: "gci-", EnvVars: []string{"LIBVIRT_GCI_PREFIX"}, Usage: "name `PREFIX` of managed instances"},
 			&cli.DurationFlag{Name: "boot-timeout", Value: 5 * time.Minute, EnvVars: []string{"LIBVIRT_GCI_BOOT_TIMEOUT"}, Usage: "how long prepare waits for the guest"},
 			&cli.StringFlag{Name: "transport", Value: executor.TransportAgent, EnvVars: []string{"LIBVIRT_GCI_TRANSPORT"}, Usage: "how stages reach the guest: `agent` or ssh"},
 			&cli.StringFlag{Name: "ssh-user", Value: "root", EnvVars: []string{"LIBVIRT_GCI_SSH_USER"}, Usage: "guest `USER` jobs run as over ssh"},
 			&cli.StringFlag{Name: "secret-file", Value: defaultSecretFile(), EnvVars: []string{"LIBVIRT_GCI_SECRET_FILE"}, Usage: "host secret `FILE` that instance ssh keys are derived from (made 0600 on first use)"},
+			&cli.BoolFlag{Name: "allow-host-access", EnvVars: []string{"LIBVIRT_GCI_ALLOW_HOST_ACCESS"}, Usage: "let templates give jobs host devices, host directory shares, shared writable disks and the like"},
 			&cli.BoolFlag{Name: "debug", EnvVars: []string{"LIBVIRT_GCI_DEBUG"}, Usage: "debug logging on stderr"},
 		},
 		Before: setup,
@@ -96,7 +101,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				Usage: "print the custom executor configuration (config_exec)",
 				Flags: []cli.Flag{machineFlag},
 				Action: func(c *cli.Context) error {
-					t, err := exec.TargetFor(c.String("machine"), job)
+					t, err := exec.TargetFor(c.String("machine"), responseFile)
 					if err != nil {
 						return err
 					}
@@ -116,17 +121,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 						return err
 					}
 					machine := c.String("machine")
-					if machine == "" && !job.InJob() {
+					if machine == "" && !inJob {
 						machine = exec.Settings.Prefix + "manual-" + randomSuffix()
 					}
-					t, err := exec.TargetFor(machine, job)
+					t, err := exec.TargetFor(machine, responseFile)
 					if err != nil {
 						return err
 					}
 					if err := exec.Prepare(c.Context, t, tmpl); err != nil {
 						return err
 					}
-					if !job.InJob() {
+					if !inJob {
 						fmt.Fprintln(stdout, t.Name) // by hand: say which machine to use
 					}
 					return nil
@@ -153,7 +158,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					if len(args) == 1 {
 						stage = args[0]
 					}
-					t, err := exec.TargetFor(c.String("machine"), job)
+					t, err := exec.TargetFor(c.String("machine"), responseFile)
 					if err != nil {
 						return err
 					}
@@ -161,11 +166,34 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				},
 			},
 			{
+				Name:  "template",
+				Usage: "mark the domains jobs may clone (by hand, as the operator)",
+				Subcommands: []*cli.Command{
+					{
+						Name:      "mark",
+						Usage:     "let jobs clone the shut-off domain NAME",
+						ArgsUsage: "NAME...",
+						Action:    func(c *cli.Context) error { return exec.MarkTemplates(c.Context, c.Args().Slice(), true) },
+					},
+					{
+						Name:      "unmark",
+						Usage:     "stop jobs from cloning NAME (unless LIBVIRT_GCI_TEMPLATES matches it)",
+						ArgsUsage: "NAME...",
+						Action:    func(c *cli.Context) error { return exec.MarkTemplates(c.Context, c.Args().Slice(), false) },
+					},
+					{
+						Name:   "list",
+						Usage:  "list the domains that could be templates, and which ones jobs may clone",
+						Action: func(c *cli.Context) error { return exec.ListTemplates(c.Context) },
+					},
+				},
+			},
+			{
 				Name:  "cleanup",
 				Usage: "remove the instance and its volumes (cleanup_exec)",
 				Flags: []cli.Flag{machineFlag},
 				Action: func(c *cli.Context) error {
-					t, err := exec.TargetFor(c.String("machine"), job)
+					t, err := exec.TargetFor(c.String("machine"), responseFile)
 					if err != nil {
 						return err
 					}

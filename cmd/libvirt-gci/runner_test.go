@@ -256,7 +256,7 @@ func testRunnerDisallowedTemplate(t *testing.T, h *runnerHost) {
 
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Equal(t, "runner_system_failure", final.FailureReason)
-	msg := `template "windows-11" (from CUSTOM_ENV_DISTRO) is not allowed on this runner; allowed: tiny-*`
+	msg := `template "windows-11" (from CUSTOM_ENV_DISTRO) is not offered on this runner`
 	assert.Equal(t, 3, strings.Count(trace, msg), "prepare tried three times:\n%s", trace)
 	assert.False(t, hasLine(trace, "never"))
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
@@ -335,12 +335,16 @@ func TestRunnerCancel(t *testing.T) {
 }
 
 // Two jobs at once with concurrent = 2 and limit = 2 (the README's config.toml, run by
-// `gitlab-runner run` as a service would): both succeed, each in its own VM.
+// `gitlab-runner run` as a service would): both succeed, each in its own VM. The second
+// job claims to be the first (its variables: set the first's CI_JOB_ID and project),
+// which must not get it the first's VM.
 func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobsAtOnce) }
 
 func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
-	script := []string{`echo "job $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $CI_JOB_ID"`}
-	a, b := h.gl.add(jobSpec{Script: script}), h.gl.add(jobSpec{Script: script})
+	script := []string{`echo "job $WHO: $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $WHO in $(cat /proc/sys/kernel/random/boot_id)"`}
+	a := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "a"}})
+	b := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "b",
+		"CI_JOB_ID": fmt.Sprint(a.ID), "CI_PROJECT_PATH": "group/hello", "CI_PROJECT_ID": "42"}})
 	p := h.start("run", "-c", h.config, "--working-directory", filepath.Dir(h.config))
 
 	// Watch libvirt: which instances exist, and how many at once.
@@ -372,11 +376,16 @@ func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGQUIT)) // stop after the running builds
 	p.wait(t, time.Minute)
 
-	for _, j := range []*fakeJob{a, b} {
+	boots := map[string]bool{}
+	for who, j := range map[string]*fakeJob{"a": a, "b": b} {
 		final, trace := h.gl.Final(j), h.gl.Trace(j)
 		assert.Equal(t, "success", final.State, trace)
-		assert.True(t, hasLine(trace, fmt.Sprintf("done %d", j.ID)))
+		m := regexp.MustCompile(`(?m)^done ` + who + ` in ([0-9a-f-]+)`).FindStringSubmatch(trace)
+		if assert.NotNil(t, m, trace) {
+			boots[m[1]] = true
+		}
 	}
+	assert.Len(t, boots, 2, "each job ran in a VM of its own")
 	assert.Equal(t, 2, most, "both jobs' VMs ran at the same time")
 	assert.Len(t, seen, 2, "one VM per job: %v", seen)
 	aTaken, aFinished := h.gl.times(a)

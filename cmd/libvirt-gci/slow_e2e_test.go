@@ -83,7 +83,7 @@ func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	q := newSlowQEMU(t)
 
 	// A template like the test template, on the slow QEMU.
-	j.defineTemplate("tiny-slowqemu-"+j.env["CUSTOM_ENV_CI_JOB_ID"], `(?s)<emulator>.*?</emulator>`, "<emulator>"+q.bin+"</emulator>")
+	j.defineTemplate("tiny-slowqemu-"+j.jobID, `(?s)<emulator>.*?</emulator>`, "<emulator>"+q.bin+"</emulator>")
 
 	q.slowDown(t)
 	cmd := exec.Command(binPath, "prepare")

@@ -1,0 +1,89 @@
+package executor
+
+import (
+	"context"
+	"fmt"
+	"path"
+	"text/tabwriter"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
+)
+
+// MarkTemplates marks the named domains as templates jobs may clone, or takes the mark
+// away. This is the operator's: it is never run by a stage.
+func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool) error {
+	if len(names) == 0 {
+		return &InputError{"no domain named: usage: libvirt-gci template mark|unmark NAME..."}
+	}
+	for _, n := range names {
+		if err := checkTemplateName(n); err != nil {
+			return err
+		}
+	}
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	for _, n := range names {
+		if err := conn.MarkTemplate(n, mark); err != nil {
+			return err
+		}
+		if mark {
+			e.Log.Info(fmt.Sprintf("marked %s as a template: jobs may clone it", n))
+		} else {
+			e.Log.Info(fmt.Sprintf("unmarked %s", n))
+		}
+	}
+	return nil
+}
+
+// ListTemplates prints every defined domain that is not an instance, and whether jobs
+// may clone it.
+func (e *Executor) ListTemplates(ctx context.Context) error {
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	list, err := conn.Templates()
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(e.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tSTATE\tJOBS MAY CLONE IT")
+	for _, t := range list {
+		state := "shut off"
+		if !t.Shutoff {
+			state = "running"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", t.Name, state, e.offered(t))
+	}
+	return w.Flush()
+}
+
+func (e *Executor) offered(t provision.TemplateInfo) string {
+	why := ""
+	switch {
+	case t.Marked:
+		why = "yes (marked)"
+	case e.Settings.listed(t.Name):
+		why = "yes (LIBVIRT_GCI_TEMPLATES)"
+	default:
+		return "no"
+	}
+	if !t.Shutoff {
+		why += ", once shut off"
+	}
+	return why
+}
+
+// listed tells whether LIBVIRT_GCI_TEMPLATES matches name.
+func (s Settings) listed(name string) bool {
+	for _, p := range s.Templates {
+		if ok, _ := path.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
+}
