@@ -50,8 +50,9 @@ type api interface {
 // creates something (a define, an overlay, a start) before it drops the connection.
 // libvirtd carries out a call it has received whether or not the client is still there,
 // so dropping the connection at once would leave the caller unable to know, and undo,
-// what the call made.
-const CancelGrace = 2 * time.Minute
+// what the call made. A healthy libvirtd answers in milliseconds; the bound is short
+// because the runner wants a cancelled stage gone within seconds.
+const CancelGrace = 3 * time.Second
 
 // Conn is a connection to libvirtd.
 type Conn struct {

@@ -17,6 +17,8 @@ var (
 	ErrNoTemplate = errors.New("no such template")
 	// ErrNotManaged: the domain exists but was not created by libvirt-gci; it is never touched.
 	ErrNotManaged = errors.New("not a libvirt-gci instance")
+	// ErrNoInstance: no domain has the instance's name.
+	ErrNoInstance = errors.New("no such instance")
 	// ErrNotTemplate: the domain exists but cannot be a template (it runs, or is an instance).
 	ErrNotTemplate = errors.New("not usable as a template")
 )
@@ -148,6 +150,9 @@ type Instance struct {
 // did not create.
 func (c *Conn) Lookup(name string) (Instance, error) {
 	dom, err := c.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) {
+		return Instance{}, fmt.Errorf("no instance %q: %w", name, ErrNoInstance)
+	}
 	if err != nil {
 		return Instance{}, fmt.Errorf("look up instance %q: %w", name, err)
 	}

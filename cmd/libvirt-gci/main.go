@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -27,9 +28,14 @@ import (
 var version = ""
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		name := map[os.Signal]string{syscall.SIGINT: "SIGINT", syscall.SIGTERM: "SIGTERM"}[<-sigs]
+		cancel(fmt.Errorf("cancelled by %s", name))
+	}()
 	code := run(ctx, os.Args, os.Stdout, os.Stderr)
-	stop()
 	os.Exit(code)
 }
 
@@ -204,6 +210,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 
 	err := app.RunContext(ctx, args)
+	if cause := context.Cause(ctx); err != nil && cause != nil && !strings.Contains(err.Error(), cause.Error()) {
+		err = fmt.Errorf("%w (%v)", err, cause) // why a call in flight was interrupted
+	}
 	if err != nil {
 		var bf *executor.BuildFailure
 		if log == nil {

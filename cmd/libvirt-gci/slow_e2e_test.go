@@ -1,10 +1,10 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,9 +74,10 @@ func (q *slowQEMU) probes() (started, finished int) {
 }
 
 // The runner's SIGTERM (a cancel, a timeout) reaches prepare while libvirtd is still
-// working on its define. Prepare waits for libvirt's answer, removes the domain it made
-// and exits; nothing is left, even after libvirtd is done. Before, prepare dropped the
-// call, its rollback found no domain yet, and the define landed afterwards: a leaked VM.
+// working on its define, slowly (8 s). Prepare waits for libvirt's answer only for
+// provision.CancelGrace, so that it exits within 5 s of the SIGTERM; it then says that
+// the define's outcome is unknown and how to remove what it made. The define lands
+// later, and the runner's cleanup stage, which follows a failed prepare, removes it.
 func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
@@ -97,26 +98,28 @@ func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	require.Eventually(t, func() bool { n, _ := q.probes(); return n > 0 }, 2*time.Minute, 20*time.Millisecond,
 		"prepare's define never made libvirt probe QEMU; stderr:\n%s", stderr.String())
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM)) // the define is in libvirtd now
+	sent := time.Now()
 
 	select {
 	case err := <-exited:
 		ee, ok := err.(*exec.ExitError)
 		require.True(t, ok, "want a failure exit, got %v; stderr:\n%s", err, stderr.String())
 		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
-	case <-time.After(3 * time.Minute):
+		assert.Less(t, time.Since(sent), 5*time.Second, "exit within 5 s of SIGTERM")
+	case <-time.After(time.Minute):
 		_ = cmd.Process.Kill()
-		t.Fatalf("prepare did not exit within 3 min of SIGTERM; stderr:\n%s", stderr.String())
+		t.Fatalf("prepare did not exit within a minute of SIGTERM; stderr:\n%s", stderr.String())
 	}
-	_, finished := q.probes()
-	assert.Positive(t, finished, "prepare exited before libvirt answered its define")
-	inst := j.prefix
-	assert.Regexp(t, `libvirt took \d+\.\d s for the define of `+regexp.QuoteMeta(inst), stderr.String(), "the slow define is named")
-	assert.Regexp(t, `removed `+regexp.QuoteMeta(inst)+`\S* and 0 volumes`, stderr.String(), "the rollback removed the domain")
+	inst := j.instance()
+	assert.Contains(t, stderr.String(), fmt.Sprintf("define %q: outcome unknown: libvirt did not answer within 3s of the cancel; "+
+		"if the call completes later, `libvirt-gci cleanup --machine %s` removes what it made", inst, inst))
 
 	// Wait until libvirtd is done with the slow QEMU (no probe running, none for 5 s: one
-	// define probes twice, 2 s apart), then look again: a define that landed after prepare
-	// exited would show now.
+	// define probes twice, 2 s apart); the define has landed by then. The runner's
+	// cleanup removes it.
 	require.Eventually(t, q.idle, 3*time.Minute, 100*time.Millisecond)
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, leftovers(t, j.l, j.prefix), "stderr:\n%s", stderr.String())
 }
 
@@ -153,7 +156,9 @@ func TestRunSIGTERMWithStalledLibvirtd(t *testing.T) {
 		ee, ok := err.(*exec.ExitError)
 		require.True(t, ok, "want a failure exit, got %v; output:\n%s", err, output.String())
 		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
-		t.Logf("run exited %.1f s after SIGTERM with libvirtd stopped", time.Since(sent).Seconds())
+		took := time.Since(sent)
+		assert.Less(t, took, 5*time.Second, "exit within 5 s of SIGTERM")
+		t.Logf("run exited %.1f s after SIGTERM with libvirtd stopped", took.Seconds())
 	case <-time.After(2 * time.Minute):
 		resume()
 		_ = cmd.Process.Kill()
