@@ -2,6 +2,7 @@ package executor
 
 import (
 	"fmt"
+	"net/url"
 	"path"
 	"path/filepath"
 	"regexp"
@@ -68,6 +69,9 @@ func (s Settings) Validate() error {
 		}
 		if !filepath.IsAbs(s.SecretFile) {
 			return fmt.Errorf("LIBVIRT_GCI_SECRET_FILE %q is invalid; want an absolute path", s.SecretFile)
+		}
+		if u, err := url.Parse(s.URI); err == nil && u.Host != "" && u.Hostname() != "localhost" && u.Hostname() != "127.0.0.1" {
+			return fmt.Errorf("LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the remote libvirt %s (their SSH ports are forwarded on that host's 127.0.0.1, not this one's); use LIBVIRT_GCI_TRANSPORT=agent", s.URI)
 		}
 	default:
 		return fmt.Errorf("LIBVIRT_GCI_TRANSPORT %q is invalid; want agent or ssh", s.Transport)

@@ -29,12 +29,14 @@ const (
 	CacheDir  = "/cache"
 )
 
-// teardownTime bounds a cleanup or a rollback, which run even after a cancel.
+// teardownTime bounds a cleanup or a rollback.
 const teardownTime = 2 * time.Minute
 
-// runAfterCancel bounds what a run stage does after its cancel (kill the script, read
-// the last of its output, remove its files; seconds on a healthy host).
-const runAfterCancel = 30 * time.Second
+// AfterCancel bounds what a stage still does after the runner's SIGTERM: a run stage kills
+// its script, reads the last of its output and removes its files; prepare removes what it
+// made; cleanup goes on removing. Well under a second on a healthy host; a stalled
+// libvirtd or guest gets no more than this, so that every stage exits within 5 s.
+const AfterCancel = 4 * time.Second
 
 // lingering returns a context that ends d after ctx does.
 func lingering(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
@@ -110,6 +112,9 @@ func (e *Executor) Config(t Target) error {
 // On any failure it removes what it created.
 func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err error) {
 	begin := time.Now()
+	// The rollback runs after a cancel, but not for long.
+	after, cancelAfter := lingering(ctx, AfterCancel)
+	defer cancelAfter()
 	conn, err := provision.Connect(ctx, e.Settings.URI)
 	if err != nil {
 		return err
@@ -162,7 +167,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err er
 	// nothing another prepare of the same name made meanwhile.
 	defer func() {
 		if err != nil {
-			e.rollback(ctx, t.Name, prepareID)
+			e.rollback(after, t.Name, prepareID)
 		}
 	}()
 	tm, err := conn.Create(ctx, spec)
@@ -312,8 +317,8 @@ func sshNetArgs(slot int) []string {
 }
 
 // rollback removes a half-made instance: only the one this prepare (prepareID) made. It
-// runs after ctx may have ended, on a connection of its own (the prepare connection
-// closes with ctx).
+// runs on a connection of its own (the prepare connection closes with the cancel), with
+// ctx ending AfterCancel after the cancel.
 func (e *Executor) rollback(ctx context.Context, name, prepareID string) {
 	err := e.teardown(ctx, name, func(m provision.Metadata) error {
 		if m.PrepareID != prepareID {
@@ -327,7 +332,7 @@ func (e *Executor) rollback(ctx context.Context, name, prepareID string) {
 }
 
 func (e *Executor) teardown(ctx context.Context, name string, allow func(provision.Metadata) error) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), teardownTime)
+	ctx, cancel := context.WithTimeoutCause(ctx, teardownTime, fmt.Errorf("teardown took longer than %s", teardownTime))
 	defer cancel()
 	start := time.Now()
 	conn, err := provision.Connect(ctx, e.Settings.URI)
@@ -356,7 +361,7 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	}
 	// The connection must outlive a cancel: killing the script in the guest needs it. But
 	// not for long: a stalled libvirtd must not keep a cancelled stage alive.
-	cctx, cancel := lingering(ctx, runAfterCancel)
+	cctx, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
 	conn, err := provision.Connect(cctx, e.Settings.URI)
 	if err != nil {
@@ -364,8 +369,11 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	}
 	defer conn.Close()
 	inst, err := conn.Lookup(t.Name)
-	if err != nil {
+	if errors.Is(err, provision.ErrNoInstance) {
 		return fmt.Errorf("%s: %w (was prepare run?)", stage, err)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", stage, err)
 	}
 	if err := t.mine(inst.Metadata); err != nil {
 		return fmt.Errorf("%s: %w", stage, err)
@@ -403,7 +411,9 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 // Cleanup removes the instance and its volumes. It finishes even after a cancel, and is
 // idempotent: a missing or half-made instance is fine.
 func (e *Executor) Cleanup(ctx context.Context, t Target) error {
-	err := e.teardown(ctx, t.Name, t.mine)
+	after, cancel := lingering(ctx, AfterCancel)
+	defer cancel()
+	err := e.teardown(after, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
 	}

@@ -188,6 +188,11 @@ func TestSettingsValidate(t *testing.T) {
 	ssh := settings()
 	ssh.Transport = TransportSSH
 	require.NoError(t, ssh.Validate())
+	ssh.URI = "qemu+ssh://localhost/system"
+	require.NoError(t, ssh.Validate(), "a local host by another way")
+	remote := settings()
+	remote.URI = "qemu+tls://hv1.example.com/system"
+	require.NoError(t, remote.Validate(), "the agent reaches guests on any libvirt")
 	for _, tc := range []struct {
 		mut  func(*Settings)
 		want string
@@ -203,6 +208,8 @@ func TestSettingsValidate(t *testing.T) {
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "root;id" }, `LIBVIRT_GCI_SSH_USER "root;id" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "-oProxyCommand" }, `LIBVIRT_GCI_SSH_USER "-oProxyCommand" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SecretFile = "secret" }, `LIBVIRT_GCI_SECRET_FILE "secret" is invalid; want an absolute path`},
+		{func(s *Settings) { s.Transport = TransportSSH; s.URI = "qemu+ssh://hv1.example.com/system" },
+			"LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the remote libvirt qemu+ssh://hv1.example.com/system"},
 	} {
 		s := settings()
 		tc.mut(&s)

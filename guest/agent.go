@@ -24,17 +24,21 @@ type AgentAPI interface {
 }
 
 const (
-	agentTimeout = 10 // seconds libvirt waits for one agent reply
+	// agentTimeout is how long libvirt waits for one agent reply, in seconds. A guest
+	// starved of CPU (software emulation on a busy host) can take 10 s and more to answer
+	// and is still healthy; one that takes longer than this is taken for frozen.
+	agentTimeout = 60
 	pingTimeout  = 2
 	chunk        = 512 << 10 // bytes per guest-file-read/-write; well under libvirt's message cap
 	pollMin      = 40 * time.Millisecond
 	pollMax      = 250 * time.Millisecond
-	killGrace    = 3 * time.Second
+	killGrace    = 2 * time.Second
 )
 
 // cleanupTime bounds the work Run does after its context ends (killing the script,
-// removing its files); that time starts when the cleanup does.
-var cleanupTime = 20 * time.Second
+// removing its files); that time starts when the cleanup does. The runner wants a
+// cancelled stage gone within 5 s, whatever the guest does.
+var cleanupTime = 3500 * time.Millisecond
 
 func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)

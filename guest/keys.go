@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
 )
@@ -67,6 +68,16 @@ func readSecret(path string) ([]byte, error) {
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("secret file %s has mode %04o: others can read it; it must be 0600 (chmod 600 %s)", path, perm, path)
 	}
+	if err := trustedOwner(path, fi, false); err != nil {
+		return nil, err
+	}
+	dir, err := os.Stat(filepath.Dir(path))
+	if err != nil {
+		return nil, fmt.Errorf("secret file: %w", err)
+	}
+	if err := trustedOwner(filepath.Dir(path), dir, true); err != nil {
+		return nil, err
+	}
 	buf := make([]byte, 2*secretSize+2)
 	n, _ := f.Read(buf)
 	s, err := hex.DecodeString(strings.TrimSpace(string(buf[:n])))
@@ -74,6 +85,28 @@ func readSecret(path string) ([]byte, error) {
 		return nil, fmt.Errorf("secret file %s: want %d hex-encoded bytes", path, secretSize)
 	}
 	return s, nil
+}
+
+// trustedOwner refuses a secret file, or its directory, that another user could have
+// planted or replaced: the file must be ours; the directory ours or root's, and writable
+// by no one else.
+func trustedOwner(path string, fi fs.FileInfo, isDir bool) error {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	me := uint32(os.Geteuid())
+	what := "secret file"
+	if isDir {
+		what = "directory of the secret file"
+	}
+	if st.Uid != me && !(isDir && st.Uid == 0) {
+		return fmt.Errorf("%s %s belongs to uid %d, not to this user (uid %d); refusing a secret another user could have planted", what, path, st.Uid, me)
+	}
+	if isDir && fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("%s %s has mode %04o: other users can replace the secret in it; make it 0700 (chmod 700 %s)", what, path, fi.Mode().Perm(), path)
+	}
+	return nil
 }
 
 // ClientKey derives an instance's SSH client key from the host secret and the instance's

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -18,6 +20,17 @@ const (
 	sshPollMin          = 50 * time.Millisecond
 	sshPollMax          = 250 * time.Millisecond
 )
+
+// Keepalives: while a script runs, the connection is probed every KeepaliveInterval; a
+// guest that has not answered for KeepaliveTimeout (suspended, frozen, dead, its network
+// gone) fails the stage. A guest starved of CPU still answers within seconds.
+var (
+	KeepaliveInterval = 5 * time.Second
+	KeepaliveTimeout  = 30 * time.Second
+)
+
+// ErrGuestSilent: the guest stopped answering the transport's keepalives.
+var ErrGuestSilent = errors.New("the guest stopped answering")
 
 // SSH reaches a guest over SSH, with a per-instance client key and the host key pinned
 // at prepare. It keeps nothing open between calls.
@@ -144,13 +157,13 @@ rm -rf "$d"
 exit $rc`
 
 // sshKill runs as `/bin/sh -c sshKill gci ID` in a second session: it ends the process
-// group of the wrapper with that ID, TERM first and KILL after 3 s, and removes its
+// group of the wrapper with that ID, TERM first and KILL after 2 s, and removes its
 // directory. (OpenSSH's own "signal" request is not honoured by every sshd.)
 const sshKill = `d="${TMPDIR:-/tmp}/libvirt-gci.$1"
 p=$(cat "$d/pid" 2>/dev/null) || exit 0
 kill -TERM -"$p" 2>/dev/null
 i=0
-while [ $i -lt 30 ] && kill -0 -"$p" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+while [ $i -lt 20 ] && kill -0 -"$p" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
 kill -KILL -"$p" 2>/dev/null
 rm -rf "$d"
 true`
@@ -174,9 +187,11 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 		return ExitStatus{}, err
 	}
 	defer c.Close()
+	silent := keepalive(c)
+	defer silent.stop()
 	sess, err := c.NewSession()
 	if err != nil {
-		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
+		return ExitStatus{}, silent.or(fmt.Errorf("ssh session: %w", err))
 	}
 	defer sess.Close()
 	sess.Stdout, sess.Stderr = stdout, stderr
@@ -197,17 +212,19 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 
 	select {
 	case err := <-done:
-		return sshStatus(err)
+		st, err := sshStatus(err)
+		return st, silent.or(err)
 	case <-ctx.Done():
 	}
 	// Cancelled: end the script's process group from a second session, then let the
-	// first one finish delivering output.
+	// first one finish delivering output. A guest that does not answer gets the
+	// connection closed under it when cctx ends.
 	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
+	stop := context.AfterFunc(cctx, func() { _ = c.Close() })
+	defer stop()
 	if k, err := c.NewSession(); err == nil {
-		stop := context.AfterFunc(cctx, func() { _ = c.Close() })
 		_ = k.Run(shCommand(sshKill, id))
-		stop()
 		_ = k.Close()
 	}
 	select {
@@ -218,6 +235,9 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 }
 
 // sshStatus maps the end of a session to the script's exit status or a transport error.
+// A signal that ends the script's shell is the script's exit status, as over the agent
+// (128+signal, as shells report it): a script that kills its own process group, or is
+// killed by the guest's OOM killer, failed the build, not the system.
 func sshStatus(err error) (ExitStatus, error) {
 	var ee *ssh.ExitError
 	switch {
@@ -227,9 +247,67 @@ func sshStatus(err error) (ExitStatus, error) {
 		return ExitStatus{Code: ee.ExitStatus()}, nil
 	case errors.As(err, &ee) && ee.Signal() == "USR1":
 		return ExitStatus{}, fmt.Errorf("could not set up the script in the guest: %s", strings.TrimSpace(ee.Msg()))
+	case errors.As(err, &ee) && signalNumbers[ee.Signal()] != 0:
+		n := signalNumbers[ee.Signal()]
+		return ExitStatus{Code: 128 + n, Signal: n}, nil
 	case errors.As(err, &ee):
 		return ExitStatus{}, fmt.Errorf("the script's shell in the guest was killed by SIG%s", ee.Signal())
 	default:
 		return ExitStatus{}, fmt.Errorf("ssh session lost: %w", err)
 	}
+}
+
+// signalNumbers are Linux's numbers of the signals SSH names (RFC 4254, 6.10).
+var signalNumbers = map[string]int{"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "ABRT": 6, "FPE": 8, "KILL": 9,
+	"USR2": 12, "SEGV": 11, "PIPE": 13, "ALRM": 14, "TERM": 15}
+
+// watchdog is a connection's keepalive: it closes the connection once the guest has not
+// answered for KeepaliveTimeout, and then says so instead of the error that caused.
+type watchdog struct {
+	quit   chan struct{}
+	once   sync.Once
+	silent atomic.Bool
+}
+
+func keepalive(c *ssh.Client) *watchdog {
+	w := &watchdog{quit: make(chan struct{})}
+	answered := make(chan struct{}, 1)
+	go func() {
+		tick := time.NewTicker(KeepaliveInterval)
+		defer tick.Stop()
+		last := time.Now()
+		for {
+			select {
+			case <-w.quit:
+				return
+			case <-answered:
+				last = time.Now()
+			case <-tick.C:
+				if time.Since(last) >= KeepaliveTimeout {
+					w.silent.Store(true)
+					_ = c.Close()
+					return
+				}
+				go func() { // blocks until the guest answers, or the connection closes
+					if _, _, err := c.SendRequest("keepalive@openssh.com", true, nil); err == nil {
+						select {
+						case answered <- struct{}{}:
+						default:
+						}
+					}
+				}()
+			}
+		}
+	}()
+	return w
+}
+
+func (w *watchdog) stop() { w.once.Do(func() { close(w.quit) }) }
+
+// or is err, unless the guest had gone silent, which is the real reason.
+func (w *watchdog) or(err error) error {
+	if err != nil && w.silent.Load() {
+		return fmt.Errorf("ssh: %w for %s (suspended, frozen or dead?)", ErrGuestSilent, KeepaliveTimeout)
+	}
+	return err
 }

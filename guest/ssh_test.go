@@ -67,6 +67,28 @@ func TestSecretFile(t *testing.T) {
 	assert.ErrorContains(t, err, "want 32 hex-encoded bytes")
 }
 
+// A secret another user could have planted is refused: a file not ours, or one in a
+// directory others can write to.
+func TestSecretFileOwner(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sub", "secret")
+	_, err := LoadSecret(path, true)
+	require.NoError(t, err)
+
+	require.NoError(t, os.Chmod(filepath.Dir(path), 0o777))
+	_, err = LoadSecret(path, false)
+	assert.ErrorContains(t, err, "has mode 0777: other users can replace the secret in it")
+	require.NoError(t, os.Chmod(filepath.Dir(path), 0o700))
+
+	if os.Geteuid() != 0 {
+		t.Skip("giving the file to another user needs root")
+	}
+	require.NoError(t, os.Chown(path, 4242, 4242))
+	_, err = LoadSecret(path, false)
+	assert.ErrorContains(t, err, "belongs to uid 4242, not to this user (uid 0); refusing a secret another user could have planted")
+}
+
 func TestClientKeyDerivation(t *testing.T) {
 	t.Parallel()
 	secret := bytes.Repeat([]byte{7}, secretSize)

@@ -135,12 +135,13 @@ func (j *gitlabJob) defineTemplate(name string, edits ...string) {
 
 // gitlabJob is one CI job as GitLab Runner presents it to the custom executor.
 type gitlabJob struct {
-	t      testing.TB
-	l      *libvirt.Libvirt
-	dir    string
-	prefix string
-	jobID  string
-	env    map[string]string
+	t         testing.TB
+	l         *libvirt.Libvirt
+	dir       string
+	prefix    string
+	jobID     string
+	transport string
+	env       map[string]string
 }
 
 // writeResponse writes the job response GitLab Runner would: whose job this is.
@@ -180,7 +181,7 @@ func newJobOver(t testing.TB, transport string) *gitlabJob {
 	l := lv(t)
 	prefix, id := testPrefix(t)
 	jobID := fmt.Sprint(time.Now().UnixNano()%1e9*100 + id)
-	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix, jobID: jobID}
+	j := &gitlabJob{t: t, l: l, dir: t.TempDir(), prefix: prefix, jobID: jobID, transport: transport}
 	j.env = map[string]string{
 		"LIBVIRT_GCI_URI":             testURI,
 		"LIBVIRT_GCI_POOL":            testPool,
