@@ -7,7 +7,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 SOURCES  := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 
-.PHONY: all build demo test unit lint bench testenv testrunner clean
+.PHONY: all build demo test unit lint bench fuzz testenv testrunner clean
 
 all: build
 
@@ -40,6 +40,11 @@ unit:
 
 bench: testenv testrunner
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 30m ./cmd/libvirt-gci
+
+# Each fuzz target for FUZZTIME (its seed corpus also runs in every `make test`).
+FUZZTIME ?= 30s
+fuzz:
+	for f in $$($(GO) test -list '^Fuzz' ./executor | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./executor || exit 1; done
 
 clean:
 	rm -rf bin

@@ -209,3 +209,52 @@ func TestHostAccessRefused(t *testing.T) {
 	assert.NotContains(t, r.stderr, "/etc")
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
 }
+
+// The job token and a masked variable, which the runner hands the tool in the job
+// response, its environment and the stage scripts, appear nowhere the tool writes:
+// its output, the domain's XML (live and inactive) or its metadata.
+func TestSecretsStayOut(t *testing.T) {
+	t.Parallel()
+	overEachTransport(t, func(t *testing.T, j *gitlabJob) {
+		const token, masked = "glcbt-64_SeCrEtJoBtOkEn0123456789", "m4sked-Pa55word-value"
+		j.env["LIBVIRT_GCI_DEBUG"] = "1"
+		j.env["CUSTOM_ENV_CI_JOB_TOKEN"] = token
+		j.env["CUSTOM_ENV_DEPLOY_PASSWORD"] = masked
+		resp, err := os.ReadFile(j.env["JOB_RESPONSE_FILE"])
+		require.NoError(t, err)
+		resp = []byte(strings.Replace(string(resp), `"glcbt-test-job-token"`, `"`+token+`"`, 1))
+		resp = []byte(strings.Replace(string(resp), `"variables": []`, `"variables": [{"key": "CI_JOB_TOKEN", "value": "`+token+
+			`", "masked": true}, {"key": "DEPLOY_PASSWORD", "value": "`+masked+`", "masked": true}]`, 1))
+		require.NoError(t, os.WriteFile(j.env["JOB_RESPONSE_FILE"], resp, 0o600))
+
+		var printed strings.Builder
+		keep := func(r result) result { printed.WriteString(r.stdout + r.stderr); return r }
+		keep(j.stage("config"))
+		r := keep(j.stage("prepare"))
+		require.Equal(t, 0, r.code, r.stderr)
+		t.Cleanup(func() { j.stage("cleanup") })
+		script := "export CI_JOB_TOKEN=" + token + " DEPLOY_PASSWORD=" + masked + `
+test "$DEPLOY_PASSWORD" = ` + masked + ` && echo "the script has its secrets"`
+		r = keep(j.run("build_script", script))
+		assert.Equal(t, 0, r.code, r.stderr)
+		assert.Contains(t, r.stdout, "the script has its secrets")
+		r = keep(j.run("after_script", script+"; exit 3"))
+		assert.Equal(t, 1, r.code)
+
+		dom, err := j.l.DomainLookupByName(j.instance())
+		require.NoError(t, err)
+		var seen strings.Builder
+		for _, flags := range []libvirt.DomainXMLFlags{0, libvirt.DomainXMLInactive, libvirt.DomainXMLSecure} {
+			x, err := j.l.DomainGetXMLDesc(dom, flags)
+			require.NoError(t, err)
+			seen.WriteString(x)
+		}
+		r = keep(j.stage("cleanup"))
+		assert.Equal(t, 0, r.code, r.stderr)
+		out := strings.ReplaceAll(printed.String(), "the script has its secrets", "")
+		for _, secret := range []string{token, masked, "SeCrEtJoBtOkEn", "Pa55word"} {
+			assert.NotContains(t, out, secret, "printed by the tool")
+			assert.NotContains(t, seen.String(), secret, "in the domain XML or metadata")
+		}
+	})
+}
