@@ -12,11 +12,14 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// A guest that stops mid-script (virsh suspend), over each transport:
-//   - suspended for 12 s and resumed: the job goes on and succeeds (a slow reply is not a
-//     dead guest; before, one agent reply slower than 10 s failed the job);
-//   - suspended, then the runner's SIGTERM: the stage exits within 5 s (before, the SSH
-//     transport's cancel waited on the frozen guest);
+// A guest that is slow or stops mid-script (virsh suspend), over each transport:
+//   - its agent answers one call 12 s late (qemu-ga stopped for 12 s, as a guest starved
+//     of CPU would be): the job goes on and succeeds (before, one agent reply slower
+//     than 10 s failed the job);
+//   - over ssh, suspended for 12 s and resumed: the job goes on and succeeds;
+//   - the guest (ssh: suspended) or its agent (stopped) does not answer, then the
+//     runner's SIGTERM: the stage exits within 5 s (before, the SSH transport's cancel
+//     waited on the frozen guest);
 //   - suspended for good: a system failure within a bound (before, SSH waited forever).
 //
 // And a script that kills its own process group is a build failure over both.
@@ -41,7 +44,18 @@ func testFrozenGuest(t *testing.T, j *gitlabJob) {
 		assert.Equal(t, "143\n", string(code), "128+SIGTERM, as a shell reports it")
 	})
 
+	t.Run("slow agent", func(t *testing.T) {
+		r := j.run("build_script", `ga=$(pidof qemu-ga); test -n "$ga"
+(sleep 0.5; kill -STOP $ga; sleep 12; kill -CONT $ga) &
+wait; echo "agent answers again"`)
+		assert.Equal(t, 0, r.code, r.stderr)
+		assert.Equal(t, "agent answers again\n", r.stdout)
+	})
+
 	t.Run("suspended briefly", func(t *testing.T) {
+		if j.transport != "ssh" {
+			t.Skip("over the agent, libvirt refuses agent calls to a paused domain at once")
+		}
 		s := j.start("run", j.script("b.sh", "echo start; sleep 3; echo end"), "build_script")
 		s.waitFor("start")
 		require.NoError(t, j.l.DomainSuspend(dom))
@@ -52,19 +66,6 @@ func testFrozenGuest(t *testing.T, j *gitlabJob) {
 		assert.Contains(t, s.out.String(), "end")
 	})
 
-	t.Run("SIGTERM while suspended", func(t *testing.T) {
-		s := j.start("run", j.script("b.sh", "echo up; sleep 613"), "build_script")
-		s.waitFor("up")
-		require.NoError(t, j.l.DomainSuspend(dom))
-		defer resume()
-		time.Sleep(time.Second)
-		require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM))
-		s.sent = time.Now()
-		code, took := s.wait(time.Minute)
-		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", s.out.String())
-		assert.Less(t, took, 5*time.Second, "exit within 5 s of SIGTERM: %s", s.out.String())
-	})
-
 	t.Run("suspended for good", func(t *testing.T) {
 		s := j.start("run", j.script("b.sh", "echo up; sleep 613"), "build_script")
 		s.waitFor("up")
@@ -73,9 +74,31 @@ func testFrozenGuest(t *testing.T, j *gitlabJob) {
 		defer resume()
 		code, took := s.wait(3 * time.Minute)
 		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", s.out.String())
-		want := map[string]string{"ssh": "the guest stopped answering for 30s", "agent": "guest agent guest-exec-status"}[j.transport]
+		want := map[string]string{"ssh": "the guest stopped answering for 30s", "agent": "libvirt-gci: error: run build_script in " + j.instance() + ": "}[j.transport]
 		assert.Contains(t, s.out.String(), want)
 		t.Logf("%s: system failure %.1f s after the guest froze", j.transport, took.Seconds())
+	})
+	// Last: over the agent, the guest's agent stays stopped.
+	t.Run("SIGTERM while the guest does not answer", func(t *testing.T) {
+		body := "echo up; sleep 613"
+		if j.transport == "agent" {
+			// Stop the agent for good (a paused domain makes libvirt refuse agent calls
+			// at once; a hung agent is what keeps a call waiting).
+			body = `ga=$(pidof qemu-ga); (sleep 1; kill -STOP $ga) & echo up; sleep 613`
+		}
+		s := j.start("run", j.script("b.sh", body), "build_script")
+		s.waitFor("up")
+		if j.transport == "ssh" {
+			require.NoError(t, j.l.DomainSuspend(dom))
+			defer resume()
+		}
+		time.Sleep(2 * time.Second)
+		require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM), "exited before the SIGTERM: %s", s.out.String())
+		s.sent = time.Now()
+		code, took := s.wait(time.Minute)
+		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", s.out.String())
+		assert.Less(t, took, 5*time.Second, "exit within 5 s of SIGTERM: %s", s.out.String())
+		t.Logf("%s: exited %.1f s after SIGTERM", j.transport, took.Seconds())
 	})
 	resume()
 	r := j.stage("cleanup")

@@ -380,7 +380,7 @@ func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	for who, j := range map[string]*fakeJob{"a": a, "b": b} {
 		final, trace := h.gl.Final(j), h.gl.Trace(j)
 		assert.Equal(t, "success", final.State, trace)
-		m := regexp.MustCompile(`(?m)^done ` + who + ` in ([0-9a-f-]+)`).FindStringSubmatch(trace)
+		m := regexp.MustCompile(`\bdone ` + who + ` in ([0-9a-f-]{36})`).FindStringSubmatch(trace)
 		if assert.NotNil(t, m, trace) {
 			boots[m[1]] = true
 		}
