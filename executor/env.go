@@ -141,7 +141,7 @@ func checkTemplateName(name string) error {
 type Choice struct {
 	Name   string
 	From   string // the flag or variable that named it, for error messages
-	Listed bool   // matched by LIBVIRT_GCI_TEMPLATES; else it must carry the template mark
+	Listed bool   // named by the operator or matched by LIBVIRT_GCI_TEMPLATES; else it must carry the template mark
 }
 
 // SelectTemplate picks the template: the operator's --distro flag, else the job's DISTRO,
@@ -166,6 +166,7 @@ func SelectTemplate(s Settings, flagDistro string, job Job) (Choice, error) {
 	if err := checkTemplateName(c.Name); err != nil {
 		return c, fmt.Errorf("%s: %w", c.From, err)
 	}
-	c.Listed = s.listed(c.Name)
+	// A name the operator gave (--distro, the default) is offered by that alone.
+	c.Listed = c.From == "--distro" || c.From == "LIBVIRT_GCI_DEFAULT_TEMPLATE" || s.listed(c.Name)
 	return c, nil
 }

@@ -159,6 +159,8 @@ func TestSelectTemplate(t *testing.T) {
 		{"flag beats job", settings(), "fedora-40", Job{Distro: "debian-11"}, Choice{"fedora-40", "--distro", true}, ""},
 		{"default", withDefault, "", Job{}, Choice{"debian-12", "LIBVIRT_GCI_DEFAULT_TEMPLATE", true}, ""},
 		{"not listed: must be marked", settings(), "", Job{Distro: "windows-11"}, Choice{"windows-11", "CUSTOM_ENV_DISTRO", false}, ""},
+		{"the operator's flag offers it", settings(), "windows-11", Job{Distro: "debian-11"}, Choice{"windows-11", "--distro", true}, ""},
+		{"the operator's default offers it", Settings{DefaultTemplate: "w"}, "", Job{}, Choice{"w", "LIBVIRT_GCI_DEFAULT_TEMPLATE", true}, ""},
 		{"default does not widen the list", withDefault, "", Job{Image: "fedora-41"}, Choice{"fedora-41", "CUSTOM_ENV_CI_JOB_IMAGE (the job's image:)", false}, ""},
 		{"none", settings(), "", Job{}, Choice{}, "no template chosen"},
 		{"glob metacharacters", settings(), "", Job{Distro: "debian-*"}, Choice{}, `template name "debian-*" is invalid`},
