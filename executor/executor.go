@@ -92,7 +92,7 @@ func (t Target) mine(m provision.Metadata) error {
 	if t.ByHand || sameOwner(m.Owner, t.Owner) {
 		return nil
 	}
-	return fmt.Errorf("instance %q belongs to %s, not to this %s; leaving it alone", t.Name, ownerString(m.Owner), ownerString(t.Owner))
+	return fmt.Errorf("instance %q belongs to %s, not to %s; leaving it alone", t.Name, ownerString(m.Owner), ownerString(t.Owner))
 }
 
 // Config prints the custom executor's configuration JSON, and nothing else, on stdout.
@@ -146,8 +146,11 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err er
 	}
 
 	// GitLab retries prepare after a cleanup, but a crash can leave an instance behind:
-	// ours is removed, anyone else's left alone.
-	removed, err := conn.Teardown(t.Name, t.mine)
+	// ours is removed, anyone else's left alone. By hand too: a prepare never replaces a
+	// job's instance.
+	removed, err := conn.Teardown(t.Name, func(m provision.Metadata) error {
+		return Target{Name: t.Name, Owner: t.Owner}.mine(m)
+	})
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", t.Name)
 	}

@@ -119,7 +119,7 @@ const hashLen = 12
 // ownerString is an owner as error messages show it.
 func ownerString(o provision.Owner) string {
 	if o.Manual {
-		return "made by hand"
+		return "the operator (made by hand)"
 	}
 	s := "job " + o.JobID + " of project " + o.ProjectID
 	if o.Server != "" {

@@ -68,7 +68,7 @@ func TestInstanceOfAnotherOwnerIsLeftAlone(t *testing.T) {
 	dom, err := j.l.DomainLookupByName(name)
 	require.NoError(t, err)
 
-	want := fmt.Sprintf(`instance %q belongs to made by hand, not to this job %s of project 77 on e2e-gitlab; leaving it alone`, name, j.jobID)
+	want := fmt.Sprintf(`instance %q belongs to the operator (made by hand), not to job %s of project 77 on e2e-gitlab; leaving it alone`, name, j.jobID)
 	for _, stage := range [][]string{{"prepare"}, {"run", j.script("x.sh", "echo ran"), "build_script"}, {"cleanup"}} {
 		r = j.stage(stage...)
 		assert.Equal(t, 2, r.code, "%s: SYSTEM_FAILURE_EXIT_CODE", stage[0])
@@ -257,4 +257,27 @@ test "$DEPLOY_PASSWORD" = ` + masked + ` && echo "the script has its secrets"`
 			assert.NotContains(t, seen.String(), secret, "in the domain XML or metadata")
 		}
 	})
+}
+
+// The operator's prepare --machine never replaces a job's instance (a typo must not
+// kill a running job); run and cleanup --machine may act on it.
+func TestManualPrepareLeavesJobInstancesAlone(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.prepare()
+	name := j.instance()
+	dom, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	r := j.stage("prepare", "--machine", name, "--distro", testTmpl)
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, fmt.Sprintf("instance %q belongs to job %s of project 77 on e2e-gitlab, not to the operator (made by hand); leaving it alone", name, j.jobID))
+	again, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	assert.Equal(t, dom.UUID, again.UUID)
+	r = j.stage("run", "--machine", name, j.script("x.sh", "echo by hand"))
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "by hand\n", r.stdout)
+	r = j.stage("cleanup", "--machine", name)
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
 }
