@@ -21,13 +21,18 @@ import (
 type AgentAPI interface {
 	DomainLookupByName(name string) (libvirt.Domain, error)
 	QEMUDomainAgentCommand(dom libvirt.Domain, cmd string, timeout int32, flags uint32) (libvirt.OptString, error)
+	DomainGetState(dom libvirt.Domain, flags uint32) (int32, int32, error)
 }
+
+// PausedLimit is how long Run waits on a paused guest (libvirt refuses agent calls to
+// it) before it gives up, as the SSH transport's keepalives do.
+var PausedLimit = 30 * time.Second
 
 const (
 	// agentTimeout is how long libvirt waits for one agent reply, in seconds. A guest
 	// starved of CPU (software emulation on a busy host) can take 10 s and more to answer
 	// and is still healthy; one that takes longer than this is taken for frozen.
-	agentTimeout = 60
+	agentTimeout = 30
 	pingTimeout  = 2
 	chunk        = 512 << 10 // bytes per guest-file-read/-write; well under libvirt's message cap
 	pollMin      = 40 * time.Millisecond
@@ -320,23 +325,33 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 	}
 
 	wait := pollMin
+	var pausedSince time.Time
 	for {
+		call := time.Now() // a call in flight when the guest was paused waited for it
 		st, err := a.execStatus(ctx, pid)
 		if err != nil {
 			if ctx.Err() != nil {
 				return interrupted()
 			}
-			return ExitStatus{}, fmt.Errorf("script status: %w", err)
+			if a.waitWhilePaused(ctx, call, &pausedSince) {
+				continue
+			}
+			return ExitStatus{}, fmt.Errorf("script status: %w", pausedFor(pausedSince, err))
 		}
 		// Read after the status: when it says "exited", all output is in the files.
+		call = time.Now()
 		n1, err1 := a.drain(ctx, hOut, stdout)
 		n2, err2 := a.drain(ctx, hErr, stderr)
 		if err := errors.Join(err1, err2); err != nil {
 			if ctx.Err() != nil {
 				return interrupted()
 			}
-			return ExitStatus{}, fmt.Errorf("read script output: %w", err)
+			if a.waitWhilePaused(ctx, call, &pausedSince) {
+				continue
+			}
+			return ExitStatus{}, fmt.Errorf("read script output: %w", pausedFor(pausedSince, err))
 		}
+		pausedSince = time.Time{}
 		if st.Exited {
 			return st.status(), nil
 		}
@@ -349,6 +364,29 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 		}
 		wait = min(wait*2, pollMax)
 	}
+}
+
+// waitWhilePaused tells whether a failed call is worth retrying because the domain is
+// paused (suspended by the operator, or by libvirt for a snapshot), and waits a little.
+// It gives up once the domain has been paused for PausedLimit (since is the start of
+// the first call that failed while it was paused).
+func (a *Agent) waitWhilePaused(ctx context.Context, call time.Time, since *time.Time) bool {
+	state, _, err := a.api.DomainGetState(a.dom, 0)
+	if err != nil || libvirt.DomainState(state) != libvirt.DomainPaused {
+		return false
+	}
+	if since.IsZero() {
+		*since = call
+	}
+	return time.Since(*since) < PausedLimit && sleep(ctx, pollMax)
+}
+
+// pausedFor says, if since is set, that the guest was paused when err happened.
+func pausedFor(since time.Time, err error) error {
+	if since.IsZero() {
+		return err
+	}
+	return fmt.Errorf("the guest has been paused for %s: %w", time.Since(since).Round(time.Second), err)
 }
 
 // kill ends the script's process group: SIGTERM, then SIGKILL if it is still there

@@ -32,6 +32,16 @@ type fakeGuest struct {
 	job func(script string, w func(stream int, s string), killed <-chan struct{}) (code, signal int)
 	// agentDown makes every command fail as if the agent vanished
 	agentDown error
+	paused    bool // the domain is paused: libvirt refuses agent commands
+}
+
+func (g *fakeGuest) DomainGetState(libvirt.Domain, uint32) (int32, int32, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.paused {
+		return int32(libvirt.DomainPaused), 1, nil
+	}
+	return int32(libvirt.DomainRunning), 1, nil
 }
 
 type fakeHandle struct {
@@ -87,6 +97,9 @@ func (g *fakeGuest) QEMUDomainAgentCommand(_ libvirt.Domain, cmd string, _ int32
 	g.log = append(g.log, req.Execute)
 	if g.agentDown != nil {
 		return nil, g.agentDown
+	}
+	if g.paused {
+		return nil, libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "Requested operation is not valid: domain is not running"}
 	}
 	ret := func(v any) (libvirt.OptString, error) {
 		b, _ := json.Marshal(map[string]any{"return": v})
@@ -275,6 +288,50 @@ func TestRunLostAgentIsAnError(t *testing.T) {
 	var ae *AgentError
 	assert.ErrorAs(t, err, &ae)
 	assert.Contains(t, err.Error(), "domain is not running")
+}
+
+// A paused guest (libvirt refuses agent calls to it) is waited for, up to PausedLimit.
+func TestRunWaitsOutAPause(t *testing.T) {
+	defer func(d time.Duration) { PausedLimit = d }(PausedLimit)
+	PausedLimit = time.Second
+	for _, tc := range []struct {
+		pause time.Duration
+		want  string
+	}{{300 * time.Millisecond, ""}, {3 * time.Second, "the guest has been paused for 1s"}} {
+		g := newFakeGuest()
+		g.dirs[Dir] = true
+		release := make(chan struct{})
+		g.job = func(_ string, w func(int, string), _ <-chan struct{}) (int, int) {
+			w(1, "before\n")
+			<-release
+			w(1, "after\n")
+			return 0, 0
+		}
+		a, _ := NewAgent(g, "vm")
+		var out syncBuffer
+		go func() {
+			for !strings.Contains(out.String(), "before") {
+				time.Sleep(time.Millisecond)
+			}
+			g.mu.Lock()
+			g.paused = true
+			g.mu.Unlock()
+			time.Sleep(tc.pause)
+			g.mu.Lock()
+			g.paused = false
+			g.mu.Unlock()
+			close(release)
+		}()
+		st, err := a.Run(context.Background(), []byte("x"), &out, &bytes.Buffer{})
+		if tc.want == "" {
+			require.NoError(t, err)
+			assert.Equal(t, ExitStatus{}, st)
+			assert.Equal(t, "before\nafter\n", out.String())
+		} else {
+			assert.ErrorContains(t, err, tc.want)
+			assert.ErrorContains(t, err, "domain is not running")
+		}
+	}
 }
 
 func TestRunCancelKillsTheScript(t *testing.T) {
