@@ -25,6 +25,7 @@ type Settings struct {
 	// AllowHostAccess lets templates give jobs host devices, host directory shares,
 	// shared writable disks and the like (template.HostAccess). Off by default.
 	AllowHostAccess bool
+	Debug           bool
 }
 
 // Transports.

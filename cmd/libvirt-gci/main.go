@@ -12,11 +12,10 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/kelseyhightower/envconfig"
 	"github.com/urfave/cli/v2"
@@ -54,23 +53,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var log *slog.Logger
 	var exec *executor.Executor
 	setup := func(c *cli.Context) error {
+		var s executor.Settings
+		for _, d := range executor.SettingList {
+			v := c.String(d.Flag)
+			if d.Bool {
+				v = strconv.FormatBool(c.Bool(d.Flag))
+			}
+			if err := d.Set(&s, v); err != nil {
+				return err
+			}
+		}
 		level := slog.LevelInfo
-		if c.Bool("debug") {
+		if s.Debug {
 			level = slog.LevelDebug
 		}
 		log = slog.New(newLineHandler(stderr, level))
-		s := executor.Settings{
-			URI:             c.String("uri"),
-			Pool:            c.String("pool"),
-			Templates:       executor.SplitPatterns(c.String("templates")),
-			DefaultTemplate: c.String("default-template"),
-			Prefix:          c.String("prefix"),
-			BootTimeout:     c.Duration("boot-timeout"),
-			Transport:       c.String("transport"),
-			SSHUser:         c.String("ssh-user"),
-			SecretFile:      c.String("secret-file"),
-			AllowHostAccess: c.Bool("allow-host-access"),
-		}
 		if err := s.Validate(); err != nil {
 			return err
 		}
@@ -87,20 +84,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		ErrWriter: stderr,
 		// Errors are reported and mapped to exit codes below, in one place.
 		ExitErrHandler: func(*cli.Context, error) {},
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "uri", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_GCI_URI"}, Usage: "libvirt connection `URI`"},
-			&cli.StringFlag{Name: "pool", Value: "default", EnvVars: []string{"LIBVIRT_GCI_POOL"}, Usage: "storage `POOL` that receives instance overlays"},
-			&cli.StringFlag{Name: "templates", EnvVars: []string{"LIBVIRT_GCI_TEMPLATES"}, Usage: "comma-separated glob `PATTERNS` of domains a job may clone besides those marked with `template mark`"},
-			&cli.StringFlag{Name: "default-template", EnvVars: []string{"LIBVIRT_GCI_DEFAULT_TEMPLATE"}, Usage: "`TEMPLATE` used when the job names none"},
-			&cli.StringFlag{Name: "prefix", Value: "gci-", EnvVars: []string{"LIBVIRT_GCI_PREFIX"}, Usage: "name `PREFIX` of managed instances"},
-			&cli.DurationFlag{Name: "boot-timeout", Value: 5 * time.Minute, EnvVars: []string{"LIBVIRT_GCI_BOOT_TIMEOUT"}, Usage: "how long prepare waits for the guest"},
-			&cli.StringFlag{Name: "transport", Value: executor.TransportAgent, EnvVars: []string{"LIBVIRT_GCI_TRANSPORT"}, Usage: "how stages reach the guest: `agent` or ssh"},
-			&cli.StringFlag{Name: "ssh-user", Value: "root", EnvVars: []string{"LIBVIRT_GCI_SSH_USER"}, Usage: "guest `USER` jobs run as over ssh"},
-			&cli.StringFlag{Name: "secret-file", Value: defaultSecretFile(), EnvVars: []string{"LIBVIRT_GCI_SECRET_FILE"}, Usage: "host secret `FILE` that instance ssh keys are derived from (made 0600 on first use)"},
-			&cli.BoolFlag{Name: "allow-host-access", EnvVars: []string{"LIBVIRT_GCI_ALLOW_HOST_ACCESS"}, Usage: "let templates give jobs host devices, host directory shares, shared writable disks and the like"},
-			&cli.BoolFlag{Name: "debug", EnvVars: []string{"LIBVIRT_GCI_DEBUG"}, Usage: "debug logging on stderr"},
-		},
-		Before: setup,
+		Flags:          settingFlags(),
+		Before:         setup,
 		Commands: []*cli.Command{
 			{
 				Name:  "config",
@@ -225,13 +210,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return executor.ExitCode(err, codes)
 }
 
-// defaultSecretFile is in the user's configuration directory: ~/.config/libvirt-gci/secret.
-func defaultSecretFile() string {
-	dir, err := os.UserConfigDir()
-	if err != nil {
-		return ""
+// settingFlags are the global flags, one per operator setting.
+func settingFlags() []cli.Flag {
+	var flags []cli.Flag
+	for _, d := range executor.SettingList {
+		if d.Bool {
+			flags = append(flags, &cli.BoolFlag{Name: d.Flag, EnvVars: []string{d.Env()}, Usage: d.Help})
+			continue
+		}
+		flags = append(flags, &cli.StringFlag{Name: d.Flag, Value: d.DefaultValue(), EnvVars: []string{d.Env()}, Usage: d.Help})
 	}
-	return filepath.Join(dir, "libvirt-gci", "secret")
+	return flags
 }
 
 func versionString() string {

@@ -1,0 +1,140 @@
+package executor
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Setting is one operator setting, declared once: the command line's global flags, the
+// LIBVIRT_GCI_* variables, their parsing and README.rst's settings table all come from
+// SettingList.
+type Setting struct {
+	Flag    string        // the global flag, without dashes
+	Default string        // as the flag's text; "" for none
+	Compute func() string // the default, when it depends on the host; then Default is how README shows it
+	Help    string        // one line: what it is
+	Bool    bool          // a switch: a flag without a value
+	set     func(s *Settings, v string) error
+}
+
+// Env is the setting's environment variable.
+func (d Setting) Env() string {
+	return "LIBVIRT_GCI_" + strings.ToUpper(strings.ReplaceAll(d.Flag, "-", "_"))
+}
+
+// Set parses v into s; its error names the variable and what is allowed.
+func (d Setting) Set(s *Settings, v string) error {
+	if err := d.set(s, v); err != nil {
+		return fmt.Errorf("%s %q is invalid; %w", d.Env(), v, err)
+	}
+	return nil
+}
+
+func text(f func(*Settings) *string) func(*Settings, string) error {
+	return func(s *Settings, v string) error { *f(s) = v; return nil }
+}
+
+func duration(f func(*Settings) *time.Duration) func(*Settings, string) error {
+	return func(s *Settings, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("want a duration such as 90s or 5m")
+		}
+		*f(s) = d
+		return nil
+	}
+}
+
+func boolean(f func(*Settings) *bool) func(*Settings, string) error {
+	return func(s *Settings, v string) error {
+		if v == "" {
+			*f(s) = false
+			return nil
+		}
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return fmt.Errorf("want true or false")
+		}
+		*f(s) = b
+		return nil
+	}
+}
+
+// SettingList is every operator setting. Validate checks how they go together.
+var SettingList = []Setting{
+	{Flag: "uri", Default: "qemu:///system", Help: "libvirt connection URI: the local one, or +ssh, +tcp, +tls",
+		set: text(func(s *Settings) *string { return &s.URI })},
+	{Flag: "pool", Default: "default", Help: "storage pool that receives instance overlays",
+		set: text(func(s *Settings) *string { return &s.Pool })},
+	{Flag: "templates", Help: "comma-separated glob patterns of domains a job may clone besides the marked templates",
+		set: func(s *Settings, v string) error { s.Templates = SplitPatterns(v); return nil }},
+	{Flag: "default-template", Help: "template used when the job names none",
+		set: text(func(s *Settings) *string { return &s.DefaultTemplate })},
+	{Flag: "prefix", Default: "gci-", Help: "name prefix of managed instances",
+		set: text(func(s *Settings) *string { return &s.Prefix })},
+	{Flag: "boot-timeout", Default: "5m", Help: "how long prepare waits for the guest",
+		set: duration(func(s *Settings) *time.Duration { return &s.BootTimeout })},
+	{Flag: "transport", Default: TransportAgent, Help: "how stages reach the guest: agent or ssh",
+		set: text(func(s *Settings) *string { return &s.Transport })},
+	{Flag: "ssh-user", Default: "root", Help: "the guest user jobs run as over ssh",
+		set: text(func(s *Settings) *string { return &s.SSHUser })},
+	{Flag: "secret-file", Default: "~/.config/libvirt-gci/secret", Compute: defaultSecretFile, Help: "host secret the per-instance ssh keys are derived from; made 0600 on first use",
+		set: text(func(s *Settings) *string { return &s.SecretFile })},
+	{Flag: "allow-host-access", Bool: true, Help: "let templates hand jobs host devices, host directory shares, writable shareable disks and the like",
+		set: boolean(func(s *Settings) *bool { return &s.AllowHostAccess })},
+	{Flag: "debug", Bool: true, Help: "debug logging on stderr",
+		set: boolean(func(s *Settings) *bool { return &s.Debug })},
+}
+
+// SettingsTable is README.rst's table of SettingList.
+func SettingsTable() string {
+	rows := [][3]string{{"variable (flag)", "meaning", "default"}}
+	for _, d := range SettingList {
+		def := "``" + d.Default + "``"
+		switch {
+		case d.Bool:
+			def = "off"
+		case d.Default == "":
+			def = "(none)"
+		}
+		rows = append(rows, [3]string{"``" + d.Env() + "`` (``--" + d.Flag + "``)", d.Help, def})
+	}
+	var w [3]int
+	for _, r := range rows {
+		for i, c := range r {
+			w[i] = max(w[i], len(c))
+		}
+	}
+	rule := strings.Repeat("=", w[0]) + " " + strings.Repeat("=", w[1]) + " " + strings.Repeat("=", w[2])
+	var b strings.Builder
+	b.WriteString(rule + "\n")
+	for i, r := range rows {
+		fmt.Fprintf(&b, "%-*s %-*s %s\n", w[0], r[0], w[1], r[1], r[2])
+		if i == 0 {
+			b.WriteString(rule + "\n")
+		}
+	}
+	b.WriteString(rule + "\n")
+	return b.String()
+}
+
+// DefaultValue is the flag's default on this host.
+func (d Setting) DefaultValue() string {
+	if d.Compute != nil {
+		return d.Compute()
+	}
+	return d.Default
+}
+
+// defaultSecretFile is in the user's configuration directory: ~/.config/libvirt-gci/secret.
+func defaultSecretFile() string {
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(dir, "libvirt-gci", "secret")
+}
