@@ -371,3 +371,29 @@ func (f *fakeLibvirt) ConnectListAllDomains(_ int32, _ libvirt.ConnectListAllDom
 	}
 	return out, uint32(len(out)), nil
 }
+
+func (f *fakeLibvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, uint16, uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fd, err := f.dom(d)
+	if err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(fd.xml); err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
+	state := uint8(libvirt.DomainShutoff)
+	if fd.running {
+		state = uint8(libvirt.DomainRunning)
+	}
+	var mem uint64
+	if dom.Memory != nil {
+		mem = uint64(dom.Memory.Value)
+	}
+	var cpus uint16
+	if dom.VCPU != nil {
+		cpus = uint16(dom.VCPU.Value)
+	}
+	return state, mem, mem, cpus, 0, nil
+}

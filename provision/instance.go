@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -308,4 +309,51 @@ func (c *Conn) deleteVolume(v Volume) (bool, error) {
 		return false, fmt.Errorf("delete volume %q in pool %q: %w", v.Name, v.Pool, err)
 	}
 	return true, nil
+}
+
+// InstanceInfo is an instance as `list` shows it.
+type InstanceInfo struct {
+	Instance
+	State     string // "running", "paused", "shut off", ...
+	CPUs      int
+	MemoryKiB uint64
+}
+
+var stateNames = map[libvirt.DomainState]string{
+	libvirt.DomainNostate: "no state", libvirt.DomainRunning: "running", libvirt.DomainBlocked: "blocked",
+	libvirt.DomainPaused: "paused", libvirt.DomainShutdown: "shutting down", libvirt.DomainShutoff: "shut off",
+	libvirt.DomainCrashed: "crashed", libvirt.DomainPmsuspended: "suspended",
+}
+
+// Instances lists every libvirt-gci instance: every domain that carries our metadata,
+// whatever its name. Domains without it are not ours and are not listed.
+func (c *Conn) Instances() ([]InstanceInfo, error) {
+	doms, _, err := c.api.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	var out []InstanceInfo
+	for _, d := range doms {
+		m, err := c.metadata(d)
+		if errors.Is(err, ErrNotManaged) || hasCode(err, libvirt.ErrNoDomain) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		state, maxMem, _, cpus, _, err := c.api.DomainGetInfo(d)
+		if hasCode(err, libvirt.ErrNoDomain) {
+			continue // gone meanwhile
+		}
+		if err != nil {
+			return nil, fmt.Errorf("info of %q: %w", d.Name, err)
+		}
+		name := stateNames[libvirt.DomainState(state)]
+		if name == "" {
+			name = fmt.Sprintf("state %d", state)
+		}
+		out = append(out, InstanceInfo{Instance: Instance{Name: d.Name, UUID: d.UUID, Metadata: m}, State: name, CPUs: int(cpus), MemoryKiB: maxMem})
+	}
+	slices.SortFunc(out, func(a, b InstanceInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
 }

@@ -27,12 +27,12 @@ type Metadata struct {
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or
 // the operator's (made by hand). Stages act only on an instance whose owner is theirs.
 type Owner struct {
-	Manual    bool   `xml:"manual,attr,omitempty"`     // made by hand (prepare --machine)
-	Server    string `xml:"server,attr,omitempty"`     // the GitLab instance
-	Runner    string `xml:"runner,attr,omitempty"`     // the runner's UUID
-	ProjectID string `xml:"project-id,attr,omitempty"` // GitLab's project id
-	JobID     string `xml:"job-id,attr,omitempty"`     // GitLab's job id
-	Project   string `xml:"project,attr,omitempty"`    // the project's path, for people; not identity
+	Manual    bool   `xml:"manual,attr,omitempty" json:"manual,omitempty"`         // made by hand (prepare --machine)
+	Server    string `xml:"server,attr,omitempty" json:"server,omitempty"`         // the GitLab instance
+	Runner    string `xml:"runner,attr,omitempty" json:"runner,omitempty"`         // the runner's UUID
+	ProjectID string `xml:"project-id,attr,omitempty" json:"project_id,omitempty"` // GitLab's project id
+	JobID     string `xml:"job-id,attr,omitempty" json:"job_id,omitempty"`         // GitLab's job id
+	Project   string `xml:"project,attr,omitempty" json:"project,omitempty"`       // the project's path, for people; not identity
 }
 
 // SSH is how to reach an instance over SSH. Only public data: the client key is derived

@@ -294,3 +294,20 @@ func TestParseForward(t *testing.T) {
 		})
 	}
 }
+
+// Instances are found by our metadata, whatever their names.
+func TestInstances(t *testing.T) {
+	t.Parallel()
+	f := newFake("ci")
+	c := &Conn{api: f}
+	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	_, err = f.DomainDefineXMLFlags(`<domain type='qemu'><name>gci-r-2</name></domain>`, 0) // our prefix, not ours
+	require.NoError(t, err)
+	list, err := c.Instances()
+	require.NoError(t, err)
+	require.Len(t, list, 1)
+	assert.Equal(t, inst, list[0].Name)
+	assert.Equal(t, "running", list[0].State)
+	assert.Equal(t, "1", list[0].Metadata.Owner.JobID)
+}

@@ -157,6 +157,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				},
 			},
 			{
+				Name:   "list",
+				Usage:  "list the managed instances (found by libvirt-gci's metadata, whatever their names)",
+				Flags:  []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action: func(c *cli.Context) error { return exec.List(c.Context, c.Bool("json")) },
+			},
+			{
 				Name:  "template",
 				Usage: "mark the domains jobs may clone (by hand, as the operator)",
 				Subcommands: []*cli.Command{

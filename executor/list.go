@@ -1,0 +1,63 @@
+package executor
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
+)
+
+// Listed is one instance as `list --json` prints it.
+type Listed struct {
+	Name      string          `json:"name"`
+	State     string          `json:"state"`
+	Template  string          `json:"template"`
+	Owner     provision.Owner `json:"owner"`
+	CreatedAt string          `json:"created_at"`
+	AgeSec    int64           `json:"age_s"`
+	CPUs      int             `json:"cpus"`
+	MemoryMiB uint64          `json:"memory_mib"`
+	Transport string          `json:"transport"`
+	Volumes   int             `json:"volumes"`
+}
+
+// List prints the managed instances: every domain with our metadata, whatever its name.
+func (e *Executor) List(ctx context.Context, asJSON bool) error {
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	infos, err := conn.Instances()
+	if err != nil {
+		return err
+	}
+	list := []Listed{}
+	for _, in := range infos {
+		l := Listed{Name: in.Name, State: in.State, Template: in.Metadata.Template, Owner: in.Metadata.Owner,
+			CreatedAt: in.Metadata.CreatedAt, CPUs: in.CPUs, MemoryMiB: in.MemoryKiB / 1024, Transport: TransportAgent,
+			Volumes: len(in.Metadata.Volumes)}
+		if t, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
+			l.AgeSec = int64(time.Since(t).Seconds())
+		}
+		if in.Metadata.SSH != nil {
+			l.Transport = TransportSSH
+		}
+		list = append(list, l)
+	}
+	if asJSON {
+		enc := json.NewEncoder(e.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(list)
+	}
+	w := tabwriter.NewWriter(e.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tSTATE\tAGE\tTEMPLATE\tOWNER\tCPUS\tMEMORY\tTRANSPORT")
+	for _, l := range list {
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%d MiB\t%s\n", l.Name, l.State, (time.Duration(l.AgeSec) * time.Second).String(),
+			l.Template, ownerString(l.Owner), l.CPUs, l.MemoryMiB, l.Transport)
+	}
+	return w.Flush()
+}
