@@ -25,6 +25,7 @@ type Settings struct {
 	// AllowHostAccess lets templates give jobs host devices, host directory shares,
 	// shared writable disks and the like (template.HostAccess). Off by default.
 	AllowHostAccess bool
+	MaxAge          time.Duration // gc removes instances older than this; 0: no limit
 	Debug           bool
 }
 

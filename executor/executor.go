@@ -278,6 +278,9 @@ func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string) (pr
 		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
 	}
+	if !t.ByHand {
+		meta.Runner = runnerRef()
+	}
 	spec := provision.Spec{Name: t.Name}
 	overlays := map[string]template.Overlay{}
 	for _, d := range tmpl.Disks {

@@ -86,6 +86,14 @@ var SettingList = []Setting{
 		set: text(func(s *Settings) *string { return &s.SecretFile })},
 	{Flag: "allow-host-access", Bool: true, Help: "let templates hand jobs host devices, host directory shares, writable shareable disks and the like",
 		set: boolean(func(s *Settings) *bool { return &s.AllowHostAccess })},
+	{Flag: "max-age", Help: "gc removes instances older than this, whoever owns them (say 6h: longer than any job)",
+		set: func(s *Settings, v string) error {
+			if v == "" {
+				s.MaxAge = 0
+				return nil
+			}
+			return duration(func(s *Settings) *time.Duration { return &s.MaxAge })(s, v)
+		}},
 	{Flag: "debug", Bool: true, Help: "debug logging on stderr",
 		set: boolean(func(s *Settings) *bool { return &s.Debug })},
 }

@@ -21,7 +21,8 @@ type Metadata struct {
 	PrepareID string   `xml:"prepare-id"` // random, one per prepare: a rollback removes only its own
 	CreatedAt string   `xml:"created-at"` // RFC 3339
 	Volumes   []Volume `xml:"volume"`
-	SSH       *SSH     `xml:"ssh,omitempty"` // set when the instance is reached over SSH
+	Runner    *Runner  `xml:"runner,omitempty"` // the process that ran prepare, for gc
+	SSH       *SSH     `xml:"ssh,omitempty"`    // set when the instance is reached over SSH
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or
@@ -33,6 +34,15 @@ type Owner struct {
 	ProjectID string `xml:"project-id,attr,omitempty" json:"project_id,omitempty"` // GitLab's project id
 	JobID     string `xml:"job-id,attr,omitempty" json:"job_id,omitempty"`         // GitLab's job id
 	Project   string `xml:"project,attr,omitempty" json:"project,omitempty"`       // the project's path, for people; not identity
+}
+
+// Runner is the process that ran an instance's prepare (GitLab Runner, for a job) on
+// its host: once it is gone, or the host rebooted, no cleanup stage will come.
+type Runner struct {
+	MachineID string `xml:"machine-id,attr"` // /etc/machine-id of the host it ran on
+	BootID    string `xml:"boot-id,attr"`    // that host's boot
+	PID       int    `xml:"pid,attr"`
+	Start     uint64 `xml:"start,attr"` // its start time in clock ticks after boot (/proc/PID/stat), against PID reuse
 }
 
 // SSH is how to reach an instance over SSH. Only public data: the client key is derived

@@ -163,6 +163,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				Action: func(c *cli.Context) error { return exec.List(c.Context, c.Bool("json")) },
 			},
 			{
+				Name:  "gc",
+				Usage: "remove orphaned instances: their runner is gone, the host rebooted, or they are too old",
+				Flags: []cli.Flag{
+					&cli.BoolFlag{Name: "dry-run", Usage: "say what would be removed, and why"},
+					&cli.DurationFlag{Name: "older-than", Usage: "also remove instances older than `D`, whoever owns them"},
+				},
+				Action: func(c *cli.Context) error {
+					sw, err := exec.GC(c.Context, c.Bool("dry-run"), c.Duration("older-than"))
+					verb := "removed"
+					if c.Bool("dry-run") {
+						verb = "to remove"
+					}
+					log.Info(fmt.Sprintf("gc: %d %s, %d kept", sw.Removed, verb, sw.Kept), "removed", sw.Removed, "kept", sw.Kept)
+					return err
+				},
+			},
+			{
 				Name:  "template",
 				Usage: "mark the domains jobs may clone (by hand, as the operator)",
 				Subcommands: []*cli.Command{

@@ -1,0 +1,123 @@
+package executor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
+)
+
+// This host's identity and a process's, for telling whether an instance's runner is gone.
+var (
+	machineIDFile = "/etc/machine-id"
+	bootIDFile    = "/proc/sys/kernel/random/boot_id"
+)
+
+func readTrimmed(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
+}
+
+// processStart is a process's start time (clock ticks after boot), or 0 if it is gone.
+func processStart(pid int) uint64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses; the fields after
+	// the last ')' are fixed. starttime is field 22, the 20th after comm.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 20 {
+		return 0
+	}
+	n, _ := strconv.ParseUint(f[19], 10, 64)
+	return n
+}
+
+// runnerRef records the process that runs this stage (GitLab Runner, our parent).
+func runnerRef() *provision.Runner {
+	r := &provision.Runner{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getppid()}
+	r.Start = processStart(r.PID)
+	if r.MachineID == "" || r.BootID == "" || r.Start == 0 {
+		return nil // no way to tell later; gc goes by age alone
+	}
+	return r
+}
+
+// orphaned says why no cleanup stage will come for an instance, or "".
+func orphaned(r *provision.Runner) string {
+	if r == nil || r.MachineID != readTrimmed(machineIDFile) {
+		return "" // made by hand, or by a runner on another host: not ours to judge
+	}
+	if r.BootID != readTrimmed(bootIDFile) {
+		return "the host rebooted after its prepare"
+	}
+	if processStart(r.PID) != r.Start {
+		return fmt.Sprintf("the runner that prepared it (pid %d) is gone", r.PID)
+	}
+	return ""
+}
+
+// Sweep is what gc found and did.
+type Sweep struct {
+	Removed, Kept int
+}
+
+// GC removes orphaned instances: those whose runner process is gone or whose host
+// rebooted since their prepare, and those older than olderThan (if set) or
+// LIBVIRT_GCI_MAX_AGE. Domains without our metadata are never touched, nor instances
+// whose runner is alive and that are not too old. dryRun says what it would remove.
+func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sweep, error) {
+	var sw Sweep
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return sw, err
+	}
+	defer conn.Close()
+	list, err := conn.Instances()
+	if err != nil {
+		return sw, err
+	}
+	var errs []error
+	for _, in := range list {
+		why := orphaned(in.Metadata.Runner)
+		if created, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
+			age := time.Since(created)
+			switch {
+			case olderThan > 0 && age > olderThan:
+				why = fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
+			case e.Settings.MaxAge > 0 && age > e.Settings.MaxAge:
+				why = fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), e.Settings.MaxAge)
+			}
+		}
+		if why == "" {
+			sw.Kept++
+			continue
+		}
+		if dryRun {
+			fmt.Fprintf(e.Stdout, "would remove %s: %s\n", in.Name, why)
+			sw.Removed++
+			continue
+		}
+		// Only the instance that was listed: not a new one of the same name.
+		_, err := conn.Teardown(in.Name, func(m provision.Metadata) error {
+			if m.PrepareID != in.Metadata.PrepareID {
+				return fmt.Errorf("instance %q was replaced meanwhile; leaving it alone", in.Name)
+			}
+			return nil
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("gc %s: %w", in.Name, err))
+			continue
+		}
+		sw.Removed++
+		e.Log.Info(fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
+	}
+	return sw, errors.Join(errs...)
+}
