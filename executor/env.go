@@ -26,6 +26,11 @@ type Settings struct {
 	// shared writable disks and the like (template.HostAccess). Off by default.
 	AllowHostAccess bool
 	MaxAge          time.Duration // gc removes instances older than this; 0: no limit
+	MaxInstances    int           // running instances with our prefix; 0: no limit
+	MaxMemoryTotal  uint64        // their memory, bytes; 0: no limit
+	MaxCPUs         int           // what a job may ask for; 0: it may not
+	MaxMemory       uint64        // bytes
+	MaxDisk         uint64        // bytes
 	Debug           bool
 }
 
@@ -121,13 +126,16 @@ func (r RunnerEnv) Codes() ExitCodes {
 type Job struct {
 	Distro string // CUSTOM_ENV_DISTRO, the Python libvirt-gci's variable
 	Image  string // CUSTOM_ENV_CI_JOB_IMAGE, the job's image:
+	// The size it asks for (CUSTOM_ENV_LIBVIRT_GCI_CPUS, _MEMORY, _DISK): see JobSize.
+	CPUs, Memory, Disk string
 }
 
 // JobFromEnv reads the job's variables through lookup (os.LookupEnv). It reads only the
 // CUSTOM_ENV_ names: a DISTRO in the runner's own environment is not the job's.
 func JobFromEnv(lookup func(string) (string, bool)) Job {
 	get := func(k string) string { v, _ := lookup("CUSTOM_ENV_" + k); return v }
-	return Job{Distro: get("DISTRO"), Image: get("CI_JOB_IMAGE")}
+	return Job{Distro: get("DISTRO"), Image: get("CI_JOB_IMAGE"),
+		CPUs: get("LIBVIRT_GCI_CPUS"), Memory: get("LIBVIRT_GCI_MEMORY"), Disk: get("LIBVIRT_GCI_DISK")}
 }
 
 var templateNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:-]{0,99}$`)

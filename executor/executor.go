@@ -110,7 +110,7 @@ func (e *Executor) Config(t Target) error {
 
 // Prepare clones the template into a new instance, boots it and waits for its guest agent.
 // On any failure it removes what it created.
-func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err error) {
+func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Size) (err error) {
 	begin := time.Now()
 	// The rollback runs after a cancel, but not for long.
 	after, cancelAfter := lingering(ctx, AfterCancel)
@@ -161,8 +161,25 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err er
 		e.Log.Info(fmt.Sprintf("removed leftover instance %s", t.Name))
 	}
 
+	if size.Disk > 0 && len(tmpl.Disks) > 0 {
+		if have, known, err := conn.BackingCapacity(tmpl.Disks[0].Path); err != nil {
+			return err
+		} else if known && size.Disk < have {
+			return &InputError{fmt.Sprintf("CUSTOM_ENV_LIBVIRT_GCI_DISK %s is smaller than the template's disk (%s); a disk can only grow", FormatSize(size.Disk), FormatSize(have))}
+		}
+	}
 	prepareID := randomHex(8)
-	spec, err := e.spec(t, tmpl, prepareID)
+	spec, err := e.spec(t, tmpl, prepareID, size)
+	if err != nil {
+		return err
+	}
+	memKiB := tmpl.MemoryKiB()
+	if size.Memory > 0 {
+		memKiB = size.Memory / 1024
+	}
+	actx, cancelAdmit := context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
+	release, err := e.admit(actx, conn, memKiB)
+	cancelAdmit()
 	if err != nil {
 		return err
 	}
@@ -174,12 +191,19 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice) (err er
 		}
 	}()
 	tm, err := conn.Create(ctx, spec)
+	release()
 	e.warnIfSlow("define", t.Name, tm.Define)
 	if err != nil {
 		return err
 	}
-	e.Log.Info(fmt.Sprintf("cloned %s into %s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
-		tmplName, t.Name, (tm.Define + tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()))
+	sized := ""
+	if size != (Size{}) {
+		sized = " (" + size.String() + ")"
+	}
+	e.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
+		tmplName, t.Name, sized, (tm.Define + tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+		"template", tmplName, "name", t.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
+		"cpus", size.CPUs, "memory", size.Memory, "disk", size.Disk)
 
 	agent, err := guest.NewAgent(conn.Libvirt(), t.Name)
 	if err != nil {
@@ -271,7 +295,7 @@ func (e *Executor) sshTransport(info *provision.SSH, key ssh.Signer) (*guest.SSH
 
 // spec lays out the instance: one overlay per writable template disk, the metadata that
 // records them, and the domain XML.
-func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string) (provision.Spec, error) {
+func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string, size Size) (provision.Spec, error) {
 	meta := provision.Metadata{
 		Template:  tmpl.Name,
 		Owner:     t.Owner,
@@ -290,6 +314,9 @@ func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string) (pr
 			BackingPath:   d.Path,
 			BackingFormat: d.Format,
 		}
+		if len(spec.Volumes) == 0 {
+			v.Capacity = size.Disk // the first disk: the one a job may grow
+		}
 		spec.Volumes = append(spec.Volumes, v)
 		meta.Volumes = append(meta.Volumes, v.Volume)
 		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
@@ -298,7 +325,7 @@ func (e *Executor) spec(t Target, tmpl *template.Template, prepareID string) (pr
 	if err != nil {
 		return spec, err
 	}
-	inst := template.Instance{Name: t.Name, Overlays: overlays, Metadata: md}
+	inst := template.Instance{Name: t.Name, Overlays: overlays, Metadata: md, CPUs: size.CPUs, MemoryKiB: size.Memory / 1024}
 	if e.Settings.Transport == TransportSSH {
 		slot, err := tmpl.FreePCISlot()
 		if err != nil {

@@ -105,7 +105,7 @@ func FuzzInstanceXML(f *testing.F) {
 		}
 		project = printable(project, 255)
 		tg := Target{Name: "gci-1-x-0123456789ab", Owner: provision.Owner{JobID: "1", ProjectID: "2", Project: project}}
-		spec, err := e.spec(tg, tmpl, "0123456789abcdef")
+		spec, err := e.spec(tg, tmpl, "0123456789abcdef", Size{})
 		if err != nil {
 			return
 		}

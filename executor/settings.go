@@ -49,6 +49,36 @@ func duration(f func(*Settings) *time.Duration) func(*Settings, string) error {
 	}
 }
 
+func count(f func(*Settings) *int) func(*Settings, string) error {
+	return func(s *Settings, v string) error {
+		if v == "" {
+			*f(s) = 0
+			return nil
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return fmt.Errorf("want a whole number, 1 or more")
+		}
+		*f(s) = n
+		return nil
+	}
+}
+
+func size(f func(*Settings) *uint64) func(*Settings, string) error {
+	return func(s *Settings, v string) error {
+		if v == "" {
+			*f(s) = 0
+			return nil
+		}
+		n, err := ParseSize(v)
+		if err != nil {
+			return err
+		}
+		*f(s) = n
+		return nil
+	}
+}
+
 func boolean(f func(*Settings) *bool) func(*Settings, string) error {
 	return func(s *Settings, v string) error {
 		if v == "" {
@@ -94,6 +124,16 @@ var SettingList = []Setting{
 			}
 			return duration(func(s *Settings) *time.Duration { return &s.MaxAge })(s, v)
 		}},
+	{Flag: "max-instances", Help: "running instances (with this prefix) at most; prepare waits for room",
+		set: count(func(s *Settings) *int { return &s.MaxInstances })},
+	{Flag: "max-memory-total", Help: "memory of the running instances at most, such as 48G; prepare waits for room",
+		set: size(func(s *Settings) *uint64 { return &s.MaxMemoryTotal })},
+	{Flag: "max-cpus", Help: "CPUs a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_CPUS)",
+		set: count(func(s *Settings) *int { return &s.MaxCPUs })},
+	{Flag: "max-memory", Help: "memory a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_MEMORY), such as 8G",
+		set: size(func(s *Settings) *uint64 { return &s.MaxMemory })},
+	{Flag: "max-disk", Help: "first-disk size a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_DISK), such as 50G",
+		set: size(func(s *Settings) *uint64 { return &s.MaxDisk })},
 	{Flag: "debug", Bool: true, Help: "debug logging on stderr",
 		set: boolean(func(s *Settings) *bool { return &s.Debug })},
 }

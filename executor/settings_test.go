@@ -60,3 +60,50 @@ func TestSettingsParse(t *testing.T) {
 	require.NoError(t, find("templates").Set(&s, " a-* ,b"))
 	assert.Equal(t, []string{"a-*", "b"}, s.Templates)
 }
+
+func TestParseSize(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]uint64{"2G": 2 << 30, "512M": 512 << 20, "2GiB": 2 << 30, "1073741824": 1 << 30, "16k": 16 << 10, " 1T ": 1 << 40} {
+		got, err := ParseSize(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
+	for _, bad := range []string{"", "G", "-1G", "1.5G", "2X", "1G;reboot", "99999999999999999999", "9999999999T"} {
+		_, err := ParseSize(bad)
+		assert.Error(t, err, bad)
+	}
+	assert.Equal(t, "2G", FormatSize(2<<30))
+	assert.Equal(t, "1536M", FormatSize(1536<<20))
+	assert.Equal(t, "1000", FormatSize(1000))
+}
+
+func TestJobSize(t *testing.T) {
+	t.Parallel()
+	s := settings()
+	z, err := JobSize(s, Job{})
+	require.NoError(t, err)
+	assert.Equal(t, Size{}, z, "nothing asked: the template's size")
+	_, err = JobSize(s, Job{CPUs: "2"})
+	assert.EqualError(t, err, "CUSTOM_ENV_LIBVIRT_GCI_CPUS 2 is more than this runner allows (LIBVIRT_GCI_MAX_CPUS is not set: jobs keep the template's size)")
+
+	s.MaxCPUs, s.MaxMemory, s.MaxDisk = 4, 8<<30, 50<<30
+	z, err = JobSize(s, Job{CPUs: "4", Memory: "2G", Disk: "20G"})
+	require.NoError(t, err)
+	assert.Equal(t, Size{CPUs: 4, Memory: 2 << 30, Disk: 20 << 30}, z)
+	assert.Equal(t, "4 CPUs, 2G memory, 20G disk", z.String())
+	for job, want := range map[Job]string{
+		{CPUs: "5"}:          "CUSTOM_ENV_LIBVIRT_GCI_CPUS 5 is more than this runner allows (LIBVIRT_GCI_MAX_CPUS 4)",
+		{CPUs: "0"}:          `CUSTOM_ENV_LIBVIRT_GCI_CPUS "0" is invalid; want a whole number of CPUs, 1 or more`,
+		{CPUs: "two"}:        `CUSTOM_ENV_LIBVIRT_GCI_CPUS "two" is invalid`,
+		{Memory: "9G"}:       "CUSTOM_ENV_LIBVIRT_GCI_MEMORY 9G is more than this runner allows (LIBVIRT_GCI_MAX_MEMORY 8G)",
+		{Memory: "1M"}:       `CUSTOM_ENV_LIBVIRT_GCI_MEMORY "1M" is invalid; want at least 64M`,
+		{Memory: "lots"}:     `CUSTOM_ENV_LIBVIRT_GCI_MEMORY "lots" is invalid; want a size such as 512M or 2G`,
+		{Disk: "1T"}:         "CUSTOM_ENV_LIBVIRT_GCI_DISK 1T is more than this runner allows (LIBVIRT_GCI_MAX_DISK 50G)",
+		{Disk: "20G;reboot"}: `CUSTOM_ENV_LIBVIRT_GCI_DISK "20G;reboot" is invalid`,
+	} {
+		_, err := JobSize(s, job)
+		var ie *InputError
+		require.ErrorAs(t, err, &ie, "%+v", job)
+		assert.Contains(t, err.Error(), want)
+	}
+}

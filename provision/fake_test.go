@@ -397,3 +397,12 @@ func (f *fakeLibvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, ui
 	}
 	return state, mem, mem, cpus, 0, nil
 }
+
+// StorageVolLookupByPath knows no template files: the fake's pools hold only overlays.
+func (f *fakeLibvirt) StorageVolLookupByPath(path string) (libvirt.StorageVol, error) {
+	return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching path '%s'", path)
+}
+
+func (f *fakeLibvirt) StorageVolGetInfo(libvirt.StorageVol) (int8, uint64, uint64, error) {
+	return 0, 0, 0, lverr(libvirt.ErrNoStorageVol, "no such volume")
+}

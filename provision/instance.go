@@ -29,6 +29,7 @@ type NewVolume struct {
 	Volume
 	BackingPath   string
 	BackingFormat string // stated, or libvirt writes "raw" into the overlay
+	Capacity      uint64 // bytes; 0: the backing file's size
 }
 
 // Spec is an instance to create. DomainXML must carry Metadata listing every volume in
@@ -122,6 +123,9 @@ func overlayXML(v NewVolume) (string, error) {
 			Path:   v.BackingPath,
 			Format: &libvirtxml.StorageVolumeTargetFormat{Type: v.BackingFormat},
 		},
+	}
+	if v.Capacity > 0 {
+		vol.Capacity = &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: v.Capacity}
 	}
 	x, err := vol.Marshal()
 	if err != nil {
@@ -356,4 +360,21 @@ func (c *Conn) Instances() ([]InstanceInfo, error) {
 	}
 	slices.SortFunc(out, func(a, b InstanceInfo) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
+}
+
+// BackingCapacity is the size of the template disk at path, if a storage pool knows the
+// file (known is false if none does).
+func (c *Conn) BackingCapacity(path string) (capacity uint64, known bool, err error) {
+	vol, err := c.api.StorageVolLookupByPath(path)
+	if hasCode(err, libvirt.ErrNoStorageVol) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("look up volume %s: %w", path, err)
+	}
+	_, capacity, _, err = c.api.StorageVolGetInfo(vol)
+	if err != nil {
+		return 0, false, fmt.Errorf("size of volume %s: %w", path, err)
+	}
+	return capacity, true, nil
 }

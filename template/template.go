@@ -92,10 +92,64 @@ type Overlay struct {
 
 // Instance describes the domain to make from a template.
 type Instance struct {
-	Name     string
-	Overlays map[string]Overlay // by disk target; one for every Template.Disks entry
-	Metadata string             // an XML element in a namespace of the caller's, added to <metadata>
-	QEMUArgs []string           // extra QEMU arguments, after any the template passes (qemu:commandline)
+	Name      string
+	Overlays  map[string]Overlay // by disk target; one for every Template.Disks entry
+	Metadata  string             // an XML element in a namespace of the caller's, added to <metadata>
+	QEMUArgs  []string           // extra QEMU arguments, after any the template passes (qemu:commandline)
+	CPUs      int                // virtual CPUs instead of the template's; 0 keeps them
+	MemoryKiB uint64             // memory instead of the template's; 0 keeps it
+}
+
+// CPUs is the template's number of virtual CPUs.
+func (t *Template) CPUs() int {
+	if t.dom.VCPU == nil || t.dom.VCPU.Value == 0 {
+		return 1
+	}
+	return int(t.dom.VCPU.Value)
+}
+
+// MemoryKiB is the template's memory.
+func (t *Template) MemoryKiB() uint64 {
+	if t.dom.Memory == nil {
+		return 0
+	}
+	return kib(t.dom.Memory.Value, t.dom.Memory.Unit)
+}
+
+// kib converts a libvirt memory amount to KiB.
+func kib(v uint, unit string) uint64 {
+	shift := map[string]int{"b": -10, "bytes": -10, "k": 0, "KiB": 0, "": 0, "M": 10, "MiB": 10, "G": 20, "GiB": 20, "T": 30, "TiB": 30}
+	if sh, ok := shift[unit]; ok {
+		if sh < 0 {
+			return uint64(v) >> -sh
+		}
+		return uint64(v) << sh
+	}
+	dec := map[string]uint64{"KB": 1000, "MB": 1000 * 1000, "GB": 1000 * 1000 * 1000, "TB": 1000 * 1000 * 1000 * 1000}
+	return uint64(v) * dec[unit] / 1024
+}
+
+// resize gives the instance its own size, when asked for.
+func resize(dom *libvirtxml.Domain, cpus int, memKiB uint64) error {
+	if cpus > 0 {
+		if dom.VCPU == nil {
+			dom.VCPU = &libvirtxml.DomainVCPU{}
+		}
+		dom.VCPU.Value = uint(cpus)
+		dom.VCPU.Current = 0
+		dom.VCPUs = nil
+		if dom.CPU != nil && dom.CPU.Topology != nil {
+			dom.CPU.Topology = &libvirtxml.DomainCPUTopology{Sockets: 1, Dies: 1, Cores: cpus, Threads: 1}
+		}
+	}
+	if memKiB > 0 {
+		if dom.CPU != nil && dom.CPU.Numa != nil && len(dom.CPU.Numa.Cell) > 0 {
+			return errors.New("the template has NUMA cells, which fix its memory; a job cannot choose another size")
+		}
+		dom.Memory = &libvirtxml.DomainMemory{Value: uint(memKiB), Unit: "KiB"}
+		dom.CurrentMemory = &libvirtxml.DomainCurrentMemory{Value: uint(memKiB), Unit: "KiB"}
+	}
+	return nil
 }
 
 // Render returns the instance's domain XML: the template's hardware with a new name, no
@@ -131,6 +185,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 		dom.Metadata = &libvirtxml.DomainMetadata{XML: inst.Metadata}
 	}
 	isolate(&dom)
+	if err := resize(&dom, inst.CPUs, inst.MemoryKiB); err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
 	if dom.Devices != nil {
 		for i := range dom.Devices.Interfaces {
 			iface := &dom.Devices.Interfaces[i]

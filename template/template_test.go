@@ -232,3 +232,22 @@ func TestFreePCISlot(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 4, slot)
 }
+
+func TestRenderResizes(t *testing.T) {
+	t.Parallel()
+	tmpl := readTemplate(t, "full")
+	assert.Equal(t, 2, tmpl.CPUs())
+	assert.Equal(t, uint64(2097152), tmpl.MemoryKiB())
+	got, err := tmpl.Render(Instance{Name: "x", CPUs: 4, MemoryKiB: 8 << 20, Overlays: map[string]Overlay{
+		"vda": {Pool: "ci", Volume: "a"}, "vdb": {Pool: "ci", Volume: "b"}}})
+	require.NoError(t, err)
+	var dom libvirtxml.Domain
+	require.NoError(t, dom.Unmarshal(got))
+	assert.Equal(t, uint(4), dom.VCPU.Value)
+	assert.Equal(t, uint(8<<20), dom.Memory.Value)
+	assert.Equal(t, "KiB", dom.Memory.Unit)
+	assert.Equal(t, uint(8<<20), dom.CurrentMemory.Value)
+	assert.Equal(t, uint64(1<<20), kib(1, "GiB"))
+	assert.Equal(t, uint64(1000), kib(1024000, "b"))
+	assert.Equal(t, uint64(976562), kib(1000, "MB"))
+}

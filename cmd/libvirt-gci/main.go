@@ -111,6 +111,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					if err != nil {
 						return err
 					}
+					size, err := executor.JobSize(exec.Settings, job)
+					if err != nil {
+						return err
+					}
 					machine := c.String("machine")
 					if machine == "" && !inJob {
 						machine = exec.Settings.Prefix + "manual-" + randomSuffix()
@@ -119,7 +123,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					if err != nil {
 						return err
 					}
-					if err := exec.Prepare(c.Context, t, tmpl); err != nil {
+					if err := exec.Prepare(c.Context, t, tmpl, size); err != nil {
 						return err
 					}
 					if !inJob {

@@ -2,10 +2,15 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"regexp"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
+	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -97,4 +102,113 @@ func TestGC(t *testing.T) {
 	assert.Equal(t, 0, r.code, r.stderr)
 	r = alive.stage("cleanup")
 	assert.Equal(t, 0, r.code, r.stderr)
+}
+
+// A job asks for its size within the operator's maximums; the guest has it, and list
+// shows it. A size over a bound is refused before anything is made.
+func TestJobSize(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_MAX_CPUS"] = "2"
+	j.env["LIBVIRT_GCI_MAX_MEMORY"] = "512M"
+	j.env["LIBVIRT_GCI_MAX_DISK"] = "4G"
+	j.env["CUSTOM_ENV_LIBVIRT_GCI_MEMORY"] = "1G"
+	r := j.stage("prepare")
+	assert.Equal(t, 2, r.code)
+	assert.Equal(t, "libvirt-gci: error: CUSTOM_ENV_LIBVIRT_GCI_MEMORY 1G is more than this runner allows (LIBVIRT_GCI_MAX_MEMORY 512M)\n", r.stderr)
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+
+	j.env["CUSTOM_ENV_LIBVIRT_GCI_CPUS"] = "2"
+	j.env["CUSTOM_ENV_LIBVIRT_GCI_MEMORY"] = "384M"
+	j.env["CUSTOM_ENV_LIBVIRT_GCI_DISK"] = "3G" // the template's is 2G
+	r = j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { j.stage("cleanup") })
+	assert.Contains(t, r.stderr, "(2 CPUs, 384M memory, 3G disk)")
+	r = j.run("build_script", `echo "cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo) disk=$(( $(cat /sys/block/vda/size) * 512 ))"`)
+	require.Equal(t, 0, r.code, r.stderr)
+	var cpus, memKB, disk int64
+	_, err := fmt.Sscanf(r.stdout, "cpus=%d mem=%d disk=%d", &cpus, &memKB, &disk)
+	require.NoError(t, err, r.stdout)
+	assert.Equal(t, int64(2), cpus)
+	assert.InDelta(t, 384*1024, memKB, 64*1024, "MemTotal, less what the kernel keeps")
+	assert.Equal(t, int64(3<<30), disk)
+	r = j.stage("list")
+	assert.Regexp(t, regexp.QuoteMeta(j.instance())+`\s.*\s2\s+384 MiB`, r.stdout)
+}
+
+// Six prepares at once against LIBVIRT_GCI_MAX_INSTANCES=1: they take turns, never two
+// instances at a time, and all succeed. One that cannot get room within its boot timeout
+// fails as a system failure, having made nothing.
+func TestCapacity(t *testing.T) {
+	t.Parallel()
+	first := newJob(t)
+	jobs := []*gitlabJob{first}
+	for range 5 {
+		j := newJob(t)
+		j.prefix = first.prefix
+		jobs = append(jobs, j)
+	}
+	for _, j := range jobs {
+		j.env["LIBVIRT_GCI_PREFIX"] = first.prefix
+		j.env["LIBVIRT_GCI_SECRET_FILE"] = first.env["LIBVIRT_GCI_SECRET_FILE"] // the lock lives beside it
+		j.env["LIBVIRT_GCI_MAX_INSTANCES"] = "1"
+	}
+
+	// One holds the only slot: another's prepare waits, then gives up at its timeout.
+	first.prepare()
+	late := jobs[1]
+	late.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "3s"
+	r := late.stage("prepare")
+	assert.Equal(t, 2, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "waiting for capacity: 1 of 1 instances (LIBVIRT_GCI_MAX_INSTANCES) in use")
+	assert.Contains(t, r.stderr, "no capacity within 3 s")
+	_, err := late.l.DomainLookupByName(late.instance())
+	assert.Error(t, err, "the late prepare made its domain")
+	late.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "3m"
+	r = first.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+
+	// Six at once.
+	stop := make(chan struct{})
+	most := make(chan int)
+	go func() {
+		m := 0
+		for {
+			select {
+			case <-stop:
+				most <- m
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			doms, _, err := first.l.ConnectListAllDomains(1, libvirt.ConnectListDomainsActive)
+			if err != nil {
+				continue
+			}
+			n := 0
+			for _, d := range doms {
+				if strings.HasPrefix(d.Name, first.prefix) {
+					n++
+				}
+			}
+			m = max(m, n)
+		}
+	}()
+	var wg sync.WaitGroup
+	results := make([]result, len(jobs))
+	for i, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = j.stage("prepare")
+			j.stage("cleanup")
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	assert.Equal(t, 1, <-most, "instances running at once")
+	for i, r := range results {
+		assert.Equal(t, 0, r.code, "job %d: %s", i, r.stderr)
+	}
+	assert.Empty(t, leftovers(t, first.l, first.prefix))
 }
