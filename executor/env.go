@@ -31,6 +31,7 @@ type Settings struct {
 	MaxCPUs         int           // what a job may ask for; 0: it may not
 	MaxMemory       uint64        // bytes
 	MaxDisk         uint64        // bytes
+	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
 	Debug           bool
 }
 

@@ -201,7 +201,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		sized = " (" + size.String() + ")"
 	}
 	e.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
-		tmplName, t.Name, sized, (tm.Define + tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+		tmplName, t.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
 		"template", tmplName, "name", t.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
 		"cpus", size.CPUs, "memory", size.Memory, "disk", size.Disk)
 
@@ -438,6 +438,14 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 			return fmt.Errorf("write BUILD_EXIT_CODE_FILE: %w", err)
 		}
 	}
+	if e.Settings.KeepFailed > 0 && stage != "after_script" && inst.Metadata.FailedAt == "" {
+		// For cleanup, which keeps the VM of a failed job: it has no other way to know.
+		m := inst.Metadata
+		m.FailedAt = time.Now().UTC().Format(time.RFC3339)
+		if err := conn.SetMetadata(t.Name, m); err != nil {
+			e.Log.Warn(fmt.Sprintf("could not mark %s as failed; cleanup will remove it: %v", t.Name, err))
+		}
+	}
 	return &BuildFailure{Code: st.Code}
 }
 
@@ -446,11 +454,41 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 	after, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
+	if kept, err := e.keepFailed(after, t); kept || err != nil {
+		return err
+	}
 	err := e.teardown(after, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
 	}
 	return err
+}
+
+// keepFailed keeps the instance of a failed job for LIBVIRT_GCI_KEEP_FAILED, by hand
+// excepted (cleanup --machine removes it). It says whether it did.
+func (e *Executor) keepFailed(ctx context.Context, t Target) (bool, error) {
+	if e.Settings.KeepFailed == 0 || t.ByHand {
+		return false, nil
+	}
+	conn, err := provision.Connect(ctx, e.Settings.URI)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	inst, err := conn.Lookup(t.Name)
+	if err != nil || t.mine(inst.Metadata) != nil || inst.Metadata.FailedAt == "" {
+		return false, nil // the teardown says what is wrong, if anything
+	}
+	until := time.Now().Add(e.Settings.KeepFailed).UTC()
+	m := inst.Metadata
+	m.KeepUntil = until.Format(time.RFC3339)
+	if err := conn.SetMetadata(t.Name, m); err != nil {
+		return false, err
+	}
+	e.Log.Info(fmt.Sprintf("kept %s after the failed job, until %s (LIBVIRT_GCI_KEEP_FAILED): reach it with `libvirt-gci run --machine %s SCRIPT` "+
+		"or `virsh console %s`; `libvirt-gci cleanup --machine %s` removes it, gc does after that time",
+		t.Name, until.Format(time.RFC3339), t.Name, t.Name, t.Name), "name", t.Name, "keep_until", m.KeepUntil)
+	return true, nil
 }
 
 // randomHex is n random bytes in hex.

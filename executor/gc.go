@@ -69,7 +69,7 @@ type Sweep struct {
 	Removed, Kept int
 }
 
-// GC removes orphaned instances: those whose runner process is gone or whose host
+// GC removes orphaned instances with our prefix: those whose runner process is gone or whose host
 // rebooted since their prepare, and those older than olderThan (if set) or
 // LIBVIRT_GCI_MAX_AGE. Domains without our metadata are never touched, nor instances
 // whose runner is alive and that are not too old. dryRun says what it would remove.
@@ -86,8 +86,16 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 	}
 	var errs []error
 	for _, in := range list {
+		if !strings.HasPrefix(in.Name, e.Settings.Prefix) {
+			continue // another runner configuration's
+		}
 		why := orphaned(in.Metadata.Runner)
-		if created, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
+		if until, err := time.Parse(time.RFC3339, in.Metadata.KeepUntil); err == nil {
+			why = "" // kept after a failed job: its time alone decides
+			if time.Now().After(until) {
+				why = "kept after its failed job until " + in.Metadata.KeepUntil + ", which has passed"
+			}
+		} else if created, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
 			age := time.Since(created)
 			switch {
 			case olderThan > 0 && age > olderThan:

@@ -49,6 +49,17 @@ func duration(f func(*Settings) *time.Duration) func(*Settings, string) error {
 	}
 }
 
+// optDuration is a duration that may be left unset (0).
+func optDuration(f func(*Settings) *time.Duration) func(*Settings, string) error {
+	return func(s *Settings, v string) error {
+		if v == "" {
+			*f(s) = 0
+			return nil
+		}
+		return duration(f)(s, v)
+	}
+}
+
 func count(f func(*Settings) *int) func(*Settings, string) error {
 	return func(s *Settings, v string) error {
 		if v == "" {
@@ -117,13 +128,7 @@ var SettingList = []Setting{
 	{Flag: "allow-host-access", Bool: true, Help: "let templates hand jobs host devices, host directory shares, writable shareable disks and the like",
 		set: boolean(func(s *Settings) *bool { return &s.AllowHostAccess })},
 	{Flag: "max-age", Help: "gc removes instances older than this, whoever owns them (say 6h: longer than any job)",
-		set: func(s *Settings, v string) error {
-			if v == "" {
-				s.MaxAge = 0
-				return nil
-			}
-			return duration(func(s *Settings) *time.Duration { return &s.MaxAge })(s, v)
-		}},
+		set: optDuration(func(s *Settings) *time.Duration { return &s.MaxAge })},
 	{Flag: "max-instances", Help: "running instances (with this prefix) at most; prepare waits for room",
 		set: count(func(s *Settings) *int { return &s.MaxInstances })},
 	{Flag: "max-memory-total", Help: "memory of the running instances at most, such as 48G; prepare waits for room",
@@ -134,6 +139,8 @@ var SettingList = []Setting{
 		set: size(func(s *Settings) *uint64 { return &s.MaxMemory })},
 	{Flag: "max-disk", Help: "first-disk size a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_DISK), such as 50G",
 		set: size(func(s *Settings) *uint64 { return &s.MaxDisk })},
+	{Flag: "keep-failed", Help: "cleanup keeps the VM of a failed job this long (say 2h), for a look; gc removes it afterwards",
+		set: optDuration(func(s *Settings) *time.Duration { return &s.KeepFailed })},
 	{Flag: "debug", Bool: true, Help: "debug logging on stderr",
 		set: boolean(func(s *Settings) *bool { return &s.Debug })},
 }

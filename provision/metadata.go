@@ -21,8 +21,10 @@ type Metadata struct {
 	PrepareID string   `xml:"prepare-id"` // random, one per prepare: a rollback removes only its own
 	CreatedAt string   `xml:"created-at"` // RFC 3339
 	Volumes   []Volume `xml:"volume"`
-	Runner    *Runner  `xml:"runner,omitempty"` // the process that ran prepare, for gc
-	SSH       *SSH     `xml:"ssh,omitempty"`    // set when the instance is reached over SSH
+	Runner    *Runner  `xml:"runner,omitempty"`     // the process that ran prepare, for gc
+	FailedAt  string   `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
+	KeepUntil string   `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
+	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or

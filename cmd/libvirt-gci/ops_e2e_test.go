@@ -70,6 +70,8 @@ func TestList(t *testing.T) {
 func TestGC(t *testing.T) {
 	t.Parallel()
 	orphan, alive := newJob(t), newJob(t)
+	alive.prefix = orphan.prefix // one runner configuration: gc looks at its prefix
+	alive.env["LIBVIRT_GCI_PREFIX"] = orphan.prefix
 	cmd := exec.Command("sh", "-c", `"$0" prepare; true`, binPath)
 	cmd.Env = orphan.environ()
 	out, err := cmd.CombinedOutput()
@@ -92,7 +94,7 @@ func TestGC(t *testing.T) {
 	r = alive.stage("gc", "--older-than", "1h")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stderr, "gc: removed "+gone+": the runner that prepared it")
-	assert.Empty(t, leftovers(t, orphan.l, orphan.prefix), "the orphan's domain and volumes")
+	assert.Empty(t, leftovers(t, orphan.l, gone), "the orphan's domain and volumes")
 	_, err = alive.l.DomainLookupByName(kept)
 	assert.NoError(t, err, "an instance whose runner is alive (and younger than 1h) was removed")
 	_, err = alive.l.DomainLookupByName(impostor)
@@ -211,4 +213,45 @@ func TestCapacity(t *testing.T) {
 		assert.Equal(t, 0, r.code, "job %d: %s", i, r.stderr)
 	}
 	assert.Empty(t, leftovers(t, first.l, first.prefix))
+}
+
+// With LIBVIRT_GCI_KEEP_FAILED, cleanup keeps the VM of a failed job, says how to reach
+// it, and gc removes it once its time has passed. A job that succeeded is removed.
+func TestKeepFailed(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_KEEP_FAILED"] = "4s"
+	j.prepare()
+	name := j.instance()
+	r := j.run("build_script", "echo failing; exit 3")
+	require.Equal(t, 1, r.code, r.stderr)
+	r = j.run("after_script", "true")
+	require.Equal(t, 0, r.code, r.stderr)
+	r = j.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "kept "+name+" after the failed job, until ")
+	assert.Contains(t, r.stderr, "libvirt-gci run --machine "+name+" SCRIPT")
+	r = j.stage("run", "--machine", name, j.script("look.sh", "echo looking around"))
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "looking around\n", r.stdout)
+
+	r = j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	_, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err, "gc removed a kept VM before its time")
+	time.Sleep(5 * time.Second)
+	r = j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "gc: removed "+name+": kept after its failed job until ")
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+
+	// A job that succeeds is removed at cleanup as ever.
+	ok := newJob(t)
+	ok.env["LIBVIRT_GCI_KEEP_FAILED"] = "1h"
+	ok.prepare()
+	r = ok.run("build_script", "true")
+	require.Equal(t, 0, r.code, r.stderr)
+	r = ok.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, leftovers(t, ok.l, ok.prefix))
 }
