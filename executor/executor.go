@@ -121,6 +121,9 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	}
 	defer conn.Close()
 
+	// Orphans of crashed runners go first: they may hold the room this one needs.
+	e.sweep(conn)
+
 	tmplName := choice.Name
 	lookupStart := time.Now()
 	tx, marked, err := conn.TemplateXML(tmplName)

@@ -74,12 +74,33 @@ type Sweep struct {
 // LIBVIRT_GCI_MAX_AGE. Domains without our metadata are never touched, nor instances
 // whose runner is alive and that are not too old. dryRun says what it would remove.
 func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sweep, error) {
-	var sw Sweep
 	conn, err := provision.Connect(ctx, e.Settings.URI)
 	if err != nil {
-		return sw, err
+		return Sweep{}, err
 	}
 	defer conn.Close()
+	return e.gc(conn, dryRun, olderThan, time.Time{})
+}
+
+// sweepTime bounds the sweep every prepare makes first.
+const sweepTime = 2 * time.Second
+
+// sweep is gc's work done by a prepare, within sweepTime; it never fails the prepare.
+func (e *Executor) sweep(conn *provision.Conn) {
+	start := time.Now()
+	sw, err := e.gc(conn, false, 0, start.Add(sweepTime))
+	if err != nil {
+		e.Log.Warn(fmt.Sprintf("sweeping orphans: %v", err))
+	}
+	if sw.Removed > 0 {
+		e.Log.Info(fmt.Sprintf("swept %d orphaned instances in %d ms", sw.Removed, time.Since(start).Milliseconds()),
+			"removed", sw.Removed, "ms", time.Since(start).Milliseconds())
+	}
+}
+
+// gc is GC on conn; with a deadline, it starts no removal after it.
+func (e *Executor) gc(conn *provision.Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
+	var sw Sweep
 	list, err := conn.Instances()
 	if err != nil {
 		return sw, err
@@ -89,22 +110,8 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 		if !strings.HasPrefix(in.Name, e.Settings.Prefix) {
 			continue // another runner configuration's
 		}
-		why := orphaned(in.Metadata.Runner)
-		if until, err := time.Parse(time.RFC3339, in.Metadata.KeepUntil); err == nil {
-			why = "" // kept after a failed job: its time alone decides
-			if time.Now().After(until) {
-				why = "kept after its failed job until " + in.Metadata.KeepUntil + ", which has passed"
-			}
-		} else if created, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
-			age := time.Since(created)
-			switch {
-			case olderThan > 0 && age > olderThan:
-				why = fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
-			case e.Settings.MaxAge > 0 && age > e.Settings.MaxAge:
-				why = fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), e.Settings.MaxAge)
-			}
-		}
-		if why == "" {
+		why := e.verdict(in.Metadata, olderThan)
+		if why == "" || (!deadline.IsZero() && time.Now().After(deadline)) {
 			sw.Kept++
 			continue
 		}
@@ -128,4 +135,24 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 		e.Log.Info(fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
 	}
 	return sw, errors.Join(errs...)
+}
+
+// verdict says why an instance is to go, or "" to keep it.
+func (e *Executor) verdict(m provision.Metadata, olderThan time.Duration) string {
+	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
+		if time.Now().After(until) {
+			return "kept after its failed job until " + m.KeepUntil + ", which has passed"
+		}
+		return "" // kept after a failed job: its time alone decides
+	}
+	if created, err := time.Parse(time.RFC3339, m.CreatedAt); err == nil {
+		age := time.Since(created)
+		switch {
+		case olderThan > 0 && age > olderThan:
+			return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
+		case e.Settings.MaxAge > 0 && age > e.Settings.MaxAge:
+			return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), e.Settings.MaxAge)
+		}
+	}
+	return orphaned(m.Runner)
 }

@@ -72,11 +72,12 @@ func TestGC(t *testing.T) {
 	orphan, alive := newJob(t), newJob(t)
 	alive.prefix = orphan.prefix // one runner configuration: gc looks at its prefix
 	alive.env["LIBVIRT_GCI_PREFIX"] = orphan.prefix
+	alive.prepare() // first: the orphan's prepare sweeps, and must keep this one
 	cmd := exec.Command("sh", "-c", `"$0" prepare; true`, binPath)
 	cmd.Env = orphan.environ()
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	alive.prepare()
+	assert.NotContains(t, string(out), "swept")
 	impostor := alive.prefix + "not-ours"
 	dom, err := alive.l.DomainDefineXMLFlags(templateVariant(t, alive.l, impostor), 0)
 	require.NoError(t, err)
@@ -99,6 +100,18 @@ func TestGC(t *testing.T) {
 	assert.NoError(t, err, "an instance whose runner is alive (and younger than 1h) was removed")
 	_, err = alive.l.DomainLookupByName(impostor)
 	assert.NoError(t, err, "a domain without our metadata was touched")
+
+	// And a prepare sweeps orphans by itself.
+	cmd = exec.Command("sh", "-c", `"$0" prepare; true`, binPath)
+	cmd.Env = orphan.environ()
+	out, err = cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	next := newJob(t)
+	next.prefix, next.env["LIBVIRT_GCI_PREFIX"] = orphan.prefix, orphan.prefix
+	next.prepare()
+	r = next.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, leftovers(t, orphan.l, gone), "the prepare did not sweep the orphan")
 
 	r = alive.run("build_script", "echo still mine")
 	assert.Equal(t, 0, r.code, r.stderr)
