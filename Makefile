@@ -7,7 +7,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 SOURCES  := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 
-.PHONY: all build demo test unit lint bench fuzz testenv testrunner clean
+.PHONY: all build demo test unit lint bench fuzz soak testenv testrunner clean
 
 all: build
 
@@ -40,6 +40,12 @@ unit:
 
 bench: testenv testrunner
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 30m ./cmd/libvirt-gci
+
+# N sequential and M concurrent jobs with random faults; one summary line (leaks must be 0).
+SOAK_N ?= 6
+SOAK_M ?= 4
+soak: testenv
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 LIBVIRT_GCI_SOAK=1 SOAK_N=$(SOAK_N) SOAK_M=$(SOAK_M) $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./cmd/libvirt-gci
 
 # Each fuzz target for FUZZTIME (its seed corpus also runs in every `make test`).
 FUZZTIME ?= 30s

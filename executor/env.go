@@ -32,6 +32,7 @@ type Settings struct {
 	MaxMemory       uint64        // bytes
 	MaxDisk         uint64        // bytes
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
+	LogFormat       string        // "text" or "json"
 	Debug           bool
 }
 

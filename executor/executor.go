@@ -32,6 +32,9 @@ const (
 // teardownTime bounds a cleanup or a rollback.
 const teardownTime = 2 * time.Minute
 
+// reconnectTime is how long a cleanup or a rollback tries to reach libvirtd.
+const reconnectTime = 10 * time.Second
+
 // AfterCancel bounds what a stage still does after the runner's SIGTERM: a run stage kills
 // its script, reads the last of its output and removes its files; prepare removes what it
 // made; cleanup goes on removing. Well under a second on a healthy host; a stalled
@@ -122,7 +125,9 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	defer conn.Close()
 
 	// Orphans of crashed runners go first: they may hold the room this one needs.
-	e.sweep(conn)
+	if err := e.sweep(ctx, conn); err != nil {
+		return err
+	}
 
 	tmplName := choice.Name
 	lookupStart := time.Now()
@@ -215,19 +220,26 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	bootStart := time.Now()
 	bctx, cancel := context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
 	defer cancel()
+	bctx, cancelLoss := conn.WithLoss(bctx)
+	defer cancelLoss()
 	if err := agent.WaitReady(bctx); err != nil {
+		if errors.Is(context.Cause(bctx), provision.ErrLost) {
+			return fmt.Errorf("instance %q: waiting for its guest agent: %w", t.Name, provision.ErrLost)
+		}
 		return fmt.Errorf("instance %q: %w", t.Name, err)
 	}
 	if e.Settings.Transport != TransportSSH {
-		e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), t.Name, time.Since(begin).Seconds()))
+		e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), t.Name, time.Since(begin).Seconds()),
+			"agent_ready_ms", time.Since(bootStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
 		return nil
 	}
-	e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", time.Since(bootStart).Seconds()))
+	e.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", time.Since(bootStart).Seconds()), "agent_ready_ms", time.Since(bootStart).Milliseconds())
 	sshStart := time.Now()
 	if err := e.prepareSSH(bctx, conn, agent, t.Name); err != nil {
 		return fmt.Errorf("instance %q: %w", t.Name, err)
 	}
-	e.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), t.Name, time.Since(begin).Seconds()))
+	e.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), t.Name, time.Since(begin).Seconds()),
+		"ssh_ready_ms", time.Since(sshStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
 	return nil
 }
 
@@ -371,7 +383,11 @@ func (e *Executor) teardown(ctx context.Context, name string, allow func(provisi
 	ctx, cancel := context.WithTimeoutCause(ctx, teardownTime, fmt.Errorf("teardown took longer than %s", teardownTime))
 	defer cancel()
 	start := time.Now()
+	// libvirtd may be restarting (that may be why a prepare failed): try for a while.
 	conn, err := provision.Connect(ctx, e.Settings.URI)
+	for err != nil && time.Since(start) < reconnectTime && sleepCtx(ctx, 250*time.Millisecond) {
+		conn, err = provision.Connect(ctx, e.Settings.URI)
+	}
 	if err != nil {
 		return err
 	}
@@ -429,6 +445,9 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	}
 	start := time.Now()
 	st, err := tr.Run(ctx, script, e.Stdout, e.Stderr)
+	if err != nil && inst.Metadata.SSH == nil && conn.IsLost() {
+		err = fmt.Errorf("%w: %v", provision.ErrLost, err) // the agent's calls failed for that
+	}
 	if err != nil {
 		return fmt.Errorf("run %s in %s: %w", stage, t.Name, err)
 	}

@@ -85,10 +85,14 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 // sweepTime bounds the sweep every prepare makes first.
 const sweepTime = 2 * time.Second
 
-// sweep is gc's work done by a prepare, within sweepTime; it never fails the prepare.
-func (e *Executor) sweep(conn *provision.Conn) {
+// sweep is gc's work done by a prepare, within sweepTime. Its failures are warnings;
+// the prepare goes on unless it was cancelled meanwhile.
+func (e *Executor) sweep(ctx context.Context, conn *provision.Conn) error {
 	start := time.Now()
 	sw, err := e.gc(conn, false, 0, start.Add(sweepTime))
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("sweeping orphans: %w", err)
+	}
 	if err != nil {
 		e.Log.Warn(fmt.Sprintf("sweeping orphans: %v", err))
 	}
@@ -96,6 +100,7 @@ func (e *Executor) sweep(conn *provision.Conn) {
 		e.Log.Info(fmt.Sprintf("swept %d orphaned instances in %d ms", sw.Removed, time.Since(start).Milliseconds()),
 			"removed", sw.Removed, "ms", time.Since(start).Milliseconds())
 	}
+	return nil
 }
 
 // gc is GC on conn; with a deadline, it starts no removal after it.

@@ -141,6 +141,14 @@ var SettingList = []Setting{
 		set: size(func(s *Settings) *uint64 { return &s.MaxDisk })},
 	{Flag: "keep-failed", Help: "cleanup keeps the VM of a failed job this long (say 2h), for a look; gc removes it afterwards",
 		set: optDuration(func(s *Settings) *time.Duration { return &s.KeepFailed })},
+	{Flag: "log-format", Default: "text", Help: "the tool's own lines on stderr: text (short lines), or json (slog records with their fields)",
+		set: func(s *Settings, v string) error {
+			if v != "text" && v != "json" {
+				return fmt.Errorf("want text or json")
+			}
+			s.LogFormat = v
+			return nil
+		}},
 	{Flag: "debug", Bool: true, Help: "debug logging on stderr",
 		set: boolean(func(s *Settings) *bool { return &s.Debug })},
 }

@@ -43,7 +43,7 @@ func TestSettingsParse(t *testing.T) {
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
 	assert.Equal(t, Settings{URI: "qemu:///system", Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Transport: "agent",
-		SSHUser: "root", SecretFile: defaultSecretFile()}, s)
+		SSHUser: "root", SecretFile: defaultSecretFile(), LogFormat: "text"}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 
 	find := func(flag string) Setting {

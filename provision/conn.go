@@ -199,6 +199,30 @@ func dialerFor(u *url.URL) (*droppable, error) {
 	return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", transport)
 }
 
+// ErrLost: the connection to libvirtd ended (libvirtd stopped or restarted).
+var ErrLost = errors.New("lost the connection to libvirtd (was it stopped or restarted?)")
+
+// WithLoss returns a context that ends, with ErrLost, when the connection to libvirtd
+// does: calls on it fail from then on, so waiting for anything it could tell is in vain.
+func (c *Conn) WithLoss(ctx context.Context) (context.Context, context.CancelFunc) {
+	lctx, cancel := context.WithCancelCause(ctx)
+	if c.lv == nil {
+		return lctx, func() { cancel(context.Canceled) }
+	}
+	lost := c.lv.Disconnected()
+	go func() {
+		select {
+		case <-lost:
+			cancel(ErrLost)
+		case <-lctx.Done():
+		}
+	}()
+	return lctx, func() { cancel(context.Canceled) }
+}
+
+// IsLost tells whether the connection to libvirtd has ended.
+func (c *Conn) IsLost() bool { return c.lv != nil && !c.lv.IsConnected() }
+
 // Libvirt is the raw client, for the guest package's agent transport.
 func (c *Conn) Libvirt() *libvirt.Libvirt { return c.lv }
 

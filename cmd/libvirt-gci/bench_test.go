@@ -1,19 +1,17 @@
 package main
 
 // Benchmarks on the real VM (make bench): how long each stage takes, split the way the
-// progress lines report it.
+// progress records' fields report it.
 
 import (
+	"encoding/json"
 	"regexp"
-	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
 
 var (
-	clonedRE = regexp.MustCompile(`define (\d+) ms, \d+ overlays (\d+) ms\), started in (\d+) ms`)
-	readyRE  = regexp.MustCompile(`guest agent ready after ([0-9.]+) s`)
-	sshRE    = regexp.MustCompile(`ssh ready after ([0-9.]+) s more`)
 	// a job log's section markers, from GitLab Runner
 	sectionRE = regexp.MustCompile(`^section_(start|end):\d+:(\w+)`)
 )
@@ -27,7 +25,25 @@ func perTransport(b *testing.B, f func(b *testing.B, j *gitlabJob)) {
 
 func BenchmarkPrepare(b *testing.B) { perTransport(b, benchmarkPrepare) }
 
+// fields collects the numeric fields of the tool's JSON log records (LIBVIRT_GCI_LOG_FORMAT=json).
+func fields(stderr string) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range strings.Split(stderr, "\n") {
+		var rec map[string]any
+		if json.Unmarshal([]byte(line), &rec) != nil {
+			continue
+		}
+		for k, v := range rec {
+			if f, ok := v.(float64); ok {
+				out[k] = f
+			}
+		}
+	}
+	return out
+}
+
 func benchmarkPrepare(b *testing.B, j *gitlabJob) {
+	j.env["LIBVIRT_GCI_LOG_FORMAT"] = "json" // the fields, not the prose
 	var define, clone, start, agent, ssh, total time.Duration
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
@@ -37,17 +53,16 @@ func benchmarkPrepare(b *testing.B, j *gitlabJob) {
 			b.Fatalf("prepare: %s", r.stderr)
 		}
 		b.StopTimer()
-		m, a := clonedRE.FindStringSubmatch(r.stderr), readyRE.FindStringSubmatch(r.stderr)
-		if m == nil || a == nil {
+		f := fields(r.stderr)
+		if _, ok := f["agent_ready_ms"]; !ok {
 			b.Fatalf("no timings in %q", r.stderr)
 		}
-		define += msArg(m[1])
-		clone += msArg(m[2])
-		start += msArg(m[3])
-		agent += secondsArg(a[1])
-		if m := sshRE.FindStringSubmatch(r.stderr); m != nil {
-			ssh += secondsArg(m[1])
-		}
+		ms := func(k string) time.Duration { return time.Duration(f[k] * float64(time.Millisecond)) }
+		define += ms("define_ms")
+		clone += ms("clone_ms")
+		start += ms("start_ms")
+		agent += ms("agent_ready_ms")
+		ssh += ms("ssh_ready_ms")
 		if r := j.stage("cleanup"); r.code != 0 {
 			b.Fatalf("cleanup: %s", r.stderr)
 		}
@@ -62,16 +77,6 @@ func benchmarkPrepare(b *testing.B, j *gitlabJob) {
 		b.ReportMetric(float64(ssh.Milliseconds())/n, "then-ssh-ready-ms")
 	}
 	b.ReportMetric(float64(total.Milliseconds())/n, "prepare-ms")
-}
-
-func secondsArg(s string) time.Duration {
-	f, _ := strconv.ParseFloat(s, 64)
-	return time.Duration(f * float64(time.Second))
-}
-
-func msArg(s string) time.Duration {
-	n, _ := strconv.Atoi(s)
-	return time.Duration(n) * time.Millisecond
 }
 
 // The per-stage overhead: run with an empty script.

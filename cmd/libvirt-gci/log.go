@@ -10,7 +10,8 @@ import (
 )
 
 // lineHandler writes the tool's own messages as short lines on stderr, one per record:
-// "libvirt-gci: cloned tiny in 41 ms". No timestamps: the runner adds its own.
+// "libvirt-gci: cloned tiny in 41 ms". No timestamps: the runner adds its own. A record's
+// fields are shown with --debug only: the lines stay short in job logs.
 type lineHandler struct {
 	mu    *sync.Mutex
 	w     io.Writer
@@ -38,11 +39,13 @@ func (h *lineHandler) Handle(_ context.Context, r slog.Record) error {
 		b.WriteString("debug: ")
 	}
 	b.WriteString(r.Message)
-	b.WriteString(h.attrs)
-	r.Attrs(func(a slog.Attr) bool {
-		fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
-		return true
-	})
+	if h.level.Level() <= slog.LevelDebug { // the fields, for --debug; LIBVIRT_GCI_LOG_FORMAT=json has them always
+		b.WriteString(h.attrs)
+		r.Attrs(func(a slog.Attr) bool {
+			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+			return true
+		})
+	}
 	b.WriteByte('\n')
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -67,7 +67,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if s.Debug {
 			level = slog.LevelDebug
 		}
-		log = slog.New(newLineHandler(stderr, level))
+		if s.LogFormat == "json" {
+			log = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+		} else {
+			log = slog.New(newLineHandler(stderr, level))
+		}
 		if err := s.Validate(); err != nil {
 			return err
 		}

@@ -89,7 +89,7 @@ func TestStagesExitSoonAfterSIGTERMWhenLibvirtdHangs(t *testing.T) {
 		stage []string
 		want  string // what it waited for
 	}{
-		{[]string{"prepare"}, `look up template "tiny-hang"`},
+		{[]string{"prepare"}, `sweeping orphans: list domains`},
 		{[]string{"run", "SCRIPT", "build_script"}, `look up instance "`},
 		{[]string{"cleanup"}, `look up instance "`},
 	} {

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"fmt"
+	"net/url"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Faults end to end: whatever happens to a stage, the stage ends with the right exit code
+// within a bound, and the cleanup the runner runs next leaves nothing behind.
+
+// prepare killed with SIGKILL (no rollback runs) at several moments, then cleanup.
+func TestFaultPrepareKilled(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		after string        // kill once stderr shows this ("" to kill at once)
+		wait  time.Duration // and this much later
+	}{
+		{"while connecting or defining", "", 30 * time.Millisecond},
+		{"just after the start", "cloned ", 0},
+		{"while the guest boots", "cloned ", 1500 * time.Millisecond},
+		{"after it is ready", "guest agent ready", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			j := newJob(t)
+			s := j.start("prepare")
+			if tc.after != "" {
+				s.waitFor(tc.after)
+			}
+			time.Sleep(tc.wait)
+			_ = s.cmd.Process.Kill()
+			_, _ = s.wait(time.Minute)
+			r := j.stage("cleanup")
+			assert.Equal(t, 0, r.code, "cleanup after prepare was killed: %s", r.stderr)
+			assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare output:\n%s", s.out.String())
+		})
+	}
+}
+
+// run killed with SIGKILL mid-script, then cleanup; and the guest that powers itself off
+// mid-script: a system failure within a bound, then cleanup.
+func TestFaultRunKilledAndGuestPowerOff(t *testing.T) {
+	t.Parallel()
+	overEachTransport(t, func(t *testing.T, j *gitlabJob) {
+		j.prepare()
+		s := j.start("run", j.script("b.sh", "echo up; sleep 613"), "build_script")
+		s.waitFor("up")
+		_ = s.cmd.Process.Kill()
+		_, _ = s.wait(time.Minute)
+
+		s = j.start("run", j.script("off.sh", "echo bye; sync; busybox poweroff -f 2>/dev/null || echo o >/proc/sysrq-trigger; sleep 30"), "build_script")
+		s.waitFor("bye")
+		code, took := s.wait(time.Minute)
+		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", s.out.String())
+		t.Logf("%s: the guest powered off; run ended %.1f s later", j.transport, took.Seconds())
+
+		r := j.stage("cleanup")
+		assert.Equal(t, 0, r.code, r.stderr)
+		assert.Empty(t, leftovers(t, j.l, j.prefix))
+	})
+}
+
+// A guest that never becomes ready (here its kernel finds no init): prepare fails at its
+// boot timeout as a system failure, and removes what it made.
+func TestFaultGuestNeverReady(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.defineTemplate("tiny-noinit-"+j.jobID, `<cmdline>[^<]*</cmdline>`, `<cmdline>console=ttyS0 quiet rdinit=/no/such/init init=/no/such/init panic=0</cmdline>`)
+	j.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "15s"
+	start := time.Now()
+	r := j.stage("prepare")
+	assert.Equal(t, 2, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "boot timeout 15s (LIBVIRT_GCI_BOOT_TIMEOUT) passed")
+	assert.Less(t, time.Since(start), 30*time.Second)
+	assert.Empty(t, leftovers(t, j.l, j.prefix), "the rollback left something:\n%s", r.stderr)
+}
+
+// restartLibvirtd stops libvirtd (SIGTERM, as a package upgrade would) and starts it
+// again as scripts/testenv.sh does; QEMU processes live on. The job's own connection
+// is made again.
+func restartLibvirtd(t *testing.T, j *gitlabJob) {
+	t.Helper()
+	out, err := exec.Command("pgrep", "-x", "libvirtd").Output()
+	require.NoError(t, err, "libvirtd is not running")
+	pid, err := strconv.Atoi(strings.Fields(string(out))[0])
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGTERM))
+	require.Eventually(t, func() bool { return syscall.Kill(pid, 0) != nil }, 30*time.Second, 20*time.Millisecond, "libvirtd did not stop")
+	require.NoError(t, exec.Command("libvirtd", "-d").Run())
+	require.Eventually(t, func() bool { return exec.Command("virsh", "-c", testURI, "version").Run() == nil }, 30*time.Second, 100*time.Millisecond,
+		"libvirtd did not come back")
+	// A connection of the test's own, not closed at its end: the job's checks at the end
+	// of the test use it after lv's own cleanups have run.
+	u, _ := url.Parse(testURI)
+	l, err := libvirt.ConnectToURI(u)
+	require.NoError(t, err)
+	j.l = l
+}
+
+// libvirtd restarted while prepare waits for the guest and while a script runs: each
+// stage ends within a bound, and cleanup (once libvirtd is back) leaves nothing. Not
+// parallel: a libvirtd restart disturbs every test that uses it.
+func TestFaultLibvirtdRestarts(t *testing.T) {
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			j := newJobOver(t, tr)
+			s := j.start("prepare")
+			s.waitFor("cloned ")
+			restartLibvirtd(t, j)
+			code, took := s.wait(2 * time.Minute)
+			t.Logf("prepare during a libvirtd restart: exit %d after %.1f s: %s", code, took.Seconds(), s.out.String())
+			if code != 0 {
+				assert.Contains(t, s.out.String(), "lost the connection to libvirtd")
+				assert.Regexp(t, `removed \S+ and 1 volumes`, s.out.String(), "the rollback waited for libvirtd to come back")
+			}
+			if code == 0 { // it may have reconnected in time: then the job goes on
+				r := j.run("build_script", "echo fine")
+				assert.Equal(t, 0, r.code, r.stderr)
+			} else {
+				assert.Equal(t, 2, code)
+				r := j.stage("cleanup")
+				require.Equal(t, 0, r.code, r.stderr)
+				j.prepare()
+			}
+
+			// Over ssh the script does not need libvirtd and goes on; over the agent the
+			// stage ends as a system failure.
+			s = j.start("run", j.script("b.sh", "echo up; sleep 8; echo done"), "build_script")
+			s.waitFor("up")
+			restartLibvirtd(t, j)
+			code, took = s.wait(2 * time.Minute)
+			t.Logf("run during a libvirtd restart: exit %d after %.1f s: %s", code, took.Seconds(), s.out.String())
+			if tr == "ssh" {
+				assert.Equal(t, 0, code, s.out.String())
+				assert.Contains(t, s.out.String(), "done")
+			} else {
+				assert.Equal(t, 2, code, s.out.String())
+				assert.Contains(t, s.out.String(), "lost the connection to libvirtd")
+			}
+			r := j.stage("cleanup")
+			assert.Equal(t, 0, r.code, r.stderr)
+			assert.Empty(t, leftovers(t, j.l, j.prefix), fmt.Sprintf("after %s", tr))
+		})
+	}
+}
