@@ -53,10 +53,21 @@ func lingering(ctx context.Context, d time.Duration) (context.Context, context.C
 // Executor runs the stages. Stdout and Stderr carry the job's output; Log the tool's own.
 type Executor struct {
 	Settings Settings
-	Version  string
-	Log      *slog.Logger
-	Stdout   io.Writer
-	Stderr   io.Writer
+	// Dial connects to libvirt; nil is provision.Connect to Settings.URI. Tests give
+	// provisiontest's fake here.
+	Dial    func(ctx context.Context, uri string) (*provision.Conn, error)
+	Version string
+	Log     *slog.Logger
+	Stdout  io.Writer
+	Stderr  io.Writer
+}
+
+// connect connects to the hypervisor.
+func (e *Executor) connect(ctx context.Context) (*provision.Conn, error) {
+	if e.Dial != nil {
+		return e.Dial(ctx, e.Settings.URI)
+	}
+	return provision.Connect(ctx, e.Settings.URI)
 }
 
 // Target names the instance a stage works on: a job's, or one named by hand.
@@ -118,7 +129,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	// The rollback runs after a cancel, but not for long.
 	after, cancelAfter := lingering(ctx, AfterCancel)
 	defer cancelAfter()
-	conn, err := provision.Connect(ctx, e.Settings.URI)
+	conn, err := e.connect(ctx)
 	if err != nil {
 		return err
 	}
@@ -213,7 +224,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		"template", tmplName, "name", t.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
 		"cpus", size.CPUs, "memory", size.Memory, "disk", size.Disk)
 
-	agent, err := guest.NewAgent(conn.Libvirt(), t.Name)
+	agent, err := guest.NewAgent(conn.API(), t.Name)
 	if err != nil {
 		return err
 	}
@@ -384,9 +395,9 @@ func (e *Executor) teardown(ctx context.Context, name string, allow func(provisi
 	defer cancel()
 	start := time.Now()
 	// libvirtd may be restarting (that may be why a prepare failed): try for a while.
-	conn, err := provision.Connect(ctx, e.Settings.URI)
+	conn, err := e.connect(ctx)
 	for err != nil && time.Since(start) < reconnectTime && sleepCtx(ctx, 250*time.Millisecond) {
-		conn, err = provision.Connect(ctx, e.Settings.URI)
+		conn, err = e.connect(ctx)
 	}
 	if err != nil {
 		return err
@@ -415,7 +426,7 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	// not for long: a stalled libvirtd must not keep a cancelled stage alive.
 	cctx, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
-	conn, err := provision.Connect(cctx, e.Settings.URI)
+	conn, err := e.connect(cctx)
 	if err != nil {
 		return err
 	}
@@ -440,7 +451,7 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 		if tr, err = e.sshTransport(info, key); err != nil {
 			return err
 		}
-	} else if tr, err = guest.NewAgent(conn.Libvirt(), t.Name); err != nil {
+	} else if tr, err = guest.NewAgent(conn.API(), t.Name); err != nil {
 		return err
 	}
 	start := time.Now()
@@ -492,7 +503,7 @@ func (e *Executor) keepFailed(ctx context.Context, t Target) (bool, error) {
 	if e.Settings.KeepFailed == 0 || t.ByHand {
 		return false, nil
 	}
-	conn, err := provision.Connect(ctx, e.Settings.URI)
+	conn, err := e.connect(ctx)
 	if err != nil {
 		return false, err
 	}

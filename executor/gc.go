@@ -74,7 +74,7 @@ type Sweep struct {
 // LIBVIRT_GCI_MAX_AGE. Domains without our metadata are never touched, nor instances
 // whose runner is alive and that are not too old. dryRun says what it would remove.
 func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sweep, error) {
-	conn, err := provision.Connect(ctx, e.Settings.URI)
+	conn, err := e.connect(ctx)
 	if err != nil {
 		return Sweep{}, err
 	}

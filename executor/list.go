@@ -26,7 +26,7 @@ type Listed struct {
 
 // List prints the managed instances: every domain with our metadata, whatever its name.
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
-	conn, err := provision.Connect(ctx, e.Settings.URI)
+	conn, err := e.connect(ctx)
 	if err != nil {
 		return err
 	}

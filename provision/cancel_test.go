@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 	"io/fs"
 	"net"
 	"net/url"
@@ -16,8 +17,8 @@ import (
 )
 
 // fakeConn is a Conn to f that is cancelled with ctx, as Connect's is.
-func fakeConn(ctx context.Context, f *fakeLibvirt, grace time.Duration) *Conn {
-	c := &Conn{api: f, drop: f.drop, grace: grace}
+func fakeConn(ctx context.Context, f *provisiontest.Libvirt, grace time.Duration) *Conn {
+	c := &Conn{api: f, drop: f.Drop, grace: grace}
 	c.stop = context.AfterFunc(ctx, c.cancel)
 	return c
 }
@@ -29,10 +30,9 @@ type createResult struct {
 
 // heldCreate starts a Create on a fake whose method call is held at a gate, and returns
 // once that call is in flight: the gate, the Create's cancel and its result.
-func heldCreate(t *testing.T, f *fakeLibvirt, method string, grace time.Duration) (chan struct{}, context.CancelFunc, chan createResult) {
+func heldCreate(t *testing.T, f *provisiontest.Libvirt, method string, grace time.Duration) (chan struct{}, context.CancelFunc, chan createResult) {
 	t.Helper()
-	gate := make(chan struct{})
-	f.gates[method] = gate
+	gate := f.Gate(method)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	c := fakeConn(ctx, f, grace)
@@ -42,18 +42,18 @@ func heldCreate(t *testing.T, f *fakeLibvirt, method string, grace time.Duration
 		_, err := c.Create(ctx, spec)
 		done <- createResult{err, time.Now()}
 	}()
-	require.Equal(t, method, <-f.entered)
+	require.Equal(t, method, <-f.Entered())
 	return gate, cancel, done
 }
 
 // rollBack tears the instance down on a new connection, as prepare's rollback does, and
 // checks that nothing is left.
-func rollBack(t *testing.T, f *fakeLibvirt) {
+func rollBack(t *testing.T, f *provisiontest.Libvirt) {
 	t.Helper()
-	f.reconnect()
+	f.Reconnect()
 	_, err := (&Conn{api: f}).Teardown(inst, nil)
 	require.NoError(t, err)
-	assert.Empty(t, f.state())
+	assert.Empty(t, f.State())
 }
 
 // The runner's SIGTERM arrives while libvirtd is still working on the define (it was
@@ -62,7 +62,7 @@ func rollBack(t *testing.T, f *fakeLibvirt) {
 // rollback found nothing, and the define completed afterwards: a leaked VM.
 func TestCancelDuringDefineAwaitsItsOutcome(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	gate, cancel, done := heldCreate(t, f, "DomainDefineXMLFlags", time.Minute)
 	cancel()
 	select {
@@ -77,10 +77,8 @@ func TestCancelDuringDefineAwaitsItsOutcome(t *testing.T) {
 	require.ErrorIs(t, r.err, context.Canceled)
 	assert.ErrorContains(t, r.err, `define "gci-r-1": done, but cancelled meanwhile`)
 	assert.False(t, r.when.Before(opened))
-	assert.Equal(t, "domain gci-r-1 running=false", f.state(), "no further call after the cancel")
-	f.mu.Lock()
-	dropped := f.dropped
-	f.mu.Unlock()
+	assert.Equal(t, "domain gci-r-1 running=false", f.State(), "no further call after the cancel")
+	dropped := f.Dropped()
 	select {
 	case <-dropped:
 	case <-time.After(5 * time.Second):
@@ -95,13 +93,13 @@ func TestCancelDuringDefineAwaitsItsOutcome(t *testing.T) {
 // in the metadata's list, and the rollback deletes it.
 func TestCancelDuringOverlayAwaitsItsOutcome(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	gate, cancel, done := heldCreate(t, f, "StorageVolCreateXML", time.Minute)
 	cancel()
 	close(gate)
 	r := <-done
 	require.ErrorIs(t, r.err, context.Canceled)
-	assert.Equal(t, "domain gci-r-1 running=false; volume ci/gci-r-1-vda.qcow2", f.state(), "the second overlay and the start never happen")
+	assert.Equal(t, "domain gci-r-1 running=false; volume ci/gci-r-1-vda.qcow2", f.State(), "the second overlay and the start never happen")
 	rollBack(t, f)
 }
 
@@ -109,7 +107,7 @@ func TestCancelDuringOverlayAwaitsItsOutcome(t *testing.T) {
 // grace; its error says the outcome is unknown and how to remove what may appear.
 func TestCancelDuringStalledDefineGivesUpAfterGrace(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	_, cancel, done := heldCreate(t, f, "DomainDefineXMLFlags", 200*time.Millisecond) // the gate never opens
 	cancel()
 	cancelled := time.Now()
@@ -129,13 +127,13 @@ func TestCancelDuringStalledDefineGivesUpAfterGrace(t *testing.T) {
 // Cancelled before it starts, Create makes no call at all.
 func TestCreateCancelledBeforeStartMakesNothing(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	ctx, cancel := context.WithCancel(context.Background())
 	c := fakeConn(ctx, f, time.Minute)
 	cancel()
 	_, err := c.Create(ctx, instanceSpec(t, "ci"))
 	require.ErrorIs(t, err, context.Canceled)
-	assert.Empty(t, f.state())
+	assert.Empty(t, f.State())
 }
 
 // With the real go-libvirt client: a cancel drops the socket at once, so a call that a

@@ -44,9 +44,11 @@ type storageAPI interface {
 	StorageVolGetInfo(vol libvirt.StorageVol) (rType int8, rCapacity uint64, rAllocation uint64, err error)
 }
 
-type api interface {
+// API is the part of go-libvirt a Conn uses (*libvirt.Libvirt, or provisiontest's fake).
+type API interface {
 	domainAPI
 	storageAPI
+	QEMUDomainAgentCommand(dom libvirt.Domain, cmd string, timeout int32, flags uint32) (libvirt.OptString, error)
 }
 
 // CancelGrace bounds how long a cancelled Conn waits for the answer to a call that
@@ -60,7 +62,7 @@ const CancelGrace = 3 * time.Second
 // Conn is a connection to libvirtd.
 type Conn struct {
 	lv    *libvirt.Libvirt // nil for a fake
-	api   api
+	api   API
 	drop  func()        // closes the socket at once: calls in flight fail with ErrInterrupted
 	grace time.Duration // CancelGrace, shorter in tests
 
@@ -223,8 +225,12 @@ func (c *Conn) WithLoss(ctx context.Context) (context.Context, context.CancelFun
 // IsLost tells whether the connection to libvirtd has ended.
 func (c *Conn) IsLost() bool { return c.lv != nil && !c.lv.IsConnected() }
 
-// Libvirt is the raw client, for the guest package's agent transport.
-func (c *Conn) Libvirt() *libvirt.Libvirt { return c.lv }
+// API is the client, for the guest package's agent transport.
+func (c *Conn) API() API { return c.api }
+
+// NewConn is a Conn over a as it is (provisiontest's fake, say): no socket, nothing to
+// drop on a cancel.
+func NewConn(a API) *Conn { return &Conn{api: a, grace: CancelGrace} }
 
 // cancel runs when the Conn's context ends: it drops the connection now, or, while a call
 // that creates something is in flight, when that call returns or the grace has passed.

@@ -3,6 +3,7 @@ package provision
 import (
 	"context"
 	"errors"
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 	"testing"
 
 	"github.com/digitalocean/go-libvirt"
@@ -51,15 +52,15 @@ func TestMetadataRoundTrip(t *testing.T) {
 
 func TestCreateThenTeardown(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
-	assert.Equal(t, "domain gci-r-1 running=true; volume ci/gci-r-1-vda.qcow2; volume ci/gci-r-1-vdb.qcow2", f.state())
+	assert.Equal(t, "domain gci-r-1 running=true; volume ci/gci-r-1-vda.qcow2; volume ci/gci-r-1-vdb.qcow2", f.State())
 
 	// The overlays state their backing format (else libvirt writes raw).
 	var v libvirtxml.StorageVolume
-	require.NoError(t, v.Unmarshal(f.pools["ci"][inst+"-vdb.qcow2"]))
+	require.NoError(t, v.Unmarshal(f.VolumeXML("ci", inst+"-vdb.qcow2")))
 	assert.Equal(t, "qcow2", v.Target.Format.Type)
 	assert.Equal(t, "/t/data.img", v.BackingStore.Path)
 	assert.Equal(t, "raw", v.BackingStore.Format.Type)
@@ -68,7 +69,7 @@ func TestCreateThenTeardown(t *testing.T) {
 	r, err := c.Teardown(inst, nil)
 	require.NoError(t, err)
 	assert.Equal(t, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}, r)
-	assert.Empty(t, f.state())
+	assert.Empty(t, f.State())
 }
 
 // Create fails at each step; the metadata written first lets Teardown remove everything.
@@ -76,21 +77,21 @@ func TestCreateFailuresLeaveARecord(t *testing.T) {
 	t.Parallel()
 	for _, step := range []string{"DomainDefineXMLFlags", "StorageVolCreateXML", "DomainCreate"} {
 		t.Run(step, func(t *testing.T) {
-			f := newFake("ci")
-			f.fail[step] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "injected"}
+			f := provisiontest.New("ci")
+			f.Fail(step, libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "injected"})
 			c := &Conn{api: f}
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.ErrorContains(t, err, "injected")
-			delete(f.fail, step)
+			f.Fail(step, nil)
 			_, err = c.Teardown(inst, nil)
 			require.NoError(t, err)
-			assert.Empty(t, f.state())
+			assert.Empty(t, f.State())
 		})
 	}
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	_, err := (&Conn{api: f}).Create(context.Background(), instanceSpec(t, "missing"))
 	assert.ErrorContains(t, err, `storage pool "missing"`)
-	assert.Empty(t, f.state(), "nothing is defined when the pool is missing")
+	assert.Empty(t, f.State(), "nothing is defined when the pool is missing")
 }
 
 // Teardown over every partial state an instance can be left in.
@@ -98,15 +99,15 @@ func TestTeardownPartialStates(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name  string
-		setup func(t *testing.T, f *fakeLibvirt, c *Conn)
+		setup func(t *testing.T, f *provisiontest.Libvirt, c *Conn)
 		want  Removed
 	}{
-		{"nothing created", func(*testing.T, *fakeLibvirt, *Conn) {}, Removed{}},
-		{"defined, no volumes yet", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+		{"nothing created", func(*testing.T, *provisiontest.Libvirt, *Conn) {}, Removed{}},
+		{"defined, no volumes yet", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
 			_, err := f.DomainDefineXMLFlags(instanceSpec(t, "ci").DomainXML, 0)
 			require.NoError(t, err)
 		}, Removed{Domain: true}},
-		{"defined, one volume", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+		{"defined, one volume", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
 			s := instanceSpec(t, "ci")
 			_, err := f.DomainDefineXMLFlags(s.DomainXML, 0)
 			require.NoError(t, err)
@@ -114,34 +115,34 @@ func TestTeardownPartialStates(t *testing.T) {
 			_, err = f.StorageVolCreateXML(libvirt.StoragePool{Name: "ci"}, x, 0)
 			require.NoError(t, err)
 		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2"}}},
-		{"defined, not started", func(t *testing.T, f *fakeLibvirt, c *Conn) {
-			f.fail["DomainCreate"] = errors.New("no start")
+		{"defined, not started", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
+			f.Fail("DomainCreate", errors.New("no start"))
 			_, _ = c.Create(context.Background(), instanceSpec(t, "ci"))
-			delete(f.fail, "DomainCreate")
+			f.Fail("DomainCreate", nil)
 		}, Removed{Domain: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
-		{"running", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+		{"running", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
 		}, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}},
-		{"volumes deleted behind our back", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+		{"volumes deleted behind our back", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
-			f.pools["ci"] = map[string]string{}
+			f.DeleteVolumes("ci")
 		}, Removed{Domain: true, Destroyed: true}},
-		{"pool gone", func(t *testing.T, f *fakeLibvirt, c *Conn) {
+		{"pool gone", func(t *testing.T, f *provisiontest.Libvirt, c *Conn) {
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.NoError(t, err)
-			delete(f.pools, "ci")
+			f.RemovePool("ci")
 		}, Removed{Domain: true, Destroyed: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newFake("ci")
+			f := provisiontest.New("ci")
 			c := &Conn{api: f}
 			tc.setup(t, f, c)
 			r, err := c.Teardown(inst, nil)
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, r)
-			assert.Empty(t, f.state())
+			assert.Empty(t, f.State())
 			// And again: already gone.
 			r, err = c.Teardown(inst, nil)
 			require.NoError(t, err)
@@ -152,38 +153,38 @@ func TestTeardownPartialStates(t *testing.T) {
 
 func TestTeardownRefusesUnmanagedDomains(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>`+inst+`</name></domain>`, 0)
 	require.NoError(t, err)
 	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: inst}))
 	_, err = c.Teardown(inst, nil)
 	require.ErrorIs(t, err, ErrNotManaged)
-	assert.Equal(t, "domain gci-r-1 running=true", f.state(), "an unmanaged domain is never touched")
+	assert.Equal(t, "domain gci-r-1 running=true", f.State(), "an unmanaged domain is never touched")
 }
 
 // A volume that cannot be deleted keeps the domain (and its record of the volume).
 func TestTeardownKeepsRecordWhenVolumeDeleteFails(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
-	f.fail["StorageVolDelete"] = libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"}
+	f.Fail("StorageVolDelete", libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"})
 	_, err = c.Teardown(inst, nil)
 	require.ErrorContains(t, err, "device busy")
-	assert.Contains(t, f.state(), "domain gci-r-1 running=false")
-	assert.Contains(t, f.state(), "volume ci/gci-r-1-vda.qcow2")
+	assert.Contains(t, f.State(), "domain gci-r-1 running=false")
+	assert.Contains(t, f.State(), "volume ci/gci-r-1-vda.qcow2")
 
-	delete(f.fail, "StorageVolDelete")
+	f.Fail("StorageVolDelete", nil)
 	_, err = c.Teardown(inst, nil)
 	require.NoError(t, err)
-	assert.Empty(t, f.state())
+	assert.Empty(t, f.State())
 }
 
 func TestTemplateXML(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>tmpl</name></domain>`, 0)
 	require.NoError(t, err)
@@ -226,25 +227,25 @@ func TestTemplateXML(t *testing.T) {
 // Teardown leaves alone an instance its caller does not own, touching nothing.
 func TestTeardownAsksFirst(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
-	before := f.state()
+	before := f.State()
 	var seen Metadata
 	_, err = c.Teardown(inst, func(m Metadata) error { seen = m; return errors.New("not yours") })
 	require.EqualError(t, err, "not yours")
-	assert.Equal(t, before, f.state())
+	assert.Equal(t, before, f.State())
 	assert.Equal(t, "p1", seen.PrepareID)
 	r, err := c.Teardown(inst, func(Metadata) error { return nil })
 	require.NoError(t, err)
 	assert.True(t, r.Domain)
-	assert.Empty(t, f.state())
+	assert.Empty(t, f.State())
 }
 
 // What prepare adds for the ssh transport, and what later stages read back.
 func TestSSHMetadataAndForward(t *testing.T) {
-	f := newFake("p")
+	f := provisiontest.New("p")
 	c := &Conn{api: f}
 	spec := instanceSpec(t, "p")
 	_, err := c.Create(context.Background(), spec)
@@ -298,7 +299,7 @@ func TestParseForward(t *testing.T) {
 // Instances are found by our metadata, whatever their names.
 func TestInstances(t *testing.T) {
 	t.Parallel()
-	f := newFake("ci")
+	f := provisiontest.New("ci")
 	c := &Conn{api: f}
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)

@@ -1,4 +1,8 @@
-package provision
+// Package provisiontest is a stateful in-memory libvirt for tests, in the manner of
+// net/http/httptest: domains and volumes in maps, the XML it is given parsed, the error
+// values real libvirt returns, failures injected at any call, and a guest agent in every
+// running domain whose scripts are Go functions.
+package provisiontest
 
 import (
 	"fmt"
@@ -11,14 +15,18 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
-// fakeLibvirt is a stateful in-memory libvirt: domains and volumes in maps, the XML it is
+// Libvirt is a stateful in-memory libvirt: domains and volumes in maps, the XML it is
 // given parsed, and the error values real libvirt returns.
-type fakeLibvirt struct {
+type Libvirt struct {
 	mu      sync.Mutex
-	domains map[string]*fakeDomain
+	domains map[string]*domain
 	pools   map[string]map[string]string // pool -> volume -> volume XML
 	// failures to inject, by method name
-	fail map[string]error
+	fail   map[string]error
+	nth    map[string]nth
+	count  map[string]int
+	calls  []string
+	script ScriptFunc
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.
@@ -28,15 +36,16 @@ type fakeLibvirt struct {
 	drop    func()
 }
 
-type fakeDomain struct {
+type domain struct {
 	xml     string
 	running bool
+	guest   *guest // while it runs
 }
 
-func newFake(pools ...string) *fakeLibvirt {
-	f := &fakeLibvirt{domains: map[string]*fakeDomain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
-		gates: map[string]chan struct{}{}, entered: make(chan string, 16)}
-	f.reconnect()
+func New(pools ...string) *Libvirt {
+	f := &Libvirt{domains: map[string]*domain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
+		gates: map[string]chan struct{}{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
+	f.Reconnect()
 	for _, p := range pools {
 		f.pools[p] = map[string]string{}
 	}
@@ -47,13 +56,84 @@ func lverr(code libvirt.ErrorNumber, format string, args ...any) error {
 	return libvirt.Error{Code: uint32(code), Message: fmt.Sprintf(format, args...)}
 }
 
-func (f *fakeLibvirt) injected(method string) error { return f.fail[method] }
+func (f *Libvirt) injected(method string) error { return f.fail[method] }
+
+// enter records a call and returns the failure injected for it, if any.
+func (f *Libvirt) enter(method string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, method)
+	f.count[method]++
+	if n, ok := f.nth[method]; ok && n.n == f.count[method] {
+		return n.err
+	}
+	return f.fail[method]
+}
+
+type nth struct {
+	n   int
+	err error
+}
+
+// FailNth makes only the nth call (from 1) of method fail with err.
+func (f *Libvirt) FailNth(method string, n int, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.nth[method] = nth{n, err}
+}
+
+// Fail makes every call of method fail with err from now on (nil: succeed again).
+func (f *Libvirt) Fail(method string, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err == nil {
+		delete(f.fail, method)
+		return
+	}
+	f.fail[method] = err
+}
+
+// Calls lists the calls made so far, by method name, in order.
+func (f *Libvirt) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+// Gate holds every call of method until the returned channel is closed; Entered reports
+// each such call as it arrives. The call still completes in the fake libvirtd when the
+// gate opens, whatever became of the client, as in libvirtd.
+func (f *Libvirt) Gate(method string) chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	g := make(chan struct{})
+	f.gates[method] = g
+	return g
+}
+
+// Entered receives the method name of each gated call as it arrives.
+func (f *Libvirt) Entered() <-chan string { return f.entered }
+
+// Drop is the client dropping its connection: calls in flight return ErrInterrupted.
+func (f *Libvirt) Drop() {
+	f.mu.Lock()
+	drop := f.drop
+	f.mu.Unlock()
+	drop()
+}
+
+// Dropped is closed once the client has dropped its connection.
+func (f *Libvirt) Dropped() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.dropped
+}
 
 // call runs op, a call to the fake libvirtd. A client that has dropped its connection
 // gets libvirt.ErrInterrupted, as from go-libvirt. A gated call waits for its gate in
 // libvirtd; a client that drops meanwhile gets ErrInterrupted at once, and op still runs
 // when the gate opens.
-func (f *fakeLibvirt) call(method string, op func() error) error {
+func (f *Libvirt) call(method string, op func() error) error {
 	f.mu.Lock()
 	gate, dropped := f.gates[method], f.dropped
 	f.mu.Unlock()
@@ -79,15 +159,18 @@ func (f *fakeLibvirt) call(method string, op func() error) error {
 	}
 }
 
-// reconnect is a new client connection to the same fake libvirtd.
-func (f *fakeLibvirt) reconnect() {
+// Reconnect is a new client connection to the same fake libvirtd.
+func (f *Libvirt) Reconnect() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	dropped := make(chan struct{})
 	f.dropped, f.drop = dropped, sync.OnceFunc(func() { close(dropped) })
 }
 
-func (f *fakeLibvirt) DomainLookupByName(name string) (libvirt.Domain, error) {
+func (f *Libvirt) DomainLookupByName(name string) (libvirt.Domain, error) {
+	if err := f.enter("DomainLookupByName"); err != nil {
+		return libvirt.Domain{}, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, ok := f.domains[name]; !ok {
@@ -96,7 +179,7 @@ func (f *fakeLibvirt) DomainLookupByName(name string) (libvirt.Domain, error) {
 	return libvirt.Domain{Name: name}, nil
 }
 
-func (f *fakeLibvirt) dom(d libvirt.Domain) (*fakeDomain, error) {
+func (f *Libvirt) dom(d libvirt.Domain) (*domain, error) {
 	fd, ok := f.domains[d.Name]
 	if !ok {
 		return nil, lverr(libvirt.ErrNoDomain, "Domain not found: '%s'", d.Name)
@@ -104,7 +187,10 @@ func (f *fakeLibvirt) dom(d libvirt.Domain) (*fakeDomain, error) {
 	return fd, nil
 }
 
-func (f *fakeLibvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlags) (string, error) {
+func (f *Libvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlags) (string, error) {
+	if err := f.enter("DomainGetXMLDesc"); err != nil {
+		return "", err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -114,7 +200,10 @@ func (f *fakeLibvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlag
 	return fd.xml, nil
 }
 
-func (f *fakeLibvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, error) {
+func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, error) {
+	if err := f.enter("DomainGetState"); err != nil {
+		return 0, 0, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -127,7 +216,10 @@ func (f *fakeLibvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, 
 	return int32(libvirt.DomainShutoff), 0, nil
 }
 
-func (f *fakeLibvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt.OptString, _ libvirt.DomainModificationImpact) (string, error) {
+func (f *Libvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt.OptString, _ libvirt.DomainModificationImpact) (string, error) {
+	if err := f.enter("DomainGetMetadata"); err != nil {
+		return "", err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -151,7 +243,10 @@ func (f *fakeLibvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt
 	return "", lverr(libvirt.ErrNoDomainMetadata, "metadata not found: Requested metadata element is not present")
 }
 
-func (f *fakeLibvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (d libvirt.Domain, err error) {
+func (f *Libvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (d libvirt.Domain, err error) {
+	if err := f.enter("DomainDefineXMLFlags"); err != nil {
+		return libvirt.Domain{}, err
+	}
 	err = f.call("DomainDefineXMLFlags", func() (err error) {
 		d, err = f.define(x, fl)
 		return err
@@ -159,7 +254,7 @@ func (f *fakeLibvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlag
 	return d, err
 }
 
-func (f *fakeLibvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
+func (f *Libvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.injected("DomainDefineXMLFlags"); err != nil {
@@ -172,15 +267,18 @@ func (f *fakeLibvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Dom
 	if _, ok := f.domains[dom.Name]; ok {
 		return libvirt.Domain{}, lverr(libvirt.ErrOperationFailed, "domain '%s' already exists", dom.Name)
 	}
-	f.domains[dom.Name] = &fakeDomain{xml: x}
+	f.domains[dom.Name] = &domain{xml: x}
 	return libvirt.Domain{Name: dom.Name}, nil
 }
 
-func (f *fakeLibvirt) DomainCreate(d libvirt.Domain) error {
+func (f *Libvirt) DomainCreate(d libvirt.Domain) error {
+	if err := f.enter("DomainCreate"); err != nil {
+		return err
+	}
 	return f.call("DomainCreate", func() error { return f.start(d) })
 }
 
-func (f *fakeLibvirt) start(d libvirt.Domain) error {
+func (f *Libvirt) start(d libvirt.Domain) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -211,7 +309,10 @@ func (f *fakeLibvirt) start(d libvirt.Domain) error {
 	return nil
 }
 
-func (f *fakeLibvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFlagsValues) error {
+func (f *Libvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFlagsValues) error {
+	if err := f.enter("DomainDestroyFlags"); err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -221,11 +322,14 @@ func (f *fakeLibvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestr
 	if !fd.running {
 		return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
 	}
-	fd.running = false
+	fd.running, fd.guest = false, nil
 	return nil
 }
 
-func (f *fakeLibvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUndefineFlagsValues) error {
+func (f *Libvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUndefineFlagsValues) error {
+	if err := f.enter("DomainUndefineFlags"); err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -239,7 +343,10 @@ func (f *fakeLibvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUnde
 	return nil
 }
 
-func (f *fakeLibvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool, error) {
+func (f *Libvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool, error) {
+	if err := f.enter("StoragePoolLookupByName"); err != nil {
+		return libvirt.StoragePool{}, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, ok := f.pools[name]; !ok {
@@ -248,7 +355,10 @@ func (f *fakeLibvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool,
 	return libvirt.StoragePool{Name: name}, nil
 }
 
-func (f *fakeLibvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvirt.StorageVolCreateFlags) (v libvirt.StorageVol, err error) {
+func (f *Libvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvirt.StorageVolCreateFlags) (v libvirt.StorageVol, err error) {
+	if err := f.enter("StorageVolCreateXML"); err != nil {
+		return libvirt.StorageVol{}, err
+	}
 	err = f.call("StorageVolCreateXML", func() (err error) {
 		v, err = f.createVol(p, x, fl)
 		return err
@@ -256,7 +366,7 @@ func (f *fakeLibvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl li
 	return v, err
 }
 
-func (f *fakeLibvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
+func (f *Libvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.injected("StorageVolCreateXML"); err != nil {
@@ -273,7 +383,10 @@ func (f *fakeLibvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.Stora
 	return libvirt.StorageVol{Pool: p.Name, Name: v.Name}, nil
 }
 
-func (f *fakeLibvirt) StorageVolLookupByName(p libvirt.StoragePool, name string) (libvirt.StorageVol, error) {
+func (f *Libvirt) StorageVolLookupByName(p libvirt.StoragePool, name string) (libvirt.StorageVol, error) {
+	if err := f.enter("StorageVolLookupByName"); err != nil {
+		return libvirt.StorageVol{}, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, ok := f.pools[p.Name][name]; !ok {
@@ -282,7 +395,10 @@ func (f *fakeLibvirt) StorageVolLookupByName(p libvirt.StoragePool, name string)
 	return libvirt.StorageVol{Pool: p.Name, Name: name}, nil
 }
 
-func (f *fakeLibvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVolDeleteFlags) error {
+func (f *Libvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVolDeleteFlags) error {
+	if err := f.enter("StorageVolDelete"); err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.injected("StorageVolDelete"); err != nil {
@@ -295,8 +411,8 @@ func (f *fakeLibvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVo
 	return nil
 }
 
-// state summarises what exists, for assertions on end state.
-func (f *fakeLibvirt) state() string {
+// State summarises what exists, for assertions on end state.
+func (f *Libvirt) State() string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var parts []string
@@ -312,7 +428,10 @@ func (f *fakeLibvirt) state() string {
 	return strings.Join(parts, "; ")
 }
 
-func (f *fakeLibvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, key, uri libvirt.OptString, _ libvirt.DomainModificationImpact) error {
+func (f *Libvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, key, uri libvirt.OptString, _ libvirt.DomainModificationImpact) error {
+	if err := f.enter("DomainSetMetadata"); err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -348,13 +467,16 @@ func (f *fakeLibvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, k
 
 // QEMUDomainMonitorCommand answers `info usernet` as QEMU 7.2 does for a domain with
 // a user-mode network that forwards 127.0.0.1:40022 to the guest's port 22.
-func (f *fakeLibvirt) QEMUDomainMonitorCommand(d libvirt.Domain, cmd string, flags uint32) (string, error) {
+func (f *Libvirt) QEMUDomainMonitorCommand(d libvirt.Domain, cmd string, flags uint32) (string, error) {
+	if err := f.enter("QEMUDomainMonitorCommand"); err != nil {
+		return "", err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, err := f.dom(d); err != nil {
 		return "", err
 	}
-	if cmd != "info usernet" || flags != monitorHMP {
+	if cmd != "info usernet" || flags != 1 /* VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP */ {
 		return "", lverr(libvirt.ErrOperationUnsupported, "unsupported monitor command %q", cmd)
 	}
 	return "Hub -1 (gcissh):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n" +
@@ -362,7 +484,10 @@ func (f *fakeLibvirt) QEMUDomainMonitorCommand(d libvirt.Domain, cmd string, fla
 		"  TCP[HOST_FORWARD]   3       127.0.0.1 40022       10.0.2.15    22     0     0\r\n", nil
 }
 
-func (f *fakeLibvirt) ConnectListAllDomains(_ int32, _ libvirt.ConnectListAllDomainsFlags) ([]libvirt.Domain, uint32, error) {
+func (f *Libvirt) ConnectListAllDomains(_ int32, _ libvirt.ConnectListAllDomainsFlags) ([]libvirt.Domain, uint32, error) {
+	if err := f.enter("ConnectListAllDomains"); err != nil {
+		return nil, 0, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var out []libvirt.Domain
@@ -372,7 +497,10 @@ func (f *fakeLibvirt) ConnectListAllDomains(_ int32, _ libvirt.ConnectListAllDom
 	return out, uint32(len(out)), nil
 }
 
-func (f *fakeLibvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, uint16, uint64, error) {
+func (f *Libvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, uint16, uint64, error) {
+	if err := f.enter("DomainGetInfo"); err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -399,10 +527,37 @@ func (f *fakeLibvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, ui
 }
 
 // StorageVolLookupByPath knows no template files: the fake's pools hold only overlays.
-func (f *fakeLibvirt) StorageVolLookupByPath(path string) (libvirt.StorageVol, error) {
+func (f *Libvirt) StorageVolLookupByPath(path string) (libvirt.StorageVol, error) {
+	if err := f.enter("StorageVolLookupByPath"); err != nil {
+		return libvirt.StorageVol{}, err
+	}
 	return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching path '%s'", path)
 }
 
-func (f *fakeLibvirt) StorageVolGetInfo(libvirt.StorageVol) (int8, uint64, uint64, error) {
+func (f *Libvirt) StorageVolGetInfo(libvirt.StorageVol) (int8, uint64, uint64, error) {
+	if err := f.enter("StorageVolGetInfo"); err != nil {
+		return 0, 0, 0, err
+	}
 	return 0, 0, 0, lverr(libvirt.ErrNoStorageVol, "no such volume")
+}
+
+// VolumeXML is the XML a volume was created with, or "".
+func (f *Libvirt) VolumeXML(pool, name string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.pools[pool][name]
+}
+
+// DeleteVolumes deletes every volume of pool behind the client's back.
+func (f *Libvirt) DeleteVolumes(pool string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pools[pool] = map[string]string{}
+}
+
+// RemovePool removes pool and its volumes behind the client's back.
+func (f *Libvirt) RemovePool(pool string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.pools, pool)
 }
