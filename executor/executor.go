@@ -55,11 +55,13 @@ type Executor struct {
 	Settings Settings
 	// Dial connects to libvirt; nil is provision.Connect to Settings.URI. Tests give
 	// provisiontest's fake here.
-	Dial    func(ctx context.Context, uri string) (*provision.Conn, error)
-	Version string
-	Log     *slog.Logger
-	Stdout  io.Writer
-	Stderr  io.Writer
+	Dial func(ctx context.Context, uri string) (*provision.Conn, error)
+	// Launcher makes the instance; nil is a cold boot (provision.ColdBoot).
+	Launcher provision.Launcher
+	Version  string
+	Log      *slog.Logger
+	Stdout   io.Writer
+	Stderr   io.Writer
 }
 
 // connect connects to the hypervisor.
@@ -209,7 +211,11 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 			e.rollback(after, t.Name, prepareID)
 		}
 	}()
-	tm, err := conn.Create(ctx, spec)
+	var launcher provision.Launcher = provision.ColdBoot{}
+	if e.Launcher != nil {
+		launcher = e.Launcher
+	}
+	tm, err := launcher.Launch(ctx, conn, spec)
 	release()
 	e.warnIfSlow("define", t.Name, tm.Define)
 	if err != nil {
