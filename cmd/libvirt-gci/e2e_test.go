@@ -200,7 +200,8 @@ func newJobOver(t testing.TB, transport string) *gitlabJob {
 		"LIBVIRT_GCI_SECRET_FILE":     filepath.Join(j.dir, "secret"),
 	}
 	j.writeResponse(jobID, "77", "e2e-runner")
-	t.Cleanup(func() { assertNothingLeft(t, j.l, j.prefix) }) // j.l: a test may reconnect
+	// j.l, as a test may reconnect; the prefix made here, as a test may share another's.
+	t.Cleanup(func() { assertNothingLeft(t, j.l, prefix) })
 	return j
 }
 
