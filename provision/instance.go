@@ -293,6 +293,10 @@ func (c *Conn) Teardown(name string, allow func(Metadata) error) (Removed, error
 	return r, nil
 }
 
+// volumeBusyTime bounds how long deleteVolume waits for a volume libvirtd is still
+// creating.
+var volumeBusyTime = 15 * time.Second
+
 // deleteVolume deletes v; a volume or pool that is already gone is not an error.
 func (c *Conn) deleteVolume(v Volume) (bool, error) {
 	pool, err := c.api.StoragePoolLookupByName(v.Pool)
@@ -309,7 +313,14 @@ func (c *Conn) deleteVolume(v Volume) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("look up volume %q in pool %q: %w", v.Name, v.Pool, err)
 	}
-	if err := c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal); err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {
+	err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
+	// A volume libvirtd is still creating (for a prepare that was killed meanwhile) cannot
+	// be deleted yet: wait for it, a while.
+	for start := time.Now(); hasCode(err, libvirt.ErrOperationInvalid) && time.Since(start) < volumeBusyTime; {
+		time.Sleep(200 * time.Millisecond)
+		err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
+	}
+	if err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {
 		return false, fmt.Errorf("delete volume %q in pool %q: %w", v.Name, v.Pool, err)
 	}
 	return true, nil

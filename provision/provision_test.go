@@ -312,3 +312,18 @@ func TestInstances(t *testing.T) {
 	assert.Equal(t, "running", list[0].State)
 	assert.Equal(t, "1", list[0].Metadata.Owner.JobID)
 }
+
+// A volume that libvirtd is still creating (the prepare that asked for it was killed)
+// cannot be deleted yet: Teardown waits for it.
+func TestTeardownWaitsForAVolumeBeingCreated(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	c := &Conn{api: f}
+	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	f.FailNth("StorageVolDelete", 1, libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "volume 'x' is still being allocated."})
+	r, err := c.Teardown(inst, nil)
+	require.NoError(t, err)
+	assert.Len(t, r.Volumes, 2)
+	assert.Empty(t, f.State())
+}
