@@ -56,8 +56,6 @@ func lverr(code libvirt.ErrorNumber, format string, args ...any) error {
 	return libvirt.Error{Code: uint32(code), Message: fmt.Sprintf(format, args...)}
 }
 
-func (f *Libvirt) injected(method string) error { return f.fail[method] }
-
 // enter records a call and returns the failure injected for it, if any.
 func (f *Libvirt) enter(method string) error {
 	f.mu.Lock()
@@ -257,9 +255,6 @@ func (f *Libvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (
 func (f *Libvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.injected("DomainDefineXMLFlags"); err != nil {
-		return libvirt.Domain{}, err
-	}
 	var dom libvirtxml.Domain
 	if err := dom.Unmarshal(x); err != nil {
 		return libvirt.Domain{}, lverr(libvirt.ErrXMLError, "%v", err)
@@ -283,9 +278,6 @@ func (f *Libvirt) start(d libvirt.Domain) error {
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
 	if err != nil {
-		return err
-	}
-	if err := f.injected("DomainCreate"); err != nil {
 		return err
 	}
 	var dom libvirtxml.Domain
@@ -369,9 +361,6 @@ func (f *Libvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvir
 func (f *Libvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.injected("StorageVolCreateXML"); err != nil {
-		return libvirt.StorageVol{}, err
-	}
 	var v libvirtxml.StorageVolume
 	if err := v.Unmarshal(x); err != nil {
 		return libvirt.StorageVol{}, lverr(libvirt.ErrXMLError, "%v", err)
@@ -401,9 +390,6 @@ func (f *Libvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVolDel
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.injected("StorageVolDelete"); err != nil {
-		return err
-	}
 	if _, ok := f.pools[v.Pool][v.Name]; !ok {
 		return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
 	}
