@@ -198,7 +198,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	if size.Memory > 0 {
 		memKiB = size.Memory / 1024
 	}
-	actx, cancelAdmit := context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
+	actx, cancelAdmit := e.bootTimeout(ctx)
 	release, err := e.admit(actx, conn, memKiB)
 	cancelAdmit()
 	if err != nil {
@@ -235,7 +235,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		return err
 	}
 	bootStart := time.Now()
-	bctx, cancel := context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
+	bctx, cancel := e.bootTimeout(ctx)
 	defer cancel()
 	bctx, cancelLoss := conn.WithLoss(bctx)
 	defer cancelLoss()
@@ -258,6 +258,12 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	e.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), t.Name, time.Since(begin).Seconds()),
 		"ssh_ready_ms", time.Since(sshStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
 	return nil
+}
+
+// bootTimeout bounds a wait of prepare's (for capacity, for the guest) by
+// LIBVIRT_GCI_BOOT_TIMEOUT, and says so when it ends.
+func (e *Executor) bootTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, e.Settings.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", e.Settings.BootTimeout))
 }
 
 // warnIfSlow says so when a libvirt call that takes milliseconds on a healthy host took
