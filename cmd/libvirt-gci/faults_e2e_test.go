@@ -59,7 +59,7 @@ func TestFaultRunKilledAndGuestPowerOff(t *testing.T) {
 		_ = s.cmd.Process.Kill()
 		_, _ = s.wait(time.Minute)
 
-		s = j.start("run", j.script("off.sh", "echo bye; sync; busybox poweroff -f 2>/dev/null || echo o >/proc/sysrq-trigger; sleep 30"), "build_script")
+		s = j.start("run", j.script("off.sh", "echo bye; sleep 2; sync; busybox poweroff -f 2>/dev/null || echo o >/proc/sysrq-trigger; sleep 30"), "build_script")
 		s.waitFor("bye")
 		code, took := s.wait(time.Minute)
 		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", s.out.String())
