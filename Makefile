@@ -50,7 +50,7 @@ soak: testenv
 # Each fuzz target for FUZZTIME (its seed corpus also runs in every `make test`).
 FUZZTIME ?= 30s
 fuzz:
-	for f in $$($(GO) test -list '^Fuzz' ./executor | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./executor || exit 1; done
+	for p in ./executor ./provision; do for f in $$($(GO) test -list '^Fuzz' $$p | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$p || exit 1; done; done
 
 clean:
 	rm -rf bin

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 // Settings are the operator's: from LIBVIRT_GCI_* variables or flags, never from the job.
@@ -38,8 +40,8 @@ type Settings struct {
 
 // Transports.
 const (
-	TransportAgent = "agent"
-	TransportSSH   = "ssh"
+	TransportAgent = provision.TransportAgent
+	TransportSSH   = provision.TransportSSH
 )
 
 var userRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)

@@ -1,17 +1,10 @@
 package executor
 
 import (
-	"encoding/xml"
-	"errors"
-	"io"
 	"regexp"
 	"strings"
 	"testing"
 	"unicode/utf8"
-
-	"github.com/libvirt-gci/libvirt-gci/provision"
-	"github.com/libvirt-gci/libvirt-gci/template"
-	"libvirt.org/go/libvirtxml"
 )
 
 // Seed corpora: testdata/fuzz/<target>/ (committed), plus the f.Add calls below.
@@ -85,55 +78,6 @@ func FuzzSelectTemplate(f *testing.F) {
 		}
 		if c.Name != flag && c.Name != distro && c.Name != image && c.Name != def {
 			t.Fatalf("chose %q, which no one named", c.Name)
-		}
-	})
-}
-
-// The instance XML made from any template that parses is well-formed, and what the job
-// response says (the project path, here) is data in the metadata, never markup.
-func FuzzInstanceXML(f *testing.F) {
-	f.Add(`<domain type='kvm'><name>t</name><devices><disk type='file' device='disk'><source file='/i/t.qcow2'/><target dev='vda'/><driver name='qemu' type='qcow2'/></disk></devices></domain>`, `Group/<b>"x"</b> & ]]>`, false)
-	f.Add(`<domain type='kvm'><name>t</name><metadata><x:y xmlns:x="u"/></metadata><devices><graphics type='vnc' port='5900'/><serial type='file'><source path='/x'/></serial></devices></domain>`, `</gci:owner><gci:owner manual="yes">`, true)
-	f.Fuzz(func(t *testing.T, domainXML, project string, ssh bool) {
-		tmpl, err := template.Parse(domainXML)
-		if err != nil {
-			return
-		}
-		e := &Executor{Settings: settings()}
-		if ssh {
-			e.Settings.Transport = TransportSSH
-		}
-		project = printable(project, 255)
-		tg := Target{Name: "gci-1-x-0123456789ab", Owner: provision.Owner{JobID: "1", ProjectID: "2", Project: project}}
-		spec, err := e.spec(tg, tmpl, "0123456789abcdef", Size{})
-		if err != nil {
-			return
-		}
-		dec := xml.NewDecoder(strings.NewReader(spec.DomainXML))
-		for {
-			_, err := dec.Token()
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				t.Fatalf("instance XML is not well-formed: %v\n%s", err, spec.DomainXML)
-			}
-		}
-		var dom libvirtxml.Domain
-		if err := dom.Unmarshal(spec.DomainXML); err != nil {
-			t.Fatalf("instance XML does not parse: %v", err)
-		}
-		if dom.Name != tg.Name || dom.Metadata == nil {
-			t.Fatalf("name %q, metadata %v", dom.Name, dom.Metadata)
-		}
-		var m struct {
-			Owner provision.Owner `xml:"owner"`
-		}
-		if err := xml.Unmarshal([]byte(dom.Metadata.XML), &m); err != nil {
-			t.Fatalf("metadata: %v\n%s", err, dom.Metadata.XML)
-		}
-		if m.Owner != tg.Owner {
-			t.Fatalf("owner read back as %+v, want %+v", m.Owner, tg.Owner)
 		}
 	})
 }

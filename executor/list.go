@@ -26,12 +26,7 @@ type Listed struct {
 
 // List prints the managed instances: every domain with our metadata, whatever its name.
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
-	conn, err := e.connect(ctx)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	infos, err := conn.Instances()
+	infos, err := e.host().List(ctx)
 	if err != nil {
 		return err
 	}

@@ -20,7 +20,7 @@ func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool)
 			return err
 		}
 	}
-	conn, err := e.connect(ctx)
+	conn, err := e.host().Connect(ctx)
 	if err != nil {
 		return err
 	}
@@ -41,7 +41,7 @@ func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool)
 // ListTemplates prints every defined domain that is not an instance, and whether jobs
 // may clone it.
 func (e *Executor) ListTemplates(ctx context.Context) error {
-	conn, err := e.connect(ctx)
+	conn, err := e.host().Connect(ctx)
 	if err != nil {
 		return err
 	}

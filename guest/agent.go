@@ -136,14 +136,14 @@ func (a *Agent) WaitReady(ctx context.Context) error {
 		if errors.As(err, &lerr) && (lerr.Code == uint32(libvirt.ErrOperationInvalid) || lerr.Code == uint32(libvirt.ErrNoDomain)) {
 			return fmt.Errorf("%w: %v", ErrNotReady, err) // not running any more, or gone
 		}
-		if !sleep(ctx, 50*time.Millisecond) {
+		if !Sleep(ctx, 50*time.Millisecond) {
 			continue // the next call reports the context's end
 		}
 	}
 }
 
-// sleep waits d or until ctx ends; it reports whether it slept the whole time.
-func sleep(ctx context.Context, d time.Duration) bool {
+// Sleep waits d or until ctx ends; it reports whether it slept the whole time.
+func Sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -202,7 +202,7 @@ func (a *Agent) execWait(ctx context.Context, path string, args ...string) (Exit
 			errOut, _ := base64.StdEncoding.DecodeString(st.ErrData)
 			return st.status(), string(out) + string(errOut), nil
 		}
-		if !sleep(ctx, d) {
+		if !Sleep(ctx, d) {
 			return ExitStatus{}, "", fmt.Errorf("wait for %s: %w", path, context.Cause(ctx))
 		}
 	}
@@ -359,7 +359,7 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 			wait = pollMin
 			continue
 		}
-		if !sleep(ctx, wait) {
+		if !Sleep(ctx, wait) {
 			return interrupted()
 		}
 		wait = min(wait*2, pollMax)
@@ -378,7 +378,7 @@ func (a *Agent) waitWhilePaused(ctx context.Context, call time.Time, since *time
 	if since.IsZero() {
 		*since = call
 	}
-	return time.Since(*since) < PausedLimit && sleep(ctx, pollMax)
+	return time.Since(*since) < PausedLimit && Sleep(ctx, pollMax)
 }
 
 // pausedFor says, if since is set, that the guest was paused when err happened.
@@ -401,7 +401,7 @@ func (a *Agent) kill(ctx context.Context, pid int) {
 			if err != nil || st.Exited {
 				return
 			}
-			if !sleep(ctx, pollMin) {
+			if !Sleep(ctx, pollMin) {
 				return
 			}
 		}

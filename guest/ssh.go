@@ -110,7 +110,7 @@ func (s *SSH) WaitReady(ctx context.Context) error {
 				last = fmt.Errorf("%w; reloading sshd: %v", err, rerr)
 			}
 		}
-		if !sleep(ctx, wait) {
+		if !Sleep(ctx, wait) {
 			return fmt.Errorf("%w: no SSH session at %s as %s (%v; last error: %v); is sshd started at boot in the template?", ErrNotReady, s.Addr, s.User, context.Cause(ctx), last)
 		}
 	}

@@ -2,13 +2,14 @@ package provision
 
 import (
 	"context"
-	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 	"io/fs"
 	"net"
 	"net/url"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 
 	"github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/libvirttest"

@@ -3,8 +3,9 @@ package provision
 import (
 	"context"
 	"errors"
-	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 	"testing"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 
 	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"

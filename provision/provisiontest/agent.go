@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
@@ -15,7 +16,7 @@ type guest struct {
 	files   map[string]*bytes.Buffer
 	dirs    map[string]bool
 	handles map[int]*handle
-	exited  map[int]int // pid -> exit code
+	procs   map[int]*Job
 	next    int
 }
 
@@ -26,17 +27,122 @@ type handle struct {
 
 func newGuest() *guest {
 	return &guest{files: map[string]*bytes.Buffer{}, dirs: map[string]bool{"/run": true, "/tmp": true},
-		handles: map[int]*handle{}, exited: map[int]int{}, next: 1000}
+		handles: map[int]*handle{}, procs: map[int]*Job{}, next: 1000}
 }
 
-// ScriptFunc is what a job script does in the fake guest: its output and exit code.
+// Job is a job script running in the fake guest (sh -c WRAPPER gci SCRIPT OUT ERR).
+type Job struct {
+	Domain, Script string
+	f              *Libvirt
+	g              *guest
+	out, err       string // its output files
+	done, killed   chan struct{}
+	code, signal   int
+}
+
+// Stdout appends s to the job's standard output, where the host reads it.
+func (j *Job) Stdout(s string) { j.write(j.out, s) }
+
+// Stderr appends s to the job's standard error.
+func (j *Job) Stderr(s string) { j.write(j.err, s) }
+
+func (j *Job) write(path, s string) {
+	j.f.mu.Lock()
+	defer j.f.mu.Unlock()
+	if j.g.files[path] == nil {
+		j.g.files[path] = &bytes.Buffer{}
+	}
+	j.g.files[path].WriteString(s)
+}
+
+// Killed is closed once the host has sent the job a signal.
+func (j *Job) Killed() <-chan struct{} { return j.killed }
+
+// JobFunc is what a job script does in the fake guest, for as long as it runs: it writes
+// output through j and returns the exit code, or the signal that ended it.
+type JobFunc func(j *Job) (code, signal int)
+
+// ScriptFunc is a job script that runs at once: its output and exit code.
 type ScriptFunc func(domain, script string) (stdout, stderr string, code int)
 
 // SetScript decides what job scripts do from now on (by default: nothing, exit 0).
 func (f *Libvirt) SetScript(fn ScriptFunc) {
+	f.SetJob(func(j *Job) (int, int) {
+		stdout, stderr, code := fn(j.Domain, j.Script)
+		j.Stdout(stdout)
+		j.Stderr(stderr)
+		return code, 0
+	})
+}
+
+// SetJob decides what job scripts do from now on; each runs in a goroutine of its own.
+func (f *Libvirt) SetJob(fn JobFunc) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.script = fn
+	f.job = fn
+}
+
+// Pause and Resume the domain name: libvirt refuses agent commands to a paused domain.
+func (f *Libvirt) Pause(name string)  { f.setPaused(name, true) }
+func (f *Libvirt) Resume(name string) { f.setPaused(name, false) }
+
+func (f *Libvirt) setPaused(name string, p bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d := f.domains[name]; d != nil {
+		d.paused = p
+	}
+}
+
+// AgentCommands counts the guest agent commands named execute sent so far, failed ones too.
+func (f *Libvirt) AgentCommands(execute string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, c := range f.agentLog {
+		if c == execute {
+			n++
+		}
+	}
+	return n
+}
+
+// GuestState is what is left in a domain's guest: files, directories, open file handles
+// and processes not yet reaped.
+type GuestState struct {
+	Files, Dirs    []string
+	Handles, Procs int
+}
+
+// Guest shows the guest of the running domain name.
+func (f *Libvirt) Guest(name string) GuestState {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var st GuestState
+	d := f.domains[name]
+	if d == nil || d.guest == nil {
+		return st
+	}
+	for p := range d.guest.files {
+		st.Files = append(st.Files, p)
+	}
+	for p := range d.guest.dirs {
+		st.Dirs = append(st.Dirs, p)
+	}
+	slices.Sort(st.Files)
+	slices.Sort(st.Dirs)
+	st.Handles, st.Procs = len(d.guest.handles), len(d.guest.procs)
+	return st
+}
+
+// Boot defines and starts a domain with nothing but its name, for tests of the guest
+// alone.
+func (f *Libvirt) Boot(name string) error {
+	d, err := f.define("<domain type='qemu'><name>"+name+"</name></domain>", 0)
+	if err != nil {
+		return err
+	}
+	return f.start(d)
 }
 
 func agentErr(msg string) error {
@@ -45,11 +151,8 @@ func agentErr(msg string) error {
 
 // QEMUDomainAgentCommand answers the guest agent's JSON protocol, as qemu-ga does, for a
 // running domain: ping, exec and exec-status, and file open/read/write/close. A job
-// script (sh -c WRAPPER gci SCRIPT OUT ERR) runs the ScriptFunc at once.
+// script runs the JobFunc; kill signals it, rm removes files.
 func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, _ uint32) (libvirt.OptString, error) {
-	if err := f.enter("QEMUDomainAgentCommand"); err != nil {
-		return nil, err
-	}
 	var req struct {
 		Execute   string `json:"execute"`
 		Arguments struct {
@@ -65,6 +168,12 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 	if err := json.Unmarshal([]byte(cmd), &req); err != nil {
 		return nil, lverr(libvirt.ErrInvalidArg, "bad agent command: %v", err)
 	}
+	f.mu.Lock()
+	f.agentLog = append(f.agentLog, req.Execute)
+	f.mu.Unlock()
+	if err := f.enter("QEMUDomainAgentCommand"); err != nil {
+		return nil, err
+	}
 	a := req.Arguments
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -72,7 +181,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 	if err != nil {
 		return nil, err
 	}
-	if !fd.running {
+	if !fd.running || fd.paused {
 		return nil, lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
 	}
 	if fd.guest == nil {
@@ -120,40 +229,65 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 	case "guest-exec":
 		g.next++
 		pid := g.next
-		code := 0
+		p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
+		g.procs[pid] = p
 		switch {
 		case a.Path == "/bin/sh" && len(a.Arg) == 6 && a.Arg[2] == "gci": // a job script and its two output files
-			script, out, errf := a.Arg[3], a.Arg[4], a.Arg[5]
-			body := ""
+			script := a.Arg[3]
+			p.out, p.err = a.Arg[4], a.Arg[5]
 			if b := g.files[script]; b != nil {
-				body = b.String()
+				p.Script = b.String()
 			}
-			stdout, stderr := "", ""
-			if f.script != nil {
-				stdout, stderr, code = f.script(d.Name, body)
-			}
-			for p, s := range map[string]string{out: stdout, errf: stderr} {
-				if g.files[p] == nil {
-					g.files[p] = &bytes.Buffer{}
+			run := f.job
+			go func() {
+				if run != nil {
+					p.code, p.signal = run(p)
 				}
-				g.files[p].WriteString(s)
-			}
-			delete(g.files, script)
+				f.mu.Lock()
+				delete(g.files, script)
+				f.mu.Unlock()
+				close(p.done)
+			}()
+			return ret(map[string]any{"pid": pid})
 		case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 			g.dirs[a.Arg[2]] = true
-		case a.Path == "/bin/sh", a.Path == "/bin/rm": // kill, rm: nothing lingers here
+		case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
+			var target int
+			fmt.Sscan(a.Arg[2], &target)
+			if tp := g.procs[target]; tp != nil {
+				select {
+				case <-tp.killed:
+				default:
+					close(tp.killed)
+				}
+			}
+		case a.Path == "/bin/rm":
+			for _, p := range a.Arg {
+				if !strings.HasPrefix(p, "-") {
+					delete(g.files, p)
+				}
+			}
 		default:
+			delete(g.procs, pid)
 			return nil, agentErr("unexpected exec " + a.Path)
 		}
-		g.exited[pid] = code
+		close(p.done)
 		return ret(map[string]any{"pid": pid})
 	case "guest-exec-status":
-		code, ok := g.exited[a.PID]
+		p, ok := g.procs[a.PID]
 		if !ok {
 			return nil, agentErr(fmt.Sprintf("Invalid parameter 'pid' %d", a.PID))
 		}
-		delete(g.exited, a.PID)
-		return ret(map[string]any{"exited": true, "exitcode": code})
+		select {
+		case <-p.done:
+			delete(g.procs, a.PID)
+			if p.signal != 0 {
+				return ret(map[string]any{"exited": true, "signal": p.signal})
+			}
+			return ret(map[string]any{"exited": true, "exitcode": p.code})
+		default:
+			return ret(map[string]any{"exited": false})
+		}
 	}
 	return nil, agentErr("unknown command " + req.Execute)
 }

@@ -22,11 +22,12 @@ type Libvirt struct {
 	domains map[string]*domain
 	pools   map[string]map[string]string // pool -> volume -> volume XML
 	// failures to inject, by method name
-	fail   map[string]error
-	nth    map[string]nth
-	count  map[string]int
-	calls  []string
-	script ScriptFunc
+	fail     map[string]error
+	nth      map[string]nth
+	count    map[string]int
+	calls    []string
+	agentLog []string // guest agent commands, by name
+	job      JobFunc
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.
@@ -39,6 +40,7 @@ type Libvirt struct {
 type domain struct {
 	xml     string
 	running bool
+	paused  bool
 	guest   *guest // while it runs
 }
 
@@ -208,7 +210,10 @@ func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, erro
 	if err != nil {
 		return 0, 0, err
 	}
-	if fd.running {
+	switch {
+	case fd.running && fd.paused:
+		return int32(libvirt.DomainPaused), 1, nil
+	case fd.running:
 		return int32(libvirt.DomainRunning), 1, nil
 	}
 	return int32(libvirt.DomainShutoff), 0, nil
@@ -314,7 +319,7 @@ func (f *Libvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFl
 	if !fd.running {
 		return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
 	}
-	fd.running, fd.guest = false, nil
+	fd.running, fd.paused, fd.guest = false, false, nil
 	return nil
 }
 

@@ -1,4 +1,4 @@
-package executor
+package provision
 
 import (
 	"context"
@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 // This host's identity and a process's, for telling whether an instance's runner is gone.
@@ -40,9 +38,10 @@ func processStart(pid int) uint64 {
 	return n
 }
 
-// runnerRef records the process that runs this stage (GitLab Runner, our parent).
-func runnerRef() *provision.Runner {
-	r := &provision.Runner{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getppid()}
+// RunnerOf identifies the process pid on this host (for a job: GitLab Runner, which
+// started the stage), so that gc can tell later whether it is gone.
+func RunnerOf(pid int) *Runner {
+	r := &Runner{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: pid}
 	r.Start = processStart(r.PID)
 	if r.MachineID == "" || r.BootID == "" || r.Start == 0 {
 		return nil // no way to tell later; gc goes by age alone
@@ -51,7 +50,7 @@ func runnerRef() *provision.Runner {
 }
 
 // orphaned says why no cleanup stage will come for an instance, or "".
-func orphaned(r *provision.Runner) string {
+func orphaned(r *Runner) string {
 	if r == nil || r.MachineID != readTrimmed(machineIDFile) {
 		return "" // made by hand, or by a runner on another host: not ours to judge
 	}
@@ -73,38 +72,38 @@ type Sweep struct {
 // rebooted since their prepare, and those older than olderThan (if set) or
 // LIBVIRT_GCI_MAX_AGE. Domains without our metadata are never touched, nor instances
 // whose runner is alive and that are not too old. dryRun says what it would remove.
-func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sweep, error) {
-	conn, err := e.connect(ctx)
+func (h *Host) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sweep, error) {
+	conn, err := h.Connect(ctx)
 	if err != nil {
 		return Sweep{}, err
 	}
 	defer conn.Close()
-	return e.gc(conn, dryRun, olderThan, time.Time{})
+	return h.gc(conn, dryRun, olderThan, time.Time{})
 }
 
-// sweepTime bounds the sweep every prepare makes first.
+// sweepTime bounds the sweep every launch makes first.
 const sweepTime = 2 * time.Second
 
-// sweep is gc's work done by a prepare, within sweepTime. Its failures are warnings;
-// the prepare goes on unless it was cancelled meanwhile.
-func (e *Executor) sweep(ctx context.Context, conn *provision.Conn) error {
+// sweep is gc's work done by a launch, within sweepTime. Its failures are warnings;
+// the launch goes on unless it was cancelled meanwhile.
+func (h *Host) sweep(ctx context.Context, conn *Conn) error {
 	start := time.Now()
-	sw, err := e.gc(conn, false, 0, start.Add(sweepTime))
+	sw, err := h.gc(conn, false, 0, start.Add(sweepTime))
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("sweeping orphans: %w", err)
 	}
 	if err != nil {
-		e.Log.Warn(fmt.Sprintf("sweeping orphans: %v", err))
+		h.Log.Warn(fmt.Sprintf("sweeping orphans: %v", err))
 	}
 	if sw.Removed > 0 {
-		e.Log.Info(fmt.Sprintf("swept %d orphaned instances in %d ms", sw.Removed, time.Since(start).Milliseconds()),
+		h.Log.Info(fmt.Sprintf("swept %d orphaned instances in %d ms", sw.Removed, time.Since(start).Milliseconds()),
 			"removed", sw.Removed, "ms", time.Since(start).Milliseconds())
 	}
 	return nil
 }
 
 // gc is GC on conn; with a deadline, it starts no removal after it.
-func (e *Executor) gc(conn *provision.Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
+func (h *Host) gc(conn *Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
 	var sw Sweep
 	list, err := conn.Instances()
 	if err != nil {
@@ -112,21 +111,21 @@ func (e *Executor) gc(conn *provision.Conn, dryRun bool, olderThan time.Duration
 	}
 	var errs []error
 	for _, in := range list {
-		if !strings.HasPrefix(in.Name, e.Settings.Prefix) {
+		if !strings.HasPrefix(in.Name, h.Prefix) {
 			continue // another runner configuration's
 		}
-		why := e.verdict(in.Metadata, olderThan)
+		why := h.verdict(in.Metadata, olderThan)
 		if why == "" || (!deadline.IsZero() && time.Now().After(deadline)) {
 			sw.Kept++
 			continue
 		}
 		if dryRun {
-			fmt.Fprintf(e.Stdout, "would remove %s: %s\n", in.Name, why)
+			fmt.Fprintf(h.Out, "would remove %s: %s\n", in.Name, why)
 			sw.Removed++
 			continue
 		}
 		// Only the instance that was listed: not a new one of the same name.
-		_, err := conn.Teardown(in.Name, func(m provision.Metadata) error {
+		_, err := conn.Teardown(in.Name, func(m Metadata) error {
 			if m.PrepareID != in.Metadata.PrepareID {
 				return fmt.Errorf("instance %q was replaced meanwhile; leaving it alone", in.Name)
 			}
@@ -137,13 +136,13 @@ func (e *Executor) gc(conn *provision.Conn, dryRun bool, olderThan time.Duration
 			continue
 		}
 		sw.Removed++
-		e.Log.Info(fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
+		h.Log.Info(fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
 	}
 	return sw, errors.Join(errs...)
 }
 
 // verdict says why an instance is to go, or "" to keep it.
-func (e *Executor) verdict(m provision.Metadata, olderThan time.Duration) string {
+func (h *Host) verdict(m Metadata, olderThan time.Duration) string {
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {
 			return "kept after its failed job until " + m.KeepUntil + ", which has passed"
@@ -155,8 +154,8 @@ func (e *Executor) verdict(m provision.Metadata, olderThan time.Duration) string
 		switch {
 		case olderThan > 0 && age > olderThan:
 			return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
-		case e.Settings.MaxAge > 0 && age > e.Settings.MaxAge:
-			return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), e.Settings.MaxAge)
+		case h.MaxAge > 0 && age > h.MaxAge:
+			return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), h.MaxAge)
 		}
 	}
 	return orphaned(m.Runner)

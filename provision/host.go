@@ -1,0 +1,395 @@
+package provision
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// Transports: how stages reach an instance's guest.
+const (
+	TransportAgent = "agent"
+	TransportSSH   = "ssh"
+)
+
+// AfterCancel bounds what the lifecycle still does after its context ends (the runner's
+// SIGTERM): a rollback removes what a launch made, a session kills its script and reads
+// the last of its output, a removal goes on. Well under a second on a healthy host; a
+// stalled libvirtd or guest gets no more than this, so that every stage exits within 5 s.
+const AfterCancel = 4 * time.Second
+
+// teardownTime bounds a removal or a rollback.
+const teardownTime = 2 * time.Minute
+
+// reconnectTime is how long a removal or a rollback tries to reach libvirtd.
+const reconnectTime = 10 * time.Second
+
+// Host is the lifecycle of instances on one libvirt: launching them (with the rollback
+// of a failed launch), reaching them (Open), removing them, listing and sweeping them,
+// and admitting new ones under the host's capacity. The executor says which instance,
+// of which template, for whom; Host knows how.
+type Host struct {
+	URI string
+	// Dial connects to libvirt; nil is Connect. Tests give provisiontest's fake here.
+	Dial func(ctx context.Context, uri string) (*Conn, error)
+	// Launcher makes instances; nil is a cold boot (ColdBoot).
+	Launcher Launcher
+	Pool     string // the storage pool of the overlays
+	// Prefix names the instances of this configuration: capacity counts them, gc sweeps them.
+	Prefix          string
+	Limits          Limits
+	MaxAge          time.Duration // gc removes instances older than this; 0: no limit
+	BootTimeout     time.Duration // bounds a launch's waits: for capacity, for the guest
+	AllowHostAccess bool          // templates may give instances host devices and shares
+	SSHUser         string        // the guest user of the ssh transport
+	// SecretFile is the host secret instances' SSH client keys derive from; the capacity
+	// lock lives beside it.
+	SecretFile string
+	Log        *slog.Logger
+	Out        io.Writer // what gc --dry-run would remove
+}
+
+// Connect connects to the hypervisor.
+func (h *Host) Connect(ctx context.Context) (*Conn, error) {
+	if h.Dial != nil {
+		return h.Dial(ctx, h.URI)
+	}
+	return Connect(ctx, h.URI)
+}
+
+// reconnect connects, trying for reconnectTime: libvirtd may be restarting (that may be
+// why a launch failed).
+func (h *Host) reconnect(ctx context.Context) (*Conn, error) {
+	start := time.Now()
+	conn, err := h.Connect(ctx)
+	for err != nil && time.Since(start) < reconnectTime && guest.Sleep(ctx, 250*time.Millisecond) {
+		conn, err = h.Connect(ctx)
+	}
+	return conn, err
+}
+
+// lingering returns a context that ends d after ctx does.
+func lingering(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	lctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		time.AfterFunc(d, func() { cancel(fmt.Errorf("%w, and %s more passed", context.Cause(ctx), d)) })
+	})
+	return lctx, func() { stop(); cancel(context.Canceled) }
+}
+
+// Request is an instance to launch.
+type Request struct {
+	Name     string
+	Template string
+	// Offered: the operator offers the template by name or pattern. Otherwise it must
+	// carry the template mark.
+	Offered bool
+	Owner   Owner
+	Runner  *Runner // the process whose cleanup stage will come; nil: by hand
+	// Replace says whether a leftover instance of Name may be removed first; an error
+	// says whose it is.
+	Replace   func(Metadata) error
+	Size      Size
+	Transport string // TransportAgent or TransportSSH
+}
+
+// ErrNotOffered: the template is neither marked nor offered by the operator. The same
+// answer whether or not a domain of that name exists.
+var ErrNotOffered = errors.New("template not offered")
+
+// DiskTooSmallError: a request for a disk smaller than its template's.
+type DiskTooSmallError struct{ Asked, Have uint64 }
+
+func (e *DiskTooSmallError) Error() string {
+	return fmt.Sprintf("disk of %s asked, smaller than the template's (%s); a disk can only grow", FormatSize(e.Asked), FormatSize(e.Have))
+}
+
+// Launch makes the instance req asks for, starts it and waits until its transport
+// answers. Whatever fails, it removes what it made, and only that: after a cancel too,
+// for up to AfterCancel.
+func (h *Host) Launch(ctx context.Context, req Request) (err error) {
+	begin := time.Now()
+	after, cancelAfter := lingering(ctx, AfterCancel)
+	defer cancelAfter()
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	// Orphans of crashed runners go first: they may hold the room this one needs.
+	if err := h.sweep(ctx, conn); err != nil {
+		return err
+	}
+	tmpl, err := h.template(conn, req)
+	if err != nil {
+		return err
+	}
+
+	// A crash can leave an instance of this name behind: the caller's is removed, anyone
+	// else's left alone.
+	removed, err := conn.Teardown(req.Name, req.Replace)
+	if errors.Is(err, ErrNotManaged) {
+		return fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", req.Name)
+	}
+	if err != nil {
+		return fmt.Errorf("remove leftover instance %q: %w", req.Name, err)
+	}
+	if removed.Domain {
+		h.Log.Info(fmt.Sprintf("removed leftover instance %s", req.Name))
+	}
+
+	if req.Size.Disk > 0 && len(tmpl.Disks) > 0 {
+		if have, known, err := conn.BackingCapacity(tmpl.Disks[0].Path); err != nil {
+			return err
+		} else if known && req.Size.Disk < have {
+			return &DiskTooSmallError{Asked: req.Size.Disk, Have: have}
+		}
+	}
+	prepareID := randomHex(8)
+	spec, err := h.spec(req, tmpl, prepareID)
+	if err != nil {
+		return err
+	}
+	memKiB := tmpl.MemoryKiB()
+	if req.Size.Memory > 0 {
+		memKiB = req.Size.Memory / 1024
+	}
+	actx, cancelAdmit := h.bootTimeout(ctx)
+	release, err := h.admit(actx, conn, memKiB)
+	cancelAdmit()
+	if err != nil {
+		return err
+	}
+	// From here on, a failure leaves something to remove: what this launch made, and
+	// nothing another launch of the same name made meanwhile.
+	defer func() {
+		if err != nil {
+			h.rollback(after, req.Name, prepareID)
+		}
+	}()
+	var launcher Launcher = ColdBoot{}
+	if h.Launcher != nil {
+		launcher = h.Launcher
+	}
+	tm, err := launcher.Launch(ctx, conn, spec)
+	release()
+	h.warnIfSlow("define", req.Name, tm.Define)
+	if err != nil {
+		return err
+	}
+	sized := ""
+	if req.Size != (Size{}) {
+		sized = " (" + req.Size.String() + ")"
+	}
+	h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
+		req.Template, req.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+		"template", req.Template, "name", req.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
+		"cpus", req.Size.CPUs, "memory", req.Size.Memory, "disk", req.Size.Disk)
+
+	if err := h.awaitReady(ctx, conn, req, begin); err != nil {
+		return fmt.Errorf("instance %q: %w", req.Name, err)
+	}
+	return nil
+}
+
+// template finds the template req names and checks that an instance can be made of it.
+func (h *Host) template(conn *Conn, req Request) (*template.Template, error) {
+	lookupStart := time.Now()
+	tx, marked, err := conn.TemplateXML(req.Template)
+	h.warnIfSlow("template lookup", req.Template, time.Since(lookupStart))
+	if !req.Offered && !marked && (err == nil || errors.Is(err, ErrNoTemplate) || errors.Is(err, ErrNotTemplate)) {
+		// Whether or not such a domain exists: a job learns nothing of the host's other VMs.
+		return nil, fmt.Errorf("template %q: %w", req.Template, ErrNotOffered)
+	}
+	if err != nil {
+		return nil, err
+	}
+	tmpl, err := template.Parse(tx)
+	if err != nil {
+		return nil, err
+	}
+	if access := tmpl.HostAccess(); len(access) > 0 && !h.AllowHostAccess {
+		return nil, fmt.Errorf("template %q has %s: through it a job's VM reaches the host or other VMs; remove it from the template, or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true",
+			req.Template, strings.Join(access, ", "))
+	}
+	if !tmpl.HasAgent {
+		return nil, fmt.Errorf("template %q has no guest agent channel; add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices", req.Template, template.AgentChannel)
+	}
+	return tmpl, nil
+}
+
+// awaitReady waits, within the boot timeout, for the guest agent, and then for SSH if
+// that is the transport. Its last line says how long the launch that began then took.
+func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin time.Time) error {
+	agent, err := guest.NewAgent(conn.API(), req.Name)
+	if err != nil {
+		return err
+	}
+	bootStart := time.Now()
+	bctx, cancel := h.bootTimeout(ctx)
+	defer cancel()
+	bctx, cancelLoss := conn.WithLoss(bctx)
+	defer cancelLoss()
+	if err := agent.WaitReady(bctx); err != nil {
+		if errors.Is(context.Cause(bctx), ErrLost) {
+			return fmt.Errorf("waiting for its guest agent: %w", ErrLost)
+		}
+		return err
+	}
+	if req.Transport != TransportSSH {
+		h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), req.Name, time.Since(begin).Seconds()),
+			"agent_ready_ms", time.Since(bootStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
+		return nil
+	}
+	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", time.Since(bootStart).Seconds()), "agent_ready_ms", time.Since(bootStart).Milliseconds())
+	sshStart := time.Now()
+	if err := h.setupSSH(bctx, conn, agent, req.Name); err != nil {
+		return err
+	}
+	h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), req.Name, time.Since(begin).Seconds()),
+		"ssh_ready_ms", time.Since(sshStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
+	return nil
+}
+
+// bootTimeout bounds a wait of a launch's (for capacity, for the guest) by BootTimeout,
+// and says so when it ends.
+func (h *Host) bootTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, h.BootTimeout, fmt.Errorf("boot timeout %s (LIBVIRT_GCI_BOOT_TIMEOUT) passed", h.BootTimeout))
+}
+
+// warnIfSlow says so when a libvirt call that takes milliseconds on a healthy host took
+// seconds, and why that usually is.
+func (h *Host) warnIfSlow(call, name string, took time.Duration) {
+	if took < SlowCall {
+		return
+	}
+	h.Log.Warn(fmt.Sprintf("libvirt took %.1f s for the %s of %s: %s", took.Seconds(), call, name, SlowHint(h.URI)),
+		"call", call, "ms", took.Milliseconds())
+}
+
+// spec lays out the instance: one overlay per writable template disk, the metadata that
+// records them, and the domain XML.
+func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spec, error) {
+	meta := Metadata{
+		Template:  tmpl.Name,
+		Owner:     req.Owner,
+		PrepareID: prepareID,
+		CreatedAt: time.Now().UTC().Format(time.RFC3339),
+		Runner:    req.Runner,
+	}
+	spec := Spec{Name: req.Name}
+	overlays := map[string]template.Overlay{}
+	for _, d := range tmpl.Disks {
+		// The prepare's id in the volume's name: no other launch's volume can be in the way.
+		v := NewVolume{
+			Volume:        Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + "-" + d.Target + ".qcow2"},
+			BackingPath:   d.Path,
+			BackingFormat: d.Format,
+		}
+		if len(spec.Volumes) == 0 {
+			v.Capacity = req.Size.Disk // the first disk: the one a job may grow
+		}
+		spec.Volumes = append(spec.Volumes, v)
+		meta.Volumes = append(meta.Volumes, v.Volume)
+		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
+	}
+	md, err := meta.MarshalElement()
+	if err != nil {
+		return spec, err
+	}
+	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024}
+	if req.Transport == TransportSSH {
+		slot, err := tmpl.FreePCISlot()
+		if err != nil {
+			return spec, err
+		}
+		inst.QEMUArgs = sshNetArgs(slot)
+	}
+	spec.DomainXML, err = tmpl.Render(inst)
+	return spec, err
+}
+
+// sshNetArgs give an ssh instance a NIC on QEMU's user-mode network that reaches nothing
+// but the host (restrict=on), and forward a free port on the host's 127.0.0.1 (port 0: the
+// kernel picks one, so concurrent launches cannot collide) to the guest's sshd. The NIC
+// goes in a PCI slot the template leaves free: libvirt does not place devices it did not
+// make.
+func sshNetArgs(slot int) []string {
+	return []string{
+		"-netdev", "user,id=gcissh,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
+		"-device", fmt.Sprintf("virtio-net-pci,netdev=gcissh,addr=0x%x", slot),
+	}
+}
+
+// rollback removes a half-made instance: only the one this launch (prepareID) made. It
+// runs on a connection of its own (the launch's closes with the cancel), with ctx ending
+// AfterCancel after the cancel.
+func (h *Host) rollback(ctx context.Context, name, prepareID string) {
+	err := h.teardown(ctx, name, func(m Metadata) error {
+		if m.PrepareID != prepareID {
+			return fmt.Errorf("instance %q was made by another prepare (%s), not this one (%s); leaving it alone", name, m.PrepareID, prepareID)
+		}
+		return nil
+	})
+	if err != nil {
+		h.Log.Error(fmt.Sprintf("could not remove %s after the failed prepare: %v", name, err))
+	}
+}
+
+// Remove destroys the instance name and deletes its volumes, if allow agrees (nil: any
+// instance of ours). It is idempotent (no instance is fine), goes on for AfterCancel
+// after a cancel, waits up to 10 s for libvirtd to come back, and refuses a domain
+// without our metadata (ErrNotManaged).
+func (h *Host) Remove(ctx context.Context, name string, allow func(Metadata) error) error {
+	after, cancel := lingering(ctx, AfterCancel)
+	defer cancel()
+	return h.teardown(after, name, allow)
+}
+
+func (h *Host) teardown(ctx context.Context, name string, allow func(Metadata) error) error {
+	ctx, cancel := context.WithTimeoutCause(ctx, teardownTime, fmt.Errorf("teardown took longer than %s", teardownTime))
+	defer cancel()
+	start := time.Now()
+	conn, err := h.reconnect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	r, err := conn.Teardown(name, allow)
+	if err != nil {
+		return err
+	}
+	if r.Domain {
+		h.Log.Info(fmt.Sprintf("removed %s and %d volumes in %d ms", name, len(r.Volumes), time.Since(start).Milliseconds()))
+	} else {
+		h.Log.Info(fmt.Sprintf("no instance %s; nothing to remove", name))
+	}
+	return nil
+}
+
+// List lists every instance of ours, whatever its name or prefix.
+func (h *Host) List(ctx context.Context) ([]InstanceInfo, error) {
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	return conn.Instances()
+}
+
+// randomHex is n random bytes in hex.
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,179 @@
+package provision
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+)
+
+// setupSSH makes the instance reachable over SSH: it authorizes the instance's own client
+// key in the guest, gives the guest a fresh host key and pins it, records the forwarded
+// port in the metadata, and waits for an authenticated session.
+func (h *Host) setupSSH(ctx context.Context, conn *Conn, agent *guest.Agent, name string) error {
+	inst, err := conn.Lookup(name)
+	if err != nil {
+		return err
+	}
+	port, err := conn.ForwardedPort(name, 22)
+	if err != nil {
+		return err
+	}
+	key, err := h.clientKey(inst, true)
+	if err != nil {
+		return err
+	}
+	hostKey, err := agent.SetupSSH(ctx, h.SSHUser, guest.AuthorizedKey(key.PublicKey(), "libvirt-gci@"+name))
+	if err != nil {
+		return err
+	}
+	m := inst.Metadata
+	m.SSH = &SSH{Host: "127.0.0.1", Port: port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, name)}
+	if err := conn.SetMetadata(name, m); err != nil {
+		return err
+	}
+	s, err := sshTransport(m.SSH, key)
+	if err != nil {
+		return err
+	}
+	s.Rekey = agent.ReloadSSHD
+	return s.WaitReady(ctx)
+}
+
+// clientKey derives the instance's SSH client key; only a launch may create the secret.
+func (h *Host) clientKey(inst Instance, create bool) (ssh.Signer, error) {
+	secret, err := guest.LoadSecret(h.SecretFile, create)
+	if err != nil {
+		return nil, err
+	}
+	return guest.ClientKey(secret, inst.UUID)
+}
+
+func sshTransport(info *SSH, key ssh.Signer) (*guest.SSH, error) {
+	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
+	if err != nil {
+		return nil, fmt.Errorf("pinned host key in the metadata: %w", err)
+	}
+	return &guest.SSH{
+		Addr:    net.JoinHostPort(info.Host, strconv.Itoa(info.Port)),
+		User:    info.User,
+		Key:     key,
+		HostKey: hostKey,
+	}, nil
+}
+
+// Session is an open instance: what its metadata says, and the transport its launch set
+// up to reach it. Close it.
+type Session struct {
+	Instance
+	Transport string // TransportAgent or TransportSSH
+	conn      *Conn
+	tr        guest.Transport
+	cancel    context.CancelFunc
+}
+
+// Open reaches the instance name, if allow agrees that it may (nil: any instance of
+// ours). Its libvirt connection outlives ctx by AfterCancel: killing a script in the
+// guest after a cancel needs it, but a stalled libvirtd must not keep a cancelled stage
+// alive. A missing instance is ErrNoInstance.
+func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error) (_ *Session, err error) {
+	cctx, cancel := lingering(ctx, AfterCancel)
+	defer func() {
+		if err != nil {
+			cancel()
+		}
+	}()
+	conn, err := h.Connect(cctx)
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{conn: conn, cancel: cancel, Transport: TransportAgent}
+	defer func() {
+		if err != nil {
+			conn.Close()
+		}
+	}()
+	if s.Instance, err = conn.Lookup(name); err != nil {
+		return nil, err
+	}
+	if allow != nil {
+		if err := allow(s.Metadata); err != nil {
+			return nil, err
+		}
+	}
+	// The transport is the one the launch set up, as the metadata says.
+	if info := s.Metadata.SSH; info != nil {
+		key, err := h.clientKey(s.Instance, false)
+		if err != nil {
+			return nil, err
+		}
+		if s.tr, err = sshTransport(info, key); err != nil {
+			return nil, err
+		}
+		s.Transport = TransportSSH
+	} else if s.tr, err = guest.NewAgent(conn.API(), name); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Run runs script in the guest, its output streamed to stdout and stderr. A connection
+// to libvirtd lost meanwhile is ErrLost.
+func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (guest.ExitStatus, error) {
+	st, err := s.tr.Run(ctx, script, stdout, stderr)
+	if err != nil && s.Transport == TransportAgent && s.conn.IsLost() {
+		err = fmt.Errorf("%w: %v", ErrLost, err) // the agent's calls failed for that
+	}
+	return st, err
+}
+
+// MarkFailed records that a job's script failed in the instance, for Keep; once only.
+func (s *Session) MarkFailed() error {
+	if s.Metadata.FailedAt != "" {
+		return nil
+	}
+	m := s.Metadata
+	m.FailedAt = time.Now().UTC().Format(time.RFC3339)
+	if err := s.conn.SetMetadata(s.Name, m); err != nil {
+		return err
+	}
+	s.Metadata = m
+	return nil
+}
+
+// Close disconnects.
+func (s *Session) Close() error {
+	err := s.conn.Close()
+	s.cancel()
+	return err
+}
+
+// Keep keeps the instance name for d instead of removing it, if a script failed in it
+// (MarkFailed) and allow agrees; gc removes it afterwards. It says until when, or zero
+// if it did not keep it: then the caller removes it as usual.
+func (h *Host) Keep(ctx context.Context, name string, allow func(Metadata) error, d time.Duration) (time.Time, error) {
+	after, cancel := lingering(ctx, AfterCancel)
+	defer cancel()
+	conn, err := h.Connect(after)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer conn.Close()
+	inst, err := conn.Lookup(name)
+	if err != nil || (allow != nil && allow(inst.Metadata) != nil) || inst.Metadata.FailedAt == "" {
+		return time.Time{}, nil // the removal says what is wrong, if anything
+	}
+	until := time.Now().Add(d).UTC().Truncate(time.Second)
+	m := inst.Metadata
+	m.KeepUntil = until.Format(time.RFC3339)
+	if err := conn.SetMetadata(name, m); err != nil {
+		return time.Time{}, err
+	}
+	return until, nil
+}
