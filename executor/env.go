@@ -34,6 +34,7 @@ type Settings struct {
 	MaxMemory       uint64        // bytes
 	MaxDisk         uint64        // bytes
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
+	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }

@@ -10,7 +10,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
@@ -50,6 +52,30 @@ func (e *Executor) host() *provision.Host {
 		Log:             e.Log,
 		Out:             e.Stdout,
 	}
+}
+
+// helper is the gitlab-runner binary to give the instance (LIBVIRT_GCI_RUNNER_BINARY),
+// or "". By default it is the runner that drives the job: the process that started this
+// stage, if it is a gitlab-runner; by hand, none.
+func (e *Executor) helper(t Target) string {
+	switch e.Settings.RunnerBinary {
+	case "none":
+		return ""
+	case "auto":
+		if t.ByHand {
+			return ""
+		}
+		// The link names the file; opening the link itself reads the very binary that
+		// runs, even if an upgrade has replaced the file since.
+		exe := fmt.Sprintf("/proc/%d/exe", os.Getppid())
+		target, err := os.Readlink(exe)
+		if err != nil || !strings.HasPrefix(filepath.Base(target), "gitlab-runner") {
+			e.Log.Debug(fmt.Sprintf("no gitlab-runner helper: the process that started prepare is %q, not a gitlab-runner (LIBVIRT_GCI_RUNNER_BINARY names one)", target))
+			return ""
+		}
+		return exe
+	}
+	return e.Settings.RunnerBinary
 }
 
 // Target names the instance a stage works on: a job's, or one named by hand.
@@ -117,7 +143,9 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	if !t.ByHand {
 		req.Runner = provision.RunnerOf(os.Getppid()) // GitLab Runner, for gc
 	}
-	err := e.host().Launch(ctx, req)
+	h := e.host()
+	h.Helper = e.helper(t)
+	err := h.Launch(ctx, req)
 	var small *provision.DiskTooSmallError
 	switch {
 	case errors.Is(err, provision.ErrNotOffered):

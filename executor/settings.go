@@ -141,6 +141,14 @@ var SettingList = []Setting{
 		set: size(func(s *Settings) *uint64 { return &s.MaxDisk })},
 	{Flag: "keep-failed", Help: "cleanup keeps the VM of a failed job this long (say 2h), for a look; gc removes it afterwards",
 		set: optDuration(func(s *Settings) *time.Duration { return &s.KeepFailed })},
+	{Flag: "runner-binary", Default: "auto", Help: "gitlab-runner put on every guest's PATH (artifacts, caches): auto (the one driving the job), a path, or none",
+		set: func(s *Settings, v string) error {
+			if v != "auto" && v != "none" && !filepath.IsAbs(v) {
+				return fmt.Errorf("want auto (the gitlab-runner that drives the job), an absolute path, or none")
+			}
+			s.RunnerBinary = v
+			return nil
+		}},
 	{Flag: "log-format", Default: "text", Help: "the tool's own lines on stderr: text (short lines), or json (slog records with their fields)",
 		set: func(s *Settings, v string) error {
 			if v != "text" && v != "json" {

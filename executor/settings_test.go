@@ -43,7 +43,7 @@ func TestSettingsParse(t *testing.T) {
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
 	assert.Equal(t, Settings{URI: "qemu:///system", Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Transport: "agent",
-		SSHUser: "root", SecretFile: defaultSecretFile(), LogFormat: "text"}, s)
+		SSHUser: "root", SecretFile: defaultSecretFile(), RunnerBinary: "auto", LogFormat: "text"}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 
 	find := func(flag string) Setting {
@@ -57,6 +57,7 @@ func TestSettingsParse(t *testing.T) {
 	}
 	assert.EqualError(t, find("boot-timeout").Set(&s, "soon"), `LIBVIRT_GCI_BOOT_TIMEOUT "soon" is invalid; want a duration such as 90s or 5m`)
 	assert.EqualError(t, find("allow-host-access").Set(&s, "maybe"), `LIBVIRT_GCI_ALLOW_HOST_ACCESS "maybe" is invalid; want true or false`)
+	assert.EqualError(t, find("runner-binary").Set(&s, "bin/gitlab-runner"), `LIBVIRT_GCI_RUNNER_BINARY "bin/gitlab-runner" is invalid; want auto (the gitlab-runner that drives the job), an absolute path, or none`)
 	require.NoError(t, find("templates").Set(&s, " a-* ,b"))
 	assert.Equal(t, []string{"a-*", "b"}, s.Templates)
 }

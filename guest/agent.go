@@ -53,8 +53,11 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // job's output to the two files the host reads as they grow, runs the script with bash
 // in a session of its own (so that the whole process group can be killed), and removes
 // the script, which carries the job's secrets, and the output files (the host still
-// holds them open) when bash ends.
+// holds them open) when bash ends. The agent's own PATH may lack /usr/local/bin (as
+// under a minimal init); the script gets it, as over ssh or from systemd, for the
+// gitlab-runner helper.
 const runWrapper = `exec >>"$2" 2>>"$3" </dev/null
+case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH; export PATH ;; esac
 run='bash "$1"; rc=$?; rm -f "$1" "$2" "$3"; exit $rc'
 if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$run" gci-job "$@"; fi
 exec /bin/sh -c "$run" gci-job "$@"`
@@ -414,11 +417,22 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// sshSetup runs in the guest as `sh -c sshSetup gci USER AUTHORIZED_KEY`: it authorizes
+// sshSetup runs in the guest as `sh -c sshSetup gci USER AUTHORIZED_KEY MAC ADDR`: it
+// brings up the NIC with the MAC address MAC with the address ADDR (whatever the guest's
+// own network configuration did with it: most configure only their first NIC), authorizes
 // the instance's client key for USER, replaces the host keys cloned from the template by
 // a fresh Ed25519 key, has a running sshd reload, and prints the new host public key.
 const sshSetup = `set -e
-user=$1 key=$2
+user=$1 key=$2 mac=$3 addr=$4
+ipcmd=ip
+command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
+dev=
+for d in /sys/class/net/*; do
+  if [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ]; then dev=${d##*/}; fi
+done
+[ -n "$dev" ] || { echo "no network interface with the MAC address $mac in the guest" >&2; exit 4; }
+$ipcmd link set dev "$dev" up
+$ipcmd addr replace "$addr" dev "$dev"
 home=$(getent passwd "$user" | cut -d: -f6)
 [ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
 umask 077
@@ -435,10 +449,16 @@ cat /etc/ssh/ssh_host_ed25519_key.pub`
 // sshdReload has a running sshd (re-exec and) load its host keys again.
 const sshdReload = `if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true; fi`
 
-// SetupSSH installs authorizedKey for user, gives the guest a host key of its own and
-// returns it; read through the agent, a trusted path, it is the key to pin.
-func (a *Agent) SetupSSH(ctx context.Context, user, authorizedKey string) (ssh.PublicKey, error) {
-	st, out, err := a.execWait(ctx, "/bin/sh", "-c", sshSetup, "gci", user, authorizedKey)
+// NIC is a network interface to configure in the guest, found by its MAC address.
+type NIC struct {
+	MAC  string // lower case, as Linux shows it
+	Addr string // CIDR, such as 10.213.213.15/24
+}
+
+// SetupSSH configures nic, installs authorizedKey for user, gives the guest a host key of
+// its own and returns it; read through the agent, a trusted path, it is the key to pin.
+func (a *Agent) SetupSSH(ctx context.Context, nic NIC, user, authorizedKey string) (ssh.PublicKey, error) {
+	st, out, err := a.execWait(ctx, "/bin/sh", "-c", sshSetup, "gci", user, authorizedKey, nic.MAC, nic.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("set up ssh in the guest: %w", err)
 	}
@@ -457,4 +477,30 @@ func (a *Agent) SetupSSH(ctx context.Context, user, authorizedKey string) (ssh.P
 func (a *Agent) ReloadSSHD(ctx context.Context) error {
 	_, _, err := a.execWait(ctx, "/bin/sh", "-c", sshdReload)
 	return err
+}
+
+// mountHelper runs in the guest as `sh -c mountHelper gci SERIAL DIR NAME`: it mounts the
+// read-only disk whose serial is SERIAL on DIR and links DIR/NAME into /usr/local/bin.
+const mountHelper = `set -e
+serial=$1 dir=$2 name=$3
+dev=
+for b in /sys/block/*; do
+  if [ "$(cat "$b/serial" 2>/dev/null)" = "$serial" ]; then dev=/dev/${b##*/}; fi
+done
+[ -n "$dev" ] || { echo "no disk with the serial $serial in the guest" >&2; exit 4; }
+mkdir -p "$dir" /usr/local/bin
+mount -t ext4 -o ro "$dev" "$dir"
+ln -sf "$dir/$name" "/usr/local/bin/$name"`
+
+// MountHelper mounts the read-only disk with the given serial on dir in the guest, and
+// puts the program name on it on the PATH (/usr/local/bin).
+func (a *Agent) MountHelper(ctx context.Context, serial, dir, name string) error {
+	st, out, err := a.execWait(ctx, "/bin/sh", "-c", mountHelper, "gci", serial, dir, name)
+	if err != nil {
+		return fmt.Errorf("mount %s in the guest: %w", name, err)
+	}
+	if st.Code != 0 || st.Signal != 0 {
+		return fmt.Errorf("mount %s in the guest: %s: %s", name, st, strings.TrimSpace(out))
+	}
+	return nil
 }

@@ -113,19 +113,24 @@ func (h *Host) full(conn *Conn, memKiB uint64) (string, error) {
 	return "", nil
 }
 
-// lockCapacity takes the host-wide capacity lock of this libvirt and prefix: a file
-// beside the secret file (the runner user's own directory), locked with flock, which
-// the kernel releases if the process dies.
+// lockCapacity takes the host-wide capacity lock of this libvirt and prefix.
 func (h *Host) lockCapacity(ctx context.Context) (func(), error) {
+	sum := sha256.Sum256([]byte(h.URI + "\x00" + h.Prefix))
+	return h.lockFile(ctx, "capacity-"+hex.EncodeToString(sum[:6]))
+}
+
+// lockFile takes a host-wide lock: the file NAME.lock beside the secret file (the runner
+// user's own directory), locked with flock, which the kernel releases if the process
+// dies. It waits until ctx ends.
+func (h *Host) lockFile(ctx context.Context, name string) (func(), error) {
 	dir := filepath.Dir(h.SecretFile)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("capacity lock: %w", err)
+		return nil, fmt.Errorf("lock %s: %w", name, err)
 	}
-	sum := sha256.Sum256([]byte(h.URI + "\x00" + h.Prefix))
-	path := filepath.Join(dir, "capacity-"+hex.EncodeToString(sum[:6])+".lock")
+	path := filepath.Join(dir, name+".lock")
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("capacity lock: %w", err)
+		return nil, fmt.Errorf("lock %s: %w", name, err)
 	}
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
@@ -134,11 +139,11 @@ func (h *Host) lockCapacity(ctx context.Context) (func(), error) {
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) {
 			f.Close()
-			return nil, fmt.Errorf("capacity lock %s: %w", path, err)
+			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if !guest.Sleep(ctx, 20*time.Millisecond) {
 			f.Close()
-			return nil, fmt.Errorf("capacity lock %s: %w", path, context.Cause(ctx))
+			return nil, fmt.Errorf("lock %s: %w", path, context.Cause(ctx))
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os/user"
@@ -42,6 +43,7 @@ type storageAPI interface {
 	StorageVolDelete(vol libvirt.StorageVol, flags libvirt.StorageVolDeleteFlags) error
 	StorageVolLookupByPath(path string) (libvirt.StorageVol, error)
 	StorageVolGetInfo(vol libvirt.StorageVol) (rType int8, rCapacity uint64, rAllocation uint64, err error)
+	StorageVolUpload(vol libvirt.StorageVol, r io.Reader, offset, length uint64, flags libvirt.StorageVolUploadFlags) error
 }
 
 // API is the part of go-libvirt a Conn uses (*libvirt.Libvirt, or provisiontest's fake).

@@ -114,7 +114,7 @@ func (h *Host) gc(conn *Conn, dryRun bool, olderThan time.Duration, deadline tim
 		if !strings.HasPrefix(in.Name, h.Prefix) {
 			continue // another runner configuration's
 		}
-		why := h.verdict(in.Metadata, olderThan)
+		why := h.verdict(in, olderThan)
 		if why == "" || (!deadline.IsZero() && time.Now().After(deadline)) {
 			sw.Kept++
 			continue
@@ -142,7 +142,8 @@ func (h *Host) gc(conn *Conn, dryRun bool, olderThan time.Duration, deadline tim
 }
 
 // verdict says why an instance is to go, or "" to keep it.
-func (h *Host) verdict(m Metadata, olderThan time.Duration) string {
+func (h *Host) verdict(in InstanceInfo, olderThan time.Duration) string {
+	m := in.Metadata
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {
 			return "kept after its failed job until " + m.KeepUntil + ", which has passed"
@@ -156,6 +157,12 @@ func (h *Host) verdict(m Metadata, olderThan time.Duration) string {
 			return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
 		case h.MaxAge > 0 && age > h.MaxAge:
 			return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), h.MaxAge)
+		case in.State == "shut off" && h.BootTimeout > 0 && age > h.BootTimeout:
+			// A launch starts its instance milliseconds after the define. One still shut
+			// off this long after is a define that landed after its prepare was killed
+			// (and after the cleanup that followed), or a guest that powered itself off,
+			// whose job has failed: no stage will start it.
+			return fmt.Sprintf("it is shut off and %s old, older than the boot timeout %s", age.Round(time.Second), h.BootTimeout)
 		}
 	}
 	return orphaned(m.Runner)

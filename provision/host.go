@@ -54,8 +54,11 @@ type Host struct {
 	// SecretFile is the host secret instances' SSH client keys derive from; the capacity
 	// lock lives beside it.
 	SecretFile string
-	Log        *slog.Logger
-	Out        io.Writer // what gc --dry-run would remove
+	// Helper is the gitlab-runner binary every instance gets, read-only on its PATH; ""
+	// for none.
+	Helper string
+	Log    *slog.Logger
+	Out    io.Writer // what gc --dry-run would remove
 }
 
 // Connect connects to the hypervisor.
@@ -100,6 +103,9 @@ type Request struct {
 	Replace   func(Metadata) error
 	Size      Size
 	Transport string // TransportAgent or TransportSSH
+
+	mac    string // of the ssh NIC
+	helper string // the helper's volume
 }
 
 // ErrNotOffered: the template is neither marked nor offered by the operator. The same
@@ -155,7 +161,15 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 			return &DiskTooSmallError{Asked: req.Size.Disk, Have: have}
 		}
 	}
+	if h.Helper != "" {
+		if req.helper, err = h.helperVolume(ctx, conn, h.Helper); err != nil {
+			return err
+		}
+	}
 	prepareID := randomHex(8)
+	if req.Transport == TransportSSH {
+		req.mac = sshMAC()
+	}
 	spec, err := h.spec(req, tmpl, prepareID)
 	if err != nil {
 		return err
@@ -246,14 +260,22 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		}
 		return err
 	}
+	agentReady := time.Since(bootStart)
+	if req.helper != "" {
+		start := time.Now()
+		if err := agent.MountHelper(bctx, HelperSerial, HelperDir, "gitlab-runner"); err != nil {
+			return err
+		}
+		h.Log.Info(fmt.Sprintf("gitlab-runner helper on the guest's PATH in %d ms", time.Since(start).Milliseconds()), "helper_ms", time.Since(start).Milliseconds())
+	}
 	if req.Transport != TransportSSH {
-		h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", time.Since(bootStart).Seconds(), req.Name, time.Since(begin).Seconds()),
-			"agent_ready_ms", time.Since(bootStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
+		h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", agentReady.Seconds(), req.Name, time.Since(begin).Seconds()),
+			"agent_ready_ms", agentReady.Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
 		return nil
 	}
-	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", time.Since(bootStart).Seconds()), "agent_ready_ms", time.Since(bootStart).Milliseconds())
+	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds())
 	sshStart := time.Now()
-	if err := h.setupSSH(bctx, conn, agent, req.Name); err != nil {
+	if err := h.setupSSH(bctx, conn, agent, req.Name, req.mac); err != nil {
 		return err
 	}
 	h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), req.Name, time.Since(begin).Seconds()),
@@ -308,27 +330,47 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spe
 		return spec, err
 	}
 	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024}
+	if req.helper != "" {
+		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: req.helper, Serial: HelperSerial}}
+	}
 	if req.Transport == TransportSSH {
 		slot, err := tmpl.FreePCISlot()
 		if err != nil {
 			return spec, err
 		}
-		inst.QEMUArgs = sshNetArgs(slot)
+		inst.QEMUArgs = sshNetArgs(slot, req.mac)
 	}
 	spec.DomainXML, err = tmpl.Render(inst)
 	return spec, err
 }
 
-// sshNetArgs give an ssh instance a NIC on QEMU's user-mode network that reaches nothing
-// but the host (restrict=on), and forward a free port on the host's 127.0.0.1 (port 0: the
-// kernel picks one, so concurrent launches cannot collide) to the guest's sshd. The NIC
-// goes in a PCI slot the template leaves free: libvirt does not place devices it did not
-// make.
-func sshNetArgs(slot int) []string {
+// The network of the NIC an ssh instance gets: QEMU user-mode networking on a subnet of
+// its own, away from 10.0.2.0/24, which a template's own user-mode NIC has (two NICs on
+// one subnet would send the forward's replies out of the wrong one).
+const (
+	SSHNet       = "10.213.213.0/24"
+	SSHGuestAddr = "10.213.213.15" // the guest's address on it (QEMU's DHCP hands out the same)
+)
+
+// sshNetArgs give an ssh instance a NIC (with the MAC address mac) on QEMU's user-mode
+// network that reaches nothing but the host (restrict=on), and forward a free port on
+// the host's 127.0.0.1 (port 0: the kernel picks one, so concurrent launches cannot
+// collide) to the guest's sshd. The NIC goes in a PCI slot the template leaves free:
+// libvirt does not place devices it did not make. The guest need not configure it:
+// the launch does, through the agent, found by its MAC (SetupSSH).
+func sshNetArgs(slot int, mac string) []string {
 	return []string{
-		"-netdev", "user,id=gcissh,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
-		"-device", fmt.Sprintf("virtio-net-pci,netdev=gcissh,addr=0x%x", slot),
+		"-netdev", fmt.Sprintf("user,id=gcissh,restrict=on,net=%s,dhcpstart=%s,hostfwd=tcp:127.0.0.1:0-%s:22", SSHNet, SSHGuestAddr, SSHGuestAddr),
+		"-device", fmt.Sprintf("virtio-net-pci,netdev=gcissh,addr=0x%x,mac=%s", slot, mac),
 	}
+}
+
+// sshMAC is a random locally administered unicast MAC address (the 52:54:00 prefix of
+// QEMU's own), for the NIC of one ssh instance.
+func sshMAC() string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[0], b[1], b[2])
 }
 
 // rollback removes a half-made instance: only the one this launch (prepareID) made. It

@@ -29,3 +29,21 @@ func TestLingeringEndsAfterItsParent(t *testing.T) {
 		t.Fatal("did not end after its parent")
 	}
 }
+
+// The ssh NIC: its own subnet, a forward bound to the host's loopback only, and a MAC
+// address of its own per instance.
+func TestSSHNetArgs(t *testing.T) {
+	t.Parallel()
+	macs := map[string]bool{}
+	for range 64 {
+		m := sshMAC()
+		assert.Regexp(t, `^52:54:00(:[0-9a-f]{2}){3}$`, m)
+		macs[m] = true
+	}
+	assert.Greater(t, len(macs), 60, "random")
+	args := sshNetArgs(0x1e, "52:54:00:01:02:03")
+	assert.Equal(t, []string{
+		"-netdev", "user,id=gcissh,restrict=on,net=10.213.213.0/24,dhcpstart=10.213.213.15,hostfwd=tcp:127.0.0.1:0-10.213.213.15:22",
+		"-device", "virtio-net-pci,netdev=gcissh,addr=0x1e,mac=52:54:00:01:02:03",
+	}, args)
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -13,10 +14,11 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/guest"
 )
 
-// setupSSH makes the instance reachable over SSH: it authorizes the instance's own client
-// key in the guest, gives the guest a fresh host key and pins it, records the forwarded
-// port in the metadata, and waits for an authenticated session.
-func (h *Host) setupSSH(ctx context.Context, conn *Conn, agent *guest.Agent, name string) error {
+// setupSSH makes the instance reachable over SSH: it configures the NIC with the MAC
+// address mac in the guest, authorizes the instance's own client key, gives the guest a
+// fresh host key and pins it, records the forwarded port in the metadata, and waits for
+// an authenticated session.
+func (h *Host) setupSSH(ctx context.Context, conn *Conn, agent *guest.Agent, name, mac string) error {
 	inst, err := conn.Lookup(name)
 	if err != nil {
 		return err
@@ -29,7 +31,8 @@ func (h *Host) setupSSH(ctx context.Context, conn *Conn, agent *guest.Agent, nam
 	if err != nil {
 		return err
 	}
-	hostKey, err := agent.SetupSSH(ctx, h.SSHUser, guest.AuthorizedKey(key.PublicKey(), "libvirt-gci@"+name))
+	nic := guest.NIC{MAC: mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
+	hostKey, err := agent.SetupSSH(ctx, nic, h.SSHUser, guest.AuthorizedKey(key.PublicKey(), "libvirt-gci@"+name))
 	if err != nil {
 		return err
 	}

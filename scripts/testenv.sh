@@ -3,7 +3,9 @@
 #   - installs libvirt, QEMU and the image-build tools from apt (if missing);
 #   - starts virtlogd and libvirtd (if not running; CI has no systemd to do it);
 #   - builds the tiny test guest once, cached by the hash of make_base_image/;
-#   - creates the storage pools and defines the template domain;
+#   - creates the storage pools and defines the template domains: the tiny guest, and the
+#     same with a NIC of its own on an isolated libvirt network (no forward, no address:
+#     a bridge that reaches nothing), to test the ssh transport on templates with a NIC;
 #   - gives /dev/kvm the group and mode udev would, so libvirt's QEMU capability cache
 #     stays valid (else libvirtd probes QEMU again on every call: defines take minutes);
 #   - checks that a define takes well under a second, and stops with the reason if not.
@@ -23,6 +25,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 uri=qemu:///system
 state=/var/lib/libvirt-gci
 template=${LIBVIRT_GCI_TEST_TEMPLATE:-tiny-bookworm}
+nic_template=$template-nic
+isolated_net=gci-isolated
 test_pool=${LIBVIRT_GCI_TEST_POOL:-gci-test}
 packages=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
   e2fsprogs busybox-static cpio kmod xz-utils ca-certificates)
@@ -73,7 +77,7 @@ fix_kvm() {
 # A define must take milliseconds; a slow one makes every test slow and time out.
 check_libvirt_speed() {
   local name=libvirt-gci-speedcheck-$$ xml t0 ms i
-  xml=$(template_xml | sed -e "s|<name>$template</name>|<name>$name</name>|")
+  xml=$(template_xml "$name")
   for i in 1 2; do # the first may probe QEMU once (its cache was just made valid)
     t0=$(date +%s%N)
     virsh -c "$uri" define /dev/stdin <<<"$xml" >/dev/null
@@ -114,10 +118,10 @@ ensure_pool() { # name path
   [[ $info =~ State:\ *running ]] || virsh -c "$uri" pool-start "$1" >/dev/null
 }
 
-template_xml() {
+template_xml() { # name [extra devices]
   cat <<EOF
 <domain type='qemu'>
-  <name>$template</name>
+  <name>$1</name>
   <title>libvirt-gci test guest (tiny Debian, busybox init)</title>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
@@ -143,25 +147,41 @@ template_xml() {
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
     <serial type='pty'/>
-    <memballoon model='none'/>
+    <memballoon model='none'/>${2:-}
   </devices>
 </domain>
 EOF
 }
 
-define_template() {
-  local want have
-  want=$(template_xml)
-  have=$(virsh -c "$uri" dumpxml --inactive "$template" 2>/dev/null || true)
-  if [[ $have == *"$image_dir/root.qcow2"* ]]; then
+ensure_isolated_net() {
+  if ! virsh -c "$uri" net-info "$isolated_net" >/dev/null 2>&1; then
+    virsh -c "$uri" net-define /dev/stdin >/dev/null <<EOF
+<network>
+  <name>$isolated_net</name>
+  <bridge name='gci-iso0' stp='off'/>
+</network>
+EOF
+    virsh -c "$uri" net-autostart "$isolated_net" >/dev/null
+  fi
+  [[ $(virsh -c "$uri" net-info "$isolated_net") =~ Active:\ *yes ]] || virsh -c "$uri" net-start "$isolated_net" >/dev/null
+}
+
+define_template() { # name [extra devices]
+  local name=$1 want have
+  want=$(template_xml "$@")
+  have=$(virsh -c "$uri" dumpxml --inactive "$name" 2>/dev/null || true)
+  if [[ $have == *"$image_dir/root.qcow2"* && ( -z ${2:-} || $have == *"<interface"* ) ]]; then
     return 0
   fi
   if [[ -n $have ]]; then # an older build's template
-    [[ $(virsh -c "$uri" domstate "$template") == "shut off" ]] || virsh -c "$uri" destroy "$template" >/dev/null
-    virsh -c "$uri" undefine "$template" >/dev/null
+    [[ $(virsh -c "$uri" domstate "$name") == "shut off" ]] || virsh -c "$uri" destroy "$name" >/dev/null
+    virsh -c "$uri" undefine "$name" >/dev/null
   fi
   virsh -c "$uri" define /dev/stdin <<<"$want" >/dev/null
-  say "defined template $template on $image_dir"
+  say "defined template $name on $image_dir"
+}
+
+remove_old_images() {
   for d in "$state"/images/tiny-*; do # images of older builders
     [[ $d == "$image_dir" ]] || rm -rf "$d"
   done
@@ -205,7 +225,11 @@ setup() {
   build_image
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
-  define_template
+  define_template "$template"
+  ensure_isolated_net
+  define_template "$nic_template" "
+    <interface type='network'><source network='$isolated_net'/><model type='virtio'/></interface>"
+  remove_old_images
   check_libvirt_speed
 }
 
@@ -216,7 +240,7 @@ case ${1:-setup} in
     say "gitlab-runner: $runner"
     ;;
   env)
-    echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_POOL=$test_pool"
+    echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_NIC_TEMPLATE=$nic_template LIBVIRT_GCI_TEST_POOL=$test_pool"
     find_runner
     [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;

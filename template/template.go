@@ -98,6 +98,16 @@ type Instance struct {
 	QEMUArgs  []string           // extra QEMU arguments, after any the template passes (qemu:commandline)
 	CPUs      int                // virtual CPUs instead of the template's; 0 keeps them
 	MemoryKiB uint64             // memory instead of the template's; 0 keeps it
+	// ReadOnly are disks the instance gets besides the template's: raw, read-only,
+	// shared by instances.
+	ReadOnly []ReadOnlyDisk
+}
+
+// ReadOnlyDisk is a raw storage volume an instance reads, found in the guest by its
+// serial.
+type ReadOnlyDisk struct {
+	Pool, Volume string
+	Serial       string
 }
 
 // CPUs is the template's number of virtual CPUs.
@@ -224,6 +234,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 			}
 		}
 	}
+	if err := addReadOnly(&dom, inst.ReadOnly); err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
 	if len(inst.QEMUArgs) > 0 {
 		if dom.QEMUCommandline == nil {
 			dom.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
@@ -237,6 +250,41 @@ func (t *Template) Render(inst Instance) (string, error) {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
 	return out, nil
+}
+
+// addReadOnly attaches the disks as virtio disks, on targets the template leaves free.
+func addReadOnly(dom *libvirtxml.Domain, disks []ReadOnlyDisk) error {
+	if len(disks) == 0 {
+		return nil
+	}
+	if dom.Devices == nil {
+		dom.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	used := map[string]bool{}
+	for _, d := range dom.Devices.Disks {
+		if d.Target != nil {
+			used[d.Target.Dev] = true
+		}
+	}
+	next := 'b'
+	for _, rd := range disks {
+		for ; next <= 'z' && used["vd"+string(next)]; next++ {
+		}
+		if next > 'z' {
+			return errors.New("no free virtio disk name for a read-only disk")
+		}
+		dev := "vd" + string(next)
+		used[dev] = true
+		dom.Devices.Disks = append(dom.Devices.Disks, libvirtxml.DomainDisk{
+			Device:   "disk",
+			Driver:   &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"},
+			Source:   &libvirtxml.DomainDiskSource{Volume: &libvirtxml.DomainDiskSourceVolume{Pool: rd.Pool, Volume: rd.Volume}},
+			Target:   &libvirtxml.DomainDiskTarget{Dev: dev, Bus: "virtio"},
+			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
+			Serial:   rd.Serial,
+		})
+	}
+	return nil
 }
 
 // FreePCISlot is a slot on PCI bus 0 that none of the template's devices uses, for a

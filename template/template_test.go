@@ -251,3 +251,31 @@ func TestRenderResizes(t *testing.T) {
 	assert.Equal(t, uint64(1000), kib(1024000, "b"))
 	assert.Equal(t, uint64(976562), kib(1000, "MB"))
 }
+
+// Read-only disks go on virtio targets the template leaves free, raw and read-only,
+// with their serial.
+func TestRenderReadOnlyDisks(t *testing.T) {
+	t.Parallel()
+	x := `<domain type="qemu"><name>t</name><memory>1</memory><devices>
+<disk type="file" device="disk"><driver name="qemu" type="qcow2"/><source file="/i/a.qcow2"/><target dev="vda" bus="virtio"/></disk>
+<disk type="file" device="disk"><driver name="qemu" type="raw"/><source file="/i/b.img"/><target dev="vdb" bus="virtio"/><readonly/></disk>
+</devices></domain>`
+	tmpl, err := Parse(x)
+	require.NoError(t, err)
+	got, err := tmpl.Render(Instance{Name: "i", Overlays: map[string]Overlay{"vda": {Pool: "p", Volume: "o"}},
+		ReadOnly: []ReadOnlyDisk{{Pool: "p", Volume: "h1.img", Serial: "one"}, {Pool: "p", Volume: "h2.img", Serial: "two"}}})
+	require.NoError(t, err)
+	var dom libvirtxml.Domain
+	require.NoError(t, dom.Unmarshal(got))
+	require.Len(t, dom.Devices.Disks, 4)
+	for i, want := range []struct{ dev, vol, serial string }{{"vdc", "h1.img", "one"}, {"vdd", "h2.img", "two"}} {
+		d := dom.Devices.Disks[2+i]
+		assert.Equal(t, want.dev, d.Target.Dev)
+		assert.Equal(t, "virtio", d.Target.Bus)
+		assert.Equal(t, want.vol, d.Source.Volume.Volume)
+		assert.Equal(t, "raw", d.Driver.Type)
+		assert.NotNil(t, d.ReadOnly)
+		assert.Equal(t, want.serial, d.Serial)
+	}
+	assert.Contains(t, got, `<disk type="volume" device="disk">`)
+}

@@ -30,12 +30,14 @@ import (
 )
 
 var (
-	binPath   string // the libvirt-gci binary under test
-	buildErr  error
-	testURI   = envOr("LIBVIRT_GCI_URI", "qemu:///system")
-	testTmpl  = envOr("LIBVIRT_GCI_TEST_TEMPLATE", "tiny-bookworm")
-	testPool  = envOr("LIBVIRT_GCI_TEST_POOL", "gci-test")
-	jobSerial atomic.Int64
+	binPath  string // the libvirt-gci binary under test
+	buildErr error
+	testURI  = envOr("LIBVIRT_GCI_URI", "qemu:///system")
+	testTmpl = envOr("LIBVIRT_GCI_TEST_TEMPLATE", "tiny-bookworm")
+	// the same guest with a NIC of its own, on a libvirt network that reaches nothing
+	testNICTmpl = envOr("LIBVIRT_GCI_TEST_NIC_TEMPLATE", testTmpl+"-nic")
+	testPool    = envOr("LIBVIRT_GCI_TEST_POOL", "gci-test")
+	jobSerial   atomic.Int64
 )
 
 func envOr(k, def string) string {
@@ -82,8 +84,10 @@ func lv(t testing.TB) *libvirt.Libvirt {
 		fail("no libvirt at %s: %v", testURI, err)
 	}
 	t.Cleanup(func() { _ = l.Disconnect() })
-	if _, err := l.DomainLookupByName(testTmpl); err != nil {
-		fail("no template %q: %v", testTmpl, err)
+	for _, tmpl := range []string{testTmpl, testNICTmpl} {
+		if _, err := l.DomainLookupByName(tmpl); err != nil {
+			fail("no template %q (scripts/testenv.sh setup defines it): %v", tmpl, err)
+		}
 	}
 	if _, err := l.StoragePoolLookupByName(testPool); err != nil {
 		fail("no storage pool %q: %v", testPool, err)

@@ -119,6 +119,34 @@ func TestGC(t *testing.T) {
 	assert.Equal(t, 0, r.code, r.stderr)
 }
 
+// An instance still shut off after the boot timeout is one no stage will start (a define
+// that landed after its prepare was killed, a guest that powered itself off): gc removes
+// it, though its runner is alive; a running one of the same age stays.
+func TestGCRemovesShutOffInstances(t *testing.T) {
+	t.Parallel()
+	off, on := newJob(t), newJob(t)
+	on.prefix, on.env["LIBVIRT_GCI_PREFIX"] = off.prefix, off.prefix
+	for _, j := range []*gitlabJob{off, on} {
+		j.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "40s"
+		j.prepare()
+	}
+	dom, err := off.l.DomainLookupByName(off.instance())
+	require.NoError(t, err)
+	require.NoError(t, off.l.DomainDestroy(dom))
+	r := on.stage("gc", "--dry-run")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, r.stdout, "younger than the boot timeout: kept")
+
+	time.Sleep(41 * time.Second)
+	r = on.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Regexp(t, `gc: removed `+regexp.QuoteMeta(off.instance())+`: it is shut off and \S+ old, older than the boot timeout 40s`, r.stderr)
+	assert.Empty(t, leftovers(t, off.l, off.instance()))
+	_, err = on.l.DomainLookupByName(on.instance())
+	assert.NoError(t, err, "a running instance of the same age was removed")
+	assert.Equal(t, 0, on.stage("cleanup").code)
+}
+
 // A job asks for its size within the operator's maximums; the guest has it, and list
 // shows it. A size over a bound is refused before anything is made.
 func TestJobSize(t *testing.T) {

@@ -204,6 +204,7 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 			`echo "greeting=$GREETING"`,
 			`echo "in $PWD on $(hostname) as $(id -un)"`,
 			`echo to-stderr >&2`,
+			`echo "helper: $(gitlab-runner --version | head -1)"`,
 		},
 		AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`},
 		Variables:   map[string]string{"GREETING": "hello from a job variable"},
@@ -222,6 +223,11 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	assert.Regexp(t, `in /builds/group/hello on \S+ as root`, trace)
 	assert.NotContains(t, trace, j.Token, "the job token is masked")
 	assert.Empty(t, leftovers(t, h.l, h.prefix), "cleanup ran")
+	// The guest has the very gitlab-runner that drove the job, on its PATH.
+	version, err := exec.Command(h.bin, "--version").Output()
+	require.NoError(t, err)
+	first, _, _ := strings.Cut(string(version), "\n")
+	assert.True(t, hasLine(trace, "helper: "+first), "want %q in the guest:\n%s", first, trace)
 }
 
 func TestRunnerScriptFailure(t *testing.T) { overTransports(t, testRunnerScriptFailure) }

@@ -1,7 +1,10 @@
 package main
 
 // End-to-end tests of what only the ssh transport has: per-instance client keys, the
-// pinned host key, the guest's restricted network, and no key material anywhere.
+// pinned host key, the guest's restricted network, and no key material anywhere. They
+// run on the template with a NIC of its own (the harder case: the NIC prepare adds is not
+// the guest's first, and the guest leaves it unconfigured); the job suite runs over ssh
+// on the template without one.
 
 import (
 	"bytes"
@@ -87,11 +90,64 @@ func dialAs(t *testing.T, info provision.SSH, key ssh.Signer) (*ssh.Client, erro
 	})
 }
 
+// newSSHJob is a job over ssh on the template with a NIC of its own.
+func newSSHJob(t testing.TB) *gitlabJob {
+	t.Helper()
+	j := newJobOver(t, "ssh")
+	j.env["CUSTOM_ENV_DISTRO"] = testNICTmpl
+	return j
+}
+
+// On a template with a NIC of its own, whose guest configures only its first interface
+// (on 10.0.2.0/24, as for libvirt's user networking), prepare finds its own NIC by the MAC
+// address it gave it and configures it from the host side, on a subnet of its own.
+func TestSSHOnATemplateWithItsOwnNIC(t *testing.T) {
+	t.Parallel()
+	j := newSSHJob(t)
+	r := j.stage("prepare")
+	require.Equal(t, 0, r.code, "prepare failed:\n%s", r.stderr)
+	t.Cleanup(func() { j.stage("cleanup") })
+	assert.Contains(t, r.stderr, "ssh ready after")
+	name := j.instance()
+	dom, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	x, err := j.l.DomainGetXMLDesc(dom, 0)
+	require.NoError(t, err)
+	var d struct {
+		Interfaces []struct {
+			MAC struct {
+				Address string `xml:"address,attr"`
+			} `xml:"mac"`
+		} `xml:"devices>interface"`
+		Args []struct {
+			Value string `xml:"value,attr"`
+		} `xml:"commandline>arg"`
+	}
+	require.NoError(t, xmlUnmarshal(x, &d))
+	require.Len(t, d.Interfaces, 1, "the template's own NIC")
+	own := d.Interfaces[0].MAC.Address
+	var ours string
+	for _, a := range d.Args {
+		if i := strings.Index(a.Value, "mac="); i >= 0 {
+			ours = a.Value[i+4:]
+		}
+	}
+	require.NotEmpty(t, ours, "the NIC prepare adds has a MAC address of its own: %s", x)
+	assert.NotEqual(t, own, ours)
+
+	r = j.run("build_script", `for d in /sys/class/net/eth*; do echo "${d##*/} $(cat $d/address) $(busybox ip -4 -o addr show dev ${d##*/} | awk '{print $4}' | tr '
+' ' ')"; done`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "eth0 "+own+" 10.0.2.15/24", "the guest configured its first NIC, the template's")
+	assert.Contains(t, r.stdout, "eth1 "+ours+" "+provision.SSHGuestAddr+"/24", "prepare configured its own")
+	assert.Equal(t, 0, j.stage("cleanup").code)
+}
+
 // A guest whose host key changes after prepare is refused, and the stage's script never
 // reaches it.
 func TestSSHHostKeySwapRefused(t *testing.T) {
 	t.Parallel()
-	j := newJobOver(t, "ssh")
+	j := newSSHJob(t)
 	j.prepare()
 	name := j.instance()
 	r := j.run("build_script", "echo before the swap")
@@ -114,7 +170,7 @@ func TestSSHHostKeySwapRefused(t *testing.T) {
 // keys: each works, and neither key opens the other instance.
 func TestSSHKeysPerInstance(t *testing.T) {
 	t.Parallel()
-	a, b := newJobOver(t, "ssh"), newJobOver(t, "ssh")
+	a, b := newSSHJob(t), newSSHJob(t)
 	b.env["LIBVIRT_GCI_SECRET_FILE"] = a.env["LIBVIRT_GCI_SECRET_FILE"]
 	a.prepare()
 	b.prepare()
@@ -167,14 +223,16 @@ func TestSSHGuestHasNoRouteOut(t *testing.T) {
 	}()
 	port := ln.Addr().(*net.TCPAddr).Port
 
-	j := newJobOver(t, "ssh")
+	j := newSSHJob(t)
 	j.prepare()
+	// The host as QEMU's user networking shows it on prepare's NIC, and on 10.0.2.0/24.
 	r := j.run("build_script", fmt.Sprintf(`busybox ip route
-busybox nc -w 3 10.0.2.2 %d </dev/null && echo "reached the host" || echo "host blocked"
+for h in 10.213.213.2 10.0.2.2; do busybox nc -w 3 $h %d </dev/null && echo "reached the host at $h" || echo "host blocked at $h"; done
 busybox nc -w 3 192.0.2.1 80 </dev/null && echo "reached out" || echo "outside blocked"`, port))
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.NotContains(t, r.stdout, "default")
-	assert.Contains(t, r.stdout, "host blocked")
+	assert.Contains(t, r.stdout, "host blocked at 10.213.213.2")
+	assert.Contains(t, r.stdout, "host blocked at 10.0.2.2")
 	assert.Contains(t, r.stdout, "outside blocked")
 	assert.Zero(t, reached.Load(), "the guest connected to the host's 127.0.0.1")
 	assert.Equal(t, 0, j.stage("cleanup").code)
@@ -186,7 +244,7 @@ busybox nc -w 3 192.0.2.1 80 </dev/null && echo "reached out" || echo "outside b
 func TestSSHNoKeyMaterialLeaks(t *testing.T) {
 	t.Parallel()
 	start := time.Now()
-	j := newJobOver(t, "ssh")
+	j := newSSHJob(t)
 	j.env["LIBVIRT_GCI_DEBUG"] = "1"
 	var out bytes.Buffer
 	stage := func(args ...string) {

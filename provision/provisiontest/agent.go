@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
 )
 
 // guest is a running domain's guest, as its agent shows it: files and processes.
@@ -232,7 +233,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
 		g.procs[pid] = p
 		switch {
-		case a.Path == "/bin/sh" && len(a.Arg) == 6 && a.Arg[2] == "gci": // a job script and its two output files
+		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], "gci-job"): // a job script and its two output files
 			script := a.Arg[3]
 			p.out, p.err = a.Arg[4], a.Arg[5]
 			if b := g.files[script]; b != nil {
@@ -249,6 +250,13 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				close(p.done)
 			}()
 			return ret(map[string]any{"pid": pid})
+		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], "/sys/block"): // mount the disk with serial $1 on $2
+			if !hasSerial(fd.xml, a.Arg[3]) {
+				p.code = 4
+				break
+			}
+			g.dirs[a.Arg[4]] = true
+			g.files[a.Arg[4]+"/"+a.Arg[5]] = &bytes.Buffer{}
 		case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 			g.dirs[a.Arg[2]] = true
 		case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
@@ -290,4 +298,18 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		}
 	}
 	return nil, agentErr("unknown command " + req.Execute)
+}
+
+// hasSerial tells whether the domain XML has a disk with the serial.
+func hasSerial(domainXML, serial string) bool {
+	var dom libvirtxml.Domain
+	if dom.Unmarshal(domainXML) != nil || dom.Devices == nil {
+		return false
+	}
+	for _, d := range dom.Devices.Disks {
+		if d.Serial == serial {
+			return true
+		}
+	}
+	return false
 }

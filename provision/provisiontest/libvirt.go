@@ -6,6 +6,7 @@ package provisiontest
 
 import (
 	"fmt"
+	"io"
 	"regexp"
 	"slices"
 	"strings"
@@ -26,7 +27,8 @@ type Libvirt struct {
 	nth      map[string]nth
 	count    map[string]int
 	calls    []string
-	agentLog []string // guest agent commands, by name
+	agentLog []string          // guest agent commands, by name
+	uploaded map[string]uint64 // pool/volume -> bytes uploaded
 	job      JobFunc
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
@@ -46,7 +48,7 @@ type domain struct {
 
 func New(pools ...string) *Libvirt {
 	f := &Libvirt{domains: map[string]*domain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
-		gates: map[string]chan struct{}{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
+		gates: map[string]chan struct{}{}, uploaded: map[string]uint64{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
 	f.Reconnect()
 	for _, p := range pools {
 		f.pools[p] = map[string]string{}
@@ -375,6 +377,32 @@ func (f *Libvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVo
 	}
 	f.pools[p.Name][v.Name] = x
 	return libvirt.StorageVol{Pool: p.Name, Name: v.Name}, nil
+}
+
+// StorageVolUpload reads the content to upload; the fake keeps only its length
+// (Uploaded).
+func (f *Libvirt) StorageVolUpload(v libvirt.StorageVol, r io.Reader, offset, length uint64, _ libvirt.StorageVolUploadFlags) error {
+	if err := f.enter("StorageVolUpload"); err != nil {
+		return err
+	}
+	n, err := io.Copy(io.Discard, io.LimitReader(r, int64(length)))
+	if err != nil {
+		return lverr(libvirt.ErrInternalError, "upload: %v", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.pools[v.Pool][v.Name]; !ok {
+		return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
+	}
+	f.uploaded[v.Pool+"/"+v.Name] = offset + uint64(n)
+	return nil
+}
+
+// Uploaded is how many bytes were uploaded into the volume pool/name.
+func (f *Libvirt) Uploaded(pool, name string) uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.uploaded[pool+"/"+name]
 }
 
 func (f *Libvirt) StorageVolLookupByName(p libvirt.StoragePool, name string) (libvirt.StorageVol, error) {

@@ -1,0 +1,174 @@
+package provision
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+)
+
+// The gitlab-runner helper: the runner's own binary, given to every instance read-only
+// on a small ext4 disk of its own, so that the stages that call it in the guest (artifacts,
+// caches) always find the very version that drives the job. The disk is a volume in the
+// pool, built once per binary (its device, inode, size and times say which), shared by
+// every instance: prepare only attaches it and mounts it (guest.MountHelper).
+
+// HelperSerial is the helper disk's serial: how the guest finds it. HelperDir is where
+// the guest mounts it.
+const (
+	HelperSerial = "gci-runner"
+	HelperDir    = "/run/libvirt-gci-runner"
+)
+
+// helperVolume returns the volume that holds the helper binary at path, building it first
+// if this binary has none yet.
+func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return "", fmt.Errorf("gitlab-runner helper %s is not a regular file", path)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	sum := sha256.Sum256(fmt.Appendf(nil, "%d/%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano()))
+	name := "libvirt-gci-runner-" + hex.EncodeToString(sum[:6]) + ".img"
+	done := name + ".done" // made once the image is whole
+	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
+	if err != nil {
+		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+	}
+	if _, err := conn.api.StorageVolLookupByName(pool, done); err == nil {
+		return name, nil
+	} else if !hasCode(err, libvirt.ErrNoStorageVol) {
+		return "", fmt.Errorf("gitlab-runner helper volume: %w", err)
+	}
+
+	// Built by one process at a time; the others wait, and find it made.
+	unlock, err := h.lockFile(ctx, "helper-"+hex.EncodeToString(sum[:6]))
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if _, err := conn.api.StorageVolLookupByName(pool, done); err == nil {
+		return name, nil
+	}
+	start := time.Now()
+	img, err := buildHelperImage(ctx, f, fi.Size())
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(img)
+	// A half-made volume of an earlier try goes first.
+	if v, err := conn.api.StorageVolLookupByName(pool, name); err == nil {
+		if err := conn.api.StorageVolDelete(v, 0); err != nil {
+			return "", fmt.Errorf("gitlab-runner helper: remove a half-made %s: %w", name, err)
+		}
+	}
+	if err := uploadVolume(conn, pool, name, img); err != nil {
+		return "", err
+	}
+	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", done)
+	if _, err := conn.api.StorageVolCreateXML(pool, x, 0); err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: mark %s whole: %w", name, err)
+	}
+	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
+		"volume", name, "ms", time.Since(start).Milliseconds())
+	return name, nil
+}
+
+// buildHelperImage makes a read-only ext4 image holding bin as gitlab-runner, and returns
+// its path (a temporary file).
+func buildHelperImage(ctx context.Context, bin *os.File, size int64) (string, error) {
+	mkfs, err := findTool("mkfs.ext4")
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w; install e2fsprogs, or set LIBVIRT_GCI_RUNNER_BINARY=none", err)
+	}
+	dir, err := os.MkdirTemp("", "libvirt-gci-helper-")
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	dst, err := os.OpenFile(filepath.Join(root, "gitlab-runner"), os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	if _, err := io.Copy(dst, io.NewSectionReader(bin, 0, size)); err != nil {
+		dst.Close()
+		return "", fmt.Errorf("gitlab-runner helper: copy the binary: %w", err)
+	}
+	if err := dst.Close(); err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	img, err := os.CreateTemp("", "libvirt-gci-helper-*.img")
+	if err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	img.Close()
+	// Room for the file and ext4's own blocks; no journal: it is never written.
+	kib := (size*11/10)>>10 + 4096
+	out, err := exec.CommandContext(ctx, mkfs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", HelperSerial,
+		"-E", "root_owner=0:0", "-d", root, img.Name(), fmt.Sprintf("%dk", kib)).CombinedOutput()
+	if err != nil {
+		os.Remove(img.Name())
+		return "", fmt.Errorf("gitlab-runner helper: mkfs.ext4: %v: %s", err, out)
+	}
+	return img.Name(), nil
+}
+
+// findTool finds a system tool, in /sbin and /usr/sbin too (not on every user's PATH).
+func findTool(name string) (string, error) {
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	for _, d := range []string{"/usr/sbin", "/sbin"} {
+		if p := filepath.Join(d, name); isExecutable(p) {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found", name)
+}
+
+func isExecutable(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
+}
+
+// uploadVolume creates the raw volume name in pool with the content of the file img.
+func uploadVolume(conn *Conn, pool libvirt.StoragePool, name, img string) error {
+	f, err := os.Open(img)
+	if err != nil {
+		return fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>%d</capacity><target><format type='raw'/><permissions><mode>0644</mode></permissions></target></volume>", name, fi.Size())
+	v, err := conn.api.StorageVolCreateXML(pool, x, 0)
+	if err != nil {
+		return fmt.Errorf("gitlab-runner helper: create volume %s: %w", name, err)
+	}
+	if err := conn.api.StorageVolUpload(v, f, 0, uint64(fi.Size()), 0); err != nil {
+		return fmt.Errorf("gitlab-runner helper: upload %s: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,87 @@
+package provision
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
+)
+
+const helperTemplate = `<domain type='qemu'><name>tmpl</name><memory unit='KiB'>262144</memory><vcpu>1</vcpu>
+<os><type arch='x86_64'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/t/root.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+</devices></domain>`
+
+// Every instance gets the helper binary on a read-only disk built once per binary, and
+// mounted in the guest; a changed binary gets a disk of its own.
+func TestLaunchGivesTheHelper(t *testing.T) {
+	t.Parallel()
+	if _, err := findTool("mkfs.ext4"); err != nil {
+		t.Skip("no mkfs.ext4 (e2fsprogs) here")
+	}
+	f := provisiontest.New("ci")
+	_, err := f.DomainDefineXMLFlags(helperTemplate, 0)
+	require.NoError(t, err)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "gitlab-runner")
+	require.NoError(t, os.WriteFile(bin, []byte(strings.Repeat("runner", 200000)), 0o755))
+	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: time.Minute, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+	launch := func(name string) {
+		t.Helper()
+		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: TransportAgent}))
+	}
+	helperVolumes := func() []string {
+		var vols []string
+		for _, part := range strings.Split(f.State(), "; ") {
+			if strings.Contains(part, "libvirt-gci-runner-") {
+				vols = append(vols, part)
+			}
+		}
+		return vols
+	}
+
+	launch("gci-a")
+	launch("gci-b")
+	uploads := 0
+	for _, c := range f.Calls() {
+		if c == "StorageVolUpload" {
+			uploads++
+		}
+	}
+	assert.Equal(t, 1, uploads, "built once, for both instances")
+	vols := helperVolumes()
+	require.NotEmpty(t, vols, f.State())
+	for _, name := range []string{"gci-a", "gci-b"} {
+		x, err := f.DomainGetXMLDesc(mustLookup(t, f, name), 0)
+		require.NoError(t, err)
+		assert.Contains(t, x, "<serial>"+HelperSerial+"</serial>")
+		assert.Contains(t, x, "<readonly></readonly>")
+		assert.True(t, slices.Contains(f.Guest(name).Files, HelperDir+"/gitlab-runner"), "mounted in the guest: %v", f.Guest(name).Files)
+	}
+
+	// An upgraded binary (another file in its place) gets its own disk.
+	require.NoError(t, os.Remove(bin))
+	require.NoError(t, os.WriteFile(bin, []byte("new runner"), 0o755))
+	launch("gci-c")
+	assert.Greater(t, len(helperVolumes()), len(vols), f.State())
+}
+
+func mustLookup(t *testing.T, f *provisiontest.Libvirt, name string) libvirt.Domain {
+	t.Helper()
+	d, err := f.DomainLookupByName(name)
+	require.NoError(t, err)
+	return d
+}
