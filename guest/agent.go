@@ -55,9 +55,11 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // the script, which carries the job's secrets, and the output files (the host still
 // holds them open) when bash ends. The agent's own PATH may lack /usr/local/bin (as
 // under a minimal init); the script gets it, as over ssh or from systemd, for the
-// gitlab-runner helper.
+// gitlab-runner helper, and the helper's own directory first.
 const runWrapper = `exec >>"$2" 2>>"$3" </dev/null
-case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH; export PATH ;; esac
+case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH ;; esac
+if [ -d ` + HelperDir + ` ]; then PATH=` + HelperDir + `:$PATH; fi
+export PATH
 run='bash "$1"; rc=$?; rm -f "$1" "$2" "$3"; exit $rc'
 if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$run" gci-job "$@"; fi
 exec /bin/sh -c "$run" gci-job "$@"`
@@ -195,7 +197,10 @@ func (a *Agent) execWait(ctx context.Context, path string, args ...string) (Exit
 	if err != nil {
 		return ExitStatus{}, "", err
 	}
-	for d := pollMin / 4; ; d = min(2*d, pollMax) {
+	// Helper commands take tens to hundreds of milliseconds: poll closely (every 5 to
+	// 40 ms) for their first second, so that prepare does not wait long after one ends.
+	start := time.Now()
+	for d := pollMin / 8; ; {
 		st, err := a.execStatus(ctx, pid)
 		if err != nil {
 			return ExitStatus{}, "", err
@@ -207,6 +212,9 @@ func (a *Agent) execWait(ctx context.Context, path string, args ...string) (Exit
 		}
 		if !Sleep(ctx, d) {
 			return ExitStatus{}, "", fmt.Errorf("wait for %s: %w", path, context.Cause(ctx))
+		}
+		if d = min(d*3/2, pollMin); time.Since(start) > time.Second {
+			d = pollMax
 		}
 	}
 }
@@ -417,34 +425,58 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// sshSetup runs in the guest as `sh -c sshSetup gci USER AUTHORIZED_KEY MAC ADDR`: it
-// brings up the NIC with the MAC address MAC with the address ADDR (whatever the guest's
-// own network configuration did with it: most configure only their first NIC), authorizes
-// the instance's client key for USER, replaces the host keys cloned from the template by
-// a fresh Ed25519 key, has a running sshd reload, and prints the new host public key.
-const sshSetup = `set -e
-user=$1 key=$2 mac=$3 addr=$4
-ipcmd=ip
-command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
-dev=
-for d in /sys/class/net/*; do
-  if [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ]; then dev=${d##*/}; fi
-done
-[ -n "$dev" ] || { echo "no network interface with the MAC address $mac in the guest" >&2; exit 4; }
-$ipcmd link set dev "$dev" up
-$ipcmd addr replace "$addr" dev "$dev"
-home=$(getent passwd "$user" | cut -d: -f6)
-[ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
-umask 077
-mkdir -p "$home/.ssh"
-printf '%s\n' "$key" >>"$home/.ssh/authorized_keys"
-chown "$user:$(id -gn "$user")" "$home/.ssh" "$home/.ssh/authorized_keys"
-chmod 700 "$home/.ssh"
-chmod 600 "$home/.ssh/authorized_keys"
-rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
-ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key
-` + sshdReload + `
-cat /etc/ssh/ssh_host_ed25519_key.pub`
+// guestSetup runs in the guest as `sh -c guestSetup gci MAC ADDR SERIAL DIR NAME USER
+// KEY`, each part only where its arguments are given, in one command (each command
+// through the agent costs a round trip, and each program it starts a fork and exec,
+// which under software emulation take tens of milliseconds):
+//   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
+//     guest's own network configuration did with it (most configure only their first);
+//   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
+//     /usr/local/bin;
+//   - it authorizes the instance's client key KEY for USER, replaces the host keys cloned
+//     from the template by a fresh Ed25519 key, has a running sshd reload, and prints
+//     the new host public key.
+const guestSetup = `set -e
+mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7
+if [ -n "$mac" ]; then
+  ipcmd=ip
+  command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
+  dev=
+  for d in /sys/class/net/*; do
+    a=; read -r a <"$d/address" 2>/dev/null || true
+    if [ "$a" = "$mac" ]; then dev=${d##*/}; fi
+  done
+  [ -n "$dev" ] || { echo "no network interface with the MAC address $mac in the guest" >&2; exit 4; }
+  $ipcmd link set dev "$dev" up
+  $ipcmd addr replace "$addr" dev "$dev"
+fi
+if [ -n "$serial" ]; then
+  dev=
+  for b in /sys/block/*; do
+    sn=; read -r sn <"$b/serial" 2>/dev/null || true
+    if [ "$sn" = "$serial" ]; then dev=/dev/${b##*/}; fi
+  done
+  [ -n "$dev" ] || { echo "no disk with the serial $serial in the guest" >&2; exit 4; }
+  mount -t ext4 -o ro,X-mount.mkdir "$dev" "$dir" 2>/dev/null || { mkdir -p "$dir" && mount -t ext4 -o ro "$dev" "$dir"; }
+  # The link, for whatever runs outside the stages, after this command has ended: each
+  # program started costs a tenth of a second under emulation. The stages have $dir
+  # on their PATH meanwhile (runWrapper; over ssh, sshd is not ready before it is done).
+  { [ -d /usr/local/bin ] || mkdir -p /usr/local/bin; ln -sf "$dir/$name" "/usr/local/bin/$name"; } </dev/null >/dev/null 2>&1 &
+fi
+if [ -n "$user" ]; then
+  home=$(getent passwd "$user" | cut -d: -f6)
+  [ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
+  umask 077
+  mkdir -p "$home/.ssh"
+  printf '%s\n' "$key" >>"$home/.ssh/authorized_keys"
+  chown "$user:$(id -gn "$user")" "$home/.ssh" "$home/.ssh/authorized_keys"
+  chmod 700 "$home/.ssh"
+  chmod 600 "$home/.ssh/authorized_keys"
+  rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+  ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key
+  ` + sshdReload + `
+  cat /etc/ssh/ssh_host_ed25519_key.pub
+fi`
 
 // sshdReload has a running sshd (re-exec and) load its host keys again.
 const sshdReload = `if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true; fi`
@@ -455,52 +487,59 @@ type NIC struct {
 	Addr string // CIDR, such as 10.213.213.15/24
 }
 
-// SetupSSH configures nic, installs authorizedKey for user, gives the guest a host key of
-// its own and returns it; read through the agent, a trusted path, it is the key to pin.
-func (a *Agent) SetupSSH(ctx context.Context, nic NIC, user, authorizedKey string) (ssh.PublicKey, error) {
-	st, out, err := a.execWait(ctx, "/bin/sh", "-c", sshSetup, "gci", user, authorizedKey, nic.MAC, nic.Addr)
+// Helper is a program on a read-only disk, found in the guest by the disk's serial,
+// mounted on Dir, and put on the PATH (/usr/local/bin).
+type Helper struct {
+	Serial, Dir, Name string
+}
+
+// SSHAccess is what the ssh transport needs in the guest: AuthorizedKey for User, and a
+// host key of the instance's own.
+type SSHAccess struct {
+	User, AuthorizedKey string
+}
+
+// Setup is what prepare does in a fresh clone through the agent, before any job code
+// runs; nil parts are left out.
+type Setup struct {
+	NIC    *NIC
+	Helper *Helper
+	SSH    *SSHAccess
+}
+
+// Setup sets the guest up, in one command. With SSH it returns the guest's new host
+// key: read through the agent, a trusted path, it is the key to pin.
+func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
+	args := make([]string, 7)
+	if s.NIC != nil {
+		args[0], args[1] = s.NIC.MAC, s.NIC.Addr
+	}
+	if s.Helper != nil {
+		args[2], args[3], args[4] = s.Helper.Serial, s.Helper.Dir, s.Helper.Name
+	}
+	if s.SSH != nil {
+		args[5], args[6] = s.SSH.User, s.SSH.AuthorizedKey
+	}
+	st, out, err := a.execWait(ctx, "/bin/sh", append([]string{"-c", guestSetup, "gci"}, args...)...)
 	if err != nil {
-		return nil, fmt.Errorf("set up ssh in the guest: %w", err)
+		return nil, fmt.Errorf("set up the guest: %w", err)
 	}
 	if st.Code != 0 || st.Signal != 0 {
-		return nil, fmt.Errorf("set up ssh in the guest: %s: %s", st, strings.TrimSpace(out))
+		return nil, fmt.Errorf("set up the guest: %s: %s", st, strings.TrimSpace(out))
+	}
+	if s.SSH == nil {
+		return nil, nil
 	}
 	for _, line := range strings.Split(out, "\n") {
 		if key, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line)); err == nil {
 			return key, nil
 		}
 	}
-	return nil, fmt.Errorf("set up ssh in the guest: no host key in the output %q", out)
+	return nil, fmt.Errorf("set up the guest: no host key in the output %q", out)
 }
 
 // ReloadSSHD has the guest's sshd load its host keys again.
 func (a *Agent) ReloadSSHD(ctx context.Context) error {
 	_, _, err := a.execWait(ctx, "/bin/sh", "-c", sshdReload)
 	return err
-}
-
-// mountHelper runs in the guest as `sh -c mountHelper gci SERIAL DIR NAME`: it mounts the
-// read-only disk whose serial is SERIAL on DIR and links DIR/NAME into /usr/local/bin.
-const mountHelper = `set -e
-serial=$1 dir=$2 name=$3
-dev=
-for b in /sys/block/*; do
-  if [ "$(cat "$b/serial" 2>/dev/null)" = "$serial" ]; then dev=/dev/${b##*/}; fi
-done
-[ -n "$dev" ] || { echo "no disk with the serial $serial in the guest" >&2; exit 4; }
-mkdir -p "$dir" /usr/local/bin
-mount -t ext4 -o ro "$dev" "$dir"
-ln -sf "$dir/$name" "/usr/local/bin/$name"`
-
-// MountHelper mounts the read-only disk with the given serial on dir in the guest, and
-// puts the program name on it on the PATH (/usr/local/bin).
-func (a *Agent) MountHelper(ctx context.Context, serial, dir, name string) error {
-	st, out, err := a.execWait(ctx, "/bin/sh", "-c", mountHelper, "gci", serial, dir, name)
-	if err != nil {
-		return fmt.Errorf("mount %s in the guest: %w", name, err)
-	}
-	if st.Code != 0 || st.Signal != 0 {
-		return fmt.Errorf("mount %s in the guest: %s: %s", name, st, strings.TrimSpace(out))
-	}
-	return nil
 }

@@ -37,6 +37,9 @@ func (s ExitStatus) String() string {
 // it runs: root-only, because scripts carry the job's secrets.
 const Dir = "/run/libvirt-gci"
 
+// HelperDir is where prepare mounts the gitlab-runner helper's disk in the guest.
+const HelperDir = "/run/libvirt-gci-runner"
+
 // ErrNotReady: the guest did not become ready in time.
 var ErrNotReady = errors.New("guest not ready")
 

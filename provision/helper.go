@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
 )
 
 // The gitlab-runner helper: the runner's own binary, given to every instance read-only
@@ -25,7 +27,7 @@ import (
 // the guest mounts it.
 const (
 	HelperSerial = "gci-runner"
-	HelperDir    = "/run/libvirt-gci-runner"
+	HelperDir    = guest.HelperDir
 )
 
 // helperVolume returns the volume that holds the helper binary at path, building it first
@@ -86,7 +88,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 		return "", fmt.Errorf("gitlab-runner helper: mark %s whole: %w", name, err)
 	}
 	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
-		"volume", name, "ms", time.Since(start).Milliseconds())
+		"volume", name, "helper_build_ms", time.Since(start).Milliseconds())
 	return name, nil
 }
 

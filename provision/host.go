@@ -261,25 +261,46 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		return err
 	}
 	agentReady := time.Since(bootStart)
+	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds())
+
+	// What the guest needs before a stage runs, through the agent, in one command.
+	setupStart := time.Now()
+	var setup guest.Setup
 	if req.helper != "" {
-		start := time.Now()
-		if err := agent.MountHelper(bctx, HelperSerial, HelperDir, "gitlab-runner"); err != nil {
+		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
+	}
+	var access sshAccess
+	if req.Transport == TransportSSH {
+		if access, err = h.sshAccess(conn, req.Name); err != nil {
 			return err
 		}
-		h.Log.Info(fmt.Sprintf("gitlab-runner helper on the guest's PATH in %d ms", time.Since(start).Milliseconds()), "helper_ms", time.Since(start).Milliseconds())
+		setup.NIC = &guest.NIC{MAC: req.mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
+		setup.SSH = &guest.SSHAccess{User: h.SSHUser, AuthorizedKey: guest.AuthorizedKey(access.key.PublicKey(), "libvirt-gci@"+req.Name)}
 	}
-	if req.Transport != TransportSSH {
-		h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s; prepared %s in %.1f s", agentReady.Seconds(), req.Name, time.Since(begin).Seconds()),
-			"agent_ready_ms", agentReady.Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
+	if setup == (guest.Setup{}) {
+		h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
 		return nil
 	}
-	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds())
-	sshStart := time.Now()
-	if err := h.setupSSH(bctx, conn, agent, req.Name, req.mac); err != nil {
+	hostKey, err := agent.Setup(bctx, setup)
+	if err != nil {
 		return err
 	}
-	h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more; prepared %s in %.1f s", time.Since(sshStart).Seconds(), req.Name, time.Since(begin).Seconds()),
-		"ssh_ready_ms", time.Since(sshStart).Milliseconds(), "prepare_ms", time.Since(begin).Milliseconds())
+	var did []string
+	if setup.Helper != nil {
+		did = append(did, "gitlab-runner helper on its PATH")
+	}
+	if setup.SSH != nil {
+		did = append(did, "its NIC, user key and host key for ssh")
+	}
+	h.Log.Info(fmt.Sprintf("set up the guest (%s) in %d ms", strings.Join(did, "; "), time.Since(setupStart).Milliseconds()), "setup_ms", time.Since(setupStart).Milliseconds())
+	if setup.SSH != nil {
+		sshStart := time.Now()
+		if err := h.finishSSH(bctx, conn, agent, access, hostKey); err != nil {
+			return err
+		}
+		h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more", time.Since(sshStart).Seconds()), "ssh_ready_ms", time.Since(sshStart).Milliseconds())
+	}
+	h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
 	return nil
 }
 

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -14,34 +13,40 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/guest"
 )
 
-// setupSSH makes the instance reachable over SSH: it configures the NIC with the MAC
-// address mac in the guest, authorizes the instance's own client key, gives the guest a
-// fresh host key and pins it, records the forwarded port in the metadata, and waits for
-// an authenticated session.
-func (h *Host) setupSSH(ctx context.Context, conn *Conn, agent *guest.Agent, name, mac string) error {
+// sshAccess is what the guest needs for the ssh transport of the instance name: the
+// forwarded port, the instance's own client key, and the NIC (with the MAC address mac)
+// to configure.
+type sshAccess struct {
+	inst Instance
+	port int
+	key  ssh.Signer
+}
+
+func (h *Host) sshAccess(conn *Conn, name string) (sshAccess, error) {
 	inst, err := conn.Lookup(name)
 	if err != nil {
-		return err
+		return sshAccess{}, err
 	}
 	port, err := conn.ForwardedPort(name, 22)
 	if err != nil {
-		return err
+		return sshAccess{}, err
 	}
 	key, err := h.clientKey(inst, true)
 	if err != nil {
+		return sshAccess{}, err
+	}
+	return sshAccess{inst, port, key}, nil
+}
+
+// finishSSH pins the guest's new host key and records the forwarded port in the
+// metadata, and waits for an authenticated session.
+func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey) error {
+	m := a.inst.Metadata
+	m.SSH = &SSH{Host: "127.0.0.1", Port: a.port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, a.inst.Name)}
+	if err := conn.SetMetadata(a.inst.Name, m); err != nil {
 		return err
 	}
-	nic := guest.NIC{MAC: mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
-	hostKey, err := agent.SetupSSH(ctx, nic, h.SSHUser, guest.AuthorizedKey(key.PublicKey(), "libvirt-gci@"+name))
-	if err != nil {
-		return err
-	}
-	m := inst.Metadata
-	m.SSH = &SSH{Host: "127.0.0.1", Port: port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, name)}
-	if err := conn.SetMetadata(name, m); err != nil {
-		return err
-	}
-	s, err := sshTransport(m.SSH, key)
+	s, err := sshTransport(m.SSH, a.key)
 	if err != nil {
 		return err
 	}

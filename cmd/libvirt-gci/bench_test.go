@@ -5,10 +5,14 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/digitalocean/go-libvirt"
 )
 
 var (
@@ -44,7 +48,7 @@ func fields(stderr string) map[string]float64 {
 
 func benchmarkPrepare(b *testing.B, j *gitlabJob) {
 	j.env["LIBVIRT_GCI_LOG_FORMAT"] = "json" // the fields, not the prose
-	var define, clone, start, agent, ssh, total time.Duration
+	var define, clone, start, agent, helper, ssh, total time.Duration
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
 		r := j.stage("prepare")
@@ -62,6 +66,7 @@ func benchmarkPrepare(b *testing.B, j *gitlabJob) {
 		clone += ms("clone_ms")
 		start += ms("start_ms")
 		agent += ms("agent_ready_ms")
+		helper += ms("setup_ms")
 		ssh += ms("ssh_ready_ms")
 		if r := j.stage("cleanup"); r.code != 0 {
 			b.Fatalf("cleanup: %s", r.stderr)
@@ -73,10 +78,50 @@ func benchmarkPrepare(b *testing.B, j *gitlabJob) {
 	b.ReportMetric(float64(clone.Milliseconds())/n, "overlay-ms")
 	b.ReportMetric(float64(start.Milliseconds())/n, "start-ms")
 	b.ReportMetric(float64(agent.Milliseconds())/n, "agent-ready-ms")
+	if helper > 0 {
+		b.ReportMetric(float64(helper.Milliseconds())/n, "then-setup-ms")
+	}
 	if ssh > 0 {
 		b.ReportMetric(float64(ssh.Milliseconds())/n, "then-ssh-ready-ms")
 	}
 	b.ReportMetric(float64(total.Milliseconds())/n, "prepare-ms")
+}
+
+// Prepare with the gitlab-runner helper: a copy of the runner binary (a binary of its
+// own: its helper disk is built first, once, and measured apart), then prepares that
+// mount it.
+func BenchmarkPrepareWithHelper(b *testing.B) {
+	perTransport(b, func(b *testing.B, j *gitlabJob) {
+		src, err := os.ReadFile(gitlabRunnerBin(b))
+		if err != nil {
+			b.Fatal(err)
+		}
+		bin := filepath.Join(b.TempDir(), "gitlab-runner")
+		if err := os.WriteFile(bin, src, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		j.env["LIBVIRT_GCI_RUNNER_BINARY"] = bin
+		j.env["LIBVIRT_GCI_LOG_FORMAT"] = "json"
+		r := j.stage("prepare")
+		if r.code != 0 {
+			b.Fatalf("prepare: %s", r.stderr)
+		}
+		j.stage("cleanup")
+		var built float64
+		for _, line := range strings.Split(r.stderr, "\n") {
+			var rec struct {
+				Volume string  `json:"volume"`
+				Ms     float64 `json:"helper_build_ms"`
+			}
+			if json.Unmarshal([]byte(line), &rec) == nil && rec.Volume != "" {
+				built = rec.Ms
+				b.Cleanup(func() { deleteVolumes(b, j.l, rec.Volume, rec.Volume+".done") })
+			}
+		}
+		b.ResetTimer()
+		benchmarkPrepare(b, j)
+		b.ReportMetric(built, "helper-disk-built-once-ms")
+	})
 }
 
 // The per-stage overhead: run with an empty script.
@@ -189,5 +234,21 @@ func benchmarkRunnerTrivialJob(b *testing.B, transport string) {
 	}
 	for _, name := range order {
 		b.ReportMetric(float64(phases[name].Milliseconds())/float64(b.N), name+"-ms")
+	}
+}
+
+// deleteVolumes removes the named volumes of the test pool, if there.
+func deleteVolumes(tb testing.TB, l *libvirt.Libvirt, names ...string) {
+	pool, err := l.StoragePoolLookupByName(testPool)
+	if err != nil {
+		tb.Error(err)
+		return
+	}
+	for _, n := range names {
+		if v, err := l.StorageVolLookupByName(pool, n); err == nil {
+			if err := l.StorageVolDelete(v, 0); err != nil {
+				tb.Error(err)
+			}
+		}
 	}
 }

@@ -2,6 +2,8 @@ package provisiontest
 
 import (
 	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
+	"golang.org/x/crypto/ssh"
 	"libvirt.org/go/libvirtxml"
 )
 
@@ -39,6 +42,7 @@ type Job struct {
 	out, err       string // its output files
 	done, killed   chan struct{}
 	code, signal   int
+	outData        string // what a captured helper command printed
 }
 
 // Stdout appends s to the job's standard output, where the host reads it.
@@ -250,13 +254,25 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				close(p.done)
 			}()
 			return ret(map[string]any{"pid": pid})
-		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], "/sys/block"): // mount the disk with serial $1 on $2
-			if !hasSerial(fd.xml, a.Arg[3]) {
-				p.code = 4
+		case a.Path == "/bin/sh" && len(a.Arg) == 10 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
+			mac, serial, dir, name, user := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8]
+			if mac != "" && !strings.Contains(fd.xml, "mac="+mac) {
+				p.code, p.outData = 4, "no network interface with the MAC address "+mac+" in the guest\n"
 				break
 			}
-			g.dirs[a.Arg[4]] = true
-			g.files[a.Arg[4]+"/"+a.Arg[5]] = &bytes.Buffer{}
+			if serial != "" {
+				if !hasSerial(fd.xml, serial) {
+					p.code, p.outData = 4, "no disk with the serial "+serial+" in the guest\n"
+					break
+				}
+				g.dirs[dir] = true
+				g.files[dir+"/"+name] = &bytes.Buffer{}
+			}
+			if user != "" {
+				pub, _, _ := ed25519.GenerateKey(rand.Reader)
+				k, _ := ssh.NewPublicKey(pub)
+				p.outData = string(ssh.MarshalAuthorizedKey(k))
+			}
 		case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 			g.dirs[a.Arg[2]] = true
 		case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
@@ -292,7 +308,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 			if p.signal != 0 {
 				return ret(map[string]any{"exited": true, "signal": p.signal})
 			}
-			return ret(map[string]any{"exited": true, "exitcode": p.code})
+			return ret(map[string]any{"exited": true, "exitcode": p.code, "out-data": base64.StdEncoding.EncodeToString([]byte(p.outData))})
 		default:
 			return ret(map[string]any{"exited": false})
 		}
