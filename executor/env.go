@@ -35,6 +35,7 @@ type Settings struct {
 	MaxDisk         uint64        // bytes
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
 	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
+	CacheDir        string        // host directory of the projects' caches; "": none
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }

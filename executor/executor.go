@@ -4,6 +4,8 @@ package executor
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -54,12 +57,32 @@ func (e *Executor) host() *provision.Host {
 	}
 }
 
+var digits = regexp.MustCompile(`^[0-9]{1,20}$`)
+
+// projectCache is the project's own cache directory under root (LIBVIRT_GCI_CACHE_DIR),
+// made if missing: named by the project's id and its GitLab instance, as the runner's job
+// response says (never by a job variable), so that no project reaches another's.
+func projectCache(root string, o provision.Owner) (string, error) {
+	if !digits.MatchString(o.ProjectID) {
+		return "", fmt.Errorf("project id %q in the job response is not a number; no cache directory for it", o.ProjectID)
+	}
+	sum := sha256.Sum256([]byte(o.Server))
+	dir := filepath.Join(root, "project-"+o.ProjectID+"-"+hex.EncodeToString(sum[:4]))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("cache directory: %w", err)
+	}
+	return dir, nil
+}
+
 // helper is the gitlab-runner binary to give the instance (LIBVIRT_GCI_RUNNER_BINARY),
 // or "". By default it is the runner that drives the job: the process that started this
 // stage, if it is a gitlab-runner; by hand, none.
 func (e *Executor) helper(t Target) string {
 	switch e.Settings.RunnerBinary {
 	case "none":
+		if !t.ByHand {
+			e.Log.Info("the guest gets no gitlab-runner (LIBVIRT_GCI_RUNNER_BINARY=none): the artifact and cache stages need one in the template")
+		}
 		return ""
 	case "auto":
 		if t.ByHand {
@@ -142,6 +165,13 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	}
 	if !t.ByHand {
 		req.Runner = provision.RunnerOf(os.Getppid()) // GitLab Runner, for gc
+	}
+	if e.Settings.CacheDir != "" && !t.ByHand {
+		dir, err := projectCache(e.Settings.CacheDir, t.Owner)
+		if err != nil {
+			return err
+		}
+		req.Cache, req.CacheMount = dir, CacheDir
 	}
 	h := e.host()
 	h.Helper = e.helper(t)

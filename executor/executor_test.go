@@ -260,3 +260,28 @@ func TestTargetMine(t *testing.T) {
 	}
 	assert.NoError(t, Target{Name: "x", ByHand: true}.mine(provision.Metadata{Owner: owner("2", "")}), "the operator may act on any")
 }
+
+// Each project's cache directory is its own: by project id and GitLab instance, from the
+// job response; an id that is not a number gets none.
+func TestProjectCache(t *testing.T) {
+	t.Parallel()
+	root := t.TempDir()
+	a, err := projectCache(root, provision.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "1"})
+	require.NoError(t, err)
+	again, err := projectCache(root, provision.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "2", Project: "renamed"})
+	require.NoError(t, err)
+	assert.Equal(t, a, again, "the same project, whatever the job")
+	for _, o := range []provision.Owner{{Server: "https://gitlab.example.com", ProjectID: "43"}, {Server: "https://other.example.com", ProjectID: "42"}} {
+		b, err := projectCache(root, o)
+		require.NoError(t, err)
+		assert.NotEqual(t, a, b, "%+v", o)
+	}
+	fi, err := os.Stat(a)
+	require.NoError(t, err)
+	assert.True(t, fi.IsDir())
+	assert.Equal(t, filepath.Dir(a), root)
+	for _, bad := range []string{"../42", "", "4 2", "42/.."} {
+		_, err := projectCache(root, provision.Owner{ProjectID: bad})
+		assert.ErrorContains(t, err, "is not a number", bad)
+	}
+}

@@ -149,6 +149,14 @@ var SettingList = []Setting{
 			s.RunnerBinary = v
 			return nil
 		}},
+	{Flag: "cache-dir", Help: "host directory of job caches: each project's own subdirectory is its VMs' /cache (virtiofs); none: caches die with the VM",
+		set: func(s *Settings, v string) error {
+			if v != "" && !filepath.IsAbs(v) {
+				return fmt.Errorf("want an absolute path")
+			}
+			s.CacheDir = v
+			return nil
+		}},
 	{Flag: "log-format", Default: "text", Help: "the tool's own lines on stderr: text (short lines), or json (slog records with their fields)",
 		set: func(s *Settings, v string) error {
 			if v != "text" && v != "json" {

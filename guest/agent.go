@@ -426,18 +426,22 @@ func randomID() string {
 }
 
 // guestSetup runs in the guest as `sh -c guestSetup gci MAC ADDR SERIAL DIR NAME USER
-// KEY`, each part only where its arguments are given, in one command (each command
+// KEY TAG MOUNT`, each part only where its arguments are given, in one command (each command
 // through the agent costs a round trip, and each program it starts a fork and exec,
 // which under software emulation take tens of milliseconds):
 //   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
 //     guest's own network configuration did with it (most configure only their first);
 //   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
 //     /usr/local/bin;
+//   - it mounts the virtiofs share TAG on MOUNT;
 //   - it authorizes the instance's client key KEY for USER, replaces the host keys cloned
 //     from the template by a fresh Ed25519 key, has a running sshd reload, and prints
 //     the new host public key.
 const guestSetup = `set -e
-mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7
+mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9
+if [ -n "$tag" ]; then
+  mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
+fi
 if [ -n "$mac" ]; then
   ipcmd=ip
   command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
@@ -504,13 +508,19 @@ type SSHAccess struct {
 type Setup struct {
 	NIC    *NIC
 	Helper *Helper
+	Share  *Share
 	SSH    *SSHAccess
+}
+
+// Share is a virtiofs share, mounted by its tag on Dir.
+type Share struct {
+	Tag, Dir string
 }
 
 // Setup sets the guest up, in one command. With SSH it returns the guest's new host
 // key: read through the agent, a trusted path, it is the key to pin.
 func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
-	args := make([]string, 7)
+	args := make([]string, 9)
 	if s.NIC != nil {
 		args[0], args[1] = s.NIC.MAC, s.NIC.Addr
 	}
@@ -519,6 +529,9 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	}
 	if s.SSH != nil {
 		args[5], args[6] = s.SSH.User, s.SSH.AuthorizedKey
+	}
+	if s.Share != nil {
+		args[7], args[8] = s.Share.Tag, s.Share.Dir
 	}
 	st, out, err := a.execWait(ctx, "/bin/sh", append([]string{"-c", guestSetup, "gci"}, args...)...)
 	if err != nil {

@@ -17,7 +17,7 @@ size=${SIZE:-2G}
 packages=qemu-guest-agent,openssh-server,busybox-static
 # Modules the initrd loads, in order, with their dependencies; whatever the kernel has
 # built in is skipped.
-modules="virtio_pci virtio_blk virtio_console virtio_net crc32c_generic ext4"
+modules="virtio_pci virtio_blk virtio_console virtio_net crc32c_generic ext4 virtiofs"
 
 for tool in mmdebstrap mkfs.ext4 qemu-img cpio depmod modprobe dpkg-deb apt-get busybox; do
   command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (run scripts/testenv.sh setup)" >&2; exit 1; }

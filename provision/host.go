@@ -15,6 +15,9 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
+// CacheTag is the virtiofs tag of the cache share.
+const CacheTag = "gci-cache"
+
 // Transports: how stages reach an instance's guest.
 const (
 	TransportAgent = "agent"
@@ -103,6 +106,9 @@ type Request struct {
 	Replace   func(Metadata) error
 	Size      Size
 	Transport string // TransportAgent or TransportSSH
+	// Cache is a host directory the guest gets, writable, at CacheMount (the job's cache
+	// directory); "" for none.
+	Cache, CacheMount string
 
 	mac    string // of the ssh NIC
 	helper string // the helper's volume
@@ -269,6 +275,9 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 	if req.helper != "" {
 		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
 	}
+	if req.Cache != "" {
+		setup.Share = &guest.Share{Tag: CacheTag, Dir: req.CacheMount}
+	}
 	var access sshAccess
 	if req.Transport == TransportSSH {
 		if access, err = h.sshAccess(conn, req.Name); err != nil {
@@ -288,6 +297,9 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 	var did []string
 	if setup.Helper != nil {
 		did = append(did, "gitlab-runner helper on its PATH")
+	}
+	if setup.Share != nil {
+		did = append(did, fmt.Sprintf("cache %s at %s over virtiofs", req.Cache, req.CacheMount))
 	}
 	if setup.SSH != nil {
 		did = append(did, "its NIC, user key and host key for ssh")
@@ -353,6 +365,9 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spe
 	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024}
 	if req.helper != "" {
 		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: req.helper, Serial: HelperSerial}}
+	}
+	if req.Cache != "" {
+		inst.Shares = []template.Share{{Source: req.Cache, Tag: CacheTag}}
 	}
 	if req.Transport == TransportSSH {
 		slot, err := tmpl.FreePCISlot()

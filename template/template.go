@@ -101,6 +101,14 @@ type Instance struct {
 	// ReadOnly are disks the instance gets besides the template's: raw, read-only,
 	// shared by instances.
 	ReadOnly []ReadOnlyDisk
+	// Shares are host directories the instance gets (virtiofs), writable.
+	Shares []Share
+}
+
+// Share is a host directory shared with the guest over virtiofs, which the guest mounts
+// by its tag.
+type Share struct {
+	Source, Tag string
 }
 
 // ReadOnlyDisk is a raw storage volume an instance reads, found in the guest by its
@@ -237,6 +245,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 	if err := addReadOnly(&dom, inst.ReadOnly); err != nil {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
+	if err := addShares(&dom, inst.Shares); err != nil {
+		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
+	}
 	if len(inst.QEMUArgs) > 0 {
 		if dom.QEMUCommandline == nil {
 			dom.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
@@ -282,6 +293,36 @@ func addReadOnly(dom *libvirtxml.Domain, disks []ReadOnlyDisk) error {
 			Target:   &libvirtxml.DomainDiskTarget{Dev: dev, Bus: "virtio"},
 			ReadOnly: &libvirtxml.DomainDiskReadOnly{},
 			Serial:   rd.Serial,
+		})
+	}
+	return nil
+}
+
+// addShares shares the directories over virtiofs, whose daemon needs the guest's memory
+// shared (memfd).
+func addShares(dom *libvirtxml.Domain, shares []Share) error {
+	if len(shares) == 0 {
+		return nil
+	}
+	mb := dom.MemoryBacking
+	if mb != nil && (mb.MemoryHugePages != nil || mb.MemorySource != nil && mb.MemorySource.Type != "memfd") {
+		return errors.New("the template's memory backing (huge pages, or a file) cannot be shared with virtiofs for the cache")
+	}
+	if mb == nil {
+		mb = &libvirtxml.DomainMemoryBacking{}
+		dom.MemoryBacking = mb
+	}
+	mb.MemorySource = &libvirtxml.DomainMemorySource{Type: "memfd"}
+	mb.MemoryAccess = &libvirtxml.DomainMemoryAccess{Mode: "shared"}
+	if dom.Devices == nil {
+		dom.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	for _, sh := range shares {
+		dom.Devices.Filesystems = append(dom.Devices.Filesystems, libvirtxml.DomainFilesystem{
+			AccessMode: "passthrough",
+			Driver:     &libvirtxml.DomainFilesystemDriver{Type: "virtiofs"},
+			Source:     &libvirtxml.DomainFilesystemSource{Mount: &libvirtxml.DomainFilesystemSourceMount{Dir: sh.Source}},
+			Target:     &libvirtxml.DomainFilesystemTarget{Dir: sh.Tag},
 		})
 	}
 	return nil

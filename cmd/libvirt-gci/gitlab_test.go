@@ -84,6 +84,9 @@ type jobSpec struct {
 	AfterScript []string
 	Variables   map[string]string
 	Timeout     int // seconds, the job's timeout (runner_info.timeout)
+	ProjectID   int // 42 unless set
+	Cache       []map[string]any
+	Artifacts   []map[string]any
 }
 
 var jobIDs struct {
@@ -104,11 +107,14 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	if s.Timeout == 0 {
 		s.Timeout = 600
 	}
+	if s.ProjectID == 0 {
+		s.ProjectID = 42
+	}
 	token := "glcbt-" + randomSuffix()
 	vars := []map[string]any{
 		{"key": "CI_JOB_ID", "value": fmt.Sprint(id), "public": true},
 		{"key": "CI_JOB_TOKEN", "value": token, "public": false, "masked": true},
-		{"key": "CI_PROJECT_ID", "value": "42", "public": true},
+		{"key": "CI_PROJECT_ID", "value": fmt.Sprint(s.ProjectID), "public": true},
 		{"key": "CI_PROJECT_NAME", "value": "hello", "public": true},
 		{"key": "CI_PROJECT_PATH", "value": "group/hello", "public": true},
 		{"key": "CI_SERVER_URL", "value": g.URL(), "public": true},
@@ -124,11 +130,13 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	j := &fakeJob{ID: id, Token: token, done: make(chan struct{}), Payload: map[string]any{
 		"id":          id,
 		"token":       token,
-		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": 42, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
+		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": s.ProjectID, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
 		"git_info":    map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)},
 		"runner_info": map[string]any{"timeout": s.Timeout, "uuid": "fake-runner"},
 		"variables":   vars,
 		"steps":       steps,
+		"cache":       s.Cache,
+		"artifacts":   s.Artifacts,
 		"features": map[string]any{
 			"failure_reasons": []string{"script_failure", "runner_system_failure", "job_execution_timeout", "job_canceled"},
 			"trace_sections":  true,

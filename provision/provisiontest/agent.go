@@ -254,8 +254,15 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				close(p.done)
 			}()
 			return ret(map[string]any{"pid": pid})
-		case a.Path == "/bin/sh" && len(a.Arg) == 10 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
-			mac, serial, dir, name, user := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8]
+		case a.Path == "/bin/sh" && len(a.Arg) == 12 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
+			mac, serial, dir, name, user, tag, mnt := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8], a.Arg[10], a.Arg[11]
+			if tag != "" {
+				if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
+					p.code, p.outData = 32, "mount: "+mnt+": wrong fs type, bad option, bad superblock on "+tag+"\n"
+					break
+				}
+				g.dirs[mnt] = true
+			}
 			if mac != "" && !strings.Contains(fd.xml, "mac="+mac) {
 				p.code, p.outData = 4, "no network interface with the MAC address "+mac+" in the guest\n"
 				break
