@@ -36,6 +36,7 @@ type Settings struct {
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
 	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
 	CacheDir        string        // host directory of the projects' caches; "": none
+	GuestForwards   []string      // HOST:PORT services the guest reaches through ssh
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }
@@ -76,18 +77,31 @@ func (s Settings) Validate() error {
 	}
 	switch s.Transport {
 	case TransportAgent:
+		if len(s.GuestForwards) > 0 {
+			if err := s.checkSSH("LIBVIRT_GCI_GUEST_FORWARDS"); err != nil {
+				return err
+			}
+		}
 	case TransportSSH:
-		if !userRE.MatchString(s.SSHUser) {
-			return fmt.Errorf("LIBVIRT_GCI_SSH_USER %q is invalid; want a user name: 1 to 32 of [a-z0-9_-], starting with a letter or _", s.SSHUser)
-		}
-		if !filepath.IsAbs(s.SecretFile) {
-			return fmt.Errorf("LIBVIRT_GCI_SECRET_FILE %q is invalid; want an absolute path", s.SecretFile)
-		}
-		if u, err := url.Parse(s.URI); err == nil && u.Host != "" && u.Hostname() != "localhost" && u.Hostname() != "127.0.0.1" {
-			return fmt.Errorf("LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the remote libvirt %s (their SSH ports are forwarded on that host's 127.0.0.1, not this one's); use LIBVIRT_GCI_TRANSPORT=agent", s.URI)
+		if err := s.checkSSH("LIBVIRT_GCI_TRANSPORT ssh"); err != nil {
+			return err
 		}
 	default:
 		return fmt.Errorf("LIBVIRT_GCI_TRANSPORT %q is invalid; want agent or ssh", s.Transport)
+	}
+	return nil
+}
+
+// checkSSH checks the settings ssh access to the guests needs (what, for the message).
+func (s Settings) checkSSH(what string) error {
+	if !userRE.MatchString(s.SSHUser) {
+		return fmt.Errorf("LIBVIRT_GCI_SSH_USER %q is invalid; want a user name: 1 to 32 of [a-z0-9_-], starting with a letter or _", s.SSHUser)
+	}
+	if !filepath.IsAbs(s.SecretFile) {
+		return fmt.Errorf("LIBVIRT_GCI_SECRET_FILE %q is invalid; want an absolute path", s.SecretFile)
+	}
+	if u, err := url.Parse(s.URI); err == nil && u.Host != "" && u.Hostname() != "localhost" && u.Hostname() != "127.0.0.1" {
+		return fmt.Errorf("%s cannot reach guests on the remote libvirt %s (their SSH ports are forwarded on that host's 127.0.0.1, not this one's); use LIBVIRT_GCI_TRANSPORT=agent", what, s.URI)
 	}
 	return nil
 }

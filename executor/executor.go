@@ -52,6 +52,7 @@ func (e *Executor) host() *provision.Host {
 		AllowHostAccess: s.AllowHostAccess,
 		SSHUser:         s.SSHUser,
 		SecretFile:      s.SecretFile,
+		Forwards:        s.GuestForwards,
 		Log:             e.Log,
 		Out:             e.Stdout,
 	}

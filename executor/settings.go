@@ -2,6 +2,7 @@ package executor
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -155,6 +156,18 @@ var SettingList = []Setting{
 				return fmt.Errorf("want an absolute path")
 			}
 			s.CacheDir = v
+			return nil
+		}},
+	{Flag: "guest-forwards", Help: "comma-separated HOST:PORT services (your GitLab) the guest reaches at the same address through ssh while a stage runs",
+		set: func(s *Settings, v string) error {
+			s.GuestForwards = nil
+			for _, f := range SplitPatterns(v) {
+				host, port, err := net.SplitHostPort(f)
+				if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 || host == "" || strings.ContainsAny(host, " /") {
+					return fmt.Errorf("%q is not HOST:PORT", f)
+				}
+				s.GuestForwards = append(s.GuestForwards, f)
+			}
 			return nil
 		}},
 	{Flag: "log-format", Default: "text", Help: "the tool's own lines on stderr: text (short lines), or json (slog records with their fields)",

@@ -426,7 +426,7 @@ func randomID() string {
 }
 
 // guestSetup runs in the guest as `sh -c guestSetup gci MAC ADDR SERIAL DIR NAME USER
-// KEY TAG MOUNT`, each part only where its arguments are given, in one command (each command
+// KEY TAG MOUNT HOSTS`, each part only where its arguments are given, in one command (each command
 // through the agent costs a round trip, and each program it starts a fork and exec,
 // which under software emulation take tens of milliseconds):
 //   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
@@ -434,11 +434,13 @@ func randomID() string {
 //   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
 //     /usr/local/bin;
 //   - it mounts the virtiofs share TAG on MOUNT;
+//   - it makes each of the host names HOSTS (space-separated) resolve to 127.0.0.1;
 //   - it authorizes the instance's client key KEY for USER, replaces the host keys cloned
 //     from the template by a fresh Ed25519 key, has a running sshd reload, and prints
 //     the new host public key.
 const guestSetup = `set -e
-mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9
+mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9 hosts=${10}
+for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
 if [ -n "$tag" ]; then
   mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
 fi
@@ -510,6 +512,7 @@ type Setup struct {
 	Helper *Helper
 	Share  *Share
 	SSH    *SSHAccess
+	Hosts  []string // names to resolve to 127.0.0.1 (in /etc/hosts)
 }
 
 // Share is a virtiofs share, mounted by its tag on Dir.
@@ -520,7 +523,7 @@ type Share struct {
 // Setup sets the guest up, in one command. With SSH it returns the guest's new host
 // key: read through the agent, a trusted path, it is the key to pin.
 func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
-	args := make([]string, 9)
+	args := make([]string, 10)
 	if s.NIC != nil {
 		args[0], args[1] = s.NIC.MAC, s.NIC.Addr
 	}
@@ -533,6 +536,7 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	if s.Share != nil {
 		args[7], args[8] = s.Share.Tag, s.Share.Dir
 	}
+	args[9] = strings.Join(s.Hosts, " ")
 	st, out, err := a.execWait(ctx, "/bin/sh", append([]string{"-c", guestSetup, "gci"}, args...)...)
 	if err != nil {
 		return nil, fmt.Errorf("set up the guest: %w", err)

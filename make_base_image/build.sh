@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(realpath -m "${1:?usage: build.sh OUTDIR}")
 suite=${SUITE:-bookworm}
 size=${SIZE:-2G}
-packages=qemu-guest-agent,openssh-server,busybox-static
+packages=qemu-guest-agent,openssh-server,busybox-static,git,ca-certificates
 # Modules the initrd loads, in order, with their dependencies; whatever the kernel has
 # built in is skipped.
 modules="virtio_pci virtio_blk virtio_console virtio_net crc32c_generic ext4 virtiofs"

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 
@@ -60,8 +61,13 @@ type Host struct {
 	// Helper is the gitlab-runner binary every instance gets, read-only on its PATH; ""
 	// for none.
 	Helper string
-	Log    *slog.Logger
-	Out    io.Writer // what gc --dry-run would remove
+	// Forwards are TCP services (host:port) the guest reaches at 127.0.0.1 and the same
+	// port (a host name resolves to 127.0.0.1 in the guest) while a stage runs, through
+	// its SSH connection (guest.Forwards): then every instance gets ssh access, whatever
+	// its transport.
+	Forwards []string
+	Log      *slog.Logger
+	Out      io.Writer // what gc --dry-run would remove
 }
 
 // Connect connects to the hypervisor.
@@ -173,7 +179,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 		}
 	}
 	prepareID := randomHex(8)
-	if req.Transport == TransportSSH {
+	if h.needsSSH(req) {
 		req.mac = sshMAC()
 	}
 	spec, err := h.spec(req, tmpl, prepareID)
@@ -279,14 +285,19 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		setup.Share = &guest.Share{Tag: CacheTag, Dir: req.CacheMount}
 	}
 	var access sshAccess
-	if req.Transport == TransportSSH {
+	if h.needsSSH(req) {
 		if access, err = h.sshAccess(conn, req.Name); err != nil {
 			return err
 		}
 		setup.NIC = &guest.NIC{MAC: req.mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
 		setup.SSH = &guest.SSHAccess{User: h.SSHUser, AuthorizedKey: guest.AuthorizedKey(access.key.PublicKey(), "libvirt-gci@"+req.Name)}
+		for _, f := range h.Forwards {
+			if host, _, err := net.SplitHostPort(f); err == nil && net.ParseIP(host) == nil {
+				setup.Hosts = append(setup.Hosts, host)
+			}
+		}
 	}
-	if setup == (guest.Setup{}) {
+	if setup.NIC == nil && setup.Helper == nil && setup.Share == nil && setup.SSH == nil {
 		h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
 		return nil
 	}
@@ -304,16 +315,25 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 	if setup.SSH != nil {
 		did = append(did, "its NIC, user key and host key for ssh")
 	}
+	if len(h.Forwards) > 0 {
+		did = append(did, "forwards to "+strings.Join(h.Forwards, ", "))
+	}
 	h.Log.Info(fmt.Sprintf("set up the guest (%s) in %d ms", strings.Join(did, "; "), time.Since(setupStart).Milliseconds()), "setup_ms", time.Since(setupStart).Milliseconds())
 	if setup.SSH != nil {
 		sshStart := time.Now()
-		if err := h.finishSSH(bctx, conn, agent, access, hostKey); err != nil {
+		if err := h.finishSSH(bctx, conn, agent, access, hostKey, req.Transport); err != nil {
 			return err
 		}
 		h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more", time.Since(sshStart).Seconds()), "ssh_ready_ms", time.Since(sshStart).Milliseconds())
 	}
 	h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
 	return nil
+}
+
+// needsSSH tells whether the instance gets ssh access: for its transport, or for the
+// forwards.
+func (h *Host) needsSSH(req Request) bool {
+	return req.Transport == TransportSSH || len(h.Forwards) > 0
 }
 
 // bootTimeout bounds a wait of a launch's (for capacity, for the guest) by BootTimeout,
@@ -369,7 +389,7 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spe
 	if req.Cache != "" {
 		inst.Shares = []template.Share{{Source: req.Cache, Tag: CacheTag}}
 	}
-	if req.Transport == TransportSSH {
+	if h.needsSSH(req) {
 		slot, err := tmpl.FreePCISlot()
 		if err != nil {
 			return spec, err

@@ -24,7 +24,10 @@ type Metadata struct {
 	Runner    *Runner  `xml:"runner,omitempty"`     // the process that ran prepare, for gc
 	FailedAt  string   `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
 	KeepUntil string   `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
-	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH
+	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH, or its forwards are
+	// Transport is how stages reach the guest: TransportAgent, TransportSSH, or "" (the
+	// agent, or ssh where SSH is set: instances made before this field).
+	Transport string `xml:"transport,omitempty"`
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or

@@ -40,9 +40,10 @@ func (h *Host) sshAccess(conn *Conn, name string) (sshAccess, error) {
 
 // finishSSH pins the guest's new host key and records the forwarded port in the
 // metadata, and waits for an authenticated session.
-func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey) error {
+func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey, transport string) error {
 	m := a.inst.Metadata
 	m.SSH = &SSH{Host: "127.0.0.1", Port: a.port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, a.inst.Name)}
+	m.Transport = transport
 	if err := conn.SetMetadata(a.inst.Name, m); err != nil {
 		return err
 	}
@@ -83,6 +84,8 @@ type Session struct {
 	Transport string // TransportAgent or TransportSSH
 	conn      *Conn
 	tr        guest.Transport
+	ssh       *guest.SSH // where the instance has ssh access: for the forwards
+	forwards  []string
 	cancel    context.CancelFunc
 }
 
@@ -121,12 +124,18 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 		if err != nil {
 			return nil, err
 		}
-		if s.tr, err = sshTransport(info, key); err != nil {
+		if s.ssh, err = sshTransport(info, key); err != nil {
 			return nil, err
 		}
-		s.Transport = TransportSSH
-	} else if s.tr, err = guest.NewAgent(conn.API(), name); err != nil {
-		return nil, err
+		s.forwards = h.Forwards
+		if s.Metadata.Transport != TransportAgent {
+			s.tr, s.Transport = s.ssh, TransportSSH
+		}
+	}
+	if s.tr == nil {
+		if s.tr, err = guest.NewAgent(conn.API(), name); err != nil {
+			return nil, err
+		}
 	}
 	return s, nil
 }
@@ -134,6 +143,13 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 // Run runs script in the guest, its output streamed to stdout and stderr. A connection
 // to libvirtd lost meanwhile is ErrLost.
 func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (guest.ExitStatus, error) {
+	if len(s.forwards) > 0 {
+		f, err := s.ssh.Forward(ctx, s.forwards)
+		if err != nil {
+			return guest.ExitStatus{}, err
+		}
+		defer f.Close()
+	}
 	st, err := s.tr.Run(ctx, script, stdout, stderr)
 	if err != nil && s.Transport == TransportAgent && s.conn.IsLost() {
 		err = fmt.Errorf("%w: %v", ErrLost, err) // the agent's calls failed for that

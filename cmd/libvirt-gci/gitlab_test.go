@@ -25,10 +25,12 @@ type fakeGitLab struct {
 	srv         *httptest.Server
 	runnerToken string
 
-	mu       sync.Mutex
-	queue    []*fakeJob
-	jobs     map[int64]*fakeJob
-	problems []string // protocol violations by the runner
+	mu          sync.Mutex
+	queue       []*fakeJob
+	jobs        map[int64]*fakeJob
+	problems    []string // protocol violations by the runner
+	repo        *repo    // the project's repository, once a job fetches it
+	gitRequests int
 }
 
 // fakeJob is one job on the fake GitLab: what the runner is given and what it reported.
@@ -38,6 +40,7 @@ type fakeJob struct {
 	Payload map[string]any
 
 	trace     []byte
+	artifacts []byte // the archive it uploaded
 	updates   []jobUpdate
 	remote    string // Job-Status sent back: "" (running), "canceling" or "canceled"
 	taken     time.Time
@@ -87,6 +90,10 @@ type jobSpec struct {
 	ProjectID   int // 42 unless set
 	Cache       []map[string]any
 	Artifacts   []map[string]any
+	// Fetch clones the project (GIT_STRATEGY fetch) instead of none.
+	Fetch bool
+	// Needs are earlier jobs whose artifacts this one downloads.
+	Needs []*fakeJob
 }
 
 var jobIDs struct {
@@ -118,7 +125,23 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 		{"key": "CI_PROJECT_NAME", "value": "hello", "public": true},
 		{"key": "CI_PROJECT_PATH", "value": "group/hello", "public": true},
 		{"key": "CI_SERVER_URL", "value": g.URL(), "public": true},
-		{"key": "GIT_STRATEGY", "value": "none", "public": true},
+	}
+	gitInfo := map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)}
+	if s.Fetch {
+		rp := g.gitRepo(g.t)
+		vars = append(vars, map[string]any{"key": "GIT_STRATEGY", "value": "fetch", "public": true})
+		gitInfo["sha"], gitInfo["ref_type"], gitInfo["depth"] = rp.sha, "branch", 0
+		gitInfo["refspecs"] = []string{"+refs/heads/*:refs/remotes/origin/*"}
+	} else {
+		vars = append(vars, map[string]any{"key": "GIT_STRATEGY", "value": "none", "public": true})
+	}
+	var deps []map[string]any
+	for _, d := range s.Needs {
+		g.mu.Lock()
+		size := len(d.artifacts)
+		g.mu.Unlock()
+		deps = append(deps, map[string]any{"id": d.ID, "token": d.Token, "name": "build",
+			"artifacts_file": map[string]any{"filename": "artifacts.zip", "size": size}})
 	}
 	for k, v := range s.Variables {
 		vars = append(vars, map[string]any{"key": k, "value": v, "public": true})
@@ -128,15 +151,16 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 		steps = append(steps, map[string]any{"name": "after_script", "script": s.AfterScript, "timeout": s.Timeout, "when": "always"})
 	}
 	j := &fakeJob{ID: id, Token: token, done: make(chan struct{}), Payload: map[string]any{
-		"id":          id,
-		"token":       token,
-		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": s.ProjectID, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
-		"git_info":    map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)},
-		"runner_info": map[string]any{"timeout": s.Timeout, "uuid": "fake-runner"},
-		"variables":   vars,
-		"steps":       steps,
-		"cache":       s.Cache,
-		"artifacts":   s.Artifacts,
+		"id":           id,
+		"token":        token,
+		"job_info":     map[string]any{"name": "test", "stage": "test", "project_id": s.ProjectID, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
+		"git_info":     gitInfo,
+		"runner_info":  map[string]any{"timeout": s.Timeout, "uuid": "fake-runner"},
+		"variables":    vars,
+		"steps":        steps,
+		"cache":        s.Cache,
+		"artifacts":    s.Artifacts,
+		"dependencies": deps,
 		"features": map[string]any{
 			"failure_reasons": []string{"script_failure", "runner_system_failure", "job_execution_timeout", "job_canceled"},
 			"trace_sections":  true,
@@ -170,6 +194,17 @@ var (
 )
 
 func (g *fakeGitLab) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/group/hello.git/"):
+		g.serveGit(w, r)
+		return
+	case r.Method == http.MethodPost && artifactsPath.MatchString(r.URL.Path):
+		g.uploadArtifacts(w, r, artifactsPath.FindStringSubmatch(r.URL.Path)[1])
+		return
+	case r.Method == http.MethodGet && artifactsPath.MatchString(r.URL.Path):
+		g.downloadArtifacts(w, r, artifactsPath.FindStringSubmatch(r.URL.Path)[1])
+		return
+	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)

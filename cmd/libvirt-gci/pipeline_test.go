@@ -4,6 +4,10 @@ package main
 // itself in the guest (caches, artifacts).
 
 import (
+	"archive/zip"
+	"bytes"
+	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -92,4 +96,45 @@ func TestRunnerArtifactsWithoutHelper(t *testing.T) {
 	assert.Equal(t, "success", final.State, trace)
 	assert.Contains(t, trace, "the guest gets no gitlab-runner (LIBVIRT_GCI_RUNNER_BINARY=none)")
 	assert.Contains(t, trace, "Missing gitlab-runner. Uploading artifacts is disabled.")
+}
+
+// A pipeline through the real runner, over either transport: a job clones the project
+// (GIT_STRATEGY fetch: git in the guest, over the fake GitLab's smart HTTP), puts a file
+// of the cloned sources in its artifacts, and the fake GitLab receives exactly that file
+// (artifacts-uploader in the guest, the helper); a second job needs the first and finds
+// the file (artifacts-downloader). The guest reaches the fake GitLab at the runner's own
+// URL, 127.0.0.1:PORT, through LIBVIRT_GCI_GUEST_FORWARDS, and nothing else.
+func TestRunnerPipeline(t *testing.T) { overTransports(t, testRunnerPipeline) }
+
+func testRunnerPipeline(t *testing.T, h *runnerHost) {
+	u, err := url.Parse(h.gl.URL())
+	require.NoError(t, err)
+	h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host)
+	build := h.gl.add(jobSpec{Fetch: true,
+		Script:    []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`},
+		Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
+	})
+	p := h.runSingle(2)
+	final, trace := h.finish(build)
+	require.Equal(t, "success", final.State, trace)
+	assert.Contains(t, trace, "Uploading artifacts")
+	rp := h.gl.gitRepo(t)
+	zr, err := zip.NewReader(bytes.NewReader(h.gl.Artifacts(build)), int64(len(h.gl.Artifacts(build))))
+	require.NoError(t, err, "the artifacts archive:\n%s", trace)
+	var names []string
+	for _, f := range zr.File {
+		names = append(names, f.Name)
+	}
+	require.Equal(t, []string{"out.txt"}, names)
+	rc, err := zr.File[0].Open()
+	require.NoError(t, err)
+	got, _ := io.ReadAll(rc)
+	assert.Equal(t, rp.content, string(got), "the file from the cloned sources")
+
+	test := h.gl.add(jobSpec{Needs: []*fakeJob{build}, Script: []string{`echo "artifact: $(cat out.txt)"`}})
+	final, trace = h.finish(test)
+	p.wait(t, time.Minute)
+	require.Equal(t, "success", final.State, trace)
+	assert.True(t, hasLine(trace, "artifact: "+strings.TrimSpace(rp.content)), trace)
+	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }

@@ -1,0 +1,127 @@
+package guest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+)
+
+// Forwards are TCP services (host:port, as the runner host reaches them) that the guest
+// reaches at 127.0.0.1 and the same port, through the instance's SSH connection while
+// a stage runs: sshd listens on the guest's loopback (a remote forward, as ssh -R does),
+// and each connection to it is dialled from this host. The guest needs no network of
+// its own for them, and reaches nothing else through them.
+type Forwards struct {
+	c       *ssh.Client
+	lns     []net.Listener
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	conns   map[net.Conn]bool
+	stopped bool
+}
+
+// Forward opens the forwards over a connection of its own; Close ends them.
+func (s *SSH) Forward(ctx context.Context, targets []string) (*Forwards, error) {
+	c, err := s.dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("forwards: %w", err)
+	}
+	f := &Forwards{c: c, conns: map[net.Conn]bool{}}
+	for _, t := range targets {
+		_, port, err := net.SplitHostPort(t)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("forward %q: %w", t, err)
+		}
+		if _, err := strconv.Atoi(port); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("forward %q: port %q is not a number", t, port)
+		}
+		ln, err := c.Listen("tcp", net.JoinHostPort("127.0.0.1", port))
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("forward %s: the guest's sshd refused to listen on 127.0.0.1:%s (AllowTcpForwarding? a port below 1024 needs the ssh user to be root): %w", t, port, err)
+		}
+		f.lns = append(f.lns, ln)
+		f.wg.Add(1)
+		go f.serve(ln, t)
+	}
+	return f, nil
+}
+
+func (f *Forwards) serve(ln net.Listener, target string) {
+	defer f.wg.Done()
+	for {
+		in, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if !f.track(in, true) {
+			in.Close()
+			return
+		}
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			defer f.track(in, false)
+			defer in.Close()
+			out, err := net.DialTimeout("tcp", target, 30*time.Second)
+			if err != nil {
+				return // the guest sees the connection closed, as with a refused one
+			}
+			defer out.Close()
+			if !f.track(out, true) {
+				return
+			}
+			defer f.track(out, false)
+			done := make(chan struct{}, 2)
+			go func() { _, _ = io.Copy(out, in); closeWrite(out); done <- struct{}{} }()
+			go func() { _, _ = io.Copy(in, out); closeWrite(in); done <- struct{}{} }()
+			<-done
+			<-done
+		}()
+	}
+}
+
+// closeWrite half-closes c where it can, so that the other side sees the end of the data.
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+func (f *Forwards) track(c net.Conn, add bool) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if add {
+		if f.stopped {
+			return false
+		}
+		f.conns[c] = true
+		return true
+	}
+	delete(f.conns, c)
+	return true
+}
+
+// Close ends the forwards and every connection through them, and waits for them.
+func (f *Forwards) Close() error {
+	f.mu.Lock()
+	f.stopped = true
+	for c := range f.conns {
+		c.Close()
+	}
+	f.mu.Unlock()
+	for _, ln := range f.lns {
+		ln.Close()
+	}
+	err := f.c.Close()
+	f.wg.Wait()
+	return err
+}
