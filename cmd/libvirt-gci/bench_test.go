@@ -5,6 +5,7 @@ package main
 
 import (
 	"encoding/json"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -182,15 +183,40 @@ func BenchmarkCleanup(b *testing.B) {
 // stage; "cleanup" is from the last section's end to the final update.
 func BenchmarkRunnerTrivialJob(b *testing.B) {
 	for _, tr := range transports {
-		b.Run(tr, func(b *testing.B) { benchmarkRunnerTrivialJob(b, tr) })
+		b.Run(tr, func(b *testing.B) {
+			benchmarkRunnerJob(b, tr, nil, func(*runnerHost) jobSpec { return jobSpec{Script: []string{"true"}} })
+		})
 	}
 }
 
-func benchmarkRunnerTrivialJob(b *testing.B, transport string) {
+// A real pipeline's job: it clones the project, restores and saves a cache (in
+// LIBVIRT_GCI_CACHE_DIR), and uploads an artifact, its guest reaching the fake GitLab
+// through the forwards; split by the job log's sections.
+func BenchmarkRunnerPipelineJob(b *testing.B) {
+	for _, tr := range transports {
+		b.Run(tr, func(b *testing.B) {
+			benchmarkRunnerJob(b, tr, func(h *runnerHost) {
+				u, _ := url.Parse(h.gl.URL())
+				h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+b.TempDir())
+			}, func(*runnerHost) jobSpec {
+				return jobSpec{Fetch: true,
+					Script:    []string{`mkdir -p vendor && date >>vendor/log && cp src/greeting.txt out.txt`},
+					Cache:     []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": "pull-push", "when": "on_success"}},
+					Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
+				}
+			})
+		})
+	}
+}
+
+func benchmarkRunnerJob(b *testing.B, transport string, setup func(*runnerHost), spec func(*runnerHost) jobSpec) {
 	h := newRunnerHost(b, transport)
+	if setup != nil {
+		setup(h)
+	}
 	jobs := make([]*fakeJob, b.N)
 	for i := range jobs {
-		jobs[i] = h.gl.add(jobSpec{Script: []string{"true"}})
+		jobs[i] = h.gl.add(spec(h))
 	}
 	b.ResetTimer()
 	p := h.runSingle(b.N)
