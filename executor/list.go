@@ -33,13 +33,10 @@ func (e *Executor) List(ctx context.Context, asJSON bool) error {
 	list := []Listed{}
 	for _, in := range infos {
 		l := Listed{Name: in.Name, State: in.State, Template: in.Metadata.Template, Owner: in.Metadata.Owner,
-			CreatedAt: in.Metadata.CreatedAt, CPUs: in.CPUs, MemoryMiB: in.MemoryKiB / 1024, Transport: TransportAgent,
+			CreatedAt: in.Metadata.CreatedAt, CPUs: in.CPUs, MemoryMiB: in.MemoryKiB / 1024, Transport: in.Metadata.StageTransport(),
 			Volumes: len(in.Metadata.Volumes)}
 		if t, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
 			l.AgeSec = int64(time.Since(t).Seconds())
-		}
-		if in.Metadata.SSH != nil {
-			l.Transport = TransportSSH
 		}
 		list = append(list, l)
 	}

@@ -59,6 +59,15 @@ type SSH struct {
 	HostKey string `xml:"host-key"` // the guest's host public key (authorized_keys format), pinned at prepare
 }
 
+// StageTransport is how stages reach the instance: TransportSSH where its launch set up
+// ssh for them, else TransportAgent (ssh access may be there for the forwards alone).
+func (m Metadata) StageTransport() string {
+	if m.SSH != nil && m.Transport != TransportAgent {
+		return TransportSSH
+	}
+	return TransportAgent
+}
+
 // Volume is a storage volume created for an instance, deleted with it.
 type Volume struct {
 	Pool string `xml:"pool,attr"`

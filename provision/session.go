@@ -128,7 +128,7 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 			return nil, err
 		}
 		s.forwards = h.Forwards
-		if s.Metadata.Transport != TransportAgent {
+		if s.Metadata.StageTransport() == TransportSSH {
 			s.tr, s.Transport = s.ssh, TransportSSH
 		}
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -33,6 +34,16 @@ func TestGuestForwards(t *testing.T) {
 		require.Equal(t, 0, r.code, r.stderr)
 		t.Cleanup(func() { j.stage("cleanup") })
 		assert.Contains(t, r.stderr, "forwards to "+addr)
+		r = j.stage("list", "--json")
+		require.Equal(t, 0, r.code, r.stderr)
+		var list []struct{ Name, Transport string }
+		require.NoError(t, json.Unmarshal([]byte(r.stdout), &list))
+		name := j.instance()
+		for _, in := range list {
+			if in.Name == name {
+				assert.Equal(t, j.transport, in.Transport, "ssh access for the forwards leaves the stages on their transport")
+			}
+		}
 		r = j.run("build_script", fmt.Sprintf(`for i in 1 2 3; do busybox wget -qO- http://%s/try$i; done
 busybox wget -qO- -T 3 http://%s/ 2>/dev/null && echo "reached the other port" || echo "other port blocked"`, addr, other.Addr()))
 		require.Equal(t, 0, r.code, r.stderr)
