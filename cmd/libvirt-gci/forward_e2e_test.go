@@ -16,6 +16,7 @@ import (
 // runner host's loopback at the same address, over either transport, through its ssh
 // connection; a port not listed stays unreachable.
 func TestGuestForwards(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -16,6 +16,7 @@ import (
 // LIBVIRT_GCI_RUNNER_BINARY names the binary: the guest runs that very one, over either
 // transport, on a template with a NIC of its own too; =none gives the guest none.
 func TestHelperOnThePath(t *testing.T) {
+	t.Parallel()
 	bin := gitlabRunnerBin(t)
 	version, err := exec.Command(bin, "--version").Output()
 	require.NoError(t, err)

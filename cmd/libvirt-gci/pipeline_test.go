@@ -21,7 +21,10 @@ import (
 // With LIBVIRT_GCI_CACHE_DIR, a job's cache (saved by gitlab-runner's cache-archiver in
 // the guest, into /cache) is found by the next job of the same project, in another VM,
 // and not by a job of another project, whatever the cache key.
-func TestRunnerCachePerProject(t *testing.T) { overTransports(t, testRunnerCachePerProject) }
+func TestRunnerCachePerProject(t *testing.T) {
+	t.Parallel() // no timings at stake: alongside the other parallel tests
+	overTransports(t, testRunnerCachePerProject)
+}
 
 func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	cacheDir := t.TempDir()
@@ -84,6 +87,7 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 // Without the helper (LIBVIRT_GCI_RUNNER_BINARY=none) and a template without its own
 // gitlab-runner, the job log says why its artifacts are not uploaded.
 func TestRunnerArtifactsWithoutHelper(t *testing.T) {
+	t.Parallel()
 	h := newRunnerHost(t, "agent")
 	h.env = append(h.env, "LIBVIRT_GCI_RUNNER_BINARY=none")
 	j := h.gl.add(jobSpec{
@@ -104,7 +108,10 @@ func TestRunnerArtifactsWithoutHelper(t *testing.T) {
 // (artifacts-uploader in the guest, the helper); a second job needs the first and finds
 // the file (artifacts-downloader). The guest reaches the fake GitLab at the runner's own
 // URL, 127.0.0.1:PORT, through LIBVIRT_GCI_GUEST_FORWARDS, and nothing else.
-func TestRunnerPipeline(t *testing.T) { overTransports(t, testRunnerPipeline) }
+func TestRunnerPipeline(t *testing.T) {
+	t.Parallel()
+	overTransports(t, testRunnerPipeline)
+}
 
 func testRunnerPipeline(t *testing.T, h *runnerHost) {
 	u, err := url.Parse(h.gl.URL())

@@ -80,8 +80,9 @@ type runnerHost struct {
 	env    []string
 }
 
-// overTransports runs f once per transport, each with a runner host of its own. Not in
-// parallel: the timeout tests want the machine's attention.
+// overTransports runs f once per transport, each with a runner host of its own, one
+// after the other. The tests whose timings are at stake (timeouts, cancels, overlapping
+// jobs) are not parallel, and so run first, alone; the others are, after them.
 func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) { f(t, newRunnerHost(t, tr)) })
@@ -196,7 +197,10 @@ func exitCode(u jobUpdate) int {
 	return *u.ExitCode
 }
 
-func TestRunnerJobSucceeds(t *testing.T) { overTransports(t, testRunnerJobSucceeds) }
+func TestRunnerJobSucceeds(t *testing.T) {
+	t.Parallel()
+	overTransports(t, testRunnerJobSucceeds)
+}
 
 func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{
@@ -230,7 +234,10 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	assert.True(t, hasLine(trace, "helper: "+first), "want %q in the guest:\n%s", first, trace)
 }
 
-func TestRunnerScriptFailure(t *testing.T) { overTransports(t, testRunnerScriptFailure) }
+func TestRunnerScriptFailure(t *testing.T) {
+	t.Parallel()
+	overTransports(t, testRunnerScriptFailure)
+}
 
 func testRunnerScriptFailure(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{
@@ -252,7 +259,10 @@ func testRunnerScriptFailure(t *testing.T, h *runnerHost) {
 
 // A template the runner does not allow: prepare fails as a system failure, GitLab Runner
 // tries it three times, and nothing is ever created.
-func TestRunnerDisallowedTemplate(t *testing.T) { overTransports(t, testRunnerDisallowedTemplate) }
+func TestRunnerDisallowedTemplate(t *testing.T) {
+	t.Parallel()
+	overTransports(t, testRunnerDisallowedTemplate)
+}
 
 func testRunnerDisallowedTemplate(t *testing.T, h *runnerHost) {
 	j := h.gl.add(jobSpec{Script: []string{`echo never`}, Variables: map[string]string{"DISTRO": "windows-11"}})
@@ -344,7 +354,7 @@ func TestRunnerCancel(t *testing.T) {
 // `gitlab-runner run` as a service would): both succeed, each in its own VM. The second
 // job claims to be the first (its variables: set the first's CI_JOB_ID and project),
 // which must not get it the first's VM.
-func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobsAtOnce) }
+func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobsAtOnce) } // alone: the jobs must overlap
 
 func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	script := []string{`echo "job $WHO: $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $WHO in $(cat /proc/sys/kernel/random/boot_id)"`}
