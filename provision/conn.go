@@ -44,6 +44,7 @@ type storageAPI interface {
 	StorageVolLookupByPath(path string) (libvirt.StorageVol, error)
 	StorageVolGetInfo(vol libvirt.StorageVol) (rType int8, rCapacity uint64, rAllocation uint64, err error)
 	StorageVolUpload(vol libvirt.StorageVol, r io.Reader, offset, length uint64, flags libvirt.StorageVolUploadFlags) error
+	StoragePoolListAllVolumes(pool libvirt.StoragePool, needResults int32, flags uint32) ([]libvirt.StorageVol, uint32, error)
 }
 
 // API is the part of go-libvirt a Conn uses (*libvirt.Libvirt, or provisiontest's fake).

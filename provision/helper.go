@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -22,6 +24,9 @@ import (
 // caches) always find the very version that drives the job. The disk is a volume in the
 // pool, built once per binary (its device, inode, size and times say which), shared by
 // every instance: prepare only attaches it and mounts it (guest.MountHelper).
+
+// helperPrefix begins the names of the helper volumes.
+const helperPrefix = "libvirt-gci-runner-"
 
 // HelperSerial is the helper disk's serial: how the guest finds it. HelperDir is where
 // the guest mounts it.
@@ -47,7 +52,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	}
 	st := fi.Sys().(*syscall.Stat_t)
 	sum := sha256.Sum256(fmt.Appendf(nil, "%d/%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano()))
-	name := "libvirt-gci-runner-" + hex.EncodeToString(sum[:6]) + ".img"
+	name := helperPrefix + hex.EncodeToString(sum[:6]) + ".img"
 	done := name + ".done" // made once the image is whole
 	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
 	if err != nil {
@@ -89,7 +94,65 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	}
 	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
 		"volume", name, "helper_build_ms", time.Since(start).Milliseconds())
+	// A new binary (an upgraded runner): the disks of the old ones go, where no domain
+	// uses them any more.
+	if n, err := removeOldHelpers(conn, pool, name); err != nil {
+		h.Log.Warn(fmt.Sprintf("removing old gitlab-runner helper disks: %v", err))
+	} else if n > 0 {
+		h.Log.Info(fmt.Sprintf("removed %d old gitlab-runner helper disks", n))
+	}
 	return name, nil
+}
+
+// removeOldHelpers deletes the helper volumes (and their marks) in pool other than keep
+// that no defined domain's XML names. It says how many it deleted.
+func removeOldHelpers(conn *Conn, pool libvirt.StoragePool, keep string) (int, error) {
+	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
+	if err != nil {
+		return 0, fmt.Errorf("list pool %q: %w", pool.Name, err)
+	}
+	var old []libvirt.StorageVol
+	for _, v := range vols {
+		if strings.HasPrefix(v.Name, helperPrefix) && strings.HasSuffix(v.Name, ".img") && v.Name != keep {
+			old = append(old, v)
+		}
+	}
+	if len(old) == 0 {
+		return 0, nil
+	}
+	doms, _, err := conn.api.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return 0, fmt.Errorf("list domains: %w", err)
+	}
+	var xmls []string
+	for _, d := range doms {
+		x, err := conn.api.DomainGetXMLDesc(d, 0)
+		if hasCode(err, libvirt.ErrNoDomain) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("XML of %q: %w", d.Name, err)
+		}
+		xmls = append(xmls, x)
+	}
+	n := 0
+	for _, v := range old {
+		inUse := slices.ContainsFunc(xmls, func(x string) bool { return strings.Contains(x, "'"+v.Name+"'") || strings.Contains(x, `"`+v.Name+`"`) })
+		if inUse {
+			continue
+		}
+		// The mark first: a half-removed disk is rebuilt, never used.
+		if mark, err := conn.api.StorageVolLookupByName(pool, v.Name+".done"); err == nil {
+			if err := conn.api.StorageVolDelete(mark, 0); err != nil {
+				return n, fmt.Errorf("delete %s.done: %w", v.Name, err)
+			}
+		}
+		if err := conn.api.StorageVolDelete(v, 0); err != nil {
+			return n, fmt.Errorf("delete %s: %w", v.Name, err)
+		}
+		n++
+	}
+	return n, nil
 }
 
 // buildHelperImage makes a read-only ext4 image holding bin as gitlab-runner, and returns

@@ -72,11 +72,29 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 		assert.True(t, slices.Contains(f.Guest(name).Files, HelperDir+"/gitlab-runner"), "mounted in the guest: %v", f.Guest(name).Files)
 	}
 
-	// An upgraded binary (another file in its place) gets its own disk.
-	require.NoError(t, os.Remove(bin))
-	require.NoError(t, os.WriteFile(bin, []byte("new runner"), 0o755))
+	// An upgraded binary (another file in its place) gets its own disk; the old one
+	// stays while instances use it.
+	upgrade := func(content string) {
+		t.Helper()
+		require.NoError(t, os.Remove(bin))
+		require.NoError(t, os.WriteFile(bin, []byte(content), 0o755))
+	}
+	upgrade("new runner")
 	launch("gci-c")
-	assert.Greater(t, len(helperVolumes()), len(vols), f.State())
+	assert.Len(t, helperVolumes(), 2*len(vols), "both disks (with their marks): %s", f.State())
+
+	// Once no instance uses it, the next new binary's disk replaces it.
+	for _, name := range []string{"gci-a", "gci-b"} {
+		_, err := NewConn(f).Teardown(name, nil)
+		require.NoError(t, err)
+	}
+	upgrade("newer runner")
+	launch("gci-d")
+	left := helperVolumes()
+	assert.Len(t, left, 2*len(vols), "the disks of the binaries gci-c and gci-d use: %s", f.State())
+	for _, v := range vols {
+		assert.NotContains(t, left, v, "the first binary's disk, which no instance uses")
+	}
 }
 
 func mustLookup(t *testing.T, f *provisiontest.Libvirt, name string) libvirt.Domain {

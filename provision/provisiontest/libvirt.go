@@ -398,6 +398,25 @@ func (f *Libvirt) StorageVolUpload(v libvirt.StorageVol, r io.Reader, offset, le
 	return nil
 }
 
+// StoragePoolListAllVolumes lists the pool's volumes, by name.
+func (f *Libvirt) StoragePoolListAllVolumes(p libvirt.StoragePool, _ int32, _ uint32) ([]libvirt.StorageVol, uint32, error) {
+	if err := f.enter("StoragePoolListAllVolumes"); err != nil {
+		return nil, 0, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	vols, ok := f.pools[p.Name]
+	if !ok {
+		return nil, 0, lverr(libvirt.ErrNoStoragePool, "Storage pool not found: no storage pool with matching name '%s'", p.Name)
+	}
+	var out []libvirt.StorageVol
+	for n := range vols {
+		out = append(out, libvirt.StorageVol{Pool: p.Name, Name: n})
+	}
+	slices.SortFunc(out, func(a, b libvirt.StorageVol) int { return strings.Compare(a.Name, b.Name) })
+	return out, uint32(len(out)), nil
+}
+
 // Uploaded is how many bytes were uploaded into the volume pool/name.
 func (f *Libvirt) Uploaded(pool, name string) uint64 {
 	f.mu.Lock()
