@@ -19,12 +19,6 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
-const fakeTemplate = `<domain type='qemu'><name>tmpl</name><memory unit='KiB'>262144</memory><vcpu>1</vcpu>
-<os><type arch='x86_64'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/t/root.qcow2'/><target dev='vda' bus='virtio'/></disk>
-<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-</devices></domain>`
-
 // fakeJob is one job's stages against provisiontest's fake libvirt.
 type fakeJob struct {
 	f      *provisiontest.Libvirt
@@ -37,7 +31,7 @@ type fakeJob struct {
 func newFakeJob(t *testing.T) *fakeJob {
 	t.Helper()
 	f := provisiontest.New("ci")
-	_, err := f.DomainDefineXMLFlags(fakeTemplate, 0)
+	_, err := f.DomainDefineXMLFlags(provisiontest.Template, 0)
 	require.NoError(t, err)
 	f.SetScript(func(_, script string) (string, string, int) {
 		if strings.Contains(script, "exit 3") {

@@ -18,12 +18,6 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
-const helperTemplate = `<domain type='qemu'><name>tmpl</name><memory unit='KiB'>262144</memory><vcpu>1</vcpu>
-<os><type arch='x86_64'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/t/root.qcow2'/><target dev='vda' bus='virtio'/></disk>
-<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-</devices></domain>`
-
 // Every instance gets the helper binary on a read-only disk built once per binary, and
 // mounted in the guest; a changed binary gets a disk of its own.
 func TestLaunchGivesTheHelper(t *testing.T) {
@@ -32,7 +26,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 		t.Skip("no mkfs.ext4 (e2fsprogs) here")
 	}
 	f := provisiontest.New("ci")
-	_, err := f.DomainDefineXMLFlags(helperTemplate, 0)
+	_, err := f.DomainDefineXMLFlags(provisiontest.Template, 0)
 	require.NoError(t, err)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "gitlab-runner")

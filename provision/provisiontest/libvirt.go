@@ -16,6 +16,14 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
+// Template is a template domain to define in the fake: "tmpl", with one qcow2 disk
+// (vda, /t/root.qcow2) and the guest agent channel.
+const Template = `<domain type='qemu'><name>tmpl</name><memory unit='KiB'>262144</memory><vcpu>1</vcpu>
+<os><type arch='x86_64'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/t/root.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+</devices></domain>`
+
 // Libvirt is a stateful in-memory libvirt: domains and volumes in maps, the XML it is
 // given parsed, and the error values real libvirt returns.
 type Libvirt struct {
