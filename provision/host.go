@@ -174,7 +174,11 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 		}
 	}
 	if h.Helper != "" {
-		if req.helper, err = h.helperVolume(ctx, conn, h.Helper); err != nil {
+		// Bounded like the other waits: another prepare may be building it.
+		hctx, cancel := h.bootTimeout(ctx)
+		req.helper, err = h.helperVolume(hctx, conn, h.Helper)
+		cancel()
+		if err != nil {
 			return err
 		}
 	}
