@@ -50,9 +50,8 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	if !fi.Mode().IsRegular() {
 		return "", fmt.Errorf("gitlab-runner helper %s is not a regular file", path)
 	}
-	st := fi.Sys().(*syscall.Stat_t)
-	sum := sha256.Sum256(fmt.Appendf(nil, "%d/%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano()))
-	name := helperPrefix + hex.EncodeToString(sum[:6]) + ".img"
+	id := helperID(fi)
+	name := helperPrefix + id + ".img"
 	done := name + ".done" // made once the image is whole
 	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
 	if err != nil {
@@ -65,7 +64,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	}
 
 	// Built by one process at a time; the others wait, and find it made.
-	unlock, err := h.lockFile(ctx, "helper-"+hex.EncodeToString(sum[:6]))
+	unlock, err := h.lockFile(ctx, "helper-"+id)
 	if err != nil {
 		return "", err
 	}
@@ -153,6 +152,14 @@ func removeOldHelpers(conn *Conn, pool libvirt.StoragePool, keep string) (int, e
 		n++
 	}
 	return n, nil
+}
+
+// helperID names a version of the binary: its device, inode, size and times, which any
+// upgrade changes (hashing 60 MB at every prepare would cost more than a tenth of a second).
+func helperID(fi os.FileInfo) string {
+	st := fi.Sys().(*syscall.Stat_t)
+	sum := sha256.Sum256(fmt.Appendf(nil, "%d/%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano()))
+	return hex.EncodeToString(sum[:6])
 }
 
 // buildHelperImage makes a read-only ext4 image holding bin as gitlab-runner, and returns

@@ -97,3 +97,27 @@ func mustLookup(t *testing.T, f *provisiontest.Libvirt, name string) libvirt.Dom
 	require.NoError(t, err)
 	return d
 }
+
+// A prepare that waits for another's helper build waits no longer than the boot timeout,
+// and says why; it has made nothing.
+func TestHelperWaitIsBounded(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	_, err := f.DomainDefineXMLFlags(provisiontest.Template, 0)
+	require.NoError(t, err)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "gitlab-runner")
+	require.NoError(t, os.WriteFile(bin, []byte("runner"), 0o755))
+	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: 300 * time.Millisecond, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+	fi, err := os.Stat(bin)
+	require.NoError(t, err)
+	unlock, err := h.lockFile(context.Background(), "helper-"+helperID(fi)) // another prepare, building
+	require.NoError(t, err)
+	defer unlock()
+	start := time.Now()
+	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: TransportAgent})
+	assert.ErrorContains(t, err, "boot timeout 300ms (LIBVIRT_GCI_BOOT_TIMEOUT) passed")
+	assert.Less(t, time.Since(start), 5*time.Second)
+	assert.Equal(t, "domain tmpl running=false", f.State(), "nothing made")
+}
