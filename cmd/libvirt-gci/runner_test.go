@@ -82,7 +82,9 @@ type runnerHost struct {
 
 // overTransports runs f once per transport, each with a runner host of its own, one
 // after the other. The tests whose timings are at stake (timeouts, cancels, overlapping
-// jobs) are not parallel, and so run first, alone; the others are, after them.
+// jobs) are not parallel, and so run first, alone, and check first that libvirt is quick
+// (requireFastLibvirt); the others are parallel, after them, when a define may take
+// seconds (CI saw 9 s) without harm.
 func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) { f(t, newRunnerHost(t, tr)) })
@@ -92,7 +94,6 @@ func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 func newRunnerHost(t testing.TB, transport string) *runnerHost {
 	t.Helper()
 	l := lv(t)
-	requireFastLibvirt(t, l)
 	h := &runnerHost{t: t, l: l, bin: gitlabRunnerBin(t), gl: newFakeGitLab(t)}
 	h.prefix, _ = testPrefix(t)
 	dir := t.TempDir()
@@ -288,6 +289,7 @@ const sleepersCheck = `n=0; for f in /proc/[0-9]*/cmdline; do if tr '\0' ' ' <"$
 func TestRunnerTimeouts(t *testing.T) { overTransports(t, testRunnerTimeouts) }
 
 func testRunnerTimeouts(t *testing.T, h *runnerHost) {
+	requireFastLibvirt(t, h.l)
 	const timeout = 20
 	job := h.gl.add(jobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
 	script := h.gl.add(jobSpec{
@@ -321,6 +323,7 @@ func TestRunnerCancel(t *testing.T) {
 		for _, status := range []string{"canceling", "canceled"} {
 			t.Run(transport+"/"+status, func(t *testing.T) {
 				h := newRunnerHost(t, transport)
+				requireFastLibvirt(t, h.l)
 				// The runner hears of a cancel in the answer to its next trace upload, so the
 				// script keeps printing (else that is the keep-alive, every 30 s).
 				j := h.gl.add(jobSpec{
@@ -357,6 +360,7 @@ func TestRunnerCancel(t *testing.T) {
 func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobsAtOnce) } // alone: the jobs must overlap
 
 func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
+	requireFastLibvirt(t, h.l)
 	script := []string{`echo "job $WHO: $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $WHO in $(cat /proc/sys/kernel/random/boot_id)"`}
 	a := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "a"}})
 	b := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "b",
