@@ -22,6 +22,7 @@ type Settings struct {
 	Prefix          string
 	BootTimeout     time.Duration
 	Transport       string // how stages reach the guest: "agent" or "ssh"
+	Start           string // how instances start: "restore" (from warm images) or "boot"
 	SSHUser         string // the guest user jobs run as with the ssh transport
 	SecretFile      string // the host secret instance SSH keys are derived from (0600)
 	// AllowHostAccess lets templates give jobs host devices, host directory shares,

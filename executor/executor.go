@@ -53,6 +53,8 @@ func (e *Executor) host() *provision.Host {
 		SSHUser:         s.SSHUser,
 		SecretFile:      s.SecretFile,
 		Forwards:        s.GuestForwards,
+		Start:           s.Start,
+		Version:         e.Version,
 		Log:             e.Log,
 		Out:             e.Stdout,
 	}

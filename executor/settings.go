@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 // Setting is one operator setting, declared once: the command line's global flags, the
@@ -122,6 +124,14 @@ var SettingList = []Setting{
 		set: duration(func(s *Settings) *time.Duration { return &s.BootTimeout })},
 	{Flag: "transport", Default: TransportAgent, Help: "how stages reach the guest: agent or ssh",
 		set: text(func(s *Settings) *string { return &s.Transport })},
+	{Flag: "start", Default: provision.StartRestore, Help: "how prepare starts a VM: restore (from the template's warm image, made on first use) or boot",
+		set: func(s *Settings, v string) error {
+			if v != provision.StartRestore && v != provision.StartBoot {
+				return fmt.Errorf("want restore or boot")
+			}
+			s.Start = v
+			return nil
+		}},
 	{Flag: "ssh-user", Default: "root", Help: "the guest user jobs run as over ssh",
 		set: text(func(s *Settings) *string { return &s.SSHUser })},
 	{Flag: "secret-file", Default: "~/.config/libvirt-gci/secret", Compute: defaultSecretFile, Help: "host secret the per-instance ssh keys are derived from; made 0600 on first use",

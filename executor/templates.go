@@ -3,6 +3,7 @@ package executor
 import (
 	"context"
 	"fmt"
+	"os/exec"
 	"path"
 	"text/tabwriter"
 
@@ -86,4 +87,26 @@ func (s Settings) listed(name string) bool {
 		}
 	}
 	return false
+}
+
+// WarmTemplate makes the warm image of the template name that prepare restores
+// instances from (LIBVIRT_GCI_START=restore), for the transport and forwards set, if it
+// has none that is up to date. The runner's gitlab-runner helper (auto) is the one on
+// PATH, as the runner's own would be.
+func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
+	if err := checkTemplateName(name); err != nil {
+		return err
+	}
+	h := e.host()
+	switch e.Settings.RunnerBinary {
+	case "none":
+	case "auto":
+		if p, err := exec.LookPath("gitlab-runner"); err == nil {
+			h.Helper = p
+		}
+	default:
+		h.Helper = e.Settings.RunnerBinary
+	}
+	_, err := h.Warm(ctx, name, e.Settings.Transport)
+	return err
 }

@@ -426,9 +426,15 @@ func randomID() string {
 }
 
 // guestSetup runs in the guest as `sh -c guestSetup gci MAC ADDR SERIAL DIR NAME USER
-// KEY TAG MOUNT HOSTS`, each part only where its arguments are given, in one command (each command
-// through the agent costs a round trip, and each program it starts a fork and exec,
-// which under software emulation take tens of milliseconds):
+// KEY TAG MOUNT HOSTS NOW HOSTNAME MACHINEID SEED MACS`, each part only where its
+// arguments are given, in one command (each command through the agent costs a round
+// trip, and each program it starts a fork and exec, which under software emulation take
+// tens of milliseconds):
+//   - a restored clone first becomes itself (Identity): the clock set to NOW (seconds
+//     since the epoch), fresh host randomness (SEED) mixed into the kernel's pool and the
+//     RNG reseeded from it (the RNDRESEEDCRNG ioctl, through perl or python3 where the
+//     guest has one; it prints how), its own host name and machine-id, and each NIC's
+//     MAC address changed from the warm image's to its own (MACS: OLD=NEW ...);
 //   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
 //     guest's own network configuration did with it (most configure only their first);
 //   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
@@ -440,13 +446,40 @@ func randomID() string {
 //     the new host public key.
 const guestSetup = `set -e
 mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9 hosts=${10}
+now=${11} hn=${12} mid=${13} seed=${14} macs=${15}
+ipcmd=ip
+command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
+if [ -n "$now" ]; then
+  date -u -s "@$now" >/dev/null 2>&1 || busybox date -u -s "@${now%.*}" >/dev/null
+  printf '%s' "$seed" >/dev/urandom
+  if perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null ||
+    python3 -c 'import fcntl; fcntl.ioctl(open("/dev/urandom", "wb"), 0x5207)' 2>/dev/null; then
+    echo "gci-rng: reseeded"
+  else
+    echo "gci-rng: mixed"
+  fi
+  hostname "$hn"
+  printf '%s\n' "$hn" >/etc/hostname
+  if grep -q '^127\.0\.1\.1[[:space:]]' /etc/hosts 2>/dev/null; then
+    sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1 $hn/" /etc/hosts
+  fi
+  printf '%s\n' "$mid" >/etc/machine-id
+  if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then printf '%s\n' "$mid" >/var/lib/dbus/machine-id; fi
+  for m in $macs; do
+    old=${m%%=*} new=${m#*=} dev=
+    for d in /sys/class/net/*; do
+      a=; read -r a <"$d/address" 2>/dev/null || true
+      if [ "$a" = "$old" ]; then dev=${d##*/}; fi
+    done
+    [ -n "$dev" ] || { echo "no network interface with the MAC address $old in the guest" >&2; exit 4; }
+    $ipcmd link set dev "$dev" address "$new"
+  done
+fi
 for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
 if [ -n "$tag" ]; then
   mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
 fi
 if [ -n "$mac" ]; then
-  ipcmd=ip
-  command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
   dev=
   for d in /sys/class/net/*; do
     a=; read -r a <"$d/address" 2>/dev/null || true
@@ -513,6 +546,18 @@ type Setup struct {
 	Share  *Share
 	SSH    *SSHAccess
 	Hosts  []string // names to resolve to 127.0.0.1 (in /etc/hosts)
+	// Identity makes a clone restored from a warm image its own; nil for a cold boot.
+	Identity *Identity
+}
+
+// Identity is what two clones restored from one memory image would otherwise share.
+type Identity struct {
+	Hostname  string
+	MachineID string      // 32 hex digits
+	MACs      [][2]string // each NIC's MAC address: the warm image's, and the clone's
+	// Reseeded is set by Setup: whether the guest's RNG was reseeded (else the host's
+	// randomness was only mixed in, and the kernel reseeds on its own schedule).
+	Reseeded bool
 }
 
 // Share is a virtiofs share, mounted by its tag on Dir.
@@ -523,7 +568,18 @@ type Share struct {
 // Setup sets the guest up, in one command. With SSH it returns the guest's new host
 // key: read through the agent, a trusted path, it is the key to pin.
 func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
-	args := make([]string, 10)
+	args := make([]string, 15)
+	if id := s.Identity; id != nil {
+		var macs []string
+		for _, m := range id.MACs {
+			macs = append(macs, strings.ToLower(m[0])+"="+strings.ToLower(m[1]))
+		}
+		seed := make([]byte, 64)
+		_, _ = rand.Read(seed)
+		now := time.Now()
+		args[10] = fmt.Sprintf("%d.%09d", now.Unix(), now.Nanosecond())
+		args[11], args[12], args[13], args[14] = id.Hostname, id.MachineID, hex.EncodeToString(seed), strings.Join(macs, " ")
+	}
 	if s.NIC != nil {
 		args[0], args[1] = s.NIC.MAC, s.NIC.Addr
 	}
@@ -544,6 +600,9 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	if st.Code != 0 || st.Signal != 0 {
 		return nil, fmt.Errorf("set up the guest: %s: %s", st, strings.TrimSpace(out))
 	}
+	if s.Identity != nil {
+		s.Identity.Reseeded = strings.Contains(out, "gci-rng: reseeded")
+	}
 	if s.SSH == nil {
 		return nil, nil
 	}
@@ -559,4 +618,27 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 func (a *Agent) ReloadSSHD(ctx context.Context) error {
 	_, _, err := a.execWait(ctx, "/bin/sh", "-c", sshdReload)
 	return err
+}
+
+// quiesce lets the guest finish its boot (systemd's, where it has it), syncs its file
+// systems, drops its page cache and zeroes most of its free memory (the kernel zeroes
+// the pages dd's buffer faults in): QEMU saves a zero page in a few bytes, so a memory
+// image holds what the guest uses, not what it once read.
+const quiesce = `sync
+if command -v systemctl >/dev/null 2>&1; then timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true; fi
+echo 3 >/proc/sys/vm/drop_caches
+f=$(sed -n 's/^MemFree: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
+if [ -n "$f" ]; then dd if=/dev/zero of=/dev/null bs=$((f * 9 / 10))K count=1 2>/dev/null || true; fi
+sync`
+
+// Quiesce readies a guest for a memory image (a warm image's save).
+func (a *Agent) Quiesce(ctx context.Context) error {
+	st, out, err := a.execWait(ctx, "/bin/sh", "-c", quiesce)
+	if err != nil {
+		return fmt.Errorf("quiesce the guest: %w", err)
+	}
+	if st.Code != 0 || st.Signal != 0 {
+		return fmt.Errorf("quiesce the guest: %s: %s", st, strings.TrimSpace(out))
+	}
+	return nil
 }

@@ -66,8 +66,12 @@ type Host struct {
 	// its SSH connection (guest.Forwards): then every instance gets ssh access, whatever
 	// its transport.
 	Forwards []string
-	Log      *slog.Logger
-	Out      io.Writer // what gc --dry-run would remove
+	// Start is how instances start: StartBoot, or StartRestore (from warm images).
+	Start string
+	// Version is this tool's: a new version makes new warm images.
+	Version string
+	Log     *slog.Logger
+	Out     io.Writer // what gc --dry-run would remove
 }
 
 // Connect connects to the hypervisor.
@@ -118,6 +122,11 @@ type Request struct {
 
 	mac    string // of the ssh NIC
 	helper string // the helper's volume
+	warm   bool   // a warm image's instance (makeWarm)
+	// identity makes a restored instance's guest its own; links are the MAC addresses of
+	// its NICs whose link comes up once it has.
+	identity *guest.Identity
+	links    []string
 }
 
 // ErrNotOffered: the template is neither marked nor offered by the operator. The same
@@ -148,7 +157,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if err := h.sweep(ctx, conn); err != nil {
 		return err
 	}
-	tmpl, err := h.template(conn, req)
+	tx, tmpl, err := h.template(conn, req)
 	if err != nil {
 		return err
 	}
@@ -182,17 +191,49 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 			return err
 		}
 	}
+	var wi *WarmImage
+	if h.Start == StartRestore {
+		wctx, cancel := h.bootTimeout(ctx)
+		var why string
+		wi, why, err = h.warmFor(wctx, conn, req, tx, tmpl)
+		cancel()
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return err
+		case err != nil:
+			h.Log.Warn(fmt.Sprintf("no warm image of %s (%v); booting %s instead", req.Template, err, req.Name))
+		case wi == nil:
+			h.Log.Info(fmt.Sprintf("booting %s: %s", req.Name, why))
+		}
+	}
 	prepareID := randomHex(8)
-	if h.needsSSH(req) {
-		req.mac = sshMAC()
-	}
-	spec, err := h.spec(req, tmpl, prepareID)
-	if err != nil {
-		return err
-	}
+	var spec Spec
 	memKiB := tmpl.MemoryKiB()
-	if req.Size.Memory > 0 {
-		memKiB = req.Size.Memory / 1024
+	if wi != nil {
+		var macs []template.MACChange
+		if spec, macs, err = h.restoredSpec(conn, req, wi, prepareID); err != nil {
+			return err
+		}
+		memKiB = wi.MemKiB
+		req.identity = &guest.Identity{Hostname: req.Name, MachineID: randomHex(16)}
+		for _, m := range macs {
+			req.identity.MACs = append(req.identity.MACs, [2]string{m.Old, m.New})
+			if m.Link {
+				req.links = append(req.links, m.New)
+			} else if h.needsSSH(req) {
+				req.mac = m.New // the ssh NIC
+			}
+		}
+	} else {
+		if h.needsSSH(req) {
+			req.mac = sshMAC()
+		}
+		if spec, err = h.spec(req, tmpl, prepareID); err != nil {
+			return err
+		}
+		if req.Size.Memory > 0 {
+			memKiB = req.Size.Memory / 1024
+		}
 	}
 	actx, cancelAdmit := h.bootTimeout(ctx)
 	release, err := h.admit(actx, conn, memKiB)
@@ -211,20 +252,30 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if h.Launcher != nil {
 		launcher = h.Launcher
 	}
+	if wi != nil {
+		launcher = restore{}
+	}
 	tm, err := launcher.Launch(ctx, conn, spec)
 	release()
 	h.warnIfSlow("define", req.Name, tm.Define)
 	if err != nil {
 		return err
 	}
-	sized := ""
-	if req.Size != (Size{}) {
-		sized = " (" + req.Size.String() + ")"
+	if wi != nil {
+		h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, memory image copy %d ms, restore %d ms)",
+			req.Template, req.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Image.Milliseconds(), tm.Start.Milliseconds()),
+			"template", req.Template, "name", req.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
+			"image_ms", tm.Image.Milliseconds(), "restore_ms", tm.Start.Milliseconds())
+	} else {
+		sized := ""
+		if req.Size != (Size{}) {
+			sized = " (" + req.Size.String() + ")"
+		}
+		h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
+			req.Template, req.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+			"template", req.Template, "name", req.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
+			"cpus", req.Size.CPUs, "memory", req.Size.Memory, "disk", req.Size.Disk)
 	}
-	h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
-		req.Template, req.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
-		"template", req.Template, "name", req.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
-		"cpus", req.Size.CPUs, "memory", req.Size.Memory, "disk", req.Size.Disk)
 
 	if err := h.awaitReady(ctx, conn, req, begin); err != nil {
 		return fmt.Errorf("instance %q: %w", req.Name, err)
@@ -233,29 +284,30 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 }
 
 // template finds the template req names and checks that an instance can be made of it.
-func (h *Host) template(conn *Conn, req Request) (*template.Template, error) {
+// It returns the template's XML, too.
+func (h *Host) template(conn *Conn, req Request) (string, *template.Template, error) {
 	lookupStart := time.Now()
 	tx, marked, err := conn.TemplateXML(req.Template)
 	h.warnIfSlow("template lookup", req.Template, time.Since(lookupStart))
 	if !req.Offered && !marked && (err == nil || errors.Is(err, ErrNoTemplate) || errors.Is(err, ErrNotTemplate)) {
 		// Whether or not such a domain exists: a job learns nothing of the host's other VMs.
-		return nil, fmt.Errorf("template %q: %w", req.Template, ErrNotOffered)
+		return "", nil, fmt.Errorf("template %q: %w", req.Template, ErrNotOffered)
 	}
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
 	tmpl, err := template.Parse(tx)
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
 	if access := tmpl.HostAccess(); len(access) > 0 && !h.AllowHostAccess {
-		return nil, fmt.Errorf("template %q has %s: through it a job's VM reaches the host or other VMs; remove it from the template, or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true",
+		return "", nil, fmt.Errorf("template %q has %s: through it a job's VM reaches the host or other VMs; remove it from the template, or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true",
 			req.Template, strings.Join(access, ", "))
 	}
 	if !tmpl.HasAgent {
-		return nil, fmt.Errorf("template %q has no guest agent channel; add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices", req.Template, template.AgentChannel)
+		return "", nil, fmt.Errorf("template %q has no guest agent channel; add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices", req.Template, template.AgentChannel)
 	}
-	return tmpl, nil
+	return tx, tmpl, nil
 }
 
 // awaitReady waits, within the boot timeout, for the guest agent, and then for SSH if
@@ -281,7 +333,7 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 
 	// What the guest needs before a stage runs, through the agent, in one command.
 	setupStart := time.Now()
-	var setup guest.Setup
+	setup := guest.Setup{Identity: req.identity}
 	if req.helper != "" {
 		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
 	}
@@ -301,7 +353,7 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 			}
 		}
 	}
-	if setup.NIC == nil && setup.Helper == nil && setup.Share == nil && setup.SSH == nil {
+	if setup.NIC == nil && setup.Helper == nil && setup.Share == nil && setup.SSH == nil && setup.Identity == nil {
 		h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
 		return nil
 	}
@@ -310,6 +362,16 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		return err
 	}
 	var did []string
+	if id := setup.Identity; id != nil {
+		rng := "its RNG reseeded"
+		if !id.Reseeded {
+			rng = "host randomness mixed into its RNG (no perl or python3 to reseed it at once)"
+		}
+		did = append(did, fmt.Sprintf("its own clock, %s, host name, machine-id and %d MAC addresses", rng, len(id.MACs)))
+		if err := conn.linksUp(req.Name, req.links); err != nil {
+			return err
+		}
+	}
 	if setup.Helper != nil {
 		did = append(did, "gitlab-runner helper on its PATH")
 	}
@@ -358,7 +420,7 @@ func (h *Host) warnIfSlow(call, name string, took time.Duration) {
 
 // spec lays out the instance: one overlay per writable template disk, the metadata that
 // records them, and the domain XML.
-func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spec, error) {
+func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extra ...Volume) (Spec, error) {
 	meta := Metadata{
 		Template:  tmpl.Name,
 		Owner:     req.Owner,
@@ -378,15 +440,19 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string) (Spe
 		if len(spec.Volumes) == 0 {
 			v.Capacity = req.Size.Disk // the first disk: the one a job may grow
 		}
+		if req.warm { // the warm image's volumes are named by the image alone
+			v.Name = req.Name + "-" + d.Target + ".qcow2"
+		}
 		spec.Volumes = append(spec.Volumes, v)
 		meta.Volumes = append(meta.Volumes, v.Volume)
 		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
 	}
+	meta.Volumes = append(meta.Volumes, extra...)
 	md, err := meta.MarshalElement()
 	if err != nil {
 		return spec, err
 	}
-	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024}
+	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024, Warm: req.warm}
 	if req.helper != "" {
 		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: req.helper, Serial: HelperSerial}}
 	}

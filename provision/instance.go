@@ -38,11 +38,16 @@ type Spec struct {
 	Name      string
 	DomainXML string
 	Volumes   []NewVolume
+	// Image is a restored instance's copy of its warm image's memory (Restore); warm
+	// is that image.
+	Image Volume
+	warm  *WarmImage
 }
 
 // Timings of one Create, for progress lines and benchmarks.
 type Timings struct {
 	Define, Clone, Start time.Duration
+	Image                time.Duration // a restore's own copy of the memory image (Start: the restore)
 }
 
 // Create defines the domain, creates its overlay volumes and starts it, in that order: the
@@ -54,6 +59,17 @@ type Timings struct {
 // libvirt for the Teardown to find. It returns an error wrapping the cancel's cause.
 func (c *Conn) Create(ctx context.Context, spec Spec) (Timings, error) {
 	var t Timings
+	dom, err := c.defineWithOverlays(ctx, spec, &t)
+	if err != nil {
+		return t, err
+	}
+	err = c.step(ctx, spec.Name, fmt.Sprintf("start %q", spec.Name), &t.Start, func() error { return c.api.DomainCreate(dom) })
+	return t, err
+}
+
+// defineWithOverlays defines spec's domain and creates its overlays, as Create does.
+func (c *Conn) defineWithOverlays(ctx context.Context, spec Spec, t *Timings) (libvirt.Domain, error) {
+	var dom libvirt.Domain
 	pools := map[string]libvirt.StoragePool{}
 	for _, v := range spec.Volumes {
 		if _, ok := pools[v.Pool]; ok {
@@ -61,54 +77,53 @@ func (c *Conn) Create(ctx context.Context, spec Spec) (Timings, error) {
 		}
 		p, err := c.api.StoragePoolLookupByName(v.Pool)
 		if err != nil {
-			return t, fmt.Errorf("storage pool %q: %w", v.Pool, err)
+			return dom, fmt.Errorf("storage pool %q: %w", v.Pool, err)
 		}
 		pools[v.Pool] = p
 	}
-	// step runs one call that creates something, awaited even if ctx ends meanwhile.
-	step := func(what string, took *time.Duration, call func() error) error {
-		if ctx.Err() != nil {
-			return fmt.Errorf("%s: not started: %w", what, context.Cause(ctx))
-		}
-		start := time.Now()
-		err := c.awaited(call)
-		*took += time.Since(start)
-		if err != nil && ctx.Err() != nil && errors.Is(err, libvirt.ErrInterrupted) {
-			return fmt.Errorf("%s: outcome unknown: libvirt did not answer within %s of the cancel; "+
-				"if the call completes later, `libvirt-gci cleanup --machine %s` removes what it made: %w", what, c.grace, spec.Name, err)
-		}
-		if err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("%s: done, but cancelled meanwhile: %w", what, context.Cause(ctx))
-		}
-		return nil
-	}
-
-	var dom libvirt.Domain
-	err := step(fmt.Sprintf("define %q", spec.Name), &t.Define, func() (err error) {
+	err := c.step(ctx, spec.Name, fmt.Sprintf("define %q", spec.Name), &t.Define, func() (err error) {
 		dom, err = c.api.DomainDefineXMLFlags(spec.DomainXML, libvirt.DomainDefineValidate)
 		return err
 	})
 	if err != nil {
-		return t, err
+		return dom, err
 	}
 	for _, v := range spec.Volumes {
 		x, err := overlayXML(v)
 		if err != nil {
-			return t, err
+			return dom, err
 		}
-		err = step(fmt.Sprintf("create overlay %q on %q in pool %q", v.Name, v.BackingPath, v.Pool), &t.Clone, func() error {
+		err = c.step(ctx, spec.Name, fmt.Sprintf("create overlay %q on %q in pool %q", v.Name, v.BackingPath, v.Pool), &t.Clone, func() error {
 			_, err := c.api.StorageVolCreateXML(pools[v.Pool], x, 0)
 			return err
 		})
 		if err != nil {
-			return t, err
+			return dom, err
 		}
 	}
-	err = step(fmt.Sprintf("start %q", spec.Name), &t.Start, func() error { return c.api.DomainCreate(dom) })
-	return t, err
+	return dom, nil
+}
+
+// step runs one call of the making of the instance name that creates something,
+// awaited even if ctx ends meanwhile, and adds the time it took to took.
+func (c *Conn) step(ctx context.Context, name, what string, took *time.Duration, call func() error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s: not started: %w", what, context.Cause(ctx))
+	}
+	start := time.Now()
+	err := c.awaited(call)
+	*took += time.Since(start)
+	if err != nil && ctx.Err() != nil && errors.Is(err, libvirt.ErrInterrupted) {
+		return fmt.Errorf("%s: outcome unknown: libvirt did not answer within %s of the cancel; "+
+			"if the call completes later, `libvirt-gci cleanup --machine %s` removes what it made: %w", what, c.grace, name, err)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s: done, but cancelled meanwhile: %w", what, context.Cause(ctx))
+	}
+	return nil
 }
 
 func overlayXML(v NewVolume) (string, error) {

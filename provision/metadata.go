@@ -28,6 +28,9 @@ type Metadata struct {
 	// Transport is how stages reach the guest: TransportAgent, TransportSSH, or "" (the
 	// agent, or ssh where SSH is set: instances made before this field).
 	Transport string `xml:"transport,omitempty"`
+	// Warm is the warm image the instance was restored from; "" for a cold boot. Its
+	// overlays back the instance's: it stays while the instance does.
+	Warm string `xml:"warm,omitempty"`
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or

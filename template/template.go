@@ -103,6 +103,10 @@ type Instance struct {
 	ReadOnly []ReadOnlyDisk
 	// Shares are host directories the instance gets (virtiofs), writable.
 	Shares []Share
+	// Warm: the instance is a warm image's (Restored): its NICs start with the link
+	// down, so that no clone of it is ever on a network with its MAC address, and it gets
+	// a VM generation ID, which guest kernels that know it reseed their RNG from.
+	Warm bool
 }
 
 // Share is a host directory shared with the guest over virtiofs, which the guest mounts
@@ -192,6 +196,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 	dom.UUID = ""
 	dom.ID = nil
 	dom.GenID = nil
+	if inst.Warm {
+		dom.GenID = &libvirtxml.DomainGenID{}
+	}
 	if dom.OS != nil && dom.OS.NVRam != nil {
 		dom.OS.NVRam.NVRam = ""
 		dom.OS.NVRam.Source = nil
@@ -212,6 +219,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 			iface.MAC = nil
 			iface.Target = nil
 			iface.Alias = nil
+			if inst.Warm {
+				iface.Link = &libvirtxml.DomainInterfaceLink{State: "down"}
+			}
 		}
 		used := map[string]bool{}
 		for i := range dom.Devices.Disks {

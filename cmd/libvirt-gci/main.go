@@ -204,6 +204,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 						Action:    func(c *cli.Context) error { return exec.MarkTemplates(c.Context, c.Args().Slice(), false) },
 					},
 					{
+						Name:      "warm",
+						Usage:     "make the warm image prepare restores NAME's instances from (LIBVIRT_GCI_START=restore), unless it is up to date",
+						ArgsUsage: "NAME",
+						Action: func(c *cli.Context) error {
+							if c.NArg() != 1 {
+								return &executor.InputError{Msg: "usage: libvirt-gci template warm NAME"}
+							}
+							return exec.WarmTemplate(c.Context, c.Args().First())
+						},
+					},
+					{
 						Name:   "list",
 						Usage:  "list the domains that could be templates, and which ones jobs may clone",
 						Action: func(c *cli.Context) error { return exec.ListTemplates(c.Context) },
