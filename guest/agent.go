@@ -432,8 +432,9 @@ func randomID() string {
 // tens of milliseconds):
 //   - a restored clone first becomes itself (Identity): the clock set to NOW (seconds
 //     since the epoch), fresh host randomness (SEED) mixed into the kernel's pool and the
-//     RNG reseeded from it (the RNDRESEEDCRNG ioctl, through perl or python3 where the
-//     guest has one; it prints how), its own host name and machine-id, and each NIC's
+//     RNG reseeded from it (by the kernel itself where it has the VM generation ID driver,
+//     as libvirt gives a restored VM a new one; else by the RNDRESEEDCRNG ioctl, through
+//     perl or python3; it prints which), its own host name and machine-id, and each NIC's
 //     MAC address changed from the warm image's to its own (MACS: OLD=NEW ...);
 //   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
 //     guest's own network configuration did with it (most configure only their first);
@@ -450,21 +451,31 @@ now=${11} hn=${12} mid=${13} seed=${14} macs=${15}
 ipcmd=ip
 command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
 if [ -n "$now" ]; then
-  date -u -s "@$now" >/dev/null 2>&1 || busybox date -u -s "@${now%.*}" >/dev/null
+  { date -u -s "@$now" >/dev/null 2>&1 || busybox date -u -s "@${now%.*}" >/dev/null; } &
+  clock=$!
   printf '%s' "$seed" >/dev/urandom
-  if perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null ||
+  if [ -d /sys/bus/acpi/drivers/vmgenid ]; then
+    echo "gci-rng: reseeded"
+  elif perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null ||
     python3 -c 'import fcntl; fcntl.ioctl(open("/dev/urandom", "wb"), 0x5207)' 2>/dev/null; then
     echo "gci-rng: reseeded"
   else
     echo "gci-rng: mixed"
   fi
-  hostname "$hn"
+  printf '%s' "$hn" >/proc/sys/kernel/hostname
   printf '%s\n' "$hn" >/etc/hostname
-  if grep -q '^127\.0\.1\.1[[:space:]]' /etc/hosts 2>/dev/null; then
-    sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1 $hn/" /etc/hosts
+  if [ -f /etc/hosts ]; then
+    hs=
+    while IFS= read -r l || [ -n "$l" ]; do
+      case $l in 127.0.1.1[[:space:]]*) l="127.0.1.1 $hn" ;; esac
+      hs="$hs$l
+"
+    done </etc/hosts
+    printf '%s' "$hs" >/etc/hosts
   fi
   printf '%s\n' "$mid" >/etc/machine-id
   if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then printf '%s\n' "$mid" >/var/lib/dbus/machine-id; fi
+  wait "$clock"
   for m in $macs; do
     old=${m%%=*} new=${m#*=} dev=
     for d in /sys/class/net/*; do

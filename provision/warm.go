@@ -612,7 +612,9 @@ func rewriteHeader(hd []byte, x string) ([]byte, error) {
 // restore is the Launcher of a restored instance (Restore).
 type restore struct{}
 
-func (restore) Launch(ctx context.Context, c *Conn, spec Spec) (Timings, error) { return c.Restore(ctx, spec) }
+func (restore) Launch(ctx context.Context, c *Conn, spec Spec) (Timings, error) {
+	return c.Restore(ctx, spec)
+}
 
 // linksUp brings up the link of each NIC of the instance name with one of the MAC
 // addresses macs.
