@@ -122,7 +122,9 @@ type Request struct {
 
 	mac    string // of the ssh NIC
 	helper string // the helper's volume
-	warm   bool   // a warm image's instance (makeWarm)
+	// warmImage: the instance is the one a warm image of this name is saved from
+	// (makeWarm): its volumes are named by the image.
+	warmImage string
 	// identity makes a restored instance's guest its own; links are the MAC addresses of
 	// its NICs whose link comes up once it has.
 	identity *guest.Identity
@@ -440,8 +442,8 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extr
 		if len(spec.Volumes) == 0 {
 			v.Capacity = req.Size.Disk // the first disk: the one a job may grow
 		}
-		if req.warm { // the warm image's volumes are named by the image alone
-			v.Name = req.Name + "-" + d.Target + ".qcow2"
+		if req.warmImage != "" {
+			v.Name = req.warmImage + "-" + d.Target + ".qcow2"
 		}
 		spec.Volumes = append(spec.Volumes, v)
 		meta.Volumes = append(meta.Volumes, v.Volume)
@@ -452,7 +454,7 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extr
 	if err != nil {
 		return spec, err
 	}
-	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024, Warm: req.warm}
+	inst := template.Instance{Name: req.Name, Overlays: overlays, Metadata: md, CPUs: req.Size.CPUs, MemoryKiB: req.Size.Memory / 1024, Warm: req.warmImage != ""}
 	if req.helper != "" {
 		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: req.helper, Serial: HelperSerial}}
 	}

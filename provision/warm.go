@@ -85,11 +85,15 @@ const (
 	saveHeaderSize = 16 + 19*4
 )
 
+// warmPrefix begins the names of warm images' volumes. They are not named by the
+// instances' prefix: every configuration on the host shares them.
+const warmPrefix = "libvirt-gci-warm-"
+
 // warmFamily names the warm images of one template and profile: a new image of the
 // family replaces the older ones.
 func (h *Host) warmFamily(tmplName string, p warmProfile) string {
 	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%s\x00%t\x00%s", h.URI, tmplName, p.SSHNIC, p.Helper))
-	return h.Prefix + "warm-" + hex.EncodeToString(sum[:4])
+	return warmPrefix + hex.EncodeToString(sum[:4])
 }
 
 // warmName is the name of the warm image of the template, as it is now (its XML, the
@@ -97,7 +101,7 @@ func (h *Host) warmFamily(tmplName string, p warmProfile) string {
 // names another image, so a stale one is never used.
 func (h *Host) warmName(conn *Conn, tmplXML string, tmpl *template.Template, p warmProfile) (string, error) {
 	s := sha256.New()
-	fmt.Fprintf(s, "%s\x00%s\x00%t\x00%s\x00", h.Version, tmplXML, p.SSHNIC, p.Helper)
+	fmt.Fprintf(s, "%s\x00%s\x00%s\x00%t\x00%s\x00", h.Version, toolIdentity(), tmplXML, p.SSHNIC, p.Helper)
 	for _, d := range tmpl.Disks {
 		id, err := h.diskIdentity(conn, d.Path)
 		if err != nil {
@@ -106,6 +110,21 @@ func (h *Host) warmName(conn *Conn, tmplXML string, tmpl *template.Template, p w
 		fmt.Fprintf(s, "%s\x00%s\x00", d.Path, id)
 	}
 	return h.warmFamily(tmpl.Name, p) + "-" + hex.EncodeToString(s.Sum(nil)[:6]), nil
+}
+
+// toolIdentity names this very binary (its file's device, inode, size and times): a
+// rebuild with the same version string makes new warm images too.
+func toolIdentity() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "unknown"
+	}
+	fi, err := os.Stat(exe)
+	if err != nil {
+		return "unknown"
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	return fmt.Sprintf("%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano())
 }
 
 // diskIdentity says which content a template disk has: its volume's size and times,
@@ -314,8 +333,11 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	if err != nil {
 		return fmt.Errorf("storage pool %q: %w", h.Pool, err)
 	}
+	// The domain that boots to be saved: named by the instances' prefix, so that gc
+	// sweeps it if this process dies.
+	domName := h.Prefix + "warm-" + name[strings.LastIndex(name, "-")+1:]
 	// Leftovers of an earlier try (a crash): its domain, and then its volumes.
-	if _, err := conn.Teardown(name, nil); err != nil {
+	if _, err := conn.Teardown(domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	if err := deleteVolumes(conn, pool, func(v string) bool { return strings.HasPrefix(v, name+"-") || v == name+".save" }); err != nil {
@@ -323,7 +345,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	}
 	prepareID := randomHex(8)
 	wreq := req
-	wreq.Name, wreq.warm, wreq.helper, wreq.Owner = name, true, p.Helper, Owner{Manual: true}
+	wreq.Name, wreq.warmImage, wreq.helper, wreq.Owner = domName, name, p.Helper, Owner{Manual: true}
 	if p.SSHNIC {
 		wreq.mac = sshMAC()
 	} else {
@@ -339,7 +361,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	}
 	defer func() {
 		if err != nil {
-			h.rollback(after, name, prepareID)
+			h.rollback(after, domName, prepareID)
 		}
 	}()
 	_, err = conn.Create(ctx, spec)
@@ -347,11 +369,11 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	if err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
-	dom, err := conn.api.DomainLookupByName(name)
+	dom, err := conn.api.DomainLookupByName(domName)
 	if err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
-	agent, err := guest.NewAgent(conn.API(), name)
+	agent, err := guest.NewAgent(conn.API(), domName)
 	if err != nil {
 		return err
 	}
@@ -377,7 +399,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	}
 	saveStart := time.Now()
 	var t time.Duration
-	if err := conn.step(ctx, name, "save "+name, &t, func() error {
+	if err := conn.step(ctx, domName, "save "+domName, &t, func() error {
 		return w.DomainSaveFlags(dom, path, libvirt.OptString{}, uint32(libvirt.DomainSaveRunning))
 	}); err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
