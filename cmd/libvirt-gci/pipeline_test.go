@@ -121,9 +121,11 @@ func testRunnerPipeline(t *testing.T, h *runnerHost) {
 		Script:    []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`},
 		Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
 	})
+	h.warm(testTmpl)
 	p := h.runSingle(2)
 	final, trace := h.finish(build)
 	require.Equal(t, "success", final.State, trace)
+	assert.Contains(t, trace, "restored "+testTmpl+" into ")
 	assert.Contains(t, trace, "Uploading artifacts")
 	rp := h.gl.gitRepo(t)
 	zr, err := zip.NewReader(bytes.NewReader(h.gl.Artifacts(build)), int64(len(h.gl.Artifacts(build))))

@@ -168,6 +168,17 @@ func (h *runnerHost) start(args ...string) *runnerProc {
 	return p
 }
 
+// warm makes the warm image that this runner's jobs are restored from (the profile of
+// its settings, with its gitlab-runner as the helper), so that they need not boot while
+// another test makes it.
+func (h *runnerHost) warm(template string) {
+	h.t.Helper()
+	cmd := exec.Command(binPath, "template", "warm", template)
+	cmd.Env = append(h.env, "LIBVIRT_GCI_RUNNER_BINARY="+h.bin)
+	out, err := cmd.CombinedOutput()
+	require.NoError(h.t, err, "%s", out)
+}
+
 // runSingle processes n jobs, one at a time, as `gitlab-runner run-single`.
 func (h *runnerHost) runSingle(n int) *runnerProc {
 	return h.start("run-single", "-c", h.config, "-r", h.name, "--max-builds", fmt.Sprint(n), "--wait-timeout", "15")
@@ -214,6 +225,7 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 		AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`},
 		Variables:   map[string]string{"GREETING": "hello from a job variable"},
 	})
+	h.warm(testTmpl)
 	p := h.runSingle(1)
 	final, trace := h.finish(j)
 	p.wait(t, time.Minute)
@@ -225,6 +237,7 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	}
 	assert.True(t, hasLine(trace, "after_script sees success"))
 	assert.Contains(t, trace, "Using Custom executor with driver libvirt-gci")
+	assert.Contains(t, trace, "restored "+testTmpl+" into ", "restored from its warm image (LIBVIRT_GCI_START=restore, the default)")
 	assert.Regexp(t, `in /builds/group/hello on \S+ as root`, trace)
 	assert.NotContains(t, trace, j.Token, "the job token is masked")
 	assert.Empty(t, leftovers(t, h.l, h.prefix), "cleanup ran")
