@@ -199,11 +199,12 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 		var why string
 		wi, why, err = h.warmFor(wctx, conn, req, tx, tmpl)
 		cancel()
+		var notSaved *notSavedError
 		switch {
-		case err != nil && ctx.Err() != nil:
-			return err
+		case errors.As(err, &notSaved) && ctx.Err() == nil:
+			h.Log.Warn(fmt.Sprintf("no warm image of %s (%v); booting %s instead (LIBVIRT_GCI_START=boot says so at once)", req.Template, err, req.Name))
 		case err != nil:
-			h.Log.Warn(fmt.Sprintf("no warm image of %s (%v); booting %s instead", req.Template, err, req.Name))
+			return err
 		case wi == nil:
 			h.Log.Info(fmt.Sprintf("booting %s: %s", req.Name, why))
 		}
@@ -331,7 +332,7 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		return err
 	}
 	agentReady := time.Since(bootStart)
-	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds())
+	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds(), "ready_ms", time.Since(begin).Milliseconds())
 
 	// What the guest needs before a stage runs, through the agent, in one command.
 	setupStart := time.Now()

@@ -40,8 +40,9 @@ type Spec struct {
 	Volumes   []NewVolume
 	// Image is a restored instance's copy of its warm image's memory (Restore); warm
 	// is that image.
-	Image Volume
-	warm  *WarmImage
+	Image    Volume
+	warm     *WarmImage
+	restored *Metadata // a restored instance's metadata once Image is deleted
 }
 
 // Timings of one Create, for progress lines and benchmarks.

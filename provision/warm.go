@@ -386,23 +386,23 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	// Let the guest finish its boot, and make the memory image small: free memory
 	// zeroed (QEMU saves a zero page in a few bytes).
 	if err := agent.Quiesce(bctx); err != nil {
-		return fmt.Errorf("warm image %s: %w", name, err)
+		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	x := fmt.Sprintf("<volume><name>%s.save</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", name)
 	saveVol, err := conn.api.StorageVolCreateXML(pool, x, 0)
 	if err != nil {
-		return fmt.Errorf("warm image %s: create its save volume: %w", name, err)
+		return &notSavedError{fmt.Errorf("warm image %s: create its save volume: %w", name, err)}
 	}
 	path, err := w.StorageVolGetPath(saveVol)
 	if err != nil {
-		return fmt.Errorf("warm image %s: %w", name, err)
+		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	saveStart := time.Now()
 	var t time.Duration
 	if err := conn.step(ctx, domName, "save "+domName, &t, func() error {
 		return w.DomainSaveFlags(dom, path, libvirt.OptString{}, uint32(libvirt.DomainSaveRunning))
 	}); err != nil {
-		return fmt.Errorf("warm image %s: %w", name, err)
+		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	// The domain goes; its volumes stay, as the warm image.
 	if err := conn.api.DomainUndefineFlags(dom, libvirt.DomainUndefineManagedSave); err != nil {
@@ -422,6 +422,13 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	}
 	return nil
 }
+
+// notSavedError: the template's instance booted, but could not be saved (a device QEMU
+// cannot migrate, say): its instances can still be booted.
+type notSavedError struct{ err error }
+
+func (e *notSavedError) Error() string { return e.err.Error() }
+func (e *notSavedError) Unwrap() error { return e.err }
 
 // deleteVolumes deletes the volumes of pool whose names match.
 func deleteVolumes(conn *Conn, pool libvirt.StoragePool, match func(string) bool) error {
@@ -531,9 +538,12 @@ func (h *Host) restoredSpec(conn *Conn, req Request, wi *WarmImage, prepareID st
 		overlays[target] = template.Overlay{Pool: nv.Pool, Volume: nv.Name}
 	}
 	slices.SortFunc(spec.Volumes, func(a, b NewVolume) int { return strings.Compare(a.Name, b.Name) })
-	// The copy of the save image, listed before it is made, as every volume is.
+	// The copy of the save image, listed before it is made, as every volume is, and
+	// taken off the list once deleted, after the restore.
+	after := meta
+	spec.restored = &after
 	spec.Image = Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + ".save"}
-	meta.Volumes = append(meta.Volumes, spec.Image)
+	meta.Volumes = append(slices.Clone(meta.Volumes), spec.Image)
 	md, err := meta.MarshalElement()
 	if err != nil {
 		return spec, nil, err
@@ -597,6 +607,9 @@ func (c *Conn) Restore(ctx context.Context, spec Spec) (Timings, error) {
 	// QEMU has read it: the copy goes now, not at cleanup (the teardown would, too).
 	if derr := c.api.StorageVolDelete(img, 0); derr != nil && err == nil {
 		return t, fmt.Errorf("restore %q: delete the copy of its memory image: %w", spec.Name, derr)
+	}
+	if err == nil && spec.restored != nil {
+		err = c.SetMetadata(spec.Name, *spec.restored)
 	}
 	return t, err
 }

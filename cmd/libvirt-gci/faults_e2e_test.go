@@ -132,6 +132,7 @@ func TestFaultLibvirtdRestarts(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
 			j := newJobOver(t, tr)
+			j.env["LIBVIRT_GCI_START"] = "boot" // a restore hardly waits for the guest
 			s := j.start("prepare")
 			s.waitFor("cloned ")
 			restartLibvirtd(t, j)

@@ -254,7 +254,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				close(p.done)
 			}()
 			return ret(map[string]any{"pid": pid})
-		case a.Path == "/bin/sh" && len(a.Arg) == 13 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
+		case a.Path == "/bin/sh" && len(a.Arg) == 18 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
 			mac, serial, dir, name, user, tag, mnt := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8], a.Arg[10], a.Arg[11]
 			if tag != "" {
 				if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
