@@ -49,20 +49,24 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
 }
 
-// runWrapper is run by /bin/sh as `sh -c runWrapper gci SCRIPT OUT ERR`. It sends the
-// job's output to the two files the host reads as they grow, runs the script with bash
-// in a session of its own (so that the whole process group can be killed), and removes
-// the script, which carries the job's secrets, and the output files (the host still
-// holds them open) when bash ends. The agent's own PATH may lack /usr/local/bin (as
-// under a minimal init); the script gets it, as over ssh or from systemd, for the
-// gitlab-runner helper, and the helper's own directory first.
+// runWrapper is run by /bin/sh as `sh -c runWrapper gci SCRIPT OUT ERR`, in a session of
+// its own (started by setsid, where the guest has it: the whole process group can be
+// killed). It sends the job's output to the two files the host reads as they grow, runs
+// the script with bash, and once bash has ended exits with its status while rm, in the
+// background, removes the script, which carries the job's secrets, and the output files
+// (the host still holds them open): under software emulation each program started costs
+// tens of milliseconds, and the stage need not wait for that one. The agent's own PATH
+// may lack /usr/local/bin (as under a minimal init); the
+// script gets it, as over ssh or from systemd, for the gitlab-runner helper, and the
+// helper's own directory first.
 const runWrapper = `exec >>"$2" 2>>"$3" </dev/null
 case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH ;; esac
 if [ -d ` + HelperDir + ` ]; then PATH=` + HelperDir + `:$PATH; fi
 export PATH
-run='bash "$1"; rc=$?; rm -f "$1" "$2" "$3"; exit $rc'
-if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh -c "$run" gci-job "$@"; fi
-exec /bin/sh -c "$run" gci-job "$@"`
+bash "$1"
+rc=$?
+rm -f "$1" "$2" "$3" &
+exit $rc`
 
 // Agent reaches a guest through the QEMU guest agent, via libvirt.
 type Agent struct {
@@ -320,7 +324,12 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 	}
 	hOut, hErr := handles[0], handles[1]
 
-	pid, err := a.exec(ctx, false, "/bin/sh", "-c", runWrapper, "gci", scriptPath, outPath, errPath)
+	args := []string{"/bin/sh", "-c", runWrapper, "gci", scriptPath, outPath, errPath}
+	pid, err := a.exec(ctx, false, "setsid", args...)
+	var agentErr *AgentError
+	if errors.As(err, &agentErr) { // no setsid in this guest: a process group is all it gets
+		pid, err = a.exec(ctx, false, args[0], args[1:]...)
+	}
 	if err != nil {
 		removeFiles()
 		return ExitStatus{}, fmt.Errorf("start script: %w", err)
@@ -335,7 +344,10 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 		return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
 	}
 
-	wait := pollMin
+	// A stage's end is seen soon: its status is asked for every 5 ms at first, then less
+	// often (up to pollMax), and its output read every pollMin while it runs, and at once
+	// when it has ended.
+	wait, started, drained := pollMin/8, time.Now(), time.Time{}
 	var pausedSince time.Time
 	for {
 		call := time.Now() // a call in flight when the guest was paused waited for it
@@ -349,31 +361,39 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 			}
 			return ExitStatus{}, fmt.Errorf("script status: %w", pausedFor(pausedSince, err))
 		}
-		// Read after the status: when it says "exited", all output is in the files.
-		call = time.Now()
-		n1, err1 := a.drain(ctx, hOut, stdout)
-		n2, err2 := a.drain(ctx, hErr, stderr)
-		if err := errors.Join(err1, err2); err != nil {
-			if ctx.Err() != nil {
-				return interrupted()
+		n := 0
+		if st.Exited || time.Since(drained) >= pollMin {
+			// Read after the status: when it says "exited", all output is in the files.
+			call = time.Now()
+			n1, err1 := a.drain(ctx, hOut, stdout)
+			n2, err2 := a.drain(ctx, hErr, stderr)
+			if err := errors.Join(err1, err2); err != nil {
+				if ctx.Err() != nil {
+					return interrupted()
+				}
+				if a.waitWhilePaused(ctx, call, &pausedSince) {
+					continue
+				}
+				return ExitStatus{}, fmt.Errorf("read script output: %w", pausedFor(pausedSince, err))
 			}
-			if a.waitWhilePaused(ctx, call, &pausedSince) {
-				continue
-			}
-			return ExitStatus{}, fmt.Errorf("read script output: %w", pausedFor(pausedSince, err))
+			n, drained = n1+n2, time.Now()
 		}
 		pausedSince = time.Time{}
 		if st.Exited {
 			return st.status(), nil
 		}
-		if n1+n2 > 0 {
+		switch {
+		case n > 0:
 			wait = pollMin
 			continue
+		case time.Since(started) < time.Second:
+			wait = min(wait*3/2, pollMin)
+		default:
+			wait = min(wait*2, pollMax)
 		}
 		if !Sleep(ctx, wait) {
 			return interrupted()
 		}
-		wait = min(wait*2, pollMax)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -74,6 +75,94 @@ type WarmImage struct {
 	pool     libvirt.StoragePool
 	save     libvirt.StorageVol
 	header   []byte // the save image's header and the XML region after it
+	host     *Host
+}
+
+// headerRead is how much of a save image is read for its header (libvirt's XML region
+// is the XML, its cookie and 64 KiB of room).
+const headerRead = 1 << 20
+
+// streamTime bounds a libvirt stream call (a volume's upload or download).
+const streamTime = 30 * time.Second
+
+// readPrefix reads the first n bytes of the volume vol. go-libvirt's streams can
+// deadlock when libvirtd's last packet of a download comes late (its router holds a
+// lock while it hands the packet to a caller that is gone): the download runs on a
+// connection of its own, which is dropped once the bytes are in.
+func (h *Host) readPrefix(vol libvirt.StorageVol, n uint64) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), streamTime)
+	defer cancel()
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.dropNow()
+	w, err := conn.warm()
+	if err != nil {
+		return nil, err
+	}
+	pw := &prefixWriter{want: int(n), full: make(chan struct{})}
+	errc := make(chan error, 1)
+	go func() { errc <- w.StorageVolDownload(vol, pw, 0, n, 0) }()
+	select {
+	case err := <-errc:
+		if err != nil {
+			return nil, err
+		}
+	case <-pw.full:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("download of %s: no answer within %s", vol.Name, streamTime)
+	}
+	return pw.bytes(), nil
+}
+
+// prefixWriter keeps what is written to it, and says when it has want bytes.
+type prefixWriter struct {
+	mu   sync.Mutex
+	buf  []byte
+	want int
+	full chan struct{}
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	had := len(p.buf)
+	p.buf = append(p.buf, b...)
+	if had < p.want && len(p.buf) >= p.want {
+		close(p.full)
+	}
+	return len(b), nil
+}
+
+func (p *prefixWriter) bytes() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.buf)
+}
+
+// upload writes data at the start of the volume vol, on a connection of its own (see
+// readPrefix), within streamTime.
+func (h *Host) upload(ctx context.Context, vol libvirt.StorageVol, data []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, streamTime)
+	defer cancel()
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.dropNow()
+	w, err := conn.warm()
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- w.StorageVolUpload(vol, bytes.NewReader(data), 0, uint64(len(data)), 0) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("upload to %s: %w", vol.Name, context.Cause(ctx))
+	}
 }
 
 // libvirt's QEMU save image header (src/qemu/qemu_saveimage.h): a magic string, then
@@ -167,8 +256,7 @@ func localURI(uri string) bool {
 
 // openWarm returns the warm image name, if it is complete; nil if not.
 func (h *Host) openWarm(conn *Conn, name, tmplName string) (*WarmImage, error) {
-	w, err := conn.warm()
-	if err != nil {
+	if _, err := conn.warm(); err != nil {
 		return nil, err
 	}
 	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
@@ -184,23 +272,20 @@ func (h *Host) openWarm(conn *Conn, name, tmplName string) (*WarmImage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
-	var first bytes.Buffer
-	if err := w.StorageVolDownload(save, &first, 0, saveHeaderSize, 0); err != nil {
+	all, err := h.readPrefix(save, headerRead)
+	if err != nil {
 		return nil, fmt.Errorf("warm image %s: read its header: %w", name, err)
 	}
-	hd := first.Bytes()
-	if len(hd) != saveHeaderSize || string(hd[:16]) != saveMagic {
+	if len(all) < saveHeaderSize || string(all[:16]) != saveMagic {
 		return nil, fmt.Errorf("warm image %s: not a complete libvirt save image", name)
 	}
-	dataLen := binary.NativeEndian.Uint32(hd[20:24])
-	if dataLen == 0 || dataLen > 16<<20 {
-		return nil, fmt.Errorf("warm image %s: header says %d bytes of XML", name, dataLen)
+	dataLen := binary.NativeEndian.Uint32(all[20:24])
+	if dataLen == 0 || saveHeaderSize+int(dataLen) > len(all) {
+		return nil, fmt.Errorf("warm image %s: its header says %d bytes of XML, more than the %d read", name, dataLen, headerRead)
 	}
-	var all bytes.Buffer
-	if err := w.StorageVolDownload(save, &all, 0, saveHeaderSize+uint64(dataLen), 0); err != nil {
-		return nil, fmt.Errorf("warm image %s: read its header: %w", name, err)
-	}
-	wi := &WarmImage{Name: name, Template: tmplName, Overlays: map[string]string{}, pool: pool, save: save, header: all.Bytes()}
+	all = all[:saveHeaderSize+int(dataLen)]
+	hd := all
+	wi := &WarmImage{Name: name, Template: tmplName, Overlays: map[string]string{}, pool: pool, save: save, header: all, host: h}
 	xmlLen := dataLen
 	if off := binary.NativeEndian.Uint32(hd[32:36]); off > 0 && off < dataLen {
 		xmlLen = off
@@ -346,6 +431,9 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	prepareID := randomHex(8)
 	wreq := req
 	wreq.Name, wreq.warmImage, wreq.helper, wreq.Owner = domName, name, p.Helper, Owner{Manual: true}
+	// It is this process's: if this process dies, the next prepare's sweep (or gc)
+	// removes it as an orphan.
+	wreq.Runner = RunnerOf(os.Getpid())
 	if p.SSHNIC {
 		wreq.mac = sshMAC()
 	} else {
@@ -592,7 +680,7 @@ func (c *Conn) Restore(ctx context.Context, spec Spec) (Timings, error) {
 		if err != nil {
 			return err
 		}
-		return w.StorageVolUpload(img, bytes.NewReader(header), 0, uint64(len(header)), 0)
+		return wi.host.upload(ctx, img, header)
 	})
 	if err != nil {
 		return t, err

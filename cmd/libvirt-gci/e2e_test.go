@@ -12,6 +12,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/url"
 	"os"
 	"os/exec"
@@ -584,18 +585,35 @@ func TestPrepareSIGTERMRollsBack(t *testing.T) {
 }
 
 func testPrepareSIGTERMRollsBack(t *testing.T, j *gitlabJob) {
-	cmd := exec.Command(binPath, "prepare")
-	cmd.Env = j.environ()
-	var stderr lockedBuffer
-	cmd.Stderr = &stderr
-	require.NoError(t, cmd.Start())
-	require.Eventually(t, func() bool { return strings.Contains(stderr.String(), "cloned ") }, 60*time.Second, 20*time.Millisecond, "prepare did not clone: %s", stderr.String())
-	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
-	err := cmd.Wait()
-	ee, ok := err.(*exec.ExitError)
-	require.True(t, ok, "want a failure exit, got %v; stderr:\n%s", err, stderr.String())
-	assert.Equal(t, 2, ee.ExitCode())
-	assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare left things behind after SIGTERM:\n%s", stderr.String())
+	j.warm()
+	for start, after := range map[string]string{"boot": "cloned ", "restore": "restored "} {
+		j.env["LIBVIRT_GCI_START"] = start
+		cmd := exec.Command(binPath, "prepare")
+		cmd.Env = j.environ()
+		var stderr lockedBuffer
+		cmd.Stderr = &stderr
+		require.NoError(t, cmd.Start())
+		require.Eventually(t, func() bool { return strings.Contains(stderr.String(), after) }, 60*time.Second, 20*time.Millisecond, "prepare did not clone: %s", stderr.String())
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		err := cmd.Wait()
+		ee, ok := err.(*exec.ExitError)
+		require.True(t, ok, "want a failure exit, got %v; stderr:\n%s", err, stderr.String())
+		assert.Equal(t, 2, ee.ExitCode())
+		assert.Empty(t, leftovers(t, j.l, j.prefix), "%s: prepare left things behind after SIGTERM:\n%s", start, stderr.String())
+	}
+}
+
+// warm makes the warm image the job's prepare restores from (with no gitlab-runner
+// helper: the test process is not a runner), so that no prepare of the test boots
+// because another test is making it.
+func (j *gitlabJob) warm() {
+	j.t.Helper()
+	env := j.env
+	j.env = maps.Clone(env)
+	j.env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
+	r := j.stage("template", "warm", j.env["CUSTOM_ENV_DISTRO"])
+	j.env = env
+	require.Equal(j.t, 0, r.code, r.stderr)
 }
 
 // Manual use, as with the Python libvirt-gci: no runner, no CUSTOM_ENV_* at all.

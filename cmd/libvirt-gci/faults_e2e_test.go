@@ -25,15 +25,22 @@ func TestFaultPrepareKilled(t *testing.T) {
 		name  string
 		after string        // kill once stderr shows this ("" to kill at once)
 		wait  time.Duration // and this much later
+		start string        // LIBVIRT_GCI_START
 	}{
-		{"while connecting or defining", "", 30 * time.Millisecond},
-		{"just after the start", "cloned ", 0},
-		{"while the guest boots", "cloned ", 1500 * time.Millisecond},
-		{"after it is ready", "guest agent ready", 0},
+		{"while connecting or defining", "", 30 * time.Millisecond, "restore"},
+		{"just after the restore", "restored ", 0, "restore"},
+		{"while it is made its own", "guest agent ready", 0, "restore"},
+		{"just after the start", "cloned ", 0, "boot"},
+		{"while the guest boots", "cloned ", 1500 * time.Millisecond, "boot"},
+		{"after it is ready", "guest agent ready", 0, "boot"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			j := newJob(t)
+			j.env["LIBVIRT_GCI_START"] = tc.start
+			if tc.start == "restore" {
+				j.warm()
+			}
 			if tc.after == "" {
 				j.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "5s"
 			}

@@ -81,6 +81,7 @@ func (q *slowQEMU) probes() (started, finished int) {
 func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
+	j.env["LIBVIRT_GCI_START"] = "boot" // the define that is slow is the instance's
 	q := newSlowQEMU(t)
 
 	// A template like the test template, on the slow QEMU.

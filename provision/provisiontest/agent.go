@@ -236,8 +236,11 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		pid := g.next
 		p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
 		g.procs[pid] = p
+		if a.Path == "setsid" && len(a.Arg) > 0 { // a session of its own
+			a.Path, a.Arg = a.Arg[0], a.Arg[1:]
+		}
 		switch {
-		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], "gci-job"): // a job script and its two output files
+		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], `bash "$1"`): // a job script and its two output files
 			script := a.Arg[3]
 			p.out, p.err = a.Arg[4], a.Arg[5]
 			if b := g.files[script]; b != nil {
