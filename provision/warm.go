@@ -251,7 +251,7 @@ func (h *Host) diskIdentity(conn *Conn, path string) (string, error) {
 // localURI tells whether a libvirt URI names this host's libvirt.
 func localURI(uri string) bool {
 	u, err := url.Parse(uri)
-	return err == nil && u.Host == "" && !strings.Contains(u.Scheme, "+")
+	return err == nil && u.Host == "" && (!strings.Contains(u.Scheme, "+") || strings.HasSuffix(u.Scheme, "+unix"))
 }
 
 // openWarm returns the warm image name, if it is complete; nil if not.
