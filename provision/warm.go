@@ -89,8 +89,8 @@ const streamTime = 30 * time.Second
 // deadlock when libvirtd's last packet of a download comes late (its router holds a
 // lock while it hands the packet to a caller that is gone): the download runs on a
 // connection of its own, which is dropped once the bytes are in.
-func (h *Host) readPrefix(vol libvirt.StorageVol, n uint64) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), streamTime)
+func (h *Host) readPrefix(ctx context.Context, vol libvirt.StorageVol, n uint64) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, streamTime)
 	defer cancel()
 	conn, err := h.Connect(ctx)
 	if err != nil {
@@ -111,7 +111,7 @@ func (h *Host) readPrefix(vol libvirt.StorageVol, n uint64) ([]byte, error) {
 		}
 	case <-pw.full:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("download of %s: no answer within %s", vol.Name, streamTime)
+		return nil, fmt.Errorf("download of %s: %w", vol.Name, context.Cause(ctx))
 	}
 	return pw.bytes(), nil
 }
@@ -255,7 +255,7 @@ func localURI(uri string) bool {
 }
 
 // openWarm returns the warm image name, if it is complete; nil if not.
-func (h *Host) openWarm(conn *Conn, name, tmplName string) (*WarmImage, error) {
+func (h *Host) openWarm(ctx context.Context, conn *Conn, name, tmplName string) (*WarmImage, error) {
 	if _, err := conn.warm(); err != nil {
 		return nil, err
 	}
@@ -272,7 +272,7 @@ func (h *Host) openWarm(conn *Conn, name, tmplName string) (*WarmImage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
-	all, err := h.readPrefix(save, headerRead)
+	all, err := h.readPrefix(ctx, save, headerRead)
 	if err != nil {
 		return nil, fmt.Errorf("warm image %s: read its header: %w", name, err)
 	}
@@ -337,7 +337,7 @@ func (h *Host) warmFor(ctx context.Context, conn *Conn, req Request, tmplXML str
 	if err != nil {
 		return nil, "", err
 	}
-	if wi, err := h.openWarm(conn, name, tmpl.Name); err != nil || wi != nil {
+	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
 		return wi, "", err
 	}
 	// Made by one process at a time; a prepare that finds another making it boots.
@@ -349,13 +349,13 @@ func (h *Host) warmFor(ctx context.Context, conn *Conn, req Request, tmplXML str
 		return nil, "another prepare is making the warm image of " + tmpl.Name, nil
 	}
 	defer unlock()
-	if wi, err := h.openWarm(conn, name, tmpl.Name); err != nil || wi != nil {
+	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
 		return wi, "", err
 	}
 	if err := h.makeWarm(ctx, conn, req, tmpl, p, name); err != nil {
 		return nil, "", err
 	}
-	wi, err := h.openWarm(conn, name, tmpl.Name)
+	wi, err := h.openWarm(ctx, conn, name, tmpl.Name)
 	if err == nil && wi == nil {
 		err = fmt.Errorf("warm image %s: made, but not found", name)
 	}
@@ -393,7 +393,7 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport string) (string, er
 		return "", err
 	}
 	defer unlock()
-	if wi, err := h.openWarm(conn, name, tmplName); err != nil {
+	if wi, err := h.openWarm(ctx, conn, name, tmplName); err != nil {
 		return "", err
 	} else if wi != nil {
 		h.Log.Info(fmt.Sprintf("the warm image %s of %s is up to date", name, tmplName))
