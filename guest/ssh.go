@@ -140,32 +140,34 @@ var sshCiphers = []string{
 	ssh.CipherAES128CTR, ssh.CipherAES192CTR, ssh.CipherAES256CTR,
 }
 
-// sshWrapper runs in the guest as `/bin/sh -c sshWrapper gci ID`: it reads the script
-// from stdin into a new private directory named after ID (mkdir fails if something is
-// there already), records its own PID (sshd made it a session leader, so that is also
-// its process group) for sshKill, runs the script with bash, and removes the directory.
-// If it cannot set up, it kills itself with USR1, which the host reports as a transport
-// failure rather than as the script's exit code.
+// sshWrapper runs in the guest as `/bin/sh -c sshWrapper gci ID`: it records its own
+// PID (sshd made it a session leader, so that is also its process group) for sshKill and
+// reads the script from stdin, each into a private file named after ID, created only if
+// nothing is there already (noclobber: O_EXCL, so no file or link planted there is
+// followed), runs the script with bash, and exits with its status while rm, in the
+// background and cut off from the session, removes both files: under software emulation
+// every program started costs tens of milliseconds, and the stage need not wait for that
+// one. If it cannot set up, it kills itself with USR1, which the host reports as a
+// transport failure rather than as the script's exit code.
 const sshWrapper = `umask 077
-d="${TMPDIR:-/tmp}/libvirt-gci.$1"
-mkdir "$d" || { echo "libvirt-gci: cannot create $d" >&2; kill -USR1 $$; }
-echo $$ >"$d/pid"
-cat >"$d/script" || { echo "libvirt-gci: cannot write the script" >&2; rm -rf "$d"; kill -USR1 $$; }
-bash "$d/script" </dev/null
+set -C
+f="${TMPDIR:-/tmp}/libvirt-gci.$1"
+{ echo $$ >"$f.pid" && cat >"$f"; } || { echo "libvirt-gci: cannot write the script to $f" >&2; kill -USR1 $$; }
+bash "$f" </dev/null
 rc=$?
-rm -rf "$d"
+rm -f "$f" "$f.pid" </dev/null >/dev/null 2>&1 &
 exit $rc`
 
 // sshKill runs as `/bin/sh -c sshKill gci ID` in a second session: it ends the process
 // group of the wrapper with that ID, TERM first and KILL after 2 s, and removes its
-// directory. (OpenSSH's own "signal" request is not honoured by every sshd.)
-const sshKill = `d="${TMPDIR:-/tmp}/libvirt-gci.$1"
-p=$(cat "$d/pid" 2>/dev/null) || exit 0
+// files. (OpenSSH's own "signal" request is not honoured by every sshd.)
+const sshKill = `f="${TMPDIR:-/tmp}/libvirt-gci.$1"
+p=$(cat "$f.pid" 2>/dev/null) || exit 0
 kill -TERM -"$p" 2>/dev/null
 i=0
 while [ $i -lt 20 ] && kill -0 -"$p" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
 kill -KILL -"$p" 2>/dev/null
-rm -rf "$d"
+rm -f "$f" "$f.pid"
 true`
 
 // shellQuote quotes s for a POSIX shell.

@@ -29,7 +29,8 @@ nic_template=$template-nic
 isolated_net=gci-isolated
 test_pool=${LIBVIRT_GCI_TEST_POOL:-gci-test}
 packages=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
-  e2fsprogs busybox-static cpio kmod xz-utils ca-certificates)
+  e2fsprogs busybox-static cpio kmod xz-utils ca-certificates
+  time) # /usr/bin/time: make bench's peak RSS of a stage
 
 say() { echo "testenv: $*" >&2; }
 

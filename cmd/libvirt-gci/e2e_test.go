@@ -292,7 +292,7 @@ func (j *gitlabJob) prepare() {
 const leftInGuest = `self=$(basename "$0" .sh); selfdir=$(dirname "$0")
 for f in /run/libvirt-gci/* "${TMPDIR:-/tmp}"/libvirt-gci.*; do
   [ -e "$f" ] || continue
-  case "$f" in "$selfdir"|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
+  case "$f" in "$selfdir"|"$0"|"$0".pid|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
 done`
 
 // leftovers lists domains and volumes whose names start with prefix.
