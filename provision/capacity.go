@@ -119,17 +119,6 @@ func (h *Host) lockCapacity(ctx context.Context) (func(), error) {
 	return h.lockFile(ctx, "capacity-"+hex.EncodeToString(sum[:6]))
 }
 
-// tryLockFile takes the lock lockFile takes, if no other process holds it.
-func (h *Host) tryLockFile(name string) (unlock func(), ok bool, err error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	unlock, err = h.lockFile(ctx, name)
-	if errors.Is(err, context.Canceled) {
-		return nil, false, nil
-	}
-	return unlock, err == nil, err
-}
-
 // lockFile takes a host-wide lock: the file NAME.lock beside the secret file (the runner
 // user's own directory), locked with flock, which the kernel releases if the process
 // dies. It waits until ctx ends.

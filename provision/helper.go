@@ -64,7 +64,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	}
 
 	// Built by one process at a time; the others wait, and find it made.
-	unlock, err := h.lockFile(ctx, "helper-"+id)
+	unlock, _, err := h.poolLock(ctx, conn, name, true, nil)
 	if err != nil {
 		return "", err
 	}

@@ -112,12 +112,17 @@ func TestHelperWaitIsBounded(t *testing.T) {
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
 	fi, err := os.Stat(bin)
 	require.NoError(t, err)
-	unlock, err := h.lockFile(context.Background(), "helper-"+helperID(fi)) // another prepare, building
+	unlock, ok, err := h.poolLock(context.Background(), NewConn(f), helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
 	require.NoError(t, err)
-	defer unlock()
+	require.True(t, ok)
+	_, ok, err = h.poolLock(context.Background(), NewConn(f), helperPrefix+helperID(fi)+".img", false, nil)
+	require.NoError(t, err)
+	assert.False(t, ok, "held")
 	start := time.Now()
 	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: TransportAgent})
 	assert.ErrorContains(t, err, "boot timeout 300ms (LIBVIRT_GCI_BOOT_TIMEOUT) passed")
 	assert.Less(t, time.Since(start), 5*time.Second)
-	assert.Equal(t, "domain tmpl running=false", f.State(), "nothing made")
+	assert.Equal(t, "domain tmpl running=false; volume ci/"+helperPrefix+helperID(fi)+".img.lock", f.State(), "nothing made")
+	unlock()
+	assert.Equal(t, "domain tmpl running=false", f.State(), "the lock is gone")
 }

@@ -269,6 +269,9 @@ func (h *Host) openWarm(ctx context.Context, conn *Conn, name, tmplName string) 
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
 	save, err := conn.api.StorageVolLookupByName(pool, name+".save")
+	if hasCode(err, libvirt.ErrNoStorageVol) {
+		return nil, nil // marked, but half removed: it is made again
+	}
 	if err != nil {
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
@@ -341,7 +344,7 @@ func (h *Host) warmFor(ctx context.Context, conn *Conn, req Request, tmplXML str
 		return wi, "", err
 	}
 	// Made by one process at a time; a prepare that finds another making it boots.
-	unlock, ok, err := h.tryLockFile("warm-" + name)
+	unlock, ok, err := h.poolLock(ctx, conn, name, false, h.warmBuilding(conn, name))
 	if err != nil {
 		return nil, "", err
 	}
@@ -360,6 +363,19 @@ func (h *Host) warmFor(ctx context.Context, conn *Conn, req Request, tmplXML str
 		err = fmt.Errorf("warm image %s: made, but not found", name)
 	}
 	return wi, "", err
+}
+
+// warmBuilding tells whether a domain is booting or being saved for the warm image
+// name (under any prefix): whether its lock's holder is at work.
+func (h *Host) warmBuilding(conn *Conn, name string) func() bool {
+	suffix := "warm-" + name[strings.LastIndex(name, "-")+1:]
+	return func() bool {
+		doms, _, err := conn.api.ConnectListAllDomains(1, 0)
+		if err != nil {
+			return true // cannot tell: not stale
+		}
+		return slices.ContainsFunc(doms, func(d libvirt.Domain) bool { return strings.HasSuffix(d.Name, suffix) })
+	}
 }
 
 // Warm makes the warm image of the template for instances with the transport given, if
@@ -388,7 +404,9 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport string) (string, er
 	if err != nil {
 		return "", err
 	}
-	unlock, err := h.lockFile(ctx, "warm-"+name)
+	bctx, cancel := h.bootTimeout(ctx)
+	defer cancel()
+	unlock, _, err := h.poolLock(bctx, conn, name, true, h.warmBuilding(conn, name))
 	if err != nil {
 		return "", err
 	}
@@ -425,7 +443,9 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	if _, err := conn.Teardown(domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
-	if err := deleteVolumes(conn, pool, func(v string) bool { return strings.HasPrefix(v, name+"-") || v == name+".save" }); err != nil {
+	if err := deleteVolumes(conn, pool, func(v string) bool {
+		return strings.HasPrefix(v, name+"-") || v == name+".save" || v == name+".done"
+	}); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	prepareID := randomHex(8)
