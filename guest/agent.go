@@ -11,7 +11,6 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -311,13 +310,9 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 	defer func() {
 		cctx, cancel := cleanupContext(ctx)
 		defer cancel()
-		// At once: each is a round trip, and the stage waits for them.
-		var wg sync.WaitGroup
 		for _, h := range handles {
-			wg.Add(1)
-			go func() { defer wg.Done(); _ = a.close(cctx, h) }()
+			_ = a.close(cctx, h)
 		}
-		wg.Wait()
 	}()
 	for _, p := range []string{outPath, errPath} {
 		h, err := a.open(ctx, p, "w+")
