@@ -110,3 +110,39 @@ func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
 	_, err := h.Warm(ctx, name, e.Settings.Transport)
 	return err
 }
+
+// CheckTemplate prints, check by check, whether the domain name is usable as a
+// template, with a hint for each failure; with boot, it then boots a throwaway clone to
+// a ready guest (and ssh, with that transport) and says how long that took. It fails if
+// any check does.
+func (e *Executor) CheckTemplate(ctx context.Context, name string, boot bool) error {
+	if err := checkTemplateName(name); err != nil {
+		return err
+	}
+	h := e.host()
+	checks, err := h.CheckTemplate(ctx, name, e.Settings.listed(name))
+	if err != nil {
+		return err
+	}
+	failed := 0
+	for _, c := range checks {
+		if c.OK {
+			fmt.Fprintf(e.Stdout, "ok    %s\n", c.What)
+			continue
+		}
+		failed++
+		fmt.Fprintf(e.Stdout, "FAIL  %s: %s\n", c.What, c.Hint)
+	}
+	if failed > 0 {
+		return &InputError{fmt.Sprintf("%s is not usable as a template: %d of %d checks failed", name, failed, len(checks))}
+	}
+	if boot {
+		took, err := h.TryBoot(ctx, name, e.Settings.Transport)
+		if err != nil {
+			fmt.Fprintf(e.Stdout, "FAIL  a throwaway clone boots to a ready guest (%s): %v\n", e.Settings.Transport, err)
+			return &InputError{fmt.Sprintf("%s is not usable as a template: a clone did not boot: %v", name, err)}
+		}
+		fmt.Fprintf(e.Stdout, "ok    a throwaway clone booted to a ready guest (%s) in %.1f s\n", e.Settings.Transport, took.Seconds())
+	}
+	return nil
+}

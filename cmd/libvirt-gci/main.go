@@ -204,6 +204,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 						Action:    func(c *cli.Context) error { return exec.MarkTemplates(c.Context, c.Args().Slice(), false) },
 					},
 					{
+						Name:      "check",
+						Usage:     "say, check by check, whether NAME is usable as a template; --boot boots a throwaway clone too",
+						ArgsUsage: "NAME",
+						Flags:     []cli.Flag{&cli.BoolFlag{Name: "boot", Usage: "boot a throwaway clone to a ready guest and say how long it took"}},
+						Action: func(c *cli.Context) error {
+							if c.NArg() != 1 {
+								return &executor.InputError{Msg: "usage: libvirt-gci template check [--boot] NAME"}
+							}
+							return exec.CheckTemplate(c.Context, c.Args().First(), c.Bool("boot"))
+						},
+					},
+					{
 						Name:      "warm",
 						Usage:     "make the warm image prepare restores NAME's instances from (LIBVIRT_GCI_START=restore), unless it is up to date",
 						ArgsUsage: "NAME",

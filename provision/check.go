@@ -1,0 +1,103 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// Check is one finding of CheckTemplate: what was checked, whether it passed, and, if
+// not, how to fix it.
+type Check struct {
+	What string
+	OK   bool
+	Hint string
+}
+
+// blockInfoAPI reads a disk's sizes through libvirt (which opens the file).
+type blockInfoAPI interface {
+	DomainGetBlockInfo(dom libvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
+}
+
+// CheckTemplate says, check by check, whether the domain name can be a template:
+// offered (marked, or offered says the operator lists it), shut off, not an instance,
+// its disks readable by libvirt and in a format an overlay can stand on, the guest agent
+// channel there, and no device that clones would share. It stops at the first check
+// whose failure makes the rest meaningless (no such domain).
+func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]Check, error) {
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	var out []Check
+	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
+	dom, err := conn.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) {
+		add("a libvirt domain named "+name, false, "define one (virsh define), or check LIBVIRT_GCI_URI ("+h.URI+")")
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up %q: %w", name, err)
+	}
+	info, err := conn.templateInfo(dom)
+	if err != nil {
+		return nil, err
+	}
+	add("not a libvirt-gci instance", !info.Instance, "instances are never templates; pick the domain it was cloned from")
+	if info.Instance {
+		return out, nil
+	}
+	add("offered to jobs (marked, or listed in LIBVIRT_GCI_TEMPLATES)", info.Marked || offered, "libvirt-gci template mark "+name)
+	add("shut off", info.Shutoff, "its disks back every clone, so it must not run: virsh shutdown "+name)
+	x, err := conn.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return nil, fmt.Errorf("XML of %q: %w", name, err)
+	}
+	tmpl, err := template.Parse(x)
+	if err != nil {
+		add("disks libvirt-gci can clone (file-backed, qcow2 or raw)", false, err.Error())
+		return out, nil
+	}
+	add("the guest agent channel", tmpl.HasAgent,
+		fmt.Sprintf("add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices, and qemu-guest-agent to the guest", template.AgentChannel))
+	access := tmpl.HostAccess()
+	add("no device clones would share or that reaches the host", len(access) == 0 || h.AllowHostAccess,
+		"remove "+strings.Join(access, ", ")+", or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true")
+	add("at least one writable disk", len(tmpl.Disks) > 0, "give it a disk: the job's overlay stands on it")
+	bi, _ := conn.api.(blockInfoAPI)
+	for _, d := range tmpl.Disks {
+		if bi == nil {
+			continue
+		}
+		_, _, _, err := bi.DomainGetBlockInfo(dom, d.Target, 0)
+		hint := ""
+		if err != nil {
+			hint = fmt.Sprintf("libvirt cannot read it: %v", err)
+		}
+		add(fmt.Sprintf("disk %s (%s, %s) readable by libvirt", d.Target, d.Path, d.Format), err == nil, hint)
+	}
+	return out, nil
+}
+
+// TryBoot boots a throwaway instance of the template name (by hand, a cold boot) to a
+// ready guest (and ssh, with that transport), removes it, and says how long it took.
+func (h *Host) TryBoot(ctx context.Context, name, transport string) (time.Duration, error) {
+	hb := *h
+	hb.Start = StartBoot
+	inst := h.Prefix + "check-" + randomHex(4)
+	start := time.Now()
+	err := hb.Launch(ctx, Request{Name: inst, Template: name, Offered: true, Owner: Owner{Manual: true}, Transport: transport,
+		Replace: func(Metadata) error { return errors.New("an instance of that name exists") }})
+	took := time.Since(start)
+	if rerr := hb.Remove(ctx, inst, nil); rerr != nil && err == nil {
+		err = rerr
+	}
+	return took, err
+}
