@@ -146,3 +146,12 @@ func (e *Executor) CheckTemplate(ctx context.Context, name string, boot bool) er
 	}
 	return nil
 }
+
+// MakeTemplate turns the domain name, a VM prepared by hand, into a template (its
+// identity reset, shut down, marked): the operator's, never a stage's.
+func (e *Executor) MakeTemplate(ctx context.Context, name string) error {
+	if err := checkTemplateName(name); err != nil {
+		return err
+	}
+	return e.host().MakeTemplate(ctx, name)
+}

@@ -674,3 +674,37 @@ func (a *Agent) Quiesce(ctx context.Context) error {
 	}
 	return nil
 }
+
+// resetIdentity removes what makes a guest one machine rather than a template of many,
+// as virt-sysprep does: its machine-id (emptied: systemd makes a new one at the next
+// boot), D-Bus's copy of it, its SSH host keys, its logs, and the leases of its DHCP
+// clients. Each part is skipped where the guest lacks it.
+const resetIdentity = `[ -e /etc/machine-id ] && : >/etc/machine-id
+[ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ] && rm -f /var/lib/dbus/machine-id
+rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
+find /var/log -type f -delete 2>/dev/null
+rm -rf /var/log/journal/* 2>/dev/null
+rm -f /var/lib/dhcp/*.leases /var/lib/dhcp/*.lease /var/lib/dhclient/* /var/lib/dhcpcd/*.lease \
+  /var/lib/NetworkManager/*.lease /var/lib/systemd/network/* /var/lib/udhcpc/* 2>/dev/null
+sync
+true`
+
+// ResetIdentity runs resetIdentity in the guest.
+func (a *Agent) ResetIdentity(ctx context.Context) error {
+	st, out, err := a.execWait(ctx, "/bin/sh", "-c", resetIdentity)
+	if err != nil {
+		return fmt.Errorf("reset the guest's identity: %w", err)
+	}
+	if st.Code != 0 || st.Signal != 0 {
+		return fmt.Errorf("reset the guest's identity: %s: %s", st, strings.TrimSpace(out))
+	}
+	return nil
+}
+
+// PowerOff asks the guest to power off by itself (poweroff, busybox's, or halt -p), for
+// guests whose agent cannot shut them down (no /sbin/shutdown). It does not wait: the
+// agent goes down with the guest.
+func (a *Agent) PowerOff(ctx context.Context) error {
+	_, err := a.exec(ctx, false, "/bin/sh", "-c", "poweroff 2>/dev/null || busybox poweroff 2>/dev/null || halt -p")
+	return err
+}

@@ -85,6 +85,31 @@ const headerRead = 1 << 20
 // streamTime bounds a libvirt stream call (a volume's upload or download).
 const streamTime = 30 * time.Second
 
+// readHeader reads the start of the save image vol: from its file where this process can
+// (a local libvirt, a user allowed to read it), else through libvirt (readPrefix).
+func (h *Host) readHeader(ctx context.Context, conn *Conn, vol libvirt.StorageVol) ([]byte, error) {
+	if localURI(h.URI) {
+		if w, err := conn.warm(); err == nil {
+			if path, err := w.StorageVolGetPath(vol); err == nil {
+				if f, err := os.Open(path); err == nil {
+					defer f.Close()
+					b := make([]byte, headerRead)
+					n, err := io.ReadFull(f, b)
+					if err == nil || errors.Is(err, io.ErrUnexpectedEOF) {
+						return b[:n], nil
+					}
+				}
+			}
+		}
+	}
+	// libvirt knows the volume by the size it had when made (empty, before the save)
+	// until something refreshes it: a download would stop there.
+	if _, _, _, err := conn.api.StorageVolGetInfo(vol); err != nil {
+		return nil, err
+	}
+	return h.readPrefix(ctx, vol, headerRead)
+}
+
 // readPrefix reads the first n bytes of the volume vol. go-libvirt's streams can
 // deadlock when libvirtd's last packet of a download comes late (its router holds a
 // lock while it hands the packet to a caller that is gone): the download runs on a
@@ -141,9 +166,21 @@ func (p *prefixWriter) bytes() []byte {
 	return slices.Clone(p.buf)
 }
 
-// upload writes data at the start of the volume vol, on a connection of its own (see
-// readPrefix), within streamTime.
+// upload writes data at the start of the volume vol: into its file where this process
+// can (a local libvirt, a user allowed to write it), else through libvirt on a
+// connection of its own (see readPrefix), within streamTime.
 func (h *Host) upload(ctx context.Context, vol libvirt.StorageVol, data []byte) error {
+	if localURI(h.URI) {
+		if f, err := os.OpenFile(vol.Key, os.O_WRONLY, 0); err == nil {
+			_, err := f.WriteAt(data, 0)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err == nil {
+				return nil
+			}
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, streamTime)
 	defer cancel()
 	conn, err := h.Connect(ctx)
@@ -275,9 +312,9 @@ func (h *Host) openWarm(ctx context.Context, conn *Conn, name, tmplName string) 
 	if err != nil {
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
-	all, err := h.readPrefix(ctx, save, headerRead)
+	all, err := h.readHeader(ctx, conn, save)
 	if err != nil {
-		return nil, fmt.Errorf("warm image %s: read its header: %w", name, err)
+		return nil, &notSavedError{fmt.Errorf("warm image %s: read its header: %w", name, err)}
 	}
 	if len(all) < saveHeaderSize || string(all[:16]) != saveMagic {
 		return nil, fmt.Errorf("warm image %s: not a complete libvirt save image", name)
@@ -510,6 +547,10 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	if err := conn.step(ctx, domName, "save "+domName, &t, func() error {
 		return w.DomainSaveFlags(dom, path, libvirt.OptString{}, uint32(libvirt.DomainSaveRunning))
 	}); err != nil {
+		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
+	}
+	// libvirt refreshes what it knows of the volume (made empty): its size is the image's.
+	if _, _, _, err := conn.api.StorageVolGetInfo(saveVol); err != nil {
 		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	// The domain goes; its volumes stay, as the warm image.

@@ -204,6 +204,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 						Action:    func(c *cli.Context) error { return exec.MarkTemplates(c.Context, c.Args().Slice(), false) },
 					},
 					{
+						Name:      "make",
+						Usage:     "turn NAME, a VM prepared by hand, into a template: reset its machine identity, shut it down, mark it",
+						ArgsUsage: "NAME",
+						Action: func(c *cli.Context) error {
+							if c.NArg() != 1 {
+								return &executor.InputError{Msg: "usage: libvirt-gci template make NAME"}
+							}
+							return exec.MakeTemplate(c.Context, c.Args().First())
+						},
+					},
+					{
 						Name:      "check",
 						Usage:     "say, check by check, whether NAME is usable as a template; --boot boots a throwaway clone too",
 						ArgsUsage: "NAME",

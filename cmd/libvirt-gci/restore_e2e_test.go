@@ -125,22 +125,8 @@ func TestRestoreNeverStale(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
 	j.env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
-	// The template's disk: a volume of its own (an overlay on the test image), which a
-	// test may change.
-	base, err := j.l.DomainLookupByName(testTmpl)
-	require.NoError(t, err)
-	bx, err := j.l.DomainGetXMLDesc(base, libvirt.DomainXMLInactive)
-	require.NoError(t, err)
-	root := regexp.MustCompile(`<source file='([^']+)'/>`).FindStringSubmatch(bx)
-	require.NotNil(t, root, bx)
+	disk := ownTemplateDisk(t, j)
 	pool, err := j.l.StoragePoolLookupByName(testPool)
-	require.NoError(t, err)
-	volName := j.prefix + "template.qcow2"
-	vol, err := j.l.StorageVolCreateXML(pool, fmt.Sprintf(`<volume><name>%s</name><capacity unit='bytes'>0</capacity><target><format type='qcow2'/></target>
-<backingStore><path>%s</path><format type='qcow2'/></backingStore></volume>`, volName, root[1]), 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = j.l.StorageVolDelete(vol, 0) })
-	disk, err := j.l.StorageVolGetPath(vol)
 	require.NoError(t, err)
 	tmplName := j.prefix + "tmpl"
 	x := templateVariant(t, j.l, tmplName, `<source file='[^']+'/>`, "<source file='"+disk+"'/>",
@@ -238,4 +224,26 @@ func TestRestoreNeverStale(t *testing.T) {
 	p4, _ := job(`true`)
 	assert.NotContains(t, p4, "made the warm image")
 	assert.Contains(t, p4, "restored "+tmplName+" into "+j.instance()+" from "+w3[1]+w3[2])
+}
+
+// ownTemplateDisk makes a disk for a template of the test's own: a volume in the test
+// pool (an overlay on the test image), which the test may change; it is deleted after
+// the test. It returns its path.
+func ownTemplateDisk(t *testing.T, j *gitlabJob) string {
+	t.Helper()
+	base, err := j.l.DomainLookupByName(testTmpl)
+	require.NoError(t, err)
+	bx, err := j.l.DomainGetXMLDesc(base, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	root := regexp.MustCompile(`<source file='([^']+)'/>`).FindStringSubmatch(bx)
+	require.NotNil(t, root, bx)
+	pool, err := j.l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	vol, err := j.l.StorageVolCreateXML(pool, fmt.Sprintf(`<volume><name>%s</name><capacity unit='bytes'>0</capacity><target><format type='qcow2'/></target>
+<backingStore><path>%s</path><format type='qcow2'/></backingStore></volume>`, j.prefix+"template.qcow2", root[1]), 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = j.l.StorageVolDelete(vol, 0) })
+	disk, err := j.l.StorageVolGetPath(vol)
+	require.NoError(t, err)
+	return disk
 }
