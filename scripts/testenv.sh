@@ -182,6 +182,16 @@ define_template() { # name [extra devices]
   say "defined template $name on $image_dir"
 }
 
+# Warm images are keyed by the binary that made them, and every test run builds a new
+# one: those of earlier runs are never restored again, and would pile up.
+remove_warm_images() {
+  local v n=0
+  for v in $(virsh -c "$uri" vol-list "$test_pool" 2>/dev/null | awk '$1 ~ /^libvirt-gci-warm-/ {print $1}'); do
+    virsh -c "$uri" vol-delete --pool "$test_pool" "$v" >/dev/null 2>&1 && n=$((n + 1))
+  done
+  ((n == 0)) || say "removed $n volumes of earlier runs' warm images from pool $test_pool"
+}
+
 remove_old_images() {
   for d in "$state"/images/tiny-*; do # images of older builders
     [[ $d == "$image_dir" ]] || rm -rf "$d"
@@ -231,6 +241,7 @@ setup() {
   define_template "$nic_template" "
     <interface type='network'><source network='$isolated_net'/><model type='virtio'/></interface>"
   remove_old_images
+  remove_warm_images
   check_libvirt_speed
 }
 
