@@ -119,20 +119,9 @@ func removeOldHelpers(conn *Conn, pool libvirt.StoragePool, keep string) (int, e
 	if len(old) == 0 {
 		return 0, nil
 	}
-	doms, _, err := conn.api.ConnectListAllDomains(1, 0)
+	xmls, err := domainXMLs(conn)
 	if err != nil {
-		return 0, fmt.Errorf("list domains: %w", err)
-	}
-	var xmls []string
-	for _, d := range doms {
-		x, err := conn.api.DomainGetXMLDesc(d, 0)
-		if hasCode(err, libvirt.ErrNoDomain) {
-			continue
-		}
-		if err != nil {
-			return 0, fmt.Errorf("XML of %q: %w", d.Name, err)
-		}
-		xmls = append(xmls, x)
+		return 0, err
 	}
 	n := 0
 	for _, v := range old {
