@@ -54,8 +54,17 @@ var prefixRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
 
 // Validate checks operator settings; its errors name the setting and what is allowed.
 func (s Settings) Validate() error {
-	if s.URI == "" {
-		return fmt.Errorf("LIBVIRT_GCI_URI is empty; want a libvirt URI such as qemu:///system")
+	if len(s.URIs()) == 0 {
+		return fmt.Errorf("LIBVIRT_GCI_URI is empty; want a libvirt URI such as qemu:///system, or several separated by spaces")
+	}
+	for _, uri := range s.URIs() {
+		u, err := url.Parse(uri)
+		if err != nil || u.Scheme == "" {
+			return fmt.Errorf("LIBVIRT_GCI_URI %q is not a URI; want one such as qemu:///system or qemu+ssh://user@host/system", uri)
+		}
+		if s.CacheDir != "" && u.Host != "" {
+			return fmt.Errorf("LIBVIRT_GCI_CACHE_DIR is a directory on this host, which the remote libvirt %s cannot share with its guests; unset it (GitLab's distributed cache works everywhere)", uri)
+		}
 	}
 	if s.Pool == "" {
 		return fmt.Errorf("LIBVIRT_GCI_POOL is empty; want the name of a libvirt storage pool")
@@ -101,8 +110,12 @@ func (s Settings) checkSSH(what string) error {
 	if !filepath.IsAbs(s.SecretFile) {
 		return fmt.Errorf("LIBVIRT_GCI_SECRET_FILE %q is invalid; want an absolute path", s.SecretFile)
 	}
-	if u, err := url.Parse(s.URI); err == nil && u.Host != "" && u.Hostname() != "localhost" && u.Hostname() != "127.0.0.1" {
-		return fmt.Errorf("%s cannot reach guests on the remote libvirt %s (their SSH ports are forwarded on that host's 127.0.0.1, not this one's); use LIBVIRT_GCI_TRANSPORT=agent", what, s.URI)
+	for _, uri := range s.URIs() {
+		// A guest's SSH port is forwarded on its host's 127.0.0.1: reached directly on a
+		// local libvirt, through the SSH connection on qemu+ssh.
+		if u, err := url.Parse(uri); err == nil && u.Host != "" && !strings.HasSuffix(u.Scheme, "+ssh") {
+			return fmt.Errorf("%s cannot reach guests on the libvirt %s: their SSH ports are forwarded on that host's 127.0.0.1, which only a qemu+ssh:// connection reaches; use qemu+ssh://, or LIBVIRT_GCI_TRANSPORT=agent", what, uri)
+		}
 	}
 	return nil
 }

@@ -41,25 +41,6 @@ type Executor struct {
 	Stderr   io.Writer
 }
 
-// host is the lifecycle of instances on the hypervisor, as the settings configure it.
-func (e *Executor) host() *provision.Host {
-	s := e.Settings
-	return &provision.Host{
-		URI: s.URI, Dial: e.Dial, Launcher: e.Launcher, Pool: s.Pool, Prefix: s.Prefix,
-		Limits:          provision.Limits{Instances: s.MaxInstances, MemoryTotal: s.MaxMemoryTotal},
-		MaxAge:          s.MaxAge,
-		BootTimeout:     s.BootTimeout,
-		AllowHostAccess: s.AllowHostAccess,
-		SSHUser:         s.SSHUser,
-		SecretFile:      s.SecretFile,
-		Forwards:        s.GuestForwards,
-		Start:           s.Start,
-		Version:         e.Version,
-		Log:             e.Log,
-		Out:             e.Stdout,
-	}
-}
-
 var digits = regexp.MustCompile(`^[0-9]{1,20}$`)
 
 // projectCache is the project's own cache directory under root (LIBVIRT_GCI_CACHE_DIR),
@@ -176,9 +157,12 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		}
 		req.Cache, req.CacheMount = dir, CacheDir
 	}
-	h := e.host()
+	h, err := e.place(ctx)
+	if err != nil {
+		return err
+	}
 	h.Helper = e.helper(t)
-	err := h.Launch(ctx, req)
+	err = h.Launch(ctx, req)
 	var small *provision.DiskTooSmallError
 	switch {
 	case errors.Is(err, provision.ErrNotOffered):
@@ -196,7 +180,11 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 	if err != nil {
 		return fmt.Errorf("read %s script: %w", stage, err)
 	}
-	sess, err := e.host().Open(ctx, t.Name, t.mine)
+	h, err := e.locate(ctx, t.Name)
+	if err != nil {
+		return fmt.Errorf("%s: %w", stage, err)
+	}
+	sess, err := h.Open(ctx, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNoInstance) {
 		return fmt.Errorf("%s: %w (was prepare run?)", stage, err)
 	}
@@ -230,7 +218,10 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 // Cleanup removes the instance and its volumes. It finishes even after a cancel, and is
 // idempotent: a missing or half-made instance is fine.
 func (e *Executor) Cleanup(ctx context.Context, t Target) error {
-	h := e.host()
+	h, err := e.locate(context.WithoutCancel(ctx), t.Name) // bounded by probeTime
+	if err != nil {
+		return err
+	}
 	// LIBVIRT_GCI_KEEP_FAILED keeps the instance of a failed job; by hand, cleanup
 	// --machine removes it.
 	if e.Settings.KeepFailed > 0 && !t.ByHand {
@@ -246,7 +237,7 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 			return nil
 		}
 	}
-	err := h.Remove(ctx, t.Name, t.mine)
+	err = h.Remove(ctx, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
 	}
@@ -254,6 +245,17 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 }
 
 // GC removes orphaned instances with our prefix (provision.Host.GC).
+// With several hosts it sweeps each in turn, past those that are down.
 func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (provision.Sweep, error) {
-	return e.host().GC(ctx, dryRun, olderThan)
+	var total provision.Sweep
+	var errs []error
+	for _, h := range e.hosts() {
+		sw, err := h.GC(ctx, dryRun, olderThan)
+		total.Removed += sw.Removed
+		total.Kept += sw.Kept
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
+		}
+	}
+	return total, errors.Join(errs...)
 }

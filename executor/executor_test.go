@@ -194,6 +194,9 @@ func TestSettingsValidate(t *testing.T) {
 	remote := settings()
 	remote.URI = "qemu+tls://hv1.example.com/system"
 	require.NoError(t, remote.Validate(), "the agent reaches guests on any libvirt")
+	ssh.URI = "qemu:///system, qemu+ssh://root@hv1.example.com:2222/system?keyfile=/k&known_hosts=/kh"
+	require.NoError(t, ssh.Validate(), "ssh reaches guests through the SSH connection to their host")
+	assert.Equal(t, []string{"qemu:///system", "qemu+ssh://root@hv1.example.com:2222/system?keyfile=/k&known_hosts=/kh"}, ssh.URIs())
 	for _, tc := range []struct {
 		mut  func(*Settings)
 		want string
@@ -209,8 +212,12 @@ func TestSettingsValidate(t *testing.T) {
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "root;id" }, `LIBVIRT_GCI_SSH_USER "root;id" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "-oProxyCommand" }, `LIBVIRT_GCI_SSH_USER "-oProxyCommand" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SecretFile = "secret" }, `LIBVIRT_GCI_SECRET_FILE "secret" is invalid; want an absolute path`},
-		{func(s *Settings) { s.Transport = TransportSSH; s.URI = "qemu+ssh://hv1.example.com/system" },
-			"LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the remote libvirt qemu+ssh://hv1.example.com/system"},
+		{func(s *Settings) { s.Transport = TransportSSH; s.URI = "qemu:///system qemu+tls://hv1.example.com/system" },
+			"LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the libvirt qemu+tls://hv1.example.com/system: their SSH ports are forwarded on that host's 127.0.0.1, which only a qemu+ssh:// connection reaches"},
+		{func(s *Settings) { s.URI = "qemu:///system ,hv1" }, `LIBVIRT_GCI_URI "hv1" is not a URI`},
+		{func(s *Settings) { s.URI = " , " }, "LIBVIRT_GCI_URI is empty"},
+		{func(s *Settings) { s.URI = "qemu+ssh://hv1/system"; s.CacheDir = "/var/cache/gci" },
+			"LIBVIRT_GCI_CACHE_DIR is a directory on this host, which the remote libvirt qemu+ssh://hv1/system cannot share"},
 	} {
 		s := settings()
 		tc.mut(&s)

@@ -22,19 +22,30 @@ type Listed struct {
 	MemoryMiB uint64          `json:"memory_mib"`
 	Transport string          `json:"transport"`
 	Volumes   int             `json:"volumes"`
+	Host      string          `json:"host,omitempty"` // the libvirt URI it was placed by
 }
 
 // List prints the managed instances: every domain with our metadata, whatever its name.
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
-	infos, err := e.host().List(ctx)
-	if err != nil {
-		return err
+	var infos []provision.InstanceInfo
+	seen := map[string]bool{}
+	for _, h := range e.hosts() {
+		in, err := h.List(ctx)
+		if err != nil {
+			return fmt.Errorf("%s: %w", h.URI, err)
+		}
+		for _, i := range in { // two URIs may reach one libvirt
+			if k := i.Name + "\x00" + i.Metadata.PrepareID; !seen[k] {
+				seen[k] = true
+				infos = append(infos, i)
+			}
+		}
 	}
 	list := []Listed{}
 	for _, in := range infos {
 		l := Listed{Name: in.Name, State: in.State, Template: in.Metadata.Template, Owner: in.Metadata.Owner,
 			CreatedAt: in.Metadata.CreatedAt, CPUs: in.CPUs, MemoryMiB: in.MemoryKiB / 1024, Transport: in.Metadata.StageTransport(),
-			Volumes: len(in.Metadata.Volumes)}
+			Volumes: len(in.Metadata.Volumes), Host: in.Metadata.Host}
 		if t, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
 			l.AgeSec = int64(time.Since(t).Seconds())
 		}

@@ -39,6 +39,9 @@ type SSH struct {
 	User    string        // the guest user jobs run as
 	Key     ssh.Signer    // the instance's client key
 	HostKey ssh.PublicKey // the only host key accepted
+	// Dial, if set, opens the connection to Addr (through the SSH connection to a remote
+	// hypervisor, whose 127.0.0.1 Addr is on); nil dials it from this host.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 	// Rekey, if set, is called during WaitReady when the guest presents another host key:
 	// at prepare that is an sshd that has not reloaded its new key yet.
 	Rekey func(ctx context.Context) error
@@ -63,8 +66,12 @@ func (s *SSH) checkHostKey(_ string, _ net.Addr, key ssh.PublicKey) error {
 
 // dial opens an authenticated connection; ctx bounds the dial and the handshake.
 func (s *SSH) dial(ctx context.Context) (*ssh.Client, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", s.Addr)
+	dial := s.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	}
+	c, err := dial(ctx, s.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("ssh %s: %w", s.Addr, err)
 	}

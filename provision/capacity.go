@@ -147,3 +147,58 @@ func (h *Host) lockFile(ctx context.Context, name string) (func(), error) {
 		}
 	}
 }
+
+// Headroom is how much room a host has for one more instance, by the capacity rules of
+// its Limits: where the job goes when LIBVIRT_GCI_URI lists several hosts.
+type Headroom struct {
+	Fits      bool   // one more instance of the smallest size fits under the limits now
+	Instances int    // running instances with our prefix
+	FreeBytes uint64 // memory left under LIBVIRT_GCI_MAX_MEMORY_TOTAL, else the host's free memory
+}
+
+// Better tells whether a is the better place for a job than b.
+func (a Headroom) Better(b Headroom) bool {
+	if a.Fits != b.Fits {
+		return a.Fits
+	}
+	if a.FreeBytes != b.FreeBytes {
+		return a.FreeBytes > b.FreeBytes
+	}
+	return a.Instances < b.Instances
+}
+
+func (r Headroom) String() string {
+	s := fmt.Sprintf("%d instances, %s memory free", r.Instances, FormatSize(r.FreeBytes))
+	if !r.Fits {
+		s += ", full"
+	}
+	return s
+}
+
+// Headroom measures the host's room for another instance.
+func (h *Host) Headroom(conn *Conn) (Headroom, error) {
+	list, err := conn.Instances()
+	if err != nil {
+		return Headroom{}, err
+	}
+	var r Headroom
+	var mem uint64
+	for _, in := range list {
+		if !strings.HasPrefix(in.Name, h.Prefix) || in.State == "shut off" {
+			continue
+		}
+		r.Instances++
+		mem += in.MemoryKiB * 1024
+	}
+	l := h.Limits
+	r.Fits = l.Instances == 0 || r.Instances < l.Instances
+	if l.MemoryTotal > 0 {
+		r.FreeBytes = l.MemoryTotal - min(mem, l.MemoryTotal)
+		r.Fits = r.Fits && r.FreeBytes > 0
+	} else if n, ok := conn.api.(interface{ NodeGetFreeMemory() (uint64, error) }); ok {
+		if r.FreeBytes, err = n.NodeGetFreeMemory(); err != nil {
+			return Headroom{}, fmt.Errorf("free memory: %w", err)
+		}
+	}
+	return r, nil
+}

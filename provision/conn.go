@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/url"
-	"os/user"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -75,6 +74,27 @@ type Conn struct {
 	dropped   atomic.Bool
 	stop      func() bool
 	closeOnce sync.Once
+
+	// local: libvirtd runs on this host (its files are this host's files). dialHost
+	// reaches an address on libvirtd's host: set for qemu+ssh.
+	local    bool
+	dialHost func(ctx context.Context, addr string) (net.Conn, error)
+}
+
+// IsLocal tells whether libvirtd runs on this host: paths it names are this host's.
+func (c *Conn) IsLocal() bool { return c.local }
+
+// DialHost opens a TCP connection to addr as libvirtd's host sees it: directly on this
+// host, through the SSH connection for qemu+ssh. Other remote transports cannot.
+func (c *Conn) DialHost(ctx context.Context, addr string) (net.Conn, error) {
+	switch {
+	case c.dialHost != nil:
+		return c.dialHost(ctx, addr)
+	case c.local:
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
+	}
+	return nil, fmt.Errorf("cannot reach %s on a libvirt host over this transport; only qemu+ssh:// and a local libvirt can", addr)
 }
 
 // Connect dials libvirt at uri (qemu:///system, qemu+ssh://host/system, test:///default,
@@ -86,13 +106,19 @@ func Connect(ctx context.Context, uri string) (*Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
 	}
-	d, err := dialerFor(u)
+	d, err := dialerFor(ctx, u)
 	if err != nil {
 		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
 	}
 	c, err := connect(ctx, d, libvirt.RemoteURI(u))
 	if err != nil {
 		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, err)
+	}
+	switch sd := d.Dialer.(type) {
+	case *sshDialer:
+		c.dialHost = sd.DialHost
+	case *dialers.Local:
+		c.local = true
 	}
 	return c, nil
 }
@@ -151,8 +177,8 @@ func (d *droppable) drop() {
 }
 
 // dialerFor picks go-libvirt's dialer for a URI's transport: the local socket (the
-// default, with ?socket=), ssh, tcp or tls.
-func dialerFor(u *url.URL) (*droppable, error) {
+// default, with ?socket=), tcp or tls; ssh is ours (sshDialer).
+func dialerFor(ctx context.Context, u *url.URL) (*droppable, error) {
 	transport := "unix"
 	if s := strings.SplitN(u.Scheme, "+", 2); len(s) == 2 {
 		transport = s[1]
@@ -181,25 +207,12 @@ func dialerFor(u *url.URL) (*droppable, error) {
 			opts = append(opts, dialers.UsePKIPath(p))
 		}
 		return &droppable{Dialer: dialers.NewTLS(u.Hostname(), opts...)}, nil
-	case "ssh": // Go's ssh client with the user's ~/.ssh keys and known_hosts
-		me, err := user.Current()
+	case "ssh":
+		d, err := newSSHDialer(ctx, u)
 		if err != nil {
 			return nil, err
 		}
-		opts := []dialers.SSHOption{dialers.WithSystemSSHDefaults(me)}
-		if p := u.Port(); p != "" {
-			opts = append(opts, dialers.UseSSHPort(p))
-		}
-		if n := u.User.Username(); n != "" {
-			opts = append(opts, dialers.UseSSHUsername(n))
-		}
-		if k := u.Query().Get("keyfile"); k != "" {
-			opts = append(opts, dialers.UseKeyFile(k))
-		}
-		if s := u.Query().Get("socket"); s != "" {
-			opts = append(opts, dialers.WithRemoteSocket(s))
-		}
-		return &droppable{Dialer: dialers.NewSSH(u.Hostname(), opts...)}, nil
+		return &droppable{Dialer: d}, nil
 	}
 	return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", transport)
 }

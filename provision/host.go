@@ -421,16 +421,22 @@ func (h *Host) warnIfSlow(call, name string, took time.Duration) {
 		"call", call, "ms", took.Milliseconds())
 }
 
-// spec lays out the instance: one overlay per writable template disk, the metadata that
-// records them, and the domain XML.
-func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extra ...Volume) (Spec, error) {
-	meta := Metadata{
-		Template:  tmpl.Name,
+// newMetadata is a new instance's metadata, before its volumes.
+func (h *Host) newMetadata(req Request, tmpl, prepareID string) Metadata {
+	return Metadata{
+		Template:  tmpl,
 		Owner:     req.Owner,
 		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
 		Runner:    req.Runner,
+		Host:      h.URI,
 	}
+}
+
+// spec lays out the instance: one overlay per writable template disk, the metadata that
+// records them, and the domain XML.
+func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extra ...Volume) (Spec, error) {
+	meta := h.newMetadata(req, tmpl.Name, prepareID)
 	spec := Spec{Name: req.Name}
 	overlays := map[string]template.Overlay{}
 	for _, d := range tmpl.Disks {

@@ -31,6 +31,9 @@ type Metadata struct {
 	// Warm is the warm image the instance was restored from; "" for a cold boot. Its
 	// overlays back the instance's: it stays while the instance does.
 	Warm string `xml:"warm,omitempty"`
+	// Host is the libvirt URI prepare placed the instance by: where LIBVIRT_GCI_URI lists
+	// several hosts that reach the same libvirt, run and cleanup take this one.
+	Host string `xml:"host,omitempty"`
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or

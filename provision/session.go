@@ -47,7 +47,7 @@ func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a 
 	if err := conn.SetMetadata(a.inst.Name, m); err != nil {
 		return err
 	}
-	s, err := sshTransport(m.SSH, a.key)
+	s, err := sshTransport(conn, m.SSH, a.key)
 	if err != nil {
 		return err
 	}
@@ -64,7 +64,8 @@ func (h *Host) clientKey(inst Instance, create bool) (ssh.Signer, error) {
 	return guest.ClientKey(secret, inst.UUID)
 }
 
-func sshTransport(info *SSH, key ssh.Signer) (*guest.SSH, error) {
+// sshTransport reaches the guest at info's address on libvirt's host, through conn.
+func sshTransport(conn *Conn, info *SSH, key ssh.Signer) (*guest.SSH, error) {
 	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
 	if err != nil {
 		return nil, fmt.Errorf("pinned host key in the metadata: %w", err)
@@ -74,6 +75,7 @@ func sshTransport(info *SSH, key ssh.Signer) (*guest.SSH, error) {
 		User:    info.User,
 		Key:     key,
 		HostKey: hostKey,
+		Dial:    conn.DialHost,
 	}, nil
 }
 
@@ -124,7 +126,7 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 		if err != nil {
 			return nil, err
 		}
-		if s.ssh, err = sshTransport(info, key); err != nil {
+		if s.ssh, err = sshTransport(conn, info, key); err != nil {
 			return nil, err
 		}
 		s.forwards = h.Forwards

@@ -657,14 +657,8 @@ func domainXMLs(conn *Conn) ([]string, error) {
 // its copy of the save image, its metadata, and its domain XML, rewritten from the warm
 // image's. It returns the MAC address changes the guest must make.
 func (h *Host) restoredSpec(conn *Conn, req Request, wi *WarmImage, prepareID string) (Spec, []template.MACChange, error) {
-	meta := Metadata{
-		Template:  wi.Template,
-		Owner:     req.Owner,
-		PrepareID: prepareID,
-		CreatedAt: time.Now().UTC().Format(time.RFC3339),
-		Runner:    req.Runner,
-		Warm:      wi.Name,
-	}
+	meta := h.newMetadata(req, wi.Template, prepareID)
+	meta.Warm = wi.Name
 	spec := Spec{Name: req.Name}
 	overlays := map[string]template.Overlay{}
 	for target, vol := range wi.Overlays {
