@@ -212,7 +212,10 @@ func TestSettingsValidate(t *testing.T) {
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "root;id" }, `LIBVIRT_GCI_SSH_USER "root;id" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SSHUser = "-oProxyCommand" }, `LIBVIRT_GCI_SSH_USER "-oProxyCommand" is invalid`},
 		{func(s *Settings) { s.Transport = TransportSSH; s.SecretFile = "secret" }, `LIBVIRT_GCI_SECRET_FILE "secret" is invalid; want an absolute path`},
-		{func(s *Settings) { s.Transport = TransportSSH; s.URI = "qemu:///system qemu+tls://hv1.example.com/system" },
+		{func(s *Settings) {
+			s.Transport = TransportSSH
+			s.URI = "qemu:///system qemu+tls://hv1.example.com/system"
+		},
 			"LIBVIRT_GCI_TRANSPORT ssh cannot reach guests on the libvirt qemu+tls://hv1.example.com/system: their SSH ports are forwarded on that host's 127.0.0.1, which only a qemu+ssh:// connection reaches"},
 		{func(s *Settings) { s.URI = "qemu:///system ,hv1" }, `LIBVIRT_GCI_URI "hv1" is not a URI`},
 		{func(s *Settings) { s.URI = " , " }, "LIBVIRT_GCI_URI is empty"},
