@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
@@ -53,24 +52,41 @@ func (e *Executor) hosts() []*provision.Host {
 }
 
 // eachHost runs f on every host at once, each with a connection of its own bounded by
-// probeTime, and returns what each said, in the order of LIBVIRT_GCI_URI.
-func eachHost[T any](ctx context.Context, hs []*provision.Host, f func(ctx context.Context, h *provision.Host, conn *provision.Conn) (T, error)) ([]T, []error) {
-	out, errs := make([]T, len(hs)), make([]error, len(hs))
-	var wg sync.WaitGroup
+// probeTime, and returns what each said, in the order of LIBVIRT_GCI_URI. Once enough
+// says that an answer settles it, it returns without waiting for the others (a stalled
+// host among them); their slots stay empty, with errors saying so.
+func eachHost[T any](ctx context.Context, hs []*provision.Host, f func(h *provision.Host, conn *provision.Conn) (T, error), enough func(i int, v T) bool) ([]T, []error) {
+	ctx, cancel := context.WithTimeout(ctx, probeTime)
+	defer cancel()
+	type answer struct {
+		i   int
+		v   T
+		err error
+	}
+	answers := make(chan answer, len(hs))
 	for i, h := range hs {
-		wg.Go(func() {
-			pctx, cancel := context.WithTimeout(ctx, probeTime)
-			defer cancel()
-			conn, err := h.Connect(pctx)
+		go func() {
+			conn, err := h.Connect(ctx)
 			if err != nil {
-				errs[i] = err
+				answers <- answer{i: i, err: err}
 				return
 			}
 			defer conn.Close()
-			out[i], errs[i] = f(pctx, h, conn)
-		})
+			v, err := f(h, conn)
+			answers <- answer{i, v, err}
+		}()
 	}
-	wg.Wait()
+	out, errs := make([]T, len(hs)), make([]error, len(hs))
+	for i := range errs {
+		errs[i] = errors.New("not asked: another host settled it")
+	}
+	for range hs {
+		a := <-answers
+		out[a.i], errs[a.i] = a.v, a.err
+		if a.err == nil && enough != nil && enough(a.i, a.v) {
+			break
+		}
+	}
 	return out, errs
 }
 
@@ -82,9 +98,9 @@ func (e *Executor) place(ctx context.Context) (*provision.Host, error) {
 		return hs[0], nil
 	}
 	start := time.Now()
-	rooms, errs := eachHost(ctx, hs, func(_ context.Context, h *provision.Host, conn *provision.Conn) (provision.Headroom, error) {
+	rooms, errs := eachHost(ctx, hs, func(h *provision.Host, conn *provision.Conn) (provision.Headroom, error) {
 		return h.Headroom(conn)
-	})
+	}, nil)
 	best := -1
 	for i, h := range hs {
 		if errs[i] != nil {
@@ -113,13 +129,13 @@ func (e *Executor) locate(ctx context.Context, name string) (*provision.Host, er
 	if len(hs) == 1 {
 		return hs[0], nil
 	}
-	found, errs := eachHost(ctx, hs, func(_ context.Context, h *provision.Host, conn *provision.Conn) (*provision.Instance, error) {
+	found, errs := eachHost(ctx, hs, func(h *provision.Host, conn *provision.Conn) (*provision.Instance, error) {
 		inst, err := conn.Lookup(name)
 		if err != nil {
 			return nil, err
 		}
 		return &inst, nil
-	})
+	}, func(i int, inst *provision.Instance) bool { return inst.Metadata.Host == hs[i].URI })
 	var at *provision.Host
 	var down []error
 	for i, h := range hs {

@@ -3,6 +3,7 @@ package executor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -29,8 +30,15 @@ type Listed struct {
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
 	var infos []provision.InstanceInfo
 	seen := map[string]bool{}
-	for _, h := range e.hosts() {
+	hs := e.hosts()
+	var down []error
+	for _, h := range hs {
 		in, err := h.List(ctx)
+		if err != nil && len(hs) > 1 && ctx.Err() == nil {
+			e.Log.Warn(fmt.Sprintf("skipping %s: %v", h.URI, err), "uri", h.URI)
+			down = append(down, err)
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", h.URI, err)
 		}
@@ -40,6 +48,9 @@ func (e *Executor) List(ctx context.Context, asJSON bool) error {
 				infos = append(infos, i)
 			}
 		}
+	}
+	if len(down) == len(hs) {
+		return fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(down...))
 	}
 	list := []Listed{}
 	for _, in := range infos {

@@ -168,7 +168,7 @@ func (a Headroom) Better(b Headroom) bool {
 }
 
 func (r Headroom) String() string {
-	s := fmt.Sprintf("%d instances, %s memory free", r.Instances, FormatSize(r.FreeBytes))
+	s := fmt.Sprintf("%d instances, %d MiB memory free", r.Instances, r.FreeBytes>>20)
 	if !r.Fits {
 		s += ", full"
 	}

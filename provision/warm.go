@@ -218,7 +218,7 @@ const warmPrefix = "libvirt-gci-warm-"
 // warmFamily names the warm images of one template and profile: a new image of the
 // family replaces the older ones.
 func (h *Host) warmFamily(tmplName string, p warmProfile) string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%s\x00%t\x00%s", h.URI, tmplName, p.SSHNIC, p.Helper))
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%t\x00%s", tmplName, p.SSHNIC, p.Helper))
 	return warmPrefix + hex.EncodeToString(sum[:4])
 }
 
@@ -275,7 +275,7 @@ func (h *Host) diskIdentity(conn *Conn, path string) (string, error) {
 		}
 	}
 	if !localURI(h.URI) {
-		return "", fmt.Errorf("template disk %s is in no storage pool of the remote libvirt: a warm image could not tell when it changed; put it in a pool, or use LIBVIRT_GCI_START=boot", path)
+		return "", fmt.Errorf("template disk %s is in no storage pool of the remote libvirt, so a warm image could not tell when it changed (put it in a pool for warm images)", path)
 	}
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -374,8 +374,8 @@ func (h *Host) warmFor(ctx context.Context, conn *Conn, req Request, tmplXML str
 	}
 	p := warmProfile{SSHNIC: h.needsSSH(req), Helper: req.helper}
 	name, err := h.warmName(conn, tmplXML, tmpl, p)
-	if err != nil {
-		return nil, "", err
+	if err != nil { // a disk whose changes cannot be told: no image could be trusted
+		return nil, err.Error(), nil
 	}
 	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
 		return wi, "", err

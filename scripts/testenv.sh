@@ -30,7 +30,7 @@ isolated_net=gci-isolated
 test_pool=${LIBVIRT_GCI_TEST_POOL:-gci-test}
 packages=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
   e2fsprogs busybox-static cpio kmod xz-utils ca-certificates
-  time) # /usr/bin/time: make bench's peak RSS of a stage
+  time openssh-server) # time: make bench's peak RSS of a stage; sshd: the qemu+ssh tests
 
 say() { echo "testenv: $*" >&2; }
 
@@ -117,6 +117,19 @@ ensure_pool() { # name path
   local info
   info=$(virsh -c "$uri" pool-info "$1")
   [[ $info =~ State:\ *running ]] || virsh -c "$uri" pool-start "$1" >/dev/null
+}
+
+# The test guest's image directory as a pool too: a libvirt reached over qemu+ssh tells a
+# template disk's changes (for its warm image) only for a disk in a pool. The pool
+# follows the image when a new builder makes another.
+ensure_image_pool() { # name path
+  if virsh -c "$uri" pool-dumpxml "$1" 2>/dev/null | grep -q "<path>$2</path>"; then
+    ensure_pool "$1" "$2"
+    return
+  fi
+  virsh -c "$uri" pool-destroy "$1" >/dev/null 2>&1 || true
+  virsh -c "$uri" pool-undefine "$1" >/dev/null 2>&1 || true
+  ensure_pool "$1" "$2"
 }
 
 template_xml() { # name [extra devices]
@@ -236,6 +249,7 @@ setup() {
   build_image
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
+  ensure_image_pool gci-test-images "$image_dir"
   define_template "$template"
   ensure_isolated_net
   define_template "$nic_template" "

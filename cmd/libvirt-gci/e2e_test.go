@@ -39,6 +39,7 @@ var (
 	testNICTmpl = envOr("LIBVIRT_GCI_TEST_NIC_TEMPLATE", testTmpl+"-nic")
 	testPool    = envOr("LIBVIRT_GCI_TEST_POOL", "gci-test")
 	jobSerial   atomic.Int64
+	cleanups    []func() // what TestMain undoes once the tests are done (theSSHD's sshd)
 )
 
 func envOr(k, def string) string {
@@ -59,6 +60,9 @@ func TestMain(m *testing.M) {
 		buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 	}
 	code := m.Run()
+	for _, f := range cleanups {
+		f()
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

@@ -1,0 +1,259 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// hypervisorSSHD is a second sshd on 127.0.0.1 with keys of its own, through which
+// qemu+ssh:// reaches the local libvirt as it would a remote hypervisor's.
+type hypervisorSSHD struct {
+	port           int
+	keyfile, known string // the client key, a known_hosts with the sshd's host key
+	mu             sync.Mutex
+	log            bytes.Buffer // its debug log: the channels it opened
+}
+
+var (
+	sshdOnce sync.Once
+	sshd     *hypervisorSSHD
+	sshdErr  error
+)
+
+// theSSHD starts the test binary's one hypervisor sshd, or fails the test.
+func theSSHD(t *testing.T) *hypervisorSSHD {
+	t.Helper()
+	sshdOnce.Do(func() { sshd, sshdErr = startSSHD() })
+	require.NoError(t, sshdErr)
+	return sshd
+}
+
+func (s *hypervisorSSHD) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.log.Write(p)
+}
+
+func (s *hypervisorSSHD) logged() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.log.String()
+}
+
+// uri is the qemu+ssh URI of the sshd, with known_hosts file known.
+func (s *hypervisorSSHD) uri(known string) string {
+	return fmt.Sprintf("qemu+ssh://root@127.0.0.1:%d/system?keyfile=%s&known_hosts=%s", s.port, url.QueryEscape(s.keyfile), url.QueryEscape(known))
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func startSSHD() (*hypervisorSSHD, error) {
+	bin := "/usr/sbin/sshd"
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("no sshd (scripts/testenv.sh setup installs openssh-server): %w", err)
+	}
+	dir, err := os.MkdirTemp("", "libvirt-gci-sshd")
+	if err != nil {
+		return nil, err
+	}
+	for _, k := range []string{"host", "client"} {
+		if out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", k, "-f", filepath.Join(dir, k)).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("ssh-keygen: %v: %s", err, out)
+		}
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	s := &hypervisorSSHD{port: port, keyfile: filepath.Join(dir, "client"), known: filepath.Join(dir, "known_hosts")}
+	pub, err := os.ReadFile(filepath.Join(dir, "client.pub"))
+	if err != nil {
+		return nil, err
+	}
+	hostPub, err := os.ReadFile(filepath.Join(dir, "host.pub"))
+	if err != nil {
+		return nil, err
+	}
+	files := map[string]string{
+		"authorized_keys": string(pub),
+		"known_hosts":     fmt.Sprintf("[127.0.0.1]:%d %s", port, hostPub),
+		"sshd_config": fmt.Sprintf(`Port %d
+ListenAddress 127.0.0.1
+HostKey %s
+AuthorizedKeysFile %s
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+AllowStreamLocalForwarding yes
+PidFile %s
+LogLevel DEBUG1
+`, port, filepath.Join(dir, "host"), filepath.Join(dir, "authorized_keys"), filepath.Join(dir, "sshd.pid")),
+	}
+	for n, c := range files {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o600); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil { // its privilege separation directory
+		return nil, err
+	}
+	cmd := exec.Command(bin, "-D", "-e", "-f", filepath.Join(dir, "sshd_config"))
+	cmd.Stdout, cmd.Stderr = s, s
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = cmd.Wait() }()
+	cleanups = append(cleanups, func() { _ = cmd.Process.Kill(); _ = os.RemoveAll(dir) })
+	for range 100 {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			c.Close()
+			return s, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil, fmt.Errorf("sshd did not listen on 127.0.0.1:%d: %s", port, s.logged())
+}
+
+// A job on a hypervisor reached over qemu+ssh, with each transport: the agent through
+// the libvirt connection, ssh through a channel of the same SSH connection to the
+// guest's forward on the hypervisor's 127.0.0.1.
+func TestRemoteQemuSSH(t *testing.T) {
+	t.Parallel()
+	s := theSSHD(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			t.Parallel()
+			j := newJobOver(t, tr)
+			j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
+			start := time.Now()
+			r := j.stage("prepare")
+			require.Equal(t, 0, r.code, r.stderr)
+			t.Cleanup(func() { j.stage("cleanup") })
+			t.Logf("prepare over qemu+ssh (%s): %.1f s", tr, time.Since(start).Seconds())
+			assert.NotContains(t, r.stderr, "booting", "restored from the warm image, made and read over qemu+ssh")
+			assert.Contains(t, r.stderr, "restored")
+			start = time.Now()
+			r = j.run("build_script", "echo remote-ok; hostname")
+			t.Logf("a stage over qemu+ssh (%s): %d ms", tr, time.Since(start).Milliseconds())
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "remote-ok")
+			assert.Contains(t, r.stdout, j.instance())
+			r = j.run("build_script", "exit 3")
+			assert.Equal(t, 1, r.code, r.stderr)
+			r = j.stage("cleanup")
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Empty(t, leftovers(t, j.l, j.prefix))
+			if tr == "ssh" {
+				// The guest's SSH was reached through the hypervisor's sshd, not directly.
+				assert.Regexp(t, `server_request_direct_tcpip: originator .* target 127\.0\.0\.1 port \d+`, s.logged())
+			}
+			assert.Contains(t, s.logged(), "server_request_direct_streamlocal")
+		})
+	}
+}
+
+// A hypervisor whose host key is not the one known_hosts has, or that known_hosts does
+// not list, is refused before anything is made.
+func TestRemoteHostKeyRefused(t *testing.T) {
+	t.Parallel()
+	s := theSSHD(t)
+	dir := t.TempDir()
+	out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", filepath.Join(dir, "other")).CombinedOutput()
+	require.NoError(t, err, string(out))
+	other, err := os.ReadFile(filepath.Join(dir, "other.pub"))
+	require.NoError(t, err)
+	wrong, unknown := filepath.Join(dir, "wrong"), filepath.Join(dir, "unknown")
+	require.NoError(t, os.WriteFile(wrong, fmt.Appendf(nil, "[127.0.0.1]:%d %s", s.port, other), 0o600))
+	require.NoError(t, os.WriteFile(unknown, fmt.Appendf(nil, "[127.0.0.1]:1 %s", other), 0o600))
+	for known, want := range map[string]string{
+		wrong:   fmt.Sprintf("host key mismatch at 127.0.0.1:%d", s.port),
+		unknown: fmt.Sprintf("127.0.0.1:%d is not in %s", s.port, unknown),
+	} {
+		j := newJob(t)
+		j.env["LIBVIRT_GCI_URI"] = s.uri(known)
+		r := j.stage("prepare")
+		assert.Equal(t, 2, r.code, r.stderr)
+		assert.Contains(t, r.stderr, want)
+		assert.Contains(t, r.stderr, "refusing to connect")
+		assert.Empty(t, leftovers(t, j.l, j.prefix))
+	}
+}
+
+// With two hypervisors of which one is down (a port that accepts and then says
+// nothing, as a stalled host), prepare skips it with a line and places the job on the
+// other; run and cleanup find the job there.
+func TestRemoteOneHostDown(t *testing.T) {
+	t.Parallel()
+	s := theSSHD(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	down := strings.Replace(s.uri(s.known), fmt.Sprintf(":%d/", s.port), fmt.Sprintf(":%d/", ln.Addr().(*net.TCPAddr).Port), 1)
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_URI"] = down + " " + s.uri(s.known)
+	start := time.Now()
+	r := j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { j.stage("cleanup") })
+	t.Logf("prepare with one host stalled: %.1f s", time.Since(start).Seconds())
+	assert.Contains(t, r.stderr, "skipping "+down+": ")
+	assert.Contains(t, r.stderr, "placed on "+s.uri(s.known))
+	r = j.stage("list", "--json")
+	require.Equal(t, 0, r.code, r.stderr)
+	var listed []struct{ Name, Host string }
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &listed))
+	require.Len(t, listed, 1)
+	assert.Equal(t, s.uri(s.known), listed[0].Host, "the host it was placed by, in its metadata")
+
+	start = time.Now()
+	r = j.run("build_script", "echo placed-ok")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "placed-ok")
+	assert.Less(t, time.Since(start), 8*time.Second, "run waits for the stalled host though the instance was found")
+	r = j.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+}
