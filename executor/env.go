@@ -23,6 +23,11 @@ type Settings struct {
 	BootTimeout     time.Duration
 	Transport       string // how stages reach the guest: "agent" or "ssh"
 	Start           string // how instances start: "restore" (from warm images) or "boot"
+	BaseImages      string // a directory or pool of the Python tool's <distro>.qcow2 base images; "": none
+	BaseCPUs        int    // their VMs' size
+	BaseMemory      uint64 // bytes
+	BaseNetwork     string // the libvirt network of their NIC; "": none
+	BaseVirt        string // their domain type: kvm, qemu, or "": kvm where offered
 	SSHUser         string // the guest user jobs run as with the ssh transport
 	SecretFile      string // the host secret instance SSH keys are derived from (0600)
 	// AllowHostAccess lets templates give jobs host devices, host directory shares,
@@ -80,6 +85,14 @@ func (s Settings) Validate() error {
 	if s.DefaultTemplate != "" {
 		if err := checkTemplateName(s.DefaultTemplate); err != nil {
 			return fmt.Errorf("LIBVIRT_GCI_DEFAULT_TEMPLATE: %w", err)
+		}
+	}
+	if s.BaseImages != "" {
+		if strings.ContainsAny(s.BaseImages, "/") && !filepath.IsAbs(s.BaseImages) {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES %q is invalid; want an absolute directory or the name of a storage pool", s.BaseImages)
+		}
+		if s.BaseCPUs < 1 || s.BaseMemory < 64<<20 {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_CPUS %d / LIBVIRT_GCI_BASE_MEMORY %s is too small; want at least 1 CPU and 64M", s.BaseCPUs, FormatSize(s.BaseMemory))
 		}
 	}
 	if s.BootTimeout <= 0 {

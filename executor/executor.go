@@ -166,7 +166,11 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	var small *provision.DiskTooSmallError
 	switch {
 	case errors.Is(err, provision.ErrNotOffered):
-		return &InputError{fmt.Sprintf("template %q (from %s) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES", choice.Name, choice.From)}
+		msg := fmt.Sprintf("template %q (from %s) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES", choice.Name, choice.From)
+		if b := e.Settings.BaseImages; b != "" {
+			msg += fmt.Sprintf(", and there is no base image %s.qcow2 in %s (LIBVIRT_GCI_BASE_IMAGES)", choice.Name, b)
+		}
+		return &InputError{msg}
 	case errors.As(err, &small):
 		return &InputError{fmt.Sprintf("CUSTOM_ENV_LIBVIRT_GCI_DISK %s is smaller than the template's disk (%s); a disk can only grow", FormatSize(small.Asked), FormatSize(small.Have))}
 	}

@@ -33,6 +33,7 @@ func (e *Executor) hostAt(uri string) *provision.Host {
 		SecretFile:      s.SecretFile,
 		Forwards:        s.GuestForwards,
 		Start:           s.Start,
+		BaseImages:      provision.BaseImages{Source: s.BaseImages, CPUs: s.BaseCPUs, Memory: s.BaseMemory, Network: s.BaseNetwork, Virt: s.BaseVirt},
 		Version:         e.Version,
 		Log:             e.Log,
 		Out:             e.Stdout,

@@ -110,7 +110,7 @@ func boolean(f func(*Settings) *bool) func(*Settings, string) error {
 
 // SettingList is every operator setting. Validate checks how they go together.
 var SettingList = []Setting{
-	{Flag: "uri", Default: "qemu:///system", Help: "libvirt connection URI: the local one, or +ssh, +tcp, +tls",
+	{Flag: "uri", Default: "qemu:///system", Help: "libvirt connection URI: the local one, or qemu+ssh:// (keyfile=, known_hosts= checked strictly), +tcp, +tls; several, space-separated: each job goes to the one with most room",
 		set: text(func(s *Settings) *string { return &s.URI })},
 	{Flag: "pool", Default: "default", Help: "storage pool that receives instance overlays",
 		set: text(func(s *Settings) *string { return &s.Pool })},
@@ -130,6 +130,32 @@ var SettingList = []Setting{
 				return fmt.Errorf("want restore or boot")
 			}
 			s.Start = v
+			return nil
+		}},
+	{Flag: "base-images", Help: "the Python libvirt-gci's base images: a directory (absolute path) or a storage pool of DISTRO.qcow2 files, each a template with a built-in definition",
+		set: text(func(s *Settings) *string { return &s.BaseImages })},
+	{Flag: "base-cpus", Default: "2", Help: "CPUs of a base image's VMs",
+		set: count(func(s *Settings) *int { return &s.BaseCPUs })},
+	{Flag: "base-memory", Default: "2G", Help: "memory of a base image's VMs",
+		set: size(func(s *Settings) *uint64 { return &s.BaseMemory })},
+	{Flag: "base-network", Default: "default", Help: "libvirt network of a base image's VMs' NIC; none: no NIC",
+		set: func(s *Settings, v string) error {
+			if v == "none" {
+				v = ""
+			}
+			s.BaseNetwork = v
+			return nil
+		}},
+	{Flag: "base-virt", Default: "auto", Help: "domain type of a base image's VMs: kvm, qemu (software emulation), or auto (kvm where libvirt offers it)",
+		set: func(s *Settings, v string) error {
+			switch v {
+			case "auto", "":
+				s.BaseVirt = ""
+			case "kvm", "qemu":
+				s.BaseVirt = v
+			default:
+				return fmt.Errorf("want kvm, qemu or auto")
+			}
 			return nil
 		}},
 	{Flag: "ssh-user", Default: "root", Help: "the guest user jobs run as over ssh",

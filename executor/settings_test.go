@@ -42,7 +42,7 @@ func TestSettingsParse(t *testing.T) {
 		require.NoError(t, d.Set(&s, d.DefaultValue()), d.Flag)
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
-	assert.Equal(t, Settings{URI: "qemu:///system", Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Transport: "agent", Start: "restore",
+	assert.Equal(t, Settings{URI: "qemu:///system", Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Transport: "agent", Start: "restore", BaseCPUs: 2, BaseMemory: 2 << 30, BaseNetwork: "default",
 		SSHUser: "root", SecretFile: defaultSecretFile(), RunnerBinary: "auto", LogFormat: "text"}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 

@@ -68,6 +68,9 @@ type Host struct {
 	Forwards []string
 	// Start is how instances start: StartBoot, or StartRestore (from warm images).
 	Start string
+	// BaseImages are the Python libvirt-gci's templates (LIBVIRT_GCI_BASE_IMAGES); zero:
+	// none.
+	BaseImages BaseImages
 	// Version is this tool's: a new version makes new warm images.
 	Version string
 	Log     *slog.Logger
@@ -291,6 +294,12 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 func (h *Host) template(conn *Conn, req Request) (string, *template.Template, error) {
 	lookupStart := time.Now()
 	tx, marked, err := conn.TemplateXML(req.Template)
+	if errors.Is(err, ErrNoTemplate) && h.BaseImages.Source != "" {
+		// A base image: offered by being where the operator put it.
+		if tx, err = h.baseImageXML(conn, req.Template); err == nil {
+			marked = true
+		}
+	}
 	h.warnIfSlow("template lookup", req.Template, time.Since(lookupStart))
 	if !req.Offered && !marked && (err == nil || errors.Is(err, ErrNoTemplate) || errors.Is(err, ErrNotTemplate)) {
 		// Whether or not such a domain exists: a job learns nothing of the host's other VMs.

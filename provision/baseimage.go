@@ -1,0 +1,178 @@
+package provision
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// BaseImages are the Python libvirt-gci's templates: a directory (or a storage pool) of
+// disk images named <distro>.qcow2, with no domains. Each is a template with a built-in
+// domain definition; the operator offers it by putting it there.
+type BaseImages struct {
+	// Source is an absolute directory on the libvirt host, or the name of a storage pool.
+	Source  string
+	CPUs    int
+	Memory  uint64 // bytes
+	Network string // the libvirt network of its NIC; "" for none
+	// Virt is the domain type: kvm, qemu (software emulation), or "" for kvm where the
+	// host's capabilities offer it.
+	Virt string
+}
+
+// IsDir tells whether the images are a directory rather than a pool.
+func (b BaseImages) IsDir() bool { return filepath.IsAbs(b.Source) }
+
+// Kernel files beside an image boot it directly: images without a bootloader (the
+// project's test guest, say) need them. Their names: <distro> and these suffixes.
+const (
+	kernelSuffix  = ".vmlinuz"
+	initrdSuffix  = ".initrd"
+	cmdlineSuffix = ".cmdline" // the kernel command line; "console=ttyS0" if missing
+)
+
+// baseImageXML is the domain definition of the base image name, or ErrNoTemplate.
+func (h *Host) baseImageXML(conn *Conn, name string) (string, error) {
+	b := h.BaseImages
+	path, err := b.find(conn, name+".qcow2")
+	if err != nil {
+		return "", err
+	}
+	if path == "" {
+		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in %s)", name, ErrNoTemplate, name, b.Source)
+	}
+	kernel, err := b.find(conn, name+kernelSuffix)
+	if err != nil {
+		return "", err
+	}
+	var initrd, cmdline string
+	if kernel != "" {
+		if initrd, err = b.find(conn, name+initrdSuffix); err != nil {
+			return "", err
+		}
+		cmdline = "console=ttyS0"
+		if b.IsDir() && conn.IsLocal() {
+			if c, err := os.ReadFile(filepath.Join(b.Source, name+cmdlineSuffix)); err == nil {
+				cmdline = strings.TrimSpace(string(c))
+			}
+		}
+	}
+	virt := b.Virt
+	if virt == "" {
+		virt = virtType(conn)
+	}
+	return b.domainXML(name, path, kernel, initrd, cmdline, virt)
+}
+
+// find is the path of the image file name on the libvirt host, or "" if there is none.
+func (b BaseImages) find(conn *Conn, name string) (string, error) {
+	if b.IsDir() {
+		p := filepath.Join(b.Source, name)
+		if !conn.IsLocal() { // libvirt knows it only if a pool holds it
+			if _, err := conn.api.StorageVolLookupByPath(p); err != nil {
+				return "", nil
+			}
+			return p, nil
+		}
+		if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() {
+			return "", nil
+		}
+		return p, nil
+	}
+	pool, err := conn.api.StoragePoolLookupByName(b.Source)
+	if err != nil {
+		return "", fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
+	}
+	vol, err := conn.api.StorageVolLookupByName(pool, name)
+	if hasCode(err, libvirt.ErrNoStorageVol) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("base image %s in pool %s: %w", name, b.Source, err)
+	}
+	w, err := conn.warm()
+	if err != nil {
+		return "", err
+	}
+	return w.StorageVolGetPath(vol)
+}
+
+// virtType is kvm where the libvirt host's capabilities offer it for x86_64 guests, else
+// qemu (software emulation).
+func virtType(conn *Conn) string {
+	if c, ok := conn.api.(interface{ ConnectGetCapabilities() (string, error) }); ok {
+		if x, err := c.ConnectGetCapabilities(); err == nil {
+			var caps libvirtxml.Caps
+			if caps.Unmarshal(x) == nil {
+				for _, g := range caps.Guests {
+					if g.Arch.Name != "x86_64" {
+						continue
+					}
+					for _, d := range g.Arch.Domains {
+						if d.Type == "kvm" {
+							return "kvm"
+						}
+					}
+				}
+			}
+		}
+	}
+	return "qemu"
+}
+
+// domainXML is the built-in definition: q35, a virtio disk and NIC, the agent channel, a
+// virtio RNG, a serial console.
+func (b BaseImages) domainXML(name, disk, kernel, initrd, cmdline, virt string) (string, error) {
+	dom := libvirtxml.Domain{
+		Type:        virt,
+		Name:        name,
+		Description: "libvirt-gci base image " + disk,
+		Memory:      &libvirtxml.DomainMemory{Value: uint(b.Memory >> 10), Unit: "KiB"},
+		VCPU:        &libvirtxml.DomainVCPU{Value: uint(b.CPUs)},
+		OS: &libvirtxml.DomainOS{
+			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
+			Kernel:  kernel,
+			Initrd:  initrd,
+			Cmdline: cmdline,
+		},
+		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}},
+		OnPoweroff: "destroy",
+		OnReboot:   "restart",
+		OnCrash:    "destroy",
+		Devices: &libvirtxml.DomainDeviceList{
+			Disks: []libvirtxml.DomainDisk{{
+				Device: "disk",
+				Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "qcow2"},
+				Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: disk}},
+				Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
+			}},
+			Channels: []libvirtxml.DomainChannel{{
+				Source: &libvirtxml.DomainChardevSource{UNIX: &libvirtxml.DomainChardevSourceUNIX{}},
+				Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: template.AgentChannel}},
+			}},
+			Serials:     []libvirtxml.DomainSerial{{Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}}}},
+			RNGs:        []libvirtxml.DomainRNG{{Model: "virtio", Backend: &libvirtxml.DomainRNGBackend{Random: &libvirtxml.DomainRNGBackendRandom{Device: "/dev/urandom"}}}},
+			MemBalloon:  &libvirtxml.DomainMemBalloon{Model: "none"},
+			Controllers: []libvirtxml.DomainController{{Type: "usb", Model: "none"}},
+		},
+	}
+	if kernel == "" {
+		dom.OS.BootDevices = []libvirtxml.DomainBootDevice{{Dev: "hd"}}
+	}
+	if virt == "kvm" {
+		dom.CPU = &libvirtxml.DomainCPU{Mode: "host-passthrough"}
+	}
+	if b.Network != "" {
+		dom.Devices.Interfaces = []libvirtxml.DomainInterface{{
+			Source: &libvirtxml.DomainInterfaceSource{Network: &libvirtxml.DomainInterfaceSourceNetwork{Network: b.Network}},
+			Model:  &libvirtxml.DomainInterfaceModel{Type: "virtio"},
+		}}
+	}
+	return dom.Marshal()
+}
