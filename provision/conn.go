@@ -177,7 +177,7 @@ func (d *droppable) drop() {
 }
 
 // dialerFor picks go-libvirt's dialer for a URI's transport: the local socket (the
-// default, with ?socket=), tcp or tls; ssh is ours (sshDialer).
+// default, with ?socket=) or tcp; ssh and tls are ours (sshDialer, tlsDialer).
 func dialerFor(ctx context.Context, u *url.URL) (*droppable, error) {
 	transport := "unix"
 	if s := strings.SplitN(u.Scheme, "+", 2); len(s) == 2 {
@@ -199,14 +199,11 @@ func dialerFor(ctx context.Context, u *url.URL) (*droppable, error) {
 		}
 		return &droppable{Dialer: dialers.NewRemote(u.Hostname(), opts...)}, nil
 	case "tls":
-		var opts []dialers.TLSOption
-		if p := u.Port(); p != "" {
-			opts = append(opts, dialers.UseTLSPort(p))
+		d, err := newTLSDialer(ctx, u)
+		if err != nil {
+			return nil, err
 		}
-		if p := u.Query().Get("pkipath"); p != "" {
-			opts = append(opts, dialers.UsePKIPath(p))
-		}
-		return &droppable{Dialer: dialers.NewTLS(u.Hostname(), opts...)}, nil
+		return &droppable{Dialer: d}, nil
 	case "ssh":
 		d, err := newSSHDialer(ctx, u)
 		if err != nil {

@@ -18,9 +18,9 @@ import (
 	"golang.org/x/crypto/ssh/knownhosts"
 )
 
-// sshDialTime bounds the TCP connect and the SSH handshake with a hypervisor: a host that
-// is down or stalled is given up on after it.
-var sshDialTime = 10 * time.Second
+// dialTime bounds the TCP connect and the SSH or TLS handshake with a remote libvirt: a
+// host that is down or stalled is given up on after it.
+var dialTime = 10 * time.Second
 
 // defaultLibvirtSocket is libvirtd's socket on a hypervisor reached over SSH.
 const defaultLibvirtSocket = "/var/run/libvirt/libvirt-sock"
@@ -191,7 +191,7 @@ func (d *sshDialer) hostKey(host string, remote net.Addr, key ssh.PublicKey) err
 
 // Dial opens the SSH connection and, in it, a channel to libvirtd's socket.
 func (d *sshDialer) Dial() (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(d.ctx, sshDialTime)
+	ctx, cancel := context.WithTimeout(d.ctx, dialTime)
 	defer cancel()
 	var nd net.Dialer
 	c, err := nd.DialContext(ctx, "tcp", d.addr)
@@ -210,7 +210,7 @@ func (d *sshDialer) Dial() (net.Conn, error) {
 			return err
 		},
 		HostKeyAlgorithms: d.algorithms(c.RemoteAddr()),
-		Timeout:           sshDialTime,
+		Timeout:           dialTime,
 	})
 	if err != nil {
 		_ = c.Close()
@@ -218,7 +218,7 @@ func (d *sshDialer) Dial() (net.Conn, error) {
 		case hkErr != nil:
 			return nil, hkErr
 		case ctx.Err() != nil:
-			return nil, fmt.Errorf("ssh %s: no answer within %s: %w", d.addr, sshDialTime, context.Cause(ctx))
+			return nil, fmt.Errorf("ssh %s: no answer within %s: %w", d.addr, dialTime, context.Cause(ctx))
 		}
 		return nil, fmt.Errorf("ssh %s@%s: %w", d.user, d.addr, err)
 	}
