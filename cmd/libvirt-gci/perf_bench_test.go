@@ -189,7 +189,12 @@ func BenchmarkPerformance(b *testing.B) {
 		perfStages(b, &t, tr, peak)
 	}
 
-	// 4. Overlays on a 1 GiB and a 40 GiB template disk.
+	// 4. A stage on a hypervisor reached over qemu+ssh, against the same VM's local stage.
+	for _, tr := range transports {
+		perfRemote(b, &t, tr)
+	}
+
+	// 5. Overlays on a 1 GiB and a 40 GiB template disk.
 	perfOverlays(b, &t, j.l)
 
 	for _, s := range []string{"prepare", "run", "cleanup"} {
@@ -368,6 +373,35 @@ func perfStages(b *testing.B, t *perfTable, transport string, peak func(string, 
 	if client != nil {
 		client.Close()
 	}
+	j.stage("cleanup")
+}
+
+// perfRemote: an empty stage through qemu+ssh (the test's second sshd on 127.0.0.1, so
+// only the SSH connection's own cost), against the same instance reached locally.
+func perfRemote(b *testing.B, t *perfTable, transport string) {
+	s := theSSHD(b)
+	j := newJobOver(b, transport)
+	j.env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
+	j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
+	j.prepare()
+	empty := j.script("empty.sh", "true")
+	var remote, local []time.Duration
+	for i := 0; i < perfRuns; i++ {
+		for _, uri := range []string{s.uri(s.known), testURI} {
+			j.env["LIBVIRT_GCI_URI"] = uri
+			r, took, _ := j.timedStage("run", empty, "build_script")
+			if r.code != 0 {
+				b.Fatal(r.stderr)
+			}
+			if uri == testURI {
+				local = append(local, took)
+			} else {
+				remote = append(remote, took)
+			}
+		}
+	}
+	t.add("empty stage over "+transport+", qemu+ssh", ms(median(remote)), "local "+ms(median(local)), "+"+ms(median(remote)-median(local)), "")
+	j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
 	j.stage("cleanup")
 }
 
