@@ -137,6 +137,29 @@ LogLevel DEBUG1
 	return nil, fmt.Errorf("sshd did not listen on 127.0.0.1:%d: %s", port, s.logged())
 }
 
+// mutePort is a TCP port on 127.0.0.1 that accepts connections and then says nothing,
+// as a stalled host does, until the test ends.
+func mutePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		var held []net.Conn
+		for {
+			c, err := ln.Accept()
+			if err != nil { // closed at the end of the test
+				for _, c := range held {
+					c.Close()
+				}
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
 // A job on a hypervisor reached over qemu+ssh, with each transport: the agent through
 // the libvirt connection, ssh through a channel of the same SSH connection to the
 // guest's forward on the hypervisor's 127.0.0.1.
@@ -208,30 +231,7 @@ func TestRemoteHostKeyRefused(t *testing.T) {
 func TestRemoteOneHostDown(t *testing.T) {
 	t.Parallel()
 	s := theSSHD(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	var held []net.Conn
-	var mu sync.Mutex
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	})
-	down := strings.Replace(s.uri(s.known), fmt.Sprintf(":%d/", s.port), fmt.Sprintf(":%d/", ln.Addr().(*net.TCPAddr).Port), 1)
+	down := strings.Replace(s.uri(s.known), fmt.Sprintf(":%d/", s.port), fmt.Sprintf(":%d/", mutePort(t)), 1)
 	j := newJob(t)
 	j.env["LIBVIRT_GCI_URI"] = down + " " + s.uri(s.known)
 	start := time.Now()

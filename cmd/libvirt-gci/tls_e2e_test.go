@@ -140,23 +140,7 @@ func TestRemoteQemuTLS(t *testing.T) {
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
 
 	// Accepts, and says nothing: a stalled libvirtd's host.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		var held []net.Conn
-		for {
-			c, err := ln.Accept()
-			if err != nil { // closed at the end of the test
-				for _, c := range held {
-					c.Close()
-				}
-				return
-			}
-			held = append(held, c)
-		}
-	}()
-	j.env["LIBVIRT_GCI_URI"] = fmt.Sprintf("qemu+tls://127.0.0.1:%d/system?pkipath=%s", ln.Addr().(*net.TCPAddr).Port, pkiDir(t, ca, ca))
+	j.env["LIBVIRT_GCI_URI"] = fmt.Sprintf("qemu+tls://127.0.0.1:%d/system?pkipath=%s", mutePort(t), pkiDir(t, ca, ca))
 	start := time.Now()
 	r = j.stage("list")
 	assert.NotEqual(t, 0, r.code)
