@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -282,4 +284,45 @@ func TestRunnerRemoteQemuSSH(t *testing.T) {
 	assert.Contains(t, trace, "remote job on "+h.prefix, trace)
 	assert.Contains(t, trace, "Version:")
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
+}
+
+// connsTo counts this process's TCP connections to 127.0.0.1:port that are established.
+func connsTo(t *testing.T, port int) int {
+	t.Helper()
+	mine := map[string]bool{}
+	fds, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	for _, fd := range fds {
+		if l, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && strings.HasPrefix(l, "socket:[") {
+			mine[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	b, err := os.ReadFile("/proc/net/tcp")
+	require.NoError(t, err)
+	n := 0
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		// rem_address is 0100007F:PORT (hex); state 01 is ESTABLISHED; field 9 the inode
+		if len(f) > 9 && f[2] == fmt.Sprintf("0100007F:%04X", port) && f[3] == "01" && mine[f[9]] {
+			n++
+		}
+	}
+	return n
+}
+
+// Closing a connection over qemu+ssh closes its SSH connection (go-libvirt's own SSH
+// dialer leaks one per connection): what a long-lived process needs.
+func TestRemoteSSHConnectionsClosed(t *testing.T) {
+	t.Parallel()
+	s := theSSHD(t)
+	lv(t)
+	for range 3 {
+		conn, err := provision.Connect(context.Background(), s.uri(s.known))
+		require.NoError(t, err)
+		_, err = conn.Instances()
+		require.NoError(t, err)
+		require.Equal(t, 1, connsTo(t, s.port), "the SSH connection of the open libvirt connection")
+		require.NoError(t, conn.Close())
+		require.Eventually(t, func() bool { return connsTo(t, s.port) == 0 }, 5*time.Second, 20*time.Millisecond, "the SSH connection is closed with the libvirt one")
+	}
 }
