@@ -222,7 +222,14 @@ func (e *Executor) Run(ctx context.Context, t Target, scriptPath, stage, exitCod
 // Cleanup removes the instance and its volumes. It finishes even after a cancel, and is
 // idempotent: a missing or half-made instance is fine.
 func (e *Executor) Cleanup(ctx context.Context, t Target) error {
-	h, err := e.locate(context.WithoutCancel(ctx), t.Name) // bounded by probeTime
+	// Finding the host goes on after a cancel, as the removal does, for AfterCancel.
+	lctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer cancel(nil)
+	stop := context.AfterFunc(ctx, func() {
+		time.AfterFunc(provision.AfterCancel, func() { cancel(context.Cause(ctx)) })
+	})
+	defer stop()
+	h, err := e.locate(lctx, t.Name)
 	if err != nil {
 		return err
 	}
