@@ -10,8 +10,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 type hypervisorSSHD struct {
 	port           int
 	keyfile, known string // the client key, a known_hosts with the sshd's host key
+	pid            int
 	mu             sync.Mutex
 	log            bytes.Buffer // its debug log: the channels it opened
 }
@@ -128,6 +131,7 @@ LogLevel DEBUG1
 		return nil, err
 	}
 	go func() { _ = cmd.Wait() }()
+	s.pid = cmd.Process.Pid
 	cleanups = append(cleanups, func() { _ = cmd.Process.Kill(); _ = os.RemoveAll(dir) })
 	for range 100 {
 		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
@@ -325,4 +329,67 @@ func TestRemoteSSHConnectionsClosed(t *testing.T) {
 		require.NoError(t, conn.Close())
 		require.Eventually(t, func() bool { return connsTo(t, s.port) == 0 }, 5*time.Second, 20*time.Millisecond, "the SSH connection is closed with the libvirt one")
 	}
+}
+
+// descendants are the processes below pid: an sshd's connections.
+func descendants(pid int) []int {
+	out, _ := exec.Command("pgrep", "-P", strconv.Itoa(pid)).Output()
+	var all []int
+	for _, f := range strings.Fields(string(out)) {
+		if c, err := strconv.Atoi(f); err == nil {
+			all = append(all, c)
+			all = append(all, descendants(c)...)
+		}
+	}
+	return all
+}
+
+// A hypervisor whose sshd stalls (its connection's processes stopped with SIGSTOP) does
+// not keep a cancelled run stage alive: it exits within 5 s of the runner's SIGTERM.
+func TestRemoteSSHStalledSIGTERM(t *testing.T) {
+	t.Parallel()
+	s, err := startSSHD() // its own: stopping it stalls no other test
+	require.NoError(t, err)
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
+	j.prepare()
+
+	cmd := exec.Command(binPath, "run", j.script("b.sh", "echo up; sleep 613"), "build_script")
+	cmd.Env = j.environ()
+	var output lockedBuffer
+	cmd.Stdout, cmd.Stderr = &output, &output
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	require.Eventually(t, func() bool { return strings.Contains(output.String(), "up") }, time.Minute, 20*time.Millisecond)
+
+	stopped := descendants(s.pid)
+	require.NotEmpty(t, stopped, "the stage's SSH connection has its sshd process")
+	resume := sync.OnceFunc(func() {
+		for _, p := range stopped {
+			_ = syscall.Kill(p, syscall.SIGCONT)
+		}
+	})
+	t.Cleanup(resume)
+	for _, p := range stopped {
+		require.NoError(t, syscall.Kill(p, syscall.SIGSTOP))
+	}
+	time.Sleep(500 * time.Millisecond) // the stage now waits on the stalled connection
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	sent := time.Now()
+	select {
+	case err := <-exited:
+		resume()
+		var ee *exec.ExitError
+		require.ErrorAs(t, err, &ee, "want a failure exit; output:\n%s", output.String())
+		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
+		assert.Less(t, time.Since(sent), 5*time.Second, "exit within 5 s of SIGTERM")
+		t.Logf("run exited %.1f s after SIGTERM with the hypervisor's sshd stopped", time.Since(sent).Seconds())
+	case <-time.After(2 * time.Minute):
+		resume()
+		_ = cmd.Process.Kill()
+		t.Fatalf("run still waits on the stopped sshd 2 min after SIGTERM; output:\n%s", output.String())
+	}
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
 }
