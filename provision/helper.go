@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -106,41 +105,9 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 // removeOldHelpers deletes the helper volumes (and their marks) in pool other than keep
 // that no defined domain's XML names. It says how many it deleted.
 func removeOldHelpers(conn *Conn, pool libvirt.StoragePool, keep string) (int, error) {
-	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
-	if err != nil {
-		return 0, fmt.Errorf("list pool %q: %w", pool.Name, err)
-	}
-	var old []libvirt.StorageVol
-	for _, v := range vols {
-		if strings.HasPrefix(v.Name, helperPrefix) && strings.HasSuffix(v.Name, ".img") && v.Name != keep {
-			old = append(old, v)
-		}
-	}
-	if len(old) == 0 {
-		return 0, nil
-	}
-	xmls, err := domainXMLs(conn)
-	if err != nil {
-		return 0, err
-	}
-	n := 0
-	for _, v := range old {
-		inUse := slices.ContainsFunc(xmls, func(x string) bool { return strings.Contains(x, "'"+v.Name+"'") || strings.Contains(x, `"`+v.Name+`"`) })
-		if inUse {
-			continue
-		}
-		// The mark first: a half-removed disk is rebuilt, never used.
-		if mark, err := conn.api.StorageVolLookupByName(pool, v.Name+".done"); err == nil {
-			if err := conn.api.StorageVolDelete(mark, 0); err != nil {
-				return n, fmt.Errorf("delete %s.done: %w", v.Name, err)
-			}
-		}
-		if err := conn.api.StorageVolDelete(v, 0); err != nil {
-			return n, fmt.Errorf("delete %s: %w", v.Name, err)
-		}
-		n++
-	}
-	return n, nil
+	return removeUnused(conn, pool, func(v string) (string, bool) { // marked or not
+		return v, strings.HasPrefix(v, helperPrefix) && strings.HasSuffix(v, ".img") && v != keep
+	}, func(name, v string) bool { return v == name })
 }
 
 // helperID names a version of the binary: its device, inode, size and times, which any

@@ -596,20 +596,32 @@ func deleteVolumes(conn *Conn, pool libvirt.StoragePool, match func(string) bool
 }
 
 // removeOldWarm removes the warm images of keep's family other than keep that no
-// domain uses (a restored instance names its image in its metadata). It says how many.
+// domain uses (a restored instance's disks stand on its image's). It says how many.
 func (h *Host) removeOldWarm(conn *Conn, pool libvirt.StoragePool, keep string) (int, error) {
 	family := keep[:strings.LastIndex(keep, "-")+1]
+	return removeUnused(conn, pool, func(v string) (string, bool) {
+		base, ok := strings.CutSuffix(v, ".done")
+		return base, ok && strings.HasPrefix(base, family) && base != keep
+	}, func(base, v string) bool { return strings.HasPrefix(v, base+"-") || v == base+".save" })
+}
+
+// removeUnused removes the images in pool that no domain's XML names: image(v) says
+// whether the volume v stands for an image to remove if unused, and its NAME; part(NAME,
+// v) whether v is one of its volumes. An image is whole once its mark, the volume
+// NAME.done, is there; the mark goes first, so that a half-removed image is made again,
+// never used. It says how many it removed.
+func removeUnused(conn *Conn, pool libvirt.StoragePool, image func(v string) (string, bool), part func(name, v string) bool) (int, error) {
 	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
 	if err != nil {
 		return 0, fmt.Errorf("list pool %q: %w", pool.Name, err)
 	}
-	var old []string
+	var names []string
 	for _, v := range vols {
-		if base, ok := strings.CutSuffix(v.Name, ".done"); ok && strings.HasPrefix(base, family) && base != keep {
-			old = append(old, base)
+		if name, ok := image(v.Name); ok {
+			names = append(names, name)
 		}
 	}
-	if len(old) == 0 {
+	if len(names) == 0 {
 		return 0, nil
 	}
 	xmls, err := domainXMLs(conn)
@@ -617,15 +629,17 @@ func (h *Host) removeOldWarm(conn *Conn, pool libvirt.StoragePool, keep string) 
 		return 0, err
 	}
 	n := 0
-	for _, base := range old {
-		if slices.ContainsFunc(xmls, func(x string) bool { return strings.Contains(x, base) }) {
+	for _, name := range names {
+		// By volume name or by path: the name starts a quoted value or a path's file name.
+		if slices.ContainsFunc(xmls, func(x string) bool {
+			return strings.Contains(x, "'"+name) || strings.Contains(x, `"`+name) || strings.Contains(x, "/"+name)
+		}) {
 			continue
 		}
-		// The mark first: a half-removed image is made again, never used.
-		if err := deleteVolumes(conn, pool, func(v string) bool { return v == base+".done" }); err != nil {
+		if err := deleteVolumes(conn, pool, func(v string) bool { return v == name+".done" }); err != nil {
 			return n, err
 		}
-		if err := deleteVolumes(conn, pool, func(v string) bool { return strings.HasPrefix(v, base+"-") || v == base+".save" }); err != nil {
+		if err := deleteVolumes(conn, pool, func(v string) bool { return part(name, v) }); err != nil {
 			return n, err
 		}
 		n++
