@@ -316,27 +316,28 @@ func (h *Host) openWarm(ctx context.Context, conn *Conn, name, tmplName string) 
 	if err != nil {
 		return nil, &notSavedError{fmt.Errorf("warm image %s: read its header: %w", name, err)}
 	}
+	// An image this tool cannot read (another libvirt's format, say) boots the job, with
+	// a warning: a template that boots is no reason to fail a job.
 	if len(all) < saveHeaderSize || string(all[:16]) != saveMagic {
-		return nil, fmt.Errorf("warm image %s: not a complete libvirt save image", name)
+		return nil, &notSavedError{fmt.Errorf("warm image %s: not a complete libvirt save image", name)}
 	}
 	dataLen := binary.NativeEndian.Uint32(all[20:24])
 	if dataLen == 0 || saveHeaderSize+int(dataLen) > len(all) {
-		return nil, fmt.Errorf("warm image %s: its header says %d bytes of XML, more than the %d read", name, dataLen, headerRead)
+		return nil, &notSavedError{fmt.Errorf("warm image %s: its header says %d bytes of XML, more than the %d read", name, dataLen, headerRead)}
 	}
 	all = all[:saveHeaderSize+int(dataLen)]
-	hd := all
 	wi := &WarmImage{Name: name, Template: tmplName, Overlays: map[string]string{}, pool: pool, save: save, header: all, host: h}
 	xmlLen := dataLen
-	if off := binary.NativeEndian.Uint32(hd[32:36]); off > 0 && off < dataLen {
+	if off := binary.NativeEndian.Uint32(all[32:36]); off > 0 && off < dataLen {
 		xmlLen = off
 	}
 	wi.XML = string(bytes.TrimRight(wi.header[saveHeaderSize:saveHeaderSize+xmlLen], "\x00"))
 	var dom libvirtxml.Domain
 	if err := dom.Unmarshal(wi.XML); err != nil {
-		return nil, fmt.Errorf("warm image %s: its domain XML: %w", name, err)
+		return nil, &notSavedError{fmt.Errorf("warm image %s: its domain XML: %w", name, err)}
 	}
 	if dom.Memory != nil {
-		wi.MemKiB = kibOf(dom.Memory.Value, dom.Memory.Unit)
+		wi.MemKiB = template.KiB(dom.Memory.Value, dom.Memory.Unit)
 	}
 	if dom.Devices != nil {
 		for _, d := range dom.Devices.Disks {
@@ -346,18 +347,6 @@ func (h *Host) openWarm(ctx context.Context, conn *Conn, name, tmplName string) 
 		}
 	}
 	return wi, nil
-}
-
-func kibOf(v uint, unit string) uint64 {
-	switch strings.ToLower(unit) {
-	case "b", "bytes":
-		return uint64(v) / 1024
-	case "m", "mib":
-		return uint64(v) * 1024
-	case "g", "gib":
-		return uint64(v) << 20
-	}
-	return uint64(v)
 }
 
 // warmFor returns the warm image for req's instance of tmpl (tmplXML), making it first

@@ -135,11 +135,11 @@ func (t *Template) MemoryKiB() uint64 {
 	if t.dom.Memory == nil {
 		return 0
 	}
-	return kib(t.dom.Memory.Value, t.dom.Memory.Unit)
+	return KiB(t.dom.Memory.Value, t.dom.Memory.Unit)
 }
 
-// kib converts a libvirt memory amount to KiB.
-func kib(v uint, unit string) uint64 {
+// KiB converts a libvirt memory amount (a value and its unit) to KiB.
+func KiB(v uint, unit string) uint64 {
 	shift := map[string]int{"b": -10, "bytes": -10, "k": 0, "KiB": 0, "": 0, "M": 10, "MiB": 10, "G": 20, "GiB": 20, "T": 30, "TiB": 30}
 	if sh, ok := shift[unit]; ok {
 		if sh < 0 {

@@ -247,9 +247,9 @@ func TestRenderResizes(t *testing.T) {
 	assert.Equal(t, uint(8<<20), dom.Memory.Value)
 	assert.Equal(t, "KiB", dom.Memory.Unit)
 	assert.Equal(t, uint(8<<20), dom.CurrentMemory.Value)
-	assert.Equal(t, uint64(1<<20), kib(1, "GiB"))
-	assert.Equal(t, uint64(1000), kib(1024000, "b"))
-	assert.Equal(t, uint64(976562), kib(1000, "MB"))
+	assert.Equal(t, uint64(1<<20), KiB(1, "GiB"))
+	assert.Equal(t, uint64(1000), KiB(1024000, "b"))
+	assert.Equal(t, uint64(976562), KiB(1000, "MB"))
 }
 
 // Read-only disks go on virtio targets the template leaves free, raw and read-only,

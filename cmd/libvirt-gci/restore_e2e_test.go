@@ -6,6 +6,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -246,4 +247,47 @@ func ownTemplateDisk(t *testing.T, j *gitlabJob) string {
 	disk, err := j.l.StorageVolGetPath(vol)
 	require.NoError(t, err)
 	return disk
+}
+
+// A warm image whose header this tool cannot read boots the job, with a warning,
+// instead of failing it.
+func TestRestoreUnreadableImageBoots(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
+	tmplName := j.prefix + "bad"
+	j.defineTemplate(tmplName, `<title>`, "<description>unreadable warm image</description><title>")
+	j.env["LIBVIRT_GCI_TEMPLATES"] = "tiny-*," + tmplName
+	r := j.stage("template", "warm", tmplName)
+	require.Equal(t, 0, r.code, r.stderr)
+	m := regexp.MustCompile(`(libvirt-gci-warm-[0-9a-f]+-[0-9a-f]+)`).FindStringSubmatch(r.stderr + r.stdout)
+	require.NotNil(t, m, r.stderr)
+	pool, err := j.l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	t.Cleanup(func() { // the template is gone: so is its warm image
+		vols, _, _ := j.l.StoragePoolListAllVolumes(pool, 1, 0)
+		for _, v := range vols {
+			if strings.HasPrefix(v.Name, m[1]) {
+				_ = j.l.StorageVolDelete(v, 0)
+			}
+		}
+	})
+	save, err := j.l.StorageVolLookupByName(pool, m[1]+".save")
+	require.NoError(t, err)
+	path, err := j.l.StorageVolGetPath(save)
+	require.NoError(t, err)
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt(make([]byte, 16), 0) // no magic
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	r = j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { j.stage("cleanup") })
+	assert.Contains(t, r.stderr, "warm image "+m[1]+": not a complete libvirt save image")
+	assert.Contains(t, r.stderr, "booting "+j.instance()+" instead")
+	r = j.run("build_script", "echo booted-ok")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "booted-ok")
 }
