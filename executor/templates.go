@@ -60,6 +60,13 @@ func (e *Executor) ListTemplates(ctx context.Context) error {
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\n", t.Name, state, e.offered(t))
 	}
+	bases, err := e.host().BaseImageNames(conn)
+	if err != nil {
+		return err
+	}
+	for _, n := range bases {
+		fmt.Fprintf(w, "%s\t%s\t%s\n", n, "base image", "yes (in LIBVIRT_GCI_BASE_IMAGES)")
+	}
 	return w.Flush()
 }
 

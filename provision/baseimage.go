@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/digitalocean/go-libvirt"
@@ -175,4 +176,46 @@ func (b BaseImages) domainXML(name, disk, kernel, initrd, cmdline, virt string) 
 		}}
 	}
 	return dom.Marshal()
+}
+
+// BaseImageNames are the names of the base images there are (for template list): the
+// DISTRO of each DISTRO.qcow2. A directory on a remote libvirt is listed only if a pool
+// has it.
+func (h *Host) BaseImageNames(conn *Conn) ([]string, error) {
+	b := h.BaseImages
+	var files []string
+	switch {
+	case b.Source == "":
+		return nil, nil
+	case b.IsDir() && conn.IsLocal():
+		entries, err := os.ReadDir(b.Source)
+		if err != nil {
+			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)
+		}
+		for _, e := range entries {
+			files = append(files, e.Name())
+		}
+	case b.IsDir():
+		return nil, nil
+	default:
+		pool, err := conn.api.StoragePoolLookupByName(b.Source)
+		if err != nil {
+			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
+		}
+		vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
+		if err != nil {
+			return nil, fmt.Errorf("list pool %q: %w", b.Source, err)
+		}
+		for _, v := range vols {
+			files = append(files, v.Name)
+		}
+	}
+	var names []string
+	for _, f := range files {
+		if n, ok := strings.CutSuffix(f, ".qcow2"); ok {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
 }

@@ -39,6 +39,19 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	var out []Check
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
 	dom, err := conn.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) && h.BaseImages.Source != "" {
+		x, err := h.baseImageXML(conn, name)
+		if err == nil {
+			add(fmt.Sprintf("a base image %s.qcow2 in %s (offered by being there; a built-in definition)", name, h.BaseImages.Source), true, "")
+			return h.checkXML(out, conn, x, nil)
+		}
+		if !errors.Is(err, ErrNoTemplate) {
+			return nil, err
+		}
+		add(fmt.Sprintf("a libvirt domain, or a base image %s.qcow2 in %s, named %s", name, h.BaseImages.Source, name), false,
+			"define one (virsh define), put the image there, or check LIBVIRT_GCI_URI ("+h.URI+")")
+		return out, nil
+	}
 	if hasCode(err, libvirt.ErrNoDomain) {
 		add("a libvirt domain named "+name, false, "define one (virsh define), or check LIBVIRT_GCI_URI ("+h.URI+")")
 		return out, nil
@@ -60,6 +73,13 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	if err != nil {
 		return nil, fmt.Errorf("XML of %q: %w", name, err)
 	}
+	return h.checkXML(out, conn, x, &dom)
+}
+
+// checkXML adds the checks of a template's definition x to out: its disks, agent channel
+// and devices; with dom, that libvirt can read its disks.
+func (h *Host) checkXML(out []Check, conn *Conn, x string, dom *libvirt.Domain) ([]Check, error) {
+	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
 	tmpl, err := template.Parse(x)
 	if err != nil {
 		add("disks libvirt-gci can clone (file-backed, qcow2 or raw)", false, err.Error())
@@ -73,10 +93,10 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	add("at least one writable disk", len(tmpl.Disks) > 0, "give it a disk: the job's overlay stands on it")
 	bi, _ := conn.api.(blockInfoAPI)
 	for _, d := range tmpl.Disks {
-		if bi == nil {
+		if bi == nil || dom == nil {
 			continue
 		}
-		_, _, _, err := bi.DomainGetBlockInfo(dom, d.Target, 0)
+		_, _, _, err := bi.DomainGetBlockInfo(*dom, d.Target, 0)
 		hint := ""
 		if err != nil {
 			hint = fmt.Sprintf("libvirt cannot read it: %v", err)

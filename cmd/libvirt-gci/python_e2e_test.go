@@ -122,8 +122,19 @@ func TestBaseImagesInAPool(t *testing.T) {
 	j.env["LIBVIRT_GCI_BASE_MEMORY"] = "256M"
 	j.env["LIBVIRT_GCI_BASE_NETWORK"] = "none"
 	j.env["LIBVIRT_GCI_BASE_VIRT"] = "qemu"
+	r := j.stage("template", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Regexp(t, `(?m)^`+distro+`\s+base image\s+yes \(in LIBVIRT_GCI_BASE_IMAGES\)$`, r.stdout)
+	r = j.stage("template", "check", distro)
+	require.Equal(t, 0, r.code, r.stdout+r.stderr)
+	assert.Contains(t, r.stdout, "ok    a base image "+distro+".qcow2 in "+pool)
+	assert.Contains(t, r.stdout, "ok    the guest agent channel")
+	r = j.stage("template", "check", "fedora-34")
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stdout, "FAIL  a libvirt domain, or a base image fedora-34.qcow2 in "+pool)
+
 	name := j.prefix + "by-hand"
-	r := j.stage("prepare", "--distro", distro, "--machine", name)
+	r = j.stage("prepare", "--distro", distro, "--machine", name)
 	require.Equal(t, 0, r.code, r.stderr)
 	r = j.stage("run", "--machine", name, j.script("x.sh", "echo from-pool; cat /proc/cmdline; ls /sys/class/net | tr '\\n' ' '"))
 	require.Equal(t, 0, r.code, r.stderr)
