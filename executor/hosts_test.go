@@ -86,3 +86,28 @@ func TestLocateTheRecordedHost(t *testing.T) {
 	_, err = e.locate(context.Background(), "gci-job")
 	assert.ErrorContains(t, err, `instance "gci-job" is on none of the hosts that answered, and 1 did not: test:///down: connection refused`)
 }
+
+func TestMarkOnEveryHostThatHasIt(t *testing.T) {
+	t.Parallel()
+	a, b := provisiontest.New("default"), provisiontest.New("default")
+	_, err := a.DomainDefineXMLFlags(provisiontest.Template, 0) // "tmpl", on a only
+	require.NoError(t, err)
+	e, log := fleet(t, "test:///a test:///b", map[string]*provisiontest.Libvirt{"test:///a": a, "test:///b": b})
+	require.NoError(t, e.MarkTemplates(context.Background(), []string{"tmpl"}, true))
+	assert.Contains(t, log.String(), "marked tmpl as a template on test:///a")
+	assert.NotContains(t, log.String(), "on test:///b")
+	list, err := provision.NewConn(a).Templates()
+	require.NoError(t, err)
+	require.Len(t, list, 1)
+	assert.True(t, list[0].Marked)
+
+	err = e.MarkTemplates(context.Background(), []string{"nowhere"}, true)
+	assert.ErrorContains(t, err, `no host of LIBVIRT_GCI_URI has a domain named "nowhere"`)
+
+	e, _ = fleet(t, "test:///a test:///down", map[string]*provisiontest.Libvirt{"test:///a": a})
+	err = e.MarkTemplates(context.Background(), []string{"tmpl"}, false)
+	assert.ErrorContains(t, err, "test:///down: connection refused", "a host that is down is an error: its mark is unknown")
+	list, err = provision.NewConn(a).Templates()
+	require.NoError(t, err)
+	assert.False(t, list[0].Marked, "unmarked where it could be")
+}

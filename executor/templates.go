@@ -2,6 +2,7 @@ package executor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os/exec"
 	"path"
@@ -11,7 +12,8 @@ import (
 )
 
 // MarkTemplates marks the named domains as templates jobs may clone, or takes the mark
-// away. This is the operator's: it is never run by a stage.
+// away. This is the operator's: it is never run by a stage. With several hosts it marks
+// the domain on each host that has it; a name no host has is an error.
 func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool) error {
 	if len(names) == 0 {
 		return &InputError{"no domain named: usage: libvirt-gci template mark|unmark NAME..."}
@@ -21,19 +23,50 @@ func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool)
 			return err
 		}
 	}
-	conn, err := e.host().Connect(ctx)
+	hs := e.hosts()
+	found := map[string]bool{}
+	var errs []error
+	for _, h := range hs {
+		if err := e.markOn(ctx, h, names, mark, len(hs) > 1, found); err != nil {
+			if len(hs) == 1 {
+				return err
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
+		}
+	}
+	for _, n := range names {
+		if !found[n] && len(hs) > 1 {
+			errs = append(errs, fmt.Errorf("no host of LIBVIRT_GCI_URI has a domain named %q", n))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// markOn marks (or unmarks) names on h; with several hosts, a domain a host lacks is
+// skipped. found records the names it marked.
+func (e *Executor) markOn(ctx context.Context, h *provision.Host, names []string, mark, several bool, found map[string]bool) error {
+	conn, err := h.Connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
+	on := ""
+	if several {
+		on = " on " + h.URI
+	}
 	for _, n := range names {
-		if err := conn.MarkTemplate(n, mark); err != nil {
+		err := conn.MarkTemplate(n, mark)
+		if several && errors.Is(err, provision.ErrNoTemplate) {
+			continue
+		}
+		if err != nil {
 			return err
 		}
+		found[n] = true
 		if mark {
-			e.Log.Info(fmt.Sprintf("marked %s as a template: jobs may clone it", n))
+			e.Log.Info(fmt.Sprintf("marked %s as a template%s: jobs may clone it", n, on))
 		} else {
-			e.Log.Info(fmt.Sprintf("unmarked %s", n))
+			e.Log.Info(fmt.Sprintf("unmarked %s%s", n, on))
 		}
 	}
 	return nil
@@ -41,8 +74,22 @@ func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool)
 
 // ListTemplates prints every defined domain that is not an instance, and whether jobs
 // may clone it.
+// With several hosts, each host's list follows a line naming it.
 func (e *Executor) ListTemplates(ctx context.Context) error {
-	conn, err := e.host().Connect(ctx)
+	hs := e.hosts()
+	for _, h := range hs {
+		if len(hs) > 1 {
+			fmt.Fprintf(e.Stdout, "# %s\n", h.URI)
+		}
+		if err := e.listOn(ctx, h); err != nil {
+			return fmt.Errorf("%s: %w", h.URI, err)
+		}
+	}
+	return nil
+}
+
+func (e *Executor) listOn(ctx context.Context, h *provision.Host) error {
+	conn, err := h.Connect(ctx)
 	if err != nil {
 		return err
 	}
@@ -60,7 +107,7 @@ func (e *Executor) ListTemplates(ctx context.Context) error {
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\n", t.Name, state, e.offered(t))
 	}
-	bases, err := e.host().BaseImageNames(conn)
+	bases, err := h.BaseImageNames(conn)
 	if err != nil {
 		return err
 	}
@@ -104,24 +151,34 @@ func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
 	if err := checkTemplateName(name); err != nil {
 		return err
 	}
-	h := e.host()
+	helper := ""
 	switch e.Settings.RunnerBinary {
 	case "none":
 	case "auto":
 		if p, err := exec.LookPath("gitlab-runner"); err == nil {
-			h.Helper = p
+			helper = p
 		}
 	default:
-		h.Helper = e.Settings.RunnerBinary
+		helper = e.Settings.RunnerBinary
 	}
-	_, err := h.Warm(ctx, name, e.Settings.Transport)
-	return err
+	hs := e.hosts()
+	var errs []error
+	for _, h := range hs { // every host's own image, one after the other
+		h.Helper = helper
+		if _, err := h.Warm(ctx, name, e.Settings.Transport); err != nil {
+			if len(hs) == 1 {
+				return err
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CheckTemplate prints, check by check, whether the domain name is usable as a
 // template, with a hint for each failure; with boot, it then boots a throwaway clone to
 // a ready guest (and ssh, with that transport) and says how long that took. It fails if
-// any check does.
+// any check does. With several hosts, it checks on the first.
 func (e *Executor) CheckTemplate(ctx context.Context, name string, boot bool) error {
 	if err := checkTemplateName(name); err != nil {
 		return err

@@ -87,6 +87,9 @@ func (c *Conn) templateInfo(dom libvirt.Domain) (TemplateInfo, error) {
 // takes the mark away. Instances cannot be marked.
 func (c *Conn) MarkTemplate(name string, mark bool) error {
 	dom, err := c.api.DomainLookupByName(name)
+	if hasCode(err, libvirt.ErrNoDomain) {
+		return fmt.Errorf("no domain named %q: %w", name, ErrNoTemplate)
+	}
 	if err != nil {
 		return fmt.Errorf("look up %q: %w", name, err)
 	}
