@@ -74,16 +74,29 @@ func (e *Executor) markOn(ctx context.Context, h *provision.Host, names []string
 
 // ListTemplates prints every defined domain that is not an instance, and whether jobs
 // may clone it.
-// With several hosts, each host's list follows a line naming it.
+// With several hosts, each host's list follows a line naming it; a host that is down is
+// skipped with a line saying so, as list does.
 func (e *Executor) ListTemplates(ctx context.Context) error {
 	hs := e.hosts()
+	if len(hs) == 1 {
+		return e.listOn(ctx, hs[0])
+	}
+	var down []error
 	for _, h := range hs {
-		if len(hs) > 1 {
-			fmt.Fprintf(e.Stdout, "# %s\n", h.URI)
+		fmt.Fprintf(e.Stdout, "# %s\n", h.URI)
+		pctx, cancel := context.WithTimeout(ctx, probeTime)
+		err := e.listOn(pctx, h)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			e.Log.Warn(fmt.Sprintf("skipping %s: %v", h.URI, err), "uri", h.URI)
+			down = append(down, err)
 		}
-		if err := e.listOn(ctx, h); err != nil {
-			return fmt.Errorf("%s: %w", h.URI, err)
-		}
+	}
+	if len(down) == len(hs) {
+		return fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(down...))
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -258,6 +259,11 @@ func TestRemoteOneHostDown(t *testing.T) {
 		}
 	}
 	assert.Equal(t, []string{s.uri(s.known)}, ours, "the host it was placed by, in its metadata")
+
+	r = j.stage("template", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "skipping "+down+": ")
+	assert.Regexp(t, `(?m)^# `+regexp.QuoteMeta(s.uri(s.known))+`\n(.*\n)*`+testTmpl+`\s`, r.stdout, "the host that answered, listed")
 
 	start = time.Now()
 	r = j.run("build_script", "echo placed-ok")
