@@ -41,24 +41,25 @@ const (
 // baseImageXML is the domain definition of the base image name, or ErrNoTemplate.
 func (h *Host) baseImageXML(conn *Conn, name string) (string, error) {
 	b := h.BaseImages
-	path, err := b.find(conn, name+".qcow2")
+	local := localURI(h.URI)
+	path, err := b.find(conn, local, name+".qcow2")
 	if err != nil {
 		return "", err
 	}
 	if path == "" {
 		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in %s)", name, ErrNoTemplate, name, b.Source)
 	}
-	kernel, err := b.find(conn, name+kernelSuffix)
+	kernel, err := b.find(conn, local, name+kernelSuffix)
 	if err != nil {
 		return "", err
 	}
 	var initrd, cmdline string
 	if kernel != "" {
-		if initrd, err = b.find(conn, name+initrdSuffix); err != nil {
+		if initrd, err = b.find(conn, local, name+initrdSuffix); err != nil {
 			return "", err
 		}
 		cmdline = "console=ttyS0"
-		if b.IsDir() && conn.IsLocal() {
+		if b.IsDir() && local {
 			if c, err := os.ReadFile(filepath.Join(b.Source, name+cmdlineSuffix)); err == nil {
 				cmdline = strings.TrimSpace(string(c))
 			}
@@ -71,11 +72,12 @@ func (h *Host) baseImageXML(conn *Conn, name string) (string, error) {
 	return b.domainXML(name, path, kernel, initrd, cmdline, virt)
 }
 
-// find is the path of the image file name on the libvirt host, or "" if there is none.
-func (b BaseImages) find(conn *Conn, name string) (string, error) {
+// find is the path of the image file name on the libvirt host, or "" if there is none
+// (local: the libvirt host is this one).
+func (b BaseImages) find(conn *Conn, local bool, name string) (string, error) {
 	if b.IsDir() {
 		p := filepath.Join(b.Source, name)
-		if !conn.IsLocal() { // libvirt knows it only if a pool holds it
+		if !local { // libvirt knows it only if a pool holds it
 			if _, err := conn.api.StorageVolLookupByPath(p); err != nil {
 				return "", nil
 			}
@@ -187,7 +189,7 @@ func (h *Host) BaseImageNames(conn *Conn) ([]string, error) {
 	switch {
 	case b.Source == "":
 		return nil, nil
-	case b.IsDir() && conn.IsLocal():
+	case b.IsDir() && localURI(h.URI):
 		entries, err := os.ReadDir(b.Source)
 		if err != nil {
 			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)

@@ -75,26 +75,17 @@ type Conn struct {
 	stop      func() bool
 	closeOnce sync.Once
 
-	// local: libvirtd runs on this host (its files are this host's files). dialHost
-	// reaches an address on libvirtd's host: set for qemu+ssh.
-	local    bool
+	// dialHost reaches an address on libvirtd's host: directly for a local libvirt,
+	// through the SSH connection for qemu+ssh; nil for other transports.
 	dialHost func(ctx context.Context, addr string) (net.Conn, error)
 }
 
-// IsLocal tells whether libvirtd runs on this host: paths it names are this host's.
-func (c *Conn) IsLocal() bool { return c.local }
-
-// DialHost opens a TCP connection to addr as libvirtd's host sees it: directly on this
-// host, through the SSH connection for qemu+ssh. Other remote transports cannot.
+// DialHost opens a TCP connection to addr as libvirtd's host sees it.
 func (c *Conn) DialHost(ctx context.Context, addr string) (net.Conn, error) {
-	switch {
-	case c.dialHost != nil:
-		return c.dialHost(ctx, addr)
-	case c.local:
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", addr)
+	if c.dialHost == nil {
+		return nil, fmt.Errorf("cannot reach %s on a libvirt host over this transport; only qemu+ssh:// and a local libvirt can", addr)
 	}
-	return nil, fmt.Errorf("cannot reach %s on a libvirt host over this transport; only qemu+ssh:// and a local libvirt can", addr)
+	return c.dialHost(ctx, addr)
 }
 
 // Connect dials libvirt at uri (qemu:///system, qemu+ssh://host/system, test:///default,
@@ -118,7 +109,8 @@ func Connect(ctx context.Context, uri string) (*Conn, error) {
 	case *sshDialer:
 		c.dialHost = sd.DialHost
 	case *dialers.Local:
-		c.local = true
+		var nd net.Dialer
+		c.dialHost = func(ctx context.Context, addr string) (net.Conn, error) { return nd.DialContext(ctx, "tcp", addr) }
 	}
 	return c, nil
 }
