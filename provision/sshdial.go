@@ -36,13 +36,13 @@ type sshDialer struct {
 	addr   string          // host:port
 	user   string
 	socket string
-	auth   []ssh.AuthMethod
-	known  []string // known_hosts files
+	keys   []ssh.Signer // keyfile's, or the usual key files'
+	agent  string       // ssh-agent's socket, without keyfile
+	known  []string     // known_hosts files
 	check  ssh.HostKeyCallback
 
 	mu     sync.Mutex
 	client *ssh.Client
-	closer func() // the agent connection, if any
 }
 
 // newSSHDialer reads a qemu+ssh URI's parameters: libvirt's own (keyfile, known_hosts,
@@ -97,26 +97,17 @@ func newSSHDialer(ctx context.Context, u *url.URL) (*sshDialer, error) {
 		if err != nil {
 			return nil, err
 		}
-		d.auth = []ssh.AuthMethod{ssh.PublicKeys(signer)}
+		d.keys = []ssh.Signer{signer}
 		return d, nil
 	}
 	// As ssh(1) does without -i: the agent's keys, then the usual key files.
-	if sock := os.Getenv("SSH_AUTH_SOCK"); sock != "" {
-		if c, err := net.Dial("unix", sock); err == nil {
-			d.auth = append(d.auth, ssh.PublicKeysCallback(agent.NewClient(c).Signers))
-			d.closer = func() { _ = c.Close() }
-		}
-	}
-	var signers []ssh.Signer
+	d.agent = os.Getenv("SSH_AUTH_SOCK")
 	for _, n := range []string{"id_ed25519", "id_ecdsa", "id_rsa"} {
 		if s, err := readKey(filepath.Join(me.HomeDir, ".ssh", n)); err == nil {
-			signers = append(signers, s)
+			d.keys = append(d.keys, s)
 		}
 	}
-	if len(signers) > 0 {
-		d.auth = append(d.auth, ssh.PublicKeys(signers...))
-	}
-	if len(d.auth) == 0 {
+	if d.agent == "" && len(d.keys) == 0 {
 		return nil, fmt.Errorf("no SSH key for %s@%s: no agent (SSH_AUTH_SOCK) and no ~/.ssh/id_ed25519, id_ecdsa or id_rsa without a passphrase; name one with ?keyfile=PATH", d.user, d.addr)
 	}
 	return d, nil
@@ -189,6 +180,22 @@ func (d *sshDialer) hostKey(host string, remote net.Addr, key ssh.PublicKey) err
 	return err
 }
 
+// auth is how the handshake authenticates; done closes what it opened (the agent's
+// connection, needed only for the handshake).
+func (d *sshDialer) auth() (methods []ssh.AuthMethod, done func()) {
+	done = func() {}
+	if d.agent != "" {
+		if c, err := net.Dial("unix", d.agent); err == nil {
+			methods = append(methods, ssh.PublicKeysCallback(agent.NewClient(c).Signers))
+			done = func() { _ = c.Close() }
+		}
+	}
+	if len(d.keys) > 0 {
+		methods = append(methods, ssh.PublicKeys(d.keys...))
+	}
+	return methods, done
+}
+
 // Dial opens the SSH connection and, in it, a channel to libvirtd's socket.
 func (d *sshDialer) Dial() (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(d.ctx, dialTime)
@@ -201,9 +208,11 @@ func (d *sshDialer) Dial() (net.Conn, error) {
 	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
 	defer stop()
 	var hkErr *HypervisorKeyError
+	auth, authDone := d.auth()
+	defer authDone()
 	cc, chans, reqs, err := ssh.NewClientConn(c, d.addr, &ssh.ClientConfig{
 		User: d.user,
-		Auth: d.auth,
+		Auth: auth,
 		HostKeyCallback: func(host string, remote net.Addr, key ssh.PublicKey) error {
 			err := d.hostKey(host, remote, key)
 			errors.As(err, &hkErr)
@@ -235,7 +244,7 @@ func (d *sshDialer) Dial() (net.Conn, error) {
 	d.mu.Lock()
 	d.client = client
 	d.mu.Unlock()
-	return &sshConn{Conn: ch, client: client, closer: d.closer}, nil
+	return &sshConn{Conn: ch, client: client}, nil
 }
 
 // DialHost opens a channel, through the SSH connection, to addr as the hypervisor sees it
@@ -258,17 +267,10 @@ func (d *sshDialer) DialHost(ctx context.Context, addr string) (net.Conn, error)
 type sshConn struct {
 	net.Conn
 	client *ssh.Client
-	closer func()
-	once   sync.Once
 }
 
 func (c *sshConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() {
-		_ = c.client.Close()
-		if c.closer != nil {
-			c.closer()
-		}
-	})
+	_ = c.client.Close() // closing twice is harmless
 	return err
 }

@@ -21,6 +21,8 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/agent"
 )
 
 // hypervisorSSHD is a second sshd on 127.0.0.1 with keys of its own, through which
@@ -398,4 +400,47 @@ func TestRemoteSSHStalledSIGTERM(t *testing.T) {
 	}
 	r := j.stage("cleanup")
 	assert.Equal(t, 0, r.code, r.stderr)
+}
+
+// Without ?keyfile=, the key comes from ssh-agent (SSH_AUTH_SOCK), as with ssh(1); an
+// agent without the key authenticates no one.
+func TestRemoteSSHAgentKey(t *testing.T) {
+	t.Parallel()
+	s := theSSHD(t)
+	pem, err := os.ReadFile(s.keyfile)
+	require.NoError(t, err)
+	key, err := ssh.ParseRawPrivateKey(pem)
+	require.NoError(t, err)
+	serve := func(keys ...any) string {
+		ring := agent.NewKeyring()
+		for _, k := range keys {
+			require.NoError(t, ring.Add(agent.AddedKey{PrivateKey: k}))
+		}
+		dir, err := os.MkdirTemp("", "gci-agent") // short: socket paths are limited
+		require.NoError(t, err)
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		ln, err := net.Listen("unix", filepath.Join(dir, "agent.sock"))
+		require.NoError(t, err)
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() { defer c.Close(); _ = agent.ServeAgent(ring, c) }()
+			}
+		}()
+		return ln.Addr().String()
+	}
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_URI"] = fmt.Sprintf("qemu+ssh://root@127.0.0.1:%d/system?known_hosts=%s", s.port, url.QueryEscape(s.known))
+	j.env["SSH_AUTH_SOCK"] = serve(key)
+	r := j.stage("list")
+	require.Equal(t, 0, r.code, r.stderr)
+
+	j.env["SSH_AUTH_SOCK"] = serve()
+	r = j.stage("list")
+	assert.Equal(t, 2, r.code)
+	assert.Contains(t, r.stderr, "unable to authenticate")
 }
