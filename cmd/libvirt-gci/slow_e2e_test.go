@@ -136,6 +136,19 @@ func TestRunSIGTERMWithStalledLibvirtd(t *testing.T) {
 	pid, err := strconv.Atoi(strings.Fields(string(out))[0])
 	require.NoError(t, err)
 
+	cancelWhileStalled(t, j, "libvirtd", func() func() {
+		require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+		return func() { _ = syscall.Kill(pid, syscall.SIGCONT) }
+	})
+	r := j.stage("cleanup")
+	assert.Equal(t, 0, r.code, r.stderr)
+}
+
+// cancelWhileStalled starts a run stage, waits for its script to start, stalls what it
+// depends on (stall returns how to resume it), sends the runner's SIGTERM, and requires
+// the stage to exit as a system failure within 5 s.
+func cancelWhileStalled(t *testing.T, j *gitlabJob, what string, stall func() (resume func())) {
+	t.Helper()
 	cmd := exec.Command(binPath, "run", j.script("b.sh", "echo up; sleep 613"), "build_script")
 	cmd.Env = j.environ()
 	var output lockedBuffer
@@ -145,26 +158,23 @@ func TestRunSIGTERMWithStalledLibvirtd(t *testing.T) {
 	go func() { exited <- cmd.Wait() }()
 	require.Eventually(t, func() bool { return strings.Contains(output.String(), "up") }, time.Minute, 20*time.Millisecond)
 
-	resume := sync.OnceFunc(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	resume := sync.OnceFunc(stall())
 	t.Cleanup(resume)
-	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
-	time.Sleep(500 * time.Millisecond) // the stage is now waiting on libvirtd
+	time.Sleep(500 * time.Millisecond) // the stage is now waiting on it
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	sent := time.Now()
 	select {
 	case err := <-exited:
 		resume()
-		ee, ok := err.(*exec.ExitError)
-		require.True(t, ok, "want a failure exit, got %v; output:\n%s", err, output.String())
+		var ee *exec.ExitError
+		require.ErrorAs(t, err, &ee, "want a failure exit; output:\n%s", output.String())
 		assert.Equal(t, 2, ee.ExitCode(), "SYSTEM_FAILURE_EXIT_CODE")
 		took := time.Since(sent)
 		assert.Less(t, took, 5*time.Second, "exit within 5 s of SIGTERM")
-		t.Logf("run exited %.1f s after SIGTERM with libvirtd stopped", took.Seconds())
+		t.Logf("run exited %.1f s after SIGTERM with %s stopped", took.Seconds(), what)
 	case <-time.After(2 * time.Minute):
 		resume()
 		_ = cmd.Process.Kill()
-		t.Fatalf("run still waits on the stopped libvirtd 2 min after SIGTERM; output:\n%s", output.String())
+		t.Fatalf("run still waits on the stopped %s 2 min after SIGTERM; output:\n%s", what, output.String())
 	}
-	r := j.stage("cleanup")
-	assert.Equal(t, 0, r.code, r.stderr)
 }
