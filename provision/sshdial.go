@@ -185,7 +185,8 @@ func (d *sshDialer) hostKey(host string, remote net.Addr, key ssh.PublicKey) err
 func (d *sshDialer) auth() (methods []ssh.AuthMethod, done func()) {
 	done = func() {}
 	if d.agent != "" {
-		if c, err := net.Dial("unix", d.agent); err == nil {
+		if c, err := net.DialTimeout("unix", d.agent, dialTime); err == nil {
+			_ = c.SetDeadline(time.Now().Add(dialTime)) // a stalled agent stalls no handshake
 			methods = append(methods, ssh.PublicKeysCallback(agent.NewClient(c).Signers))
 			done = func() { _ = c.Close() }
 		}

@@ -39,8 +39,16 @@ var (
 	testNICTmpl = envOr("LIBVIRT_GCI_TEST_NIC_TEMPLATE", testTmpl+"-nic")
 	testPool    = envOr("LIBVIRT_GCI_TEST_POOL", "gci-test")
 	jobSerial   atomic.Int64
-	cleanups    []func() // what TestMain undoes once the tests are done (theSSHD's sshd)
+	cleanupsMu  sync.Mutex
+	cleanups    []func() // what TestMain undoes once the tests are done (the sshds)
 )
+
+// addCleanup has TestMain run f once the tests are done.
+func addCleanup(f func()) {
+	cleanupsMu.Lock()
+	defer cleanupsMu.Unlock()
+	cleanups = append(cleanups, f)
+}
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {

@@ -44,7 +44,7 @@ var (
 // theSSHD starts the test binary's one hypervisor sshd, or fails the test.
 func theSSHD(t testing.TB) *hypervisorSSHD {
 	t.Helper()
-	sshdOnce.Do(func() { sshd, sshdErr = startSSHD() })
+	sshdOnce.Do(func() { sshd, sshdErr = startSSHDRetry() })
 	require.NoError(t, sshdErr)
 	return sshd
 }
@@ -133,10 +133,17 @@ LogLevel DEBUG1
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	go func() { _ = cmd.Wait() }()
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
 	s.pid = cmd.Process.Pid
-	cleanups = append(cleanups, func() { _ = cmd.Process.Kill(); _ = os.RemoveAll(dir) })
-	for range 100 {
+	addCleanup(func() { _ = cmd.Process.Kill(); _ = os.RemoveAll(dir) })
+	deadline := time.Now().Add(30 * time.Second) // a loaded machine starts it slowly
+	for time.Now().Before(deadline) {
+		select {
+		case <-exited: // another process took the port first, say
+			return nil, fmt.Errorf("sshd exited: %s", s.logged())
+		default:
+		}
 		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
 			c.Close()
 			return s, nil
@@ -144,6 +151,17 @@ LogLevel DEBUG1
 		time.Sleep(50 * time.Millisecond)
 	}
 	return nil, fmt.Errorf("sshd did not listen on 127.0.0.1:%d: %s", port, s.logged())
+}
+
+// startSSHDRetry starts an sshd, again on another port if the port it was given was
+// taken before it could listen.
+func startSSHDRetry() (s *hypervisorSSHD, err error) {
+	for range 3 {
+		if s, err = startSSHD(); err == nil {
+			return s, nil
+		}
+	}
+	return nil, err
 }
 
 // mutePort is a TCP port on 127.0.0.1 that accepts connections and then says nothing,
@@ -356,7 +374,7 @@ func descendants(pid int) []int {
 // not keep a cancelled run stage alive: it exits within 5 s of the runner's SIGTERM.
 func TestRemoteSSHStalledSIGTERM(t *testing.T) {
 	t.Parallel()
-	s, err := startSSHD() // its own: stopping it stalls no other test
+	s, err := startSSHDRetry() // its own: stopping it stalls no other test
 	require.NoError(t, err)
 	j := newJob(t)
 	j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
@@ -419,4 +437,31 @@ func TestRemoteSSHAgentKey(t *testing.T) {
 	r = j.stage("list")
 	assert.Equal(t, 2, r.code)
 	assert.Contains(t, r.stderr, "unable to authenticate")
+
+	// An agent that accepts and never answers holds the handshake for the dial bound at
+	// most.
+	dir, err := os.MkdirTemp("", "gci-agent")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	mute, err := net.Listen("unix", filepath.Join(dir, "mute.sock"))
+	require.NoError(t, err)
+	t.Cleanup(func() { mute.Close() })
+	go func() {
+		var held []net.Conn
+		for {
+			c, err := mute.Accept()
+			if err != nil {
+				for _, c := range held {
+					c.Close()
+				}
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	j.env["SSH_AUTH_SOCK"] = mute.Addr().String()
+	start := time.Now()
+	r = j.stage("list")
+	assert.Equal(t, 2, r.code, r.stderr)
+	assert.Less(t, time.Since(start), 20*time.Second, "a stalled ssh-agent is given up on")
 }
