@@ -170,6 +170,12 @@ func mutePort(t *testing.T) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
+	mute(t, ln)
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// mute has ln accept connections and say nothing on them until the test ends.
+func mute(t *testing.T, ln net.Listener) {
 	t.Cleanup(func() { ln.Close() })
 	go func() {
 		var held []net.Conn
@@ -184,7 +190,6 @@ func mutePort(t *testing.T) int {
 			held = append(held, c)
 		}
 	}()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // A job on a hypervisor reached over qemu+ssh, with each transport: the agent through
@@ -443,23 +448,10 @@ func TestRemoteSSHAgentKey(t *testing.T) {
 	dir, err := os.MkdirTemp("", "gci-agent")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	mute, err := net.Listen("unix", filepath.Join(dir, "mute.sock"))
+	ln, err := net.Listen("unix", filepath.Join(dir, "mute.sock"))
 	require.NoError(t, err)
-	t.Cleanup(func() { mute.Close() })
-	go func() {
-		var held []net.Conn
-		for {
-			c, err := mute.Accept()
-			if err != nil {
-				for _, c := range held {
-					c.Close()
-				}
-				return
-			}
-			held = append(held, c)
-		}
-	}()
-	j.env["SSH_AUTH_SOCK"] = mute.Addr().String()
+	mute(t, ln)
+	j.env["SSH_AUTH_SOCK"] = ln.Addr().String()
 	start := time.Now()
 	r = j.stage("list")
 	assert.Equal(t, 2, r.code, r.stderr)
