@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -446,108 +447,11 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// guestSetup runs in the guest as `sh -c guestSetup gci MAC ADDR SERIAL DIR NAME USER
-// KEY TAG MOUNT HOSTS NOW HOSTNAME MACHINEID SEED MACS`, each part only where its
-// arguments are given, in one command (each command through the agent costs a round
-// trip, and each program it starts a fork and exec, which under software emulation take
-// tens of milliseconds):
-//   - a restored clone first becomes itself (Identity): the clock set to NOW (seconds
-//     since the epoch), fresh host randomness (SEED) mixed into the kernel's pool and the
-//     RNG reseeded from it (by the kernel itself where it has the VM generation ID driver,
-//     as libvirt gives a restored VM a new one; else by the RNDRESEEDCRNG ioctl, through
-//     perl or python3; it prints which), its own host name and machine-id, and each NIC's
-//     MAC address changed from the warm image's to its own (MACS: OLD=NEW ...);
-//   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
-//     guest's own network configuration did with it (most configure only their first);
-//   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
-//     /usr/local/bin;
-//   - it mounts the virtiofs share TAG on MOUNT;
-//   - it makes each of the host names HOSTS (space-separated) resolve to 127.0.0.1;
-//   - it authorizes the instance's client key KEY for USER, replaces the host keys cloned
-//     from the template by a fresh Ed25519 key, has a running sshd reload, and prints
-//     the new host public key.
-const guestSetup = `set -e
-mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9 hosts=${10}
-now=${11} hn=${12} mid=${13} seed=${14} macs=${15}
-ipcmd=ip
-command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
-if [ -n "$now" ]; then
-  { date -u -s "@$now" >/dev/null 2>&1 || busybox date -u -s "@${now%.*}" >/dev/null; } &
-  clock=$!
-  printf '%s' "$seed" >/dev/urandom
-  if [ -d /sys/bus/acpi/drivers/vmgenid ]; then
-    echo "gci-rng: reseeded"
-  elif perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null ||
-    python3 -c 'import fcntl; fcntl.ioctl(open("/dev/urandom", "wb"), 0x5207)' 2>/dev/null; then
-    echo "gci-rng: reseeded"
-  else
-    echo "gci-rng: mixed"
-  fi
-  printf '%s' "$hn" >/proc/sys/kernel/hostname
-  printf '%s\n' "$hn" >/etc/hostname
-  if [ -f /etc/hosts ]; then
-    hs=
-    while IFS= read -r l || [ -n "$l" ]; do
-      case $l in 127.0.1.1[[:space:]]*) l="127.0.1.1 $hn" ;; esac
-      hs="$hs$l
-"
-    done </etc/hosts
-    printf '%s' "$hs" >/etc/hosts
-  fi
-  printf '%s\n' "$mid" >/etc/machine-id
-  if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then printf '%s\n' "$mid" >/var/lib/dbus/machine-id; fi
-  wait "$clock"
-  for m in $macs; do
-    old=${m%%=*} new=${m#*=} dev=
-    for d in /sys/class/net/*; do
-      a=; read -r a <"$d/address" 2>/dev/null || true
-      if [ "$a" = "$old" ]; then dev=${d##*/}; fi
-    done
-    [ -n "$dev" ] || { echo "no network interface with the MAC address $old in the guest" >&2; exit 4; }
-    $ipcmd link set dev "$dev" address "$new"
-  done
-fi
-for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
-if [ -n "$tag" ]; then
-  mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
-fi
-if [ -n "$mac" ]; then
-  dev=
-  for d in /sys/class/net/*; do
-    a=; read -r a <"$d/address" 2>/dev/null || true
-    if [ "$a" = "$mac" ]; then dev=${d##*/}; fi
-  done
-  [ -n "$dev" ] || { echo "no network interface with the MAC address $mac in the guest" >&2; exit 4; }
-  $ipcmd link set dev "$dev" up
-  $ipcmd addr replace "$addr" dev "$dev"
-fi
-if [ -n "$serial" ]; then
-  dev=
-  for b in /sys/block/*; do
-    sn=; read -r sn <"$b/serial" 2>/dev/null || true
-    if [ "$sn" = "$serial" ]; then dev=/dev/${b##*/}; fi
-  done
-  [ -n "$dev" ] || { echo "no disk with the serial $serial in the guest" >&2; exit 4; }
-  mount -t ext4 -o ro,X-mount.mkdir "$dev" "$dir" 2>/dev/null || { mkdir -p "$dir" && mount -t ext4 -o ro "$dev" "$dir"; }
-  # The link, for whatever runs outside the stages, after this command has ended: each
-  # program started costs a tenth of a second under emulation. The stages have $dir
-  # on their PATH meanwhile (runWrapper; over ssh, sshd is not ready before it is done).
-  { [ -d /usr/local/bin ] || mkdir -p /usr/local/bin; ln -sf "$dir/$name" "/usr/local/bin/$name"; } </dev/null >/dev/null 2>&1 &
-fi
-if [ -n "$user" ]; then
-  home=$(getent passwd "$user" | cut -d: -f6)
-  [ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
-  umask 077
-  mkdir -p "$home/.ssh"
-  printf '%s\n' "$key" >>"$home/.ssh/authorized_keys"
-  chown "$user:$(id -gn "$user")" "$home/.ssh" "$home/.ssh/authorized_keys"
-  chmod 700 "$home/.ssh"
-  chmod 600 "$home/.ssh/authorized_keys"
-  rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
-  ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key
-  ` + sshdReload + `
-  cat /etc/ssh/ssh_host_ed25519_key.pub
-fi`
+// guestSetup is what prepare does in a fresh clone through the agent, in one command
+// (setup.sh says what, and its arguments).
+//
+//go:embed setup.sh
+var guestSetup string
 
 // sshdReload has a running sshd (re-exec and) load its host keys again.
 const sshdReload = `if [ -s /run/sshd.pid ]; then kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true; fi`
@@ -578,13 +482,19 @@ type Setup struct {
 	Share  *Share
 	SSH    *SSHAccess
 	Hosts  []string // names to resolve to 127.0.0.1 (in /etc/hosts)
+	// Hostname is the instance's, whatever its start: the kernel's, /etc/hostname's and
+	// the 127.0.1.1 line of /etc/hosts.
+	Hostname string
+	// HostKeys: replace the SSH host keys cloned from the template (or the warm image) by
+	// a key of the clone's own, where the guest has sshd, whatever the transport (SSH
+	// does it always).
+	HostKeys bool
 	// Identity makes a clone restored from a warm image its own; nil for a cold boot.
 	Identity *Identity
 }
 
 // Identity is what two clones restored from one memory image would otherwise share.
 type Identity struct {
-	Hostname  string
 	MachineID string      // 32 hex digits
 	MACs      [][2]string // each NIC's MAC address: the warm image's, and the clone's
 	// Reseeded is set by Setup: whether the guest's RNG was reseeded (else the host's
@@ -600,7 +510,11 @@ type Share struct {
 // Setup sets the guest up, in one command. With SSH it returns the guest's new host
 // key: read through the agent, a trusted path, it is the key to pin.
 func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
-	args := make([]string, 15)
+	args := make([]string, 16)
+	args[11] = s.Hostname
+	if s.HostKeys {
+		args[15] = "1"
+	}
 	if id := s.Identity; id != nil {
 		var macs []string
 		for _, m := range id.MACs {
@@ -610,7 +524,7 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 		_, _ = rand.Read(seed)
 		now := time.Now()
 		args[10] = fmt.Sprintf("%d.%09d", now.Unix(), now.Nanosecond())
-		args[11], args[12], args[13], args[14] = id.Hostname, id.MachineID, hex.EncodeToString(seed), strings.Join(macs, " ")
+		args[12], args[13], args[14] = id.MachineID, hex.EncodeToString(seed), strings.Join(macs, " ")
 	}
 	if s.NIC != nil {
 		args[0], args[1] = s.NIC.MAC, s.NIC.Addr

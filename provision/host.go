@@ -221,7 +221,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 			return err
 		}
 		memKiB = wi.MemKiB
-		req.identity = &guest.Identity{Hostname: req.Name, MachineID: randomHex(16)}
+		req.identity = &guest.Identity{MachineID: randomHex(16)}
 		for _, m := range macs {
 			req.identity.MACs = append(req.identity.MACs, [2]string{m.Old, m.New})
 			if m.Link {
@@ -322,8 +322,10 @@ func (h *Host) template(conn *Conn, req Request) (string, *template.Template, er
 	return tx, tmpl, nil
 }
 
-// awaitReady waits, within the boot timeout, for the guest agent, and then for SSH if
-// that is the transport. Its last line says how long the launch that began then took.
+// awaitReady waits, within the boot timeout, until the guest is ready for the job (see
+// ready.go): its agent answers, systemd (where it runs) has finished booting, the guest
+// is set up, each NIC of the template's has its address, and SSH answers if that is the
+// transport. Its last line says how long the launch that began then took.
 func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin time.Time) error {
 	agent, err := guest.NewAgent(conn.API(), req.Name)
 	if err != nil {
@@ -343,9 +345,15 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 	agentReady := time.Since(bootStart)
 	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", agentReady.Seconds()), "agent_ready_ms", agentReady.Milliseconds(), "ready_ms", time.Since(begin).Milliseconds())
 
+	// Where systemd runs, its boot ends first: what the set-up changes (host keys, host
+	// name) is not raced by the units that make them at boot.
+	if err := h.awaitSystem(bctx, agent); err != nil {
+		return err
+	}
+
 	// What the guest needs before a stage runs, through the agent, in one command.
 	setupStart := time.Now()
-	setup := guest.Setup{Identity: req.identity}
+	setup := guest.Setup{Identity: req.identity, Hostname: req.Name, HostKeys: true}
 	if req.helper != "" {
 		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
 	}
@@ -365,21 +373,17 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 			}
 		}
 	}
-	if setup.NIC == nil && setup.Helper == nil && setup.Share == nil && setup.SSH == nil && setup.Identity == nil {
-		h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", req.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
-		return nil
-	}
 	hostKey, err := agent.Setup(bctx, setup)
 	if err != nil {
 		return err
 	}
-	var did []string
+	did := []string{"host name " + req.Name, "its own SSH host key"}
 	if id := setup.Identity; id != nil {
 		rng := "its RNG reseeded"
 		if !id.Reseeded {
 			rng = "host randomness mixed into its RNG (no perl or python3 to reseed it at once)"
 		}
-		did = append(did, fmt.Sprintf("its own clock, %s, host name, machine-id and %d MAC addresses", rng, len(id.MACs)))
+		did = append(did, fmt.Sprintf("its own clock, %s, machine-id and %d MAC addresses", rng, len(id.MACs)))
 		if err := conn.linksUp(req.Name, req.links); err != nil {
 			return err
 		}
@@ -391,12 +395,15 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 		did = append(did, fmt.Sprintf("cache %s at %s over virtiofs", req.Cache, req.CacheMount))
 	}
 	if setup.SSH != nil {
-		did = append(did, "its NIC, user key and host key for ssh")
+		did = append(did, "its NIC and user key for ssh")
 	}
 	if len(h.Forwards) > 0 {
 		did = append(did, "forwards to "+strings.Join(h.Forwards, ", "))
 	}
 	h.Log.Info(fmt.Sprintf("set up the guest (%s) in %d ms", strings.Join(did, "; "), time.Since(setupStart).Milliseconds()), "setup_ms", time.Since(setupStart).Milliseconds())
+	if err := h.awaitAddresses(bctx, conn, agent, req.Name); err != nil {
+		return err
+	}
 	if setup.SSH != nil {
 		sshStart := time.Now()
 		if err := h.finishSSH(bctx, conn, agent, access, hostKey, req.Transport); err != nil {

@@ -115,3 +115,38 @@ func LinkUp(x, mac string) (string, error) {
 	}
 	return "", fmt.Errorf("no NIC with the MAC address %s", mac)
 }
+
+// NIC is a network interface of a domain's own (not one passed to QEMU directly).
+type NIC struct {
+	MAC     string // lower case
+	Network string // what it is on: a libvirt network, a bridge, or its type
+}
+
+// UpNICs lists the NICs of the domain XML x whose link is up (all but those with
+// <link state='down'/>): the ones a guest is expected to configure.
+func UpNICs(x string) ([]NIC, error) {
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return nil, err
+	}
+	var nics []NIC
+	if dom.Devices == nil {
+		return nil, nil
+	}
+	for _, iface := range dom.Devices.Interfaces {
+		if iface.MAC == nil || (iface.Link != nil && iface.Link.State == "down") {
+			continue
+		}
+		n := NIC{MAC: strings.ToLower(iface.MAC.Address), Network: "a NIC"}
+		switch s := iface.Source; {
+		case s != nil && s.Network != nil:
+			n.Network = "network " + s.Network.Network
+		case s != nil && s.Bridge != nil:
+			n.Network = "bridge " + s.Bridge.Bridge
+		case s != nil && s.User != nil:
+			n.Network = "user-mode networking"
+		}
+		nics = append(nics, n)
+	}
+	return nics, nil
+}

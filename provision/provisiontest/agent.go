@@ -201,6 +201,8 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 	switch req.Execute {
 	case "guest-ping":
 		return ret(map[string]any{})
+	case "guest-network-get-interfaces":
+		return ret(f.interfaces(fd.xml))
 	case "guest-file-close":
 		delete(g.handles, a.Handle)
 		return ret(map[string]any{})
@@ -257,7 +259,17 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				close(p.done)
 			}()
 			return ret(map[string]any{"pid": pid})
-		case a.Path == "/bin/sh" && len(a.Arg) == 18 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
+		case a.Path == "/bin/sh" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], "is-system-running"): // the wait for systemd's boot
+			p.outData = "none\n"
+			if f.system != "" {
+				p.outData = f.system + "\n"
+				for _, u := range strings.Split(f.failed, "\n") {
+					if u != "" {
+						p.outData += "failed " + u + "\n"
+					}
+				}
+			}
+		case a.Path == "/bin/sh" && len(a.Arg) == 19 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
 			mac, serial, dir, name, user, tag, mnt := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8], a.Arg[10], a.Arg[11]
 			if tag != "" {
 				if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
@@ -278,7 +290,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				g.dirs[dir] = true
 				g.files[dir+"/"+name] = &bytes.Buffer{}
 			}
-			if user != "" {
+			if user != "" || a.Arg[18] != "" {
 				pub, _, _ := ed25519.GenerateKey(rand.Reader)
 				k, _ := ssh.NewPublicKey(pub)
 				p.outData = string(ssh.MarshalAuthorizedKey(k))
@@ -324,6 +336,48 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		}
 	}
 	return nil, agentErr("unknown command " + req.Execute)
+}
+
+// SetSystem makes the guests' init systemd, whose boot ends in state (running,
+// degraded, starting, ...) with the failed units; "" for no systemd (the default).
+func (f *Libvirt) SetSystem(state string, failed ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.system, f.failed = state, strings.Join(failed, "\n")
+}
+
+// SetNoAddress has the guests' NICs with the MAC address mac get no address (by
+// default every NIC of a domain's has one).
+func (f *Libvirt) SetNoAddress(mac string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.noAddress == nil {
+		f.noAddress = map[string]bool{}
+	}
+	f.noAddress[strings.ToLower(mac)] = true
+}
+
+// interfaces is guest-network-get-interfaces' answer for the domain XML x: each of its
+// NICs, named ethN, with an address unless SetNoAddress says otherwise.
+func (f *Libvirt) interfaces(x string) []map[string]any {
+	var dom libvirtxml.Domain
+	out := []map[string]any{{"name": "lo", "hardware-address": "00:00:00:00:00:00",
+		"ip-addresses": []map[string]any{{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}}}}
+	if dom.Unmarshal(x) != nil || dom.Devices == nil {
+		return out
+	}
+	for i, iface := range dom.Devices.Interfaces {
+		if iface.MAC == nil {
+			continue
+		}
+		mac := strings.ToLower(iface.MAC.Address)
+		ips := []map[string]any{{"ip-address-type": "ipv6", "ip-address": "fe80::5054:ff:fe00:1", "prefix": 64}}
+		if !f.noAddress[mac] {
+			ips = append(ips, map[string]any{"ip-address-type": "ipv4", "ip-address": fmt.Sprintf("192.0.2.%d", 10+i), "prefix": 24})
+		}
+		out = append(out, map[string]any{"name": fmt.Sprintf("eth%d", i), "hardware-address": mac, "ip-addresses": ips})
+	}
+	return out
 }
 
 // hasSerial tells whether the domain XML has a disk with the serial.

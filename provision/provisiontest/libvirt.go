@@ -38,6 +38,11 @@ type Libvirt struct {
 	agentLog []string          // guest agent commands, by name
 	uploaded map[string]uint64 // pool/volume -> bytes uploaded
 	job      JobFunc
+	// system is what the guests' systemd says of their boot ("" for no systemd); nics
+	// the guests' NICs that have no address.
+	system, failed string
+	noAddress      map[string]bool
+	macs           int // MAC addresses given out
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.
@@ -276,6 +281,22 @@ func (f *Libvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain,
 	}
 	if _, ok := f.domains[dom.Name]; ok {
 		return libvirt.Domain{}, lverr(libvirt.ErrOperationFailed, "domain '%s' already exists", dom.Name)
+	}
+	// As libvirt does, each NIC without a MAC address gets one.
+	if dom.Devices != nil {
+		changed := false
+		for i := range dom.Devices.Interfaces {
+			if iface := &dom.Devices.Interfaces[i]; iface.MAC == nil {
+				f.macs++
+				iface.MAC = &libvirtxml.DomainInterfaceMAC{Address: fmt.Sprintf("52:54:00:fa:%02x:%02x", f.macs>>8&0xff, f.macs&0xff)}
+				changed = true
+			}
+		}
+		if changed {
+			if nx, err := dom.Marshal(); err == nil {
+				x = nx
+			}
+		}
 	}
 	f.domains[dom.Name] = &domain{xml: x}
 	return libvirt.Domain{Name: dom.Name}, nil

@@ -1,0 +1,146 @@
+# What prepare does in a fresh clone through the agent, before any job code runs, in one
+# command (each command through the agent costs a round trip, and each program it starts
+# a fork and exec, which under software emulation take tens of milliseconds). Run by
+# /bin/sh as `sh -c SETUP gci MAC ADDR SERIAL DIR NAME USER KEY TAG MOUNT HOSTS NOW
+# HOSTNAME MACHINEID SEED MACS HOSTKEYS`; each part runs only where its arguments are given:
+#   - a restored clone first becomes itself (Identity): the clock set to NOW (seconds
+#     since the epoch), fresh host randomness (SEED) mixed into the kernel's pool and the
+#     RNG reseeded from it (by the kernel itself where it has the VM generation ID driver,
+#     as libvirt gives a restored VM a new one; else by the RNDRESEEDCRNG ioctl, through
+#     perl or python3; it prints which), its own machine-id (journald's files follow it,
+#     so that journalctl shows this boot's log), and each NIC's MAC address changed from
+#     the warm image's to its own (MACS: OLD=NEW ...);
+#   - every clone gets the host name HOSTNAME (kernel, /etc/hostname, /etc/hosts);
+#   - where systemd runs, the services that read what changed at their start (journald,
+#     networkd: its DHCP client id comes from the machine-id, hostnamed) start again;
+#   - it brings up the NIC with the MAC address MAC with the address ADDR, whatever the
+#     guest's own network configuration did with it (most configure only their first);
+#   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
+#     /usr/local/bin;
+#   - it mounts the virtiofs share TAG on MOUNT;
+#   - it makes each of the host names HOSTS (space-separated) resolve to 127.0.0.1;
+#   - it authorizes the instance's client key KEY for USER;
+#   - with USER or HOSTKEYS, where the guest has sshd, it replaces the host keys cloned
+#     from the template (or the warm image) by a fresh Ed25519 key, has sshd load it (or
+#     start, where systemd has it enabled but it could not start without keys), and
+#     prints the new host public key.
+set -e
+mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9 hosts=${10}
+now=${11} hn=${12} mid=${13} seed=${14} macs=${15} hostkeys=${16}
+ipcmd=ip
+command -v ip >/dev/null 2>&1 || ipcmd="busybox ip"
+systemd=
+if [ -d /run/systemd/system ]; then systemd=1; fi
+restart=
+if [ -n "$now" ]; then
+  { date -u -s "@$now" >/dev/null 2>&1 || busybox date -u -s "@${now%.*}" >/dev/null; } &
+  clock=$!
+  printf '%s' "$seed" >/dev/urandom
+  if [ -d /sys/bus/acpi/drivers/vmgenid ]; then
+    echo "gci-rng: reseeded"
+  elif perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null ||
+    python3 -c 'import fcntl; fcntl.ioctl(open("/dev/urandom", "wb"), 0x5207)' 2>/dev/null; then
+    echo "gci-rng: reseeded"
+  else
+    echo "gci-rng: mixed"
+  fi
+fi
+if [ -n "$hn" ]; then
+  printf '%s' "$hn" >/proc/sys/kernel/hostname
+  printf '%s\n' "$hn" >/etc/hostname
+  if [ -f /etc/hosts ]; then
+    hs=
+    while IFS= read -r l || [ -n "$l" ]; do
+      case $l in 127.0.1.1[[:space:]]*) l="127.0.1.1 $hn" ;; esac
+      hs="$hs$l
+"
+    done </etc/hosts
+    printf '%s' "$hs" >/etc/hosts
+  fi
+  restart="$restart systemd-hostnamed.service"
+fi
+if [ -n "$mid" ]; then
+  old=
+  read -r old </etc/machine-id 2>/dev/null || true
+  printf '%s\n' "$mid" >/etc/machine-id
+  if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then printf '%s\n' "$mid" >/var/lib/dbus/machine-id; fi
+  # journald writes, and journalctl reads, the directory named by the machine-id: the
+  # boot's log so far moves with it, and journald, started again, writes there.
+  if [ -n "$old" ] && [ "$old" != "$mid" ]; then
+    for j in /var/log/journal /run/log/journal; do
+      if [ -d "$j/$old" ] && [ ! -e "$j/$mid" ]; then mv "$j/$old" "$j/$mid"; fi
+    done
+  fi
+  restart="$restart systemd-journald.service systemd-networkd.service"
+fi
+if [ -n "$now" ]; then wait "$clock"; fi
+for m in $macs; do
+  old=${m%%=*} new=${m#*=} dev=
+  for d in /sys/class/net/*; do
+    a=; read -r a <"$d/address" 2>/dev/null || true
+    if [ "$a" = "$old" ]; then dev=${d##*/}; fi
+  done
+  [ -n "$dev" ] || { echo "no network interface with the MAC address $old in the guest" >&2; exit 4; }
+  $ipcmd link set dev "$dev" address "$new"
+done
+if [ -n "$systemd" ] && [ -n "$restart" ]; then
+  # Only those that run; without waiting for them (the job's first stage comes later).
+  # shellcheck disable=SC2086 # a list of units
+  systemctl --no-block try-restart $restart 2>/dev/null || true
+fi
+for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
+if [ -n "$tag" ]; then
+  mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
+fi
+if [ -n "$mac" ]; then
+  dev=
+  for d in /sys/class/net/*; do
+    a=; read -r a <"$d/address" 2>/dev/null || true
+    if [ "$a" = "$mac" ]; then dev=${d##*/}; fi
+  done
+  [ -n "$dev" ] || { echo "no network interface with the MAC address $mac in the guest" >&2; exit 4; }
+  $ipcmd link set dev "$dev" up
+  $ipcmd addr replace "$addr" dev "$dev"
+fi
+if [ -n "$serial" ]; then
+  dev=
+  for b in /sys/block/*; do
+    sn=; read -r sn <"$b/serial" 2>/dev/null || true
+    if [ "$sn" = "$serial" ]; then dev=/dev/${b##*/}; fi
+  done
+  [ -n "$dev" ] || { echo "no disk with the serial $serial in the guest" >&2; exit 4; }
+  mount -t ext4 -o ro,X-mount.mkdir "$dev" "$dir" 2>/dev/null || { mkdir -p "$dir" && mount -t ext4 -o ro "$dev" "$dir"; }
+  # The link, for whatever runs outside the stages, after this command has ended: each
+  # program started costs a tenth of a second under emulation. The stages have $dir
+  # on their PATH meanwhile (runWrapper; over ssh, sshd is not ready before it is done).
+  { [ -d /usr/local/bin ] || mkdir -p /usr/local/bin; ln -sf "$dir/$name" "/usr/local/bin/$name"; } </dev/null >/dev/null 2>&1 &
+fi
+if [ -n "$user" ]; then
+  home=$(getent passwd "$user" | cut -d: -f6)
+  [ -n "$home" ] || { echo "no user $user in the guest" >&2; exit 3; }
+  umask 077
+  mkdir -p "$home/.ssh"
+  printf '%s\n' "$key" >>"$home/.ssh/authorized_keys"
+  chown "$user:$(id -gn "$user")" "$home/.ssh" "$home/.ssh/authorized_keys"
+  chmod 700 "$home/.ssh"
+  chmod 600 "$home/.ssh/authorized_keys"
+fi
+if [ -n "$user" ] || { [ -n "$hostkeys" ] && [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null 2>&1; }; then
+  umask 077
+  rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+  ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key
+  if [ -s /run/sshd.pid ]; then
+    kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true
+  elif [ -n "$systemd" ]; then
+    # An sshd that could not start at boot for want of host keys (a template whose keys
+    # were removed, as template make does) starts now, where it is enabled.
+    for u in ssh.service sshd.service; do
+      if systemctl -q is-enabled "$u" 2>/dev/null; then
+        systemctl reset-failed "$u" 2>/dev/null || true
+        systemctl --no-block restart "$u" 2>/dev/null || true
+        break
+      fi
+    done
+  fi
+  cat /etc/ssh/ssh_host_ed25519_key.pub
+fi

@@ -1,0 +1,94 @@
+package provision
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
+)
+
+// nicTemplate is the fake's template with a NIC of its own on a libvirt network.
+var nicTemplate = strings.Replace(provisiontest.Template, "</devices>",
+	"<interface type='network'><source network='ci-net'/><model type='virtio'/></interface></devices>", 1)
+
+func readyHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer, boot time.Duration) *Host {
+	t.Helper()
+	_, err := f.DomainDefineXMLFlags(nicTemplate, 0)
+	require.NoError(t, err)
+	return &Host{Pool: "ci", Prefix: "gci-", BootTimeout: boot, SecretFile: filepath.Join(t.TempDir(), "secret"),
+		Log: slog.New(slog.NewTextHandler(log, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+}
+
+func launchReq(name string) Request {
+	return Request{Name: name, Template: "tmpl", Offered: true, Transport: TransportAgent}
+}
+
+// Ready means ready for the job: systemd's boot over, the template's NIC addressed; the
+// prepare's lines say what it waited for.
+func TestLaunchWaitsForSystemdAndAddresses(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.SetSystem("running")
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	assert.Contains(t, log.String(), "systemd running after")
+	assert.Regexp(t, `network ready after [0-9.]+ s more: eth0 192\.0\.2\.10/24 on network ci-net`, log.String())
+	assert.Contains(t, log.String(), "host name gci-a", "a cold boot gets the instance's host name too")
+}
+
+// A degraded system is usable: the job runs, and one line names the failed units.
+func TestLaunchDegradedSystemSaysSo(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.SetSystem("degraded", "ssh.service", "foo.mount")
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	assert.Contains(t, log.String(), "systemd finished booting degraded after")
+	assert.Contains(t, log.String(), "ssh.service, foo.mount failed; the job runs all the same")
+}
+
+// A guest whose systemd never finishes booting, or whose NIC never gets an address, is
+// a system failure that names what it waited for, within the boot timeout, and leaves
+// nothing behind.
+func TestLaunchNotReadyFails(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name  string
+		setup func(f *provisiontest.Libvirt)
+		want  string
+	}{
+		{"starting", func(f *provisiontest.Libvirt) { f.SetSystem("starting") },
+			"systemd had not finished booting (is-system-running: starting) when the boot timeout passed"},
+		{"maintenance", func(f *provisiontest.Libvirt) { f.SetSystem("maintenance") },
+			"systemd's boot ended maintenance (is-system-running), not running or degraded"},
+		{"no address", func(f *provisiontest.Libvirt) { f.SetNoAddress("52:54:00:fa:00:02") },
+			"waiting for the template's NICs to get their addresses: NIC 52:54:00:fa:00:02 had no address when boot timeout 1s (LIBVIRT_GCI_BOOT_TIMEOUT) passed; " +
+				"does the guest configure them (DHCP on their network, or a static address)? (the instance's NICs: 52:54:00:fa:00:02 on network ci-net)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			f := provisiontest.New("ci")
+			var log bytes.Buffer
+			h := readyHost(t, f, &log, time.Second)
+			c.setup(f)
+			start := time.Now()
+			err := h.Launch(context.Background(), launchReq("gci-a"))
+			require.Error(t, err)
+			assert.ErrorIs(t, err, guest.ErrNotReady)
+			assert.Contains(t, err.Error(), c.want)
+			assert.Less(t, time.Since(start), 5*time.Second)
+			assert.Equal(t, "domain tmpl running=false", f.State(), "the instance is rolled back")
+		})
+	}
+}
