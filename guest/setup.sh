@@ -84,9 +84,10 @@ for m in $macs; do
   $ipcmd link set dev "$dev" address "$new"
 done
 if [ -n "$systemd" ] && [ -n "$restart" ]; then
-  # Only those that run; without waiting for them (the job's first stage comes later).
+  # Only those that run, and before the ssh NIC gets its address below: networkd, started
+  # again, drops the addresses it did not make on the links it manages.
   # shellcheck disable=SC2086 # a list of units
-  systemctl --no-block try-restart $restart 2>/dev/null || true
+  timeout 60 systemctl try-restart $restart 2>/dev/null || true
 fi
 for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
 if [ -n "$tag" ]; then

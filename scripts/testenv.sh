@@ -2,10 +2,13 @@
 # Sets up this machine for libvirt-gci's demo and tests, from a fresh Debian 12 on:
 #   - installs libvirt, QEMU and the image-build tools from apt (if missing);
 #   - starts virtlogd and libvirtd (if not running; CI has no systemd to do it);
-#   - builds the tiny test guest once, cached by the hash of make_base_image/;
+#   - builds the tiny test guest once, cached by the hash of its builder in
+#     make_base_image/, and the systemd Debian guest (make_base_image/debian/) the same way;
 #   - creates the storage pools and defines the template domains: the tiny guest, and the
 #     same with a NIC of its own on an isolated libvirt network (no forward, no address:
 #     a bridge that reaches nothing), to test the ssh transport on templates with a NIC;
+#     and the systemd guest, with a NIC on an isolated network of its own whose dnsmasq
+#     hands out DHCP leases (no forward, no DNS: nothing leaves the machine);
 #   - gives /dev/kvm the group and mode udev would, so libvirt's QEMU capability cache
 #     stays valid (else libvirtd probes QEMU again on every call: defines take minutes);
 #   - checks that a define takes well under a second, and stops with the reason if not.
@@ -16,7 +19,8 @@
 # cached by that script's hash.
 # Idempotent and quick when everything is there. Needs root.
 #
-# usage: scripts/testenv.sh [setup]     set up libvirt, the image and the template (default)
+# usage: scripts/testenv.sh [setup]     set up libvirt, the images and the templates (default)
+#        scripts/testenv.sh setup tiny  the same without the systemd guest (make demo)
 #        scripts/testenv.sh runner      find or build the gitlab-runner the tests drive
 #        scripts/testenv.sh env         print the settings the tests use, as shell exports
 set -euo pipefail
@@ -27,10 +31,13 @@ state=/var/lib/libvirt-gci
 template=${LIBVIRT_GCI_TEST_TEMPLATE:-tiny-bookworm}
 nic_template=$template-nic
 isolated_net=gci-isolated
+systemd_template=${LIBVIRT_GCI_TEST_SYSTEMD_TEMPLATE:-debian-bookworm}
+dhcp_net=gci-dhcp
 test_pool=${LIBVIRT_GCI_TEST_POOL:-gci-test}
 packages=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils mmdebstrap
   e2fsprogs busybox-static cpio kmod xz-utils ca-certificates
-  time openssh-server) # time: make bench's peak RSS of a stage; sshd: the qemu+ssh tests
+  time openssh-server dnsmasq-base) # time: make bench's peak RSS of a stage; sshd: the
+# qemu+ssh tests; dnsmasq: the DHCP of the systemd guest's network
 
 say() { echo "testenv: $*" >&2; }
 
@@ -94,15 +101,17 @@ check_libvirt_speed() {
   say "libvirt is healthy: a define takes $ms ms"
 }
 
-# The guest image, rebuilt only when its builder changes.
+# A guest image, rebuilt only when its builder changes: kind (tiny, debian), builder,
+# the files its hash covers. Sets image_dir.
 build_image() {
-  local hash dir
-  hash=$(cat "$root"/make_base_image/* | sha256sum | cut -c1-12)
-  dir=$state/images/tiny-$hash
+  local kind=$1 builder=$2 hash dir
+  shift 2
+  hash=$(find "$@" -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
+  dir=$state/images/$kind-$hash
   if [[ ! -f $dir/root.qcow2 ]]; then
-    say "building the test guest image (about a minute)"
+    say "building the $kind test guest image (tiny: about a minute; debian: about three)"
     rm -rf "$dir.tmp"
-    "$root/make_base_image/build.sh" "$dir.tmp"
+    "$builder" "$dir.tmp"
     mv "$dir.tmp" "$dir"
   fi
   image_dir=$dir
@@ -180,9 +189,67 @@ EOF
   [[ $(virsh -c "$uri" net-info "$isolated_net") =~ Active:\ *yes ]] || virsh -c "$uri" net-start "$isolated_net" >/dev/null
 }
 
+# The systemd guest's template: 1 GiB, the distro's kernel and initrd booted directly,
+# a NIC on the DHCP network, a virtio RNG.
+systemd_template_xml() { # name
+  cat <<EOF
+<domain type='qemu'>
+  <name>$1</name>
+  <title>libvirt-gci test guest (Debian with systemd, networkd, the distro's kernel and initramfs)</title>
+  <memory unit='MiB'>1024</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$image_dir/vmlinuz</kernel>
+    <initrd>$image_dir/initrd.img</initrd>
+    <cmdline>root=LABEL=gci-root rw console=ttyS0 quiet</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$image_dir/root.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'><source network='$dhcp_net'/><model type='virtio'/></interface>
+    <controller type='usb' model='none'/>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <serial type='pty'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+
+# An isolated network whose dnsmasq hands out DHCP leases: no forward, no DNS (dnsmasq
+# would forward queries out), nothing but the guests and the bridge.
+ensure_dhcp_net() {
+  if ! virsh -c "$uri" net-info "$dhcp_net" >/dev/null 2>&1; then
+    virsh -c "$uri" net-define /dev/stdin >/dev/null <<EOF
+<network>
+  <name>$dhcp_net</name>
+  <bridge name='gci-dhcp0' stp='off'/>
+  <dns enable='no'/>
+  <ip address='10.213.214.1' prefix='24'>
+    <dhcp><range start='10.213.214.10' end='10.213.214.250'/></dhcp>
+  </ip>
+</network>
+EOF
+    virsh -c "$uri" net-autostart "$dhcp_net" >/dev/null
+  fi
+  [[ $(virsh -c "$uri" net-info "$dhcp_net") =~ Active:\ *yes ]] || virsh -c "$uri" net-start "$dhcp_net" >/dev/null
+}
+
 define_template() { # name [extra devices]
   local name=$1 want have
-  want=$(template_xml "$@")
+  if [[ $name == "$systemd_template" ]]; then want=$(systemd_template_xml "$name"); else want=$(template_xml "$@"); fi
   have=$(virsh -c "$uri" dumpxml --inactive "$name" 2>/dev/null || true)
   if [[ $have == *"$image_dir/root.qcow2"* && ( -z ${2:-} || $have == *"<interface"* ) ]]; then
     return 0
@@ -206,8 +273,8 @@ remove_warm_images() {
 }
 
 remove_old_images() {
-  for d in "$state"/images/tiny-*; do # images of older builders
-    [[ $d == "$image_dir" ]] || rm -rf "$d"
+  for d in "$state"/images/tiny-* "$state"/images/debian-*; do # images of older builders
+    [[ $d == "$tiny_dir" || $d == "$debian_dir" || ( -z $debian_dir && $d == */debian-* ) ]] || rm -rf "$d"
   done
 }
 
@@ -246,7 +313,13 @@ setup() {
   install_packages
   fix_kvm
   start_daemons
-  build_image
+  debian_dir=
+  if [[ ${1:-} != tiny ]]; then
+    build_image debian "$root/make_base_image/debian/build.sh" "$root/make_base_image/debian"
+    debian_dir=$image_dir
+  fi
+  build_image tiny "$root/make_base_image/build.sh" "$root"/make_base_image/{build.sh,initrd-init,inittab,rc.sysinit}
+  tiny_dir=$image_dir
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
   ensure_image_pool gci-test-images "$image_dir"
@@ -254,19 +327,25 @@ setup() {
   ensure_isolated_net
   define_template "$nic_template" "
     <interface type='network'><source network='$isolated_net'/><model type='virtio'/></interface>"
+  if [[ -n $debian_dir ]]; then
+    ensure_dhcp_net
+    image_dir=$debian_dir
+    define_template "$systemd_template"
+    image_dir=$tiny_dir
+  fi
   remove_old_images
   remove_warm_images
   check_libvirt_speed
 }
 
 case ${1:-setup} in
-  setup) setup ;;
+  setup) setup "${2:-}" ;;
   runner)
     find_runner build
     say "gitlab-runner: $runner"
     ;;
   env)
-    echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_NIC_TEMPLATE=$nic_template LIBVIRT_GCI_TEST_POOL=$test_pool"
+    echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_NIC_TEMPLATE=$nic_template LIBVIRT_GCI_TEST_SYSTEMD_TEMPLATE=$systemd_template LIBVIRT_GCI_TEST_POOL=$test_pool"
     find_runner
     [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;

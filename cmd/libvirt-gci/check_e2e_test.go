@@ -90,8 +90,10 @@ func TestTemplateMake(t *testing.T) {
 	}, 3*time.Minute, 100*time.Millisecond)
 	out := agentShell(t, j.l, dom, `echo 0123456789abcdef0123456789abcdef >/etc/machine-id
 mkdir -p /var/lib/dhcp && echo lease >/var/lib/dhcp/dhclient.eth0.leases && echo app >/var/log/app.log
-ssh-keygen -q -A; ls /etc/ssh/ssh_host_*key | wc -l`)
-	require.NotEqual(t, "0\n", out, "the guest has SSH host keys")
+ssh-keygen -q -A; ls /etc/ssh/ssh_host_*key | wc -l; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub`)
+	vmKey := strings.Fields(out)
+	require.Len(t, vmKey, 2)
+	require.NotEqual(t, "0", vmKey[0], "the guest has SSH host keys")
 
 	// As the Python tool's users call it: make_base_image.sh VM... (template make for each).
 	cmd := exec.Command("../../make_base_image/make_base_image.sh", src)
@@ -108,9 +110,13 @@ ssh-keygen -q -A; ls /etc/ssh/ssh_host_*key | wc -l`)
 	assert.Equal(t, libvirt.DomainShutoff, libvirt.DomainState(state))
 
 	j.prepare()
-	run := j.run("build_script", `wc -c </etc/machine-id; (ls /etc/ssh/ssh_host_* 2>/dev/null || true) | wc -l; (ls /var/log/app.log /var/lib/dhcp/dhclient.eth0.leases 2>/dev/null || true) | wc -l`)
+	run := j.run("build_script", `wc -c </etc/machine-id; (ls /etc/ssh/ssh_host_*_key 2>/dev/null || true) | wc -l; (ls /var/log/app.log /var/lib/dhcp/dhclient.eth0.leases 2>/dev/null || true) | wc -l
+cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub`)
 	require.Equal(t, 0, run.code, run.stderr)
-	assert.Equal(t, "0\n0\n0\n", run.stdout, "machine-id emptied; host keys, logs and leases gone")
+	got := strings.Fields(run.stdout)
+	require.Len(t, got, 4, run.stdout)
+	assert.Equal(t, []string{"0", "1", "0"}, got[:3], "machine-id emptied; logs and leases gone; one host key, the clone's own (prepare's)")
+	assert.NotEqual(t, vmKey[1], got[3], "the clone's host key is not the VM's")
 	require.Equal(t, 0, j.stage("cleanup").code)
 
 	r = j.stage("template", "make", j.instance()+"-none")

@@ -127,8 +127,14 @@ func requireFastLibvirt(t testing.TB, l *libvirt.Libvirt) {
 // UUID, no metadata), with each edit applied: pairs of a regexp and its replacement.
 func templateVariant(t testing.TB, l *libvirt.Libvirt, name string, edits ...string) string {
 	t.Helper()
+	return templateVariantOf(t, l, testTmpl, name, edits...)
+}
+
+// templateVariantOf is templateVariant of the template base.
+func templateVariantOf(t testing.TB, l *libvirt.Libvirt, base, name string, edits ...string) string {
+	t.Helper()
 	require.Zero(t, len(edits)%2, "edits come in pairs")
-	tmpl, err := l.DomainLookupByName(testTmpl)
+	tmpl, err := l.DomainLookupByName(base)
 	require.NoError(t, err)
 	x, err := l.DomainGetXMLDesc(tmpl, libvirt.DomainXMLInactive)
 	require.NoError(t, err)

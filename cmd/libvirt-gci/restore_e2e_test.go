@@ -230,9 +230,13 @@ func TestRestoreNeverStale(t *testing.T) {
 // ownTemplateDisk makes a disk for a template of the test's own: a volume in the test
 // pool (an overlay on the test image), which the test may change; it is deleted after
 // the test. It returns its path.
-func ownTemplateDisk(t *testing.T, j *gitlabJob) string {
+func ownTemplateDisk(t *testing.T, j *gitlabJob, of ...string) string {
 	t.Helper()
-	base, err := j.l.DomainLookupByName(testTmpl)
+	tmpl := testTmpl
+	if len(of) > 0 {
+		tmpl = of[0]
+	}
+	base, err := j.l.DomainLookupByName(tmpl)
 	require.NoError(t, err)
 	bx, err := j.l.DomainGetXMLDesc(base, libvirt.DomainXMLInactive)
 	require.NoError(t, err)
