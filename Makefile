@@ -33,7 +33,9 @@ lint:
 	$(GO) vet ./...
 
 # The real-VM tests fail (not skip) when their environment is missing: LIBVIRT_GCI_E2E=1.
-test: testenv testrunner lint
+# (testenv and testrunner in one step: the gitlab-runner builds while the images do.)
+test: lint
+	scripts/testenv.sh test
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 # Unit tests only: no libvirt needed.
@@ -42,9 +44,10 @@ unit:
 
 # BenchmarkPerformance prints README's Performance table (each figure a median of its own
 # runs); the others report per-stage timings.
-bench: testenv testrunner
+bench:
+	scripts/testenv.sh test
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench '^BenchmarkPerformance$$' -benchtime 1x -timeout 30m ./cmd/libvirt-gci
-	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -skip '^BenchmarkPerformance$$' -benchtime 5x -timeout 30m ./cmd/libvirt-gci
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -skip '^BenchmarkPerformance' -benchtime 5x -timeout 30m ./cmd/libvirt-gci
 
 # N sequential and M concurrent jobs with random faults; one summary line (leaks must be 0).
 SOAK_N ?= 6

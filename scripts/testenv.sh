@@ -22,6 +22,7 @@
 # usage: scripts/testenv.sh [setup]     set up libvirt, the images and the templates (default)
 #        scripts/testenv.sh setup tiny  the same without the systemd guest (make demo)
 #        scripts/testenv.sh runner      find or build the gitlab-runner the tests drive
+#        scripts/testenv.sh test        setup, building that gitlab-runner meanwhile (make test)
 #        scripts/testenv.sh env         print the settings the tests use, as shell exports
 set -euo pipefail
 
@@ -101,20 +102,39 @@ check_libvirt_speed() {
   say "libvirt is healthy: a define takes $ms ms"
 }
 
-# A guest image, rebuilt only when its builder changes: kind (tiny, debian), builder,
-# the files its hash covers. Sets image_dir.
-build_image() {
-  local kind=$1 builder=$2 hash dir
-  shift 2
-  hash=$(find "$@" -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
-  dir=$state/images/$kind-$hash
-  if [[ ! -f $dir/root.qcow2 ]]; then
-    say "building the $kind test guest image (tiny: about a minute; debian: about three)"
-    rm -rf "$dir.tmp"
-    "$builder" "$dir.tmp"
-    mv "$dir.tmp" "$dir"
+# A guest image's directory: kind (tiny, debian) and the hash of the files of its
+# builder (so that it is rebuilt only when they change).
+image_dir_of() { # kind file...
+  local kind=$1
+  shift
+  echo "$state/images/$kind-$(find "$@" -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)"
+}
+
+# Builds the image into dir with builder, unless it is there.
+build_image() { # kind builder dir
+  local kind=$1 builder=$2 dir=$3
+  [[ ! -f $dir/root.qcow2 ]] || return 0
+  say "building the $kind test guest image (tiny: about a minute; debian: about two)"
+  rm -rf "$dir.tmp"
+  "$builder" "$dir.tmp"
+  mv "$dir.tmp" "$dir"
+}
+
+# Builds the images the tests need, at once (each is mostly waiting on apt and dpkg).
+build_images() { # tiny|all
+  local pids=() p failed=
+  tiny_dir=$(image_dir_of tiny "$root"/make_base_image/{build.sh,initrd-init,inittab,rc.sysinit})
+  build_image tiny "$root/make_base_image/build.sh" "$tiny_dir" &
+  pids+=($!)
+  debian_dir=
+  if [[ $1 != tiny ]]; then
+    debian_dir=$(image_dir_of debian "$root/make_base_image/debian")
+    build_image debian "$root/make_base_image/debian/build.sh" "$debian_dir" &
+    pids+=($!)
   fi
-  image_dir=$dir
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  [[ -z $failed ]] || { say "building a test guest image failed (see above)"; exit 1; }
+  image_dir=$tiny_dir
 }
 
 ensure_pool() { # name path
@@ -313,13 +333,7 @@ setup() {
   install_packages
   fix_kvm
   start_daemons
-  debian_dir=
-  if [[ ${1:-} != tiny ]]; then
-    build_image debian "$root/make_base_image/debian/build.sh" "$root/make_base_image/debian"
-    debian_dir=$image_dir
-  fi
-  build_image tiny "$root/make_base_image/build.sh" "$root"/make_base_image/{build.sh,initrd-init,inittab,rc.sysinit}
-  tiny_dir=$image_dir
+  build_images "${1:-all}"
   ensure_pool default /var/lib/libvirt/images
   ensure_pool "$test_pool" "$state/pool-$test_pool"
   ensure_image_pool gci-test-images "$image_dir"
@@ -340,6 +354,16 @@ setup() {
 
 case ${1:-setup} in
   setup) setup "${2:-}" ;;
+  test)
+    # setup, and the gitlab-runner built meanwhile where there is none (make test): the
+    # runner's build is Go compiling, the images' builds mostly apt and dpkg.
+    (find_runner build >/dev/null) &
+    runner_pid=$!
+    setup
+    wait "$runner_pid" || { say "building gitlab-runner failed (see above)"; exit 1; }
+    find_runner
+    say "gitlab-runner: $runner"
+    ;;
   runner)
     find_runner build
     say "gitlab-runner: $runner"
@@ -349,5 +373,5 @@ case ${1:-setup} in
     find_runner
     [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;
-  *) echo "usage: $0 [setup|runner|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup [tiny]|runner|test|env]" >&2; exit 2 ;;
 esac

@@ -197,6 +197,9 @@ func BenchmarkPerformance(b *testing.B) {
 	// 5. Overlays on a 1 GiB and a 40 GiB template disk.
 	perfOverlays(b, &t, j.l)
 
+	// 6. The systemd Debian guest: prepare, stages and a runner job.
+	perfSystemd(b, &t)
+
 	for _, s := range []string{"prepare", "run", "cleanup"} {
 		t.add("peak RSS of a "+s+" process", fmt.Sprintf("%.1f MiB", float64(rss[s])/1024), "", "", "")
 	}

@@ -303,6 +303,7 @@ func TestRunnerTimeouts(t *testing.T) { overTransports(t, testRunnerTimeouts) }
 
 func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	requireFastLibvirt(t, h.l)
+	h.warm(testTmpl) // the job's 20 s are for a restore, not for making the warm image too
 	const timeout = 20
 	job := h.gl.add(jobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
 	script := h.gl.add(jobSpec{
