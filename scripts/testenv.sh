@@ -161,18 +161,19 @@ ensure_image_pool() { # name path
   ensure_pool "$1" "$2"
 }
 
-template_xml() { # name [extra devices]
+# A test guest's domain: the image in $image_dir, its kernel and initrd booted directly.
+guest_xml() { # name title MiB cmdline extra-devices
   cat <<EOF
 <domain type='qemu'>
   <name>$1</name>
-  <title>libvirt-gci test guest (tiny Debian, busybox init)</title>
-  <memory unit='MiB'>256</memory>
+  <title>libvirt-gci test guest ($2)</title>
+  <memory unit='MiB'>$3</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$image_dir/vmlinuz</kernel>
     <initrd>$image_dir/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet</cmdline>
+    <cmdline>$4</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -190,10 +191,15 @@ template_xml() { # name [extra devices]
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
     <serial type='pty'/>
-    <memballoon model='none'/>${2:-}
+    <memballoon model='none'/>$5
   </devices>
 </domain>
 EOF
+}
+
+# The tiny guest's template: 256 MiB, busybox init.
+template_xml() { # name [extra devices]
+  guest_xml "$1" "tiny Debian, busybox init" 256 "console=ttyS0 quiet" "${2:-}"
 }
 
 ensure_isolated_net() {
@@ -212,40 +218,10 @@ EOF
 # The systemd guest's template: 1 GiB, the distro's kernel and initrd booted directly,
 # a NIC on the DHCP network, a virtio RNG.
 systemd_template_xml() { # name
-  cat <<EOF
-<domain type='qemu'>
-  <name>$1</name>
-  <title>libvirt-gci test guest (Debian with systemd, networkd, the distro's kernel and initramfs)</title>
-  <memory unit='MiB'>1024</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>$image_dir/vmlinuz</kernel>
-    <initrd>$image_dir/initrd.img</initrd>
-    <cmdline>root=LABEL=gci-root rw console=ttyS0 quiet</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='$image_dir/root.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+  guest_xml "$1" "Debian with systemd, networkd, the distro's kernel and initramfs" 1024 \
+    "root=LABEL=gci-root rw console=ttyS0 quiet" "
     <interface type='network'><source network='$dhcp_net'/><model type='virtio'/></interface>
-    <controller type='usb' model='none'/>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='pty'/>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-EOF
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
 }
 
 # An isolated network whose dnsmasq hands out DHCP leases: no forward, no DNS (dnsmasq
