@@ -33,10 +33,13 @@ lint:
 	$(GO) vet ./...
 
 # The real-VM tests fail (not skip) when their environment is missing: LIBVIRT_GCI_E2E=1.
+# PARALLEL real-VM tests at once (go test's default is one per core): much of their time
+# is spent waiting for a guest (timeouts, suspended or frozen guests, a runner's poll).
+PARALLEL ?= 4
 # (testenv and testrunner in one step: the gitlab-runner builds while the images do.)
 test: lint
 	scripts/testenv.sh test
-	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -timeout 30m ./...
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -race -count=1 -parallel $(PARALLEL) -timeout 30m ./...
 
 # Unit tests only: no libvirt needed.
 unit:

@@ -80,14 +80,18 @@ type runnerHost struct {
 	env    []string
 }
 
-// overTransports runs f once per transport, each with a runner host of its own, one
-// after the other. The tests whose timings are at stake (timeouts, cancels, overlapping
-// jobs) are not parallel, and so run first, alone, and check first that libvirt is quick
-// (requireFastLibvirt); the others are parallel, after them, when a define may take
+// overTransports runs f once per transport, the two at once, each with a runner host
+// (runner, fake GitLab, instance prefix) of its own. The tests whose timings are at stake
+// (timeouts, cancels, overlapping jobs) are not parallel at the top: they run first,
+// among their own subtests only (tiny guests, restored), and check first that libvirt is
+// quick (requireFastLibvirt); the others are parallel, after them, when a define may take
 // seconds (CI saw 9 s) without harm.
 func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 	for _, tr := range transports {
-		t.Run(tr, func(t *testing.T) { f(t, newRunnerHost(t, tr)) })
+		t.Run(tr, func(t *testing.T) {
+			t.Parallel()
+			f(t, newRunnerHost(t, tr))
+		})
 	}
 }
 
@@ -336,6 +340,7 @@ func TestRunnerCancel(t *testing.T) {
 	for _, transport := range transports {
 		for _, status := range []string{"canceling", "canceled"} {
 			t.Run(transport+"/"+status, func(t *testing.T) {
+				t.Parallel()
 				h := newRunnerHost(t, transport)
 				requireFastLibvirt(t, h.l)
 				// The runner hears of a cancel in the answer to its next trace upload, so the
