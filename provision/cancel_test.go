@@ -52,7 +52,7 @@ func heldCreate(t *testing.T, f *provisiontest.Libvirt, method string, grace tim
 func rollBack(t *testing.T, f *provisiontest.Libvirt) {
 	t.Helper()
 	f.Reconnect()
-	_, err := (&Conn{api: f}).Teardown(inst, nil)
+	_, err := (&Conn{api: f}).Teardown(t.Context(), inst, nil)
 	require.NoError(t, err)
 	assert.Empty(t, f.State())
 }

@@ -78,7 +78,7 @@ func (h *Host) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sw
 		return Sweep{}, err
 	}
 	defer conn.Close()
-	return h.gc(conn, dryRun, olderThan, time.Time{})
+	return h.gc(ctx, conn, dryRun, olderThan, time.Time{})
 }
 
 // sweepTime bounds the sweep every launch makes first.
@@ -88,7 +88,7 @@ const sweepTime = 2 * time.Second
 // the launch goes on unless it was cancelled meanwhile.
 func (h *Host) sweep(ctx context.Context, conn *Conn) error {
 	start := time.Now()
-	sw, err := h.gc(conn, false, 0, start.Add(sweepTime))
+	sw, err := h.gc(ctx, conn, false, 0, start.Add(sweepTime))
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("sweeping orphans: %w", err)
 	}
@@ -103,7 +103,7 @@ func (h *Host) sweep(ctx context.Context, conn *Conn) error {
 }
 
 // gc is GC on conn; with a deadline, it starts no removal after it.
-func (h *Host) gc(conn *Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
+func (h *Host) gc(ctx context.Context, conn *Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
 	var sw Sweep
 	list, err := conn.Instances()
 	if err != nil {
@@ -125,7 +125,7 @@ func (h *Host) gc(conn *Conn, dryRun bool, olderThan time.Duration, deadline tim
 			continue
 		}
 		// Only the instance that was listed: not a new one of the same name.
-		_, err := conn.Teardown(in.Name, func(m Metadata) error {
+		_, err := conn.Teardown(ctx, in.Name, func(m Metadata) error {
 			if m.PrepareID != in.Metadata.PrepareID {
 				return fmt.Errorf("instance %q was replaced meanwhile; leaving it alone", in.Name)
 			}

@@ -79,7 +79,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 
 	// Once no instance uses it, the next new binary's disk replaces it.
 	for _, name := range []string{"gci-a", "gci-b"} {
-		_, err := NewConn(f).Teardown(name, nil)
+		_, err := NewConn(f).Teardown(t.Context(), name, nil)
 		require.NoError(t, err)
 	}
 	upgrade("newer runner")

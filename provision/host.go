@@ -169,7 +169,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 
 	// A crash can leave an instance of this name behind: the caller's is removed, anyone
 	// else's left alone.
-	removed, err := conn.Teardown(req.Name, req.Replace)
+	removed, err := conn.Teardown(ctx, req.Name, req.Replace)
 	if errors.Is(err, ErrNotManaged) {
 		return fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", req.Name)
 	}
@@ -558,7 +558,7 @@ func (h *Host) teardown(ctx context.Context, name string, allow func(Metadata) e
 		return err
 	}
 	defer conn.Close()
-	r, err := conn.Teardown(name, allow)
+	r, err := conn.Teardown(ctx, name, allow)
 	if err != nil {
 		return err
 	}

@@ -258,7 +258,8 @@ type Removed struct {
 // are fine. It refuses domains without libvirt-gci metadata, and any whose metadata allow
 // (if not nil) refuses: then it touches nothing and returns allow's error. If a volume
 // cannot be deleted the domain stays defined, so a later Teardown still knows about it.
-func (c *Conn) Teardown(name string, allow func(Metadata) error) (Removed, error) {
+// ctx bounds its wait for a volume libvirtd is still creating.
+func (c *Conn) Teardown(ctx context.Context, name string, allow func(Metadata) error) (Removed, error) {
 	var r Removed
 	dom, err := c.api.DomainLookupByName(name)
 	if hasCode(err, libvirt.ErrNoDomain) {
@@ -289,7 +290,7 @@ func (c *Conn) Teardown(name string, allow func(Metadata) error) (Removed, error
 
 	var errs []error
 	for _, v := range meta.Volumes {
-		deleted, err := c.deleteVolume(v)
+		deleted, err := c.deleteVolume(ctx, v)
 		if err != nil {
 			errs = append(errs, err)
 		} else if deleted {
@@ -314,7 +315,7 @@ func (c *Conn) Teardown(name string, allow func(Metadata) error) (Removed, error
 var volumeBusyTime = 15 * time.Second
 
 // deleteVolume deletes v; a volume or pool that is already gone is not an error.
-func (c *Conn) deleteVolume(v Volume) (bool, error) {
+func (c *Conn) deleteVolume(ctx context.Context, v Volume) (bool, error) {
 	pool, err := c.api.StoragePoolLookupByName(v.Pool)
 	if hasCode(err, libvirt.ErrNoStoragePool) {
 		return false, nil
@@ -331,9 +332,13 @@ func (c *Conn) deleteVolume(v Volume) (bool, error) {
 	}
 	err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
 	// A volume libvirtd is still creating (for a prepare that was killed meanwhile) cannot
-	// be deleted yet: wait for it, a while.
+	// be deleted yet: wait for it, a while, or until ctx ends.
 	for start := time.Now(); hasCode(err, libvirt.ErrOperationInvalid) && time.Since(start) < volumeBusyTime; {
-		time.Sleep(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return false, fmt.Errorf("delete volume %q in pool %q: still busy: %w", v.Name, v.Pool, context.Cause(ctx))
+		case <-time.After(200 * time.Millisecond):
+		}
 		err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
 	}
 	if err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 
@@ -67,7 +68,7 @@ func TestCreateThenTeardown(t *testing.T) {
 	assert.Equal(t, "raw", v.BackingStore.Format.Type)
 	assert.Nil(t, v.Capacity, "an overlay takes its backing file's size")
 
-	r, err := c.Teardown(inst, nil)
+	r, err := c.Teardown(t.Context(), inst, nil)
 	require.NoError(t, err)
 	assert.Equal(t, Removed{Domain: true, Destroyed: true, Volumes: []string{inst + "-vda.qcow2", inst + "-vdb.qcow2"}}, r)
 	assert.Empty(t, f.State())
@@ -84,7 +85,7 @@ func TestCreateFailuresLeaveARecord(t *testing.T) {
 			_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 			require.ErrorContains(t, err, "injected")
 			f.Fail(step, nil)
-			_, err = c.Teardown(inst, nil)
+			_, err = c.Teardown(t.Context(), inst, nil)
 			require.NoError(t, err)
 			assert.Empty(t, f.State())
 		})
@@ -140,12 +141,12 @@ func TestTeardownPartialStates(t *testing.T) {
 			f := provisiontest.New("ci")
 			c := &Conn{api: f}
 			tc.setup(t, f, c)
-			r, err := c.Teardown(inst, nil)
+			r, err := c.Teardown(t.Context(), inst, nil)
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, r)
 			assert.Empty(t, f.State())
 			// And again: already gone.
-			r, err = c.Teardown(inst, nil)
+			r, err = c.Teardown(t.Context(), inst, nil)
 			require.NoError(t, err)
 			assert.Equal(t, Removed{}, r)
 		})
@@ -159,7 +160,7 @@ func TestTeardownRefusesUnmanagedDomains(t *testing.T) {
 	_, err := f.DomainDefineXMLFlags(`<domain type='qemu'><name>`+inst+`</name></domain>`, 0)
 	require.NoError(t, err)
 	require.NoError(t, f.DomainCreate(libvirt.Domain{Name: inst}))
-	_, err = c.Teardown(inst, nil)
+	_, err = c.Teardown(t.Context(), inst, nil)
 	require.ErrorIs(t, err, ErrNotManaged)
 	assert.Equal(t, "domain gci-r-1 running=true", f.State(), "an unmanaged domain is never touched")
 }
@@ -172,13 +173,13 @@ func TestTeardownKeepsRecordWhenVolumeDeleteFails(t *testing.T) {
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	f.Fail("StorageVolDelete", libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "device busy"})
-	_, err = c.Teardown(inst, nil)
+	_, err = c.Teardown(t.Context(), inst, nil)
 	require.ErrorContains(t, err, "device busy")
 	assert.Contains(t, f.State(), "domain gci-r-1 running=false")
 	assert.Contains(t, f.State(), "volume ci/gci-r-1-vda.qcow2")
 
 	f.Fail("StorageVolDelete", nil)
-	_, err = c.Teardown(inst, nil)
+	_, err = c.Teardown(t.Context(), inst, nil)
 	require.NoError(t, err)
 	assert.Empty(t, f.State())
 }
@@ -234,11 +235,11 @@ func TestTeardownAsksFirst(t *testing.T) {
 	require.NoError(t, err)
 	before := f.State()
 	var seen Metadata
-	_, err = c.Teardown(inst, func(m Metadata) error { seen = m; return errors.New("not yours") })
+	_, err = c.Teardown(t.Context(), inst, func(m Metadata) error { seen = m; return errors.New("not yours") })
 	require.EqualError(t, err, "not yours")
 	assert.Equal(t, before, f.State())
 	assert.Equal(t, "p1", seen.PrepareID)
-	r, err := c.Teardown(inst, func(Metadata) error { return nil })
+	r, err := c.Teardown(t.Context(), inst, func(Metadata) error { return nil })
 	require.NoError(t, err)
 	assert.True(t, r.Domain)
 	assert.Empty(t, f.State())
@@ -268,7 +269,7 @@ func TestSSHMetadataAndForward(t *testing.T) {
 	assert.Equal(t, m, inst.Metadata)
 
 	// Teardown still finds the volumes through the new metadata.
-	r, err := c.Teardown(spec.Name, nil)
+	r, err := c.Teardown(t.Context(), spec.Name, nil)
 	require.NoError(t, err)
 	assert.Len(t, r.Volumes, len(spec.Volumes))
 }
@@ -323,8 +324,26 @@ func TestTeardownWaitsForAVolumeBeingCreated(t *testing.T) {
 	_, err := c.Create(context.Background(), instanceSpec(t, "ci"))
 	require.NoError(t, err)
 	f.FailNth("StorageVolDelete", 1, libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "volume 'x' is still being allocated."})
-	r, err := c.Teardown(inst, nil)
+	r, err := c.Teardown(t.Context(), inst, nil)
 	require.NoError(t, err)
 	assert.Len(t, r.Volumes, 2)
+	assert.Empty(t, f.State())
+
+	// A volume busy for good: the wait ends with the context (a cancelled cleanup does not
+	// sit out volumeBusyTime), and the domain stays, so that a later Teardown still knows
+	// the volume.
+	_, err = c.Create(t.Context(), instanceSpec(t, "ci"))
+	require.NoError(t, err)
+	f.Fail("StorageVolDelete", libvirt.Error{Code: uint32(libvirt.ErrOperationInvalid), Message: "volume 'x' is still being allocated."})
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = c.Teardown(ctx, inst, nil)
+	require.ErrorContains(t, err, "still busy")
+	assert.Less(t, time.Since(start), 2*time.Second, "the wait ended with the context, not after %s", volumeBusyTime)
+	assert.Contains(t, f.State(), "domain "+inst)
+	f.Fail("StorageVolDelete", nil)
+	_, err = c.Teardown(t.Context(), inst, nil)
+	require.NoError(t, err)
 	assert.Empty(t, f.State())
 }

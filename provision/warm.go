@@ -466,7 +466,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	// sweeps it if this process dies.
 	domName := h.Prefix + "warm-" + name[strings.LastIndex(name, "-")+1:]
 	// Leftovers of an earlier try (a crash): its domain, and then its volumes.
-	if _, err := conn.Teardown(domName, nil); err != nil {
+	if _, err := conn.Teardown(ctx, domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	if err := deleteVolumes(conn, pool, func(v string) bool {
