@@ -47,8 +47,8 @@ func matches(pattern, p string) bool {
 	if pattern == "..." {
 		return true
 	}
-	if !strings.Contains(pattern, ".") { // under the module
-		pattern = path.Join(module, pattern)
+	if first, _, _ := strings.Cut(pattern, "/"); !strings.Contains(first, ".") { // under the module
+		pattern = module + "/" + pattern
 	}
 	switch {
 	case strings.HasSuffix(pattern, "/..."):
