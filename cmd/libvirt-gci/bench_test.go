@@ -30,6 +30,12 @@ func perTransport(b *testing.B, f func(b *testing.B, j *gitlabJob)) {
 
 func BenchmarkPrepare(b *testing.B) { perTransport(b, benchmarkPrepare) }
 
+// msField is the field k of fields(stderr), a number of milliseconds, as a duration.
+func msField(stderr string) func(k string) time.Duration {
+	f := fields(stderr)
+	return func(k string) time.Duration { return time.Duration(f[k] * float64(time.Millisecond)) }
+}
+
 // fields collects the numeric fields of the tool's JSON log records (LIBVIRT_GCI_LOG_FORMAT=json).
 func fields(stderr string) map[string]float64 {
 	out := map[string]float64{}

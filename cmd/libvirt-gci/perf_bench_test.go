@@ -150,8 +150,7 @@ func BenchmarkPerformance(b *testing.B) {
 				b.Fatalf("prepare: %s", r.stderr)
 			}
 			peak("prepare", kib)
-			f := fields(r.stderr)
-			d := func(k string) time.Duration { return time.Duration(f[k] * float64(time.Millisecond)) }
+			d := msField(r.stderr)
 			p.total = append(p.total, took)
 			p.ready = append(p.ready, d("ready_ms"))
 			p.define = append(p.define, d("define_ms"))

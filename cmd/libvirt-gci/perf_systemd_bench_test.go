@@ -27,8 +27,7 @@ func perfSystemd(b *testing.B, t *perfTable) {
 			if r.code != 0 {
 				b.Fatalf("prepare (%s): %s", start, r.stderr)
 			}
-			f := fields(r.stderr)
-			d := func(k string) time.Duration { return time.Duration(f[k] * float64(time.Millisecond)) }
+			d := msField(r.stderr)
 			p.total = append(p.total, took)
 			p.agent = append(p.agent, d("ready_ms"))
 			p.system = append(p.system, d("system_ms"))
