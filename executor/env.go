@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Settings are the operator's: from LIBVIRT_GCI_* variables or flags, never from the job.
@@ -49,8 +49,8 @@ type Settings struct {
 
 // Transports.
 const (
-	TransportAgent = provision.TransportAgent
-	TransportSSH   = provision.TransportSSH
+	TransportAgent = meta.TransportAgent
+	TransportSSH   = meta.TransportSSH
 )
 
 var userRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Paths inside the guest, reported to the runner by config.
@@ -46,7 +47,7 @@ var digits = regexp.MustCompile(`^[0-9]{1,20}$`)
 // projectCache is the project's own cache directory under root (LIBVIRT_GCI_CACHE_DIR),
 // made if missing: named by the project's id and its GitLab instance, as the runner's job
 // response says (never by a job variable), so that no project reaches another's.
-func projectCache(root string, o provision.Owner) (string, error) {
+func projectCache(root string, o meta.Owner) (string, error) {
 	if !digits.MatchString(o.ProjectID) {
 		return "", fmt.Errorf("project id %q in the job response is not a number; no cache directory for it", o.ProjectID)
 	}
@@ -88,7 +89,7 @@ func (e *Executor) helper(t Target) string {
 // Target names the instance a stage works on: a job's, or one named by hand.
 type Target struct {
 	Name   string
-	Owner  provision.Owner
+	Owner  meta.Owner
 	ByHand bool // named with --machine by the operator: any instance of ours will do
 }
 
@@ -99,7 +100,7 @@ func (e *Executor) TargetFor(machine, responseFile string) (Target, error) {
 		if err := CheckMachineName(machine); err != nil {
 			return Target{}, err
 		}
-		return Target{Name: machine, Owner: provision.Owner{Manual: true}, ByHand: true}, nil
+		return Target{Name: machine, Owner: meta.Owner{Manual: true}, ByHand: true}, nil
 	}
 	if responseFile == "" {
 		return Target{}, &InputError{"no instance given: use --machine NAME, or run under GitLab Runner (JOB_RESPONSE_FILE is not set)"}
@@ -117,7 +118,7 @@ func (e *Executor) TargetFor(machine, responseFile string) (Target, error) {
 
 // mine refuses an instance that belongs to someone else. The operator (--machine) may
 // act on any.
-func (t Target) mine(m provision.Metadata) error {
+func (t Target) mine(m meta.Metadata) error {
 	if t.ByHand || sameOwner(m.Owner, t.Owner) {
 		return nil
 	}
@@ -148,7 +149,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		Replace: Target{Name: t.Name, Owner: t.Owner}.mine,
 	}
 	if !t.ByHand {
-		req.Runner = provision.RunnerOf(os.Getppid()) // GitLab Runner, for gc
+		req.Process = provision.RunnerOf(os.Getppid()) // GitLab Runner, for gc
 	}
 	if e.Settings.CacheDir != "" && !t.ByHand {
 		dir, err := projectCache(e.Settings.CacheDir, t.Owner)

@@ -10,23 +10,22 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
-
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
 var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*[a-z0-9]$`)
 
-func owner(job, project string) provision.Owner {
-	return provision.Owner{Server: "a1b2c3d4-uuid", Runner: "runner-uuid", ProjectID: "77", JobID: job, Project: project}
+func owner(job, project string) meta.Owner {
+	return meta.Owner{Server: "a1b2c3d4-uuid", Runner: "runner-uuid", ProjectID: "77", JobID: job, Project: project}
 }
 
 func TestInstanceName(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name string
-		o    provision.Owner
+		o    meta.Owner
 		want string // without the hash
 	}{
 		{"plain", owner("42", "group/app"), "gci-42-group-app"},
@@ -51,14 +50,14 @@ func TestInstanceName(t *testing.T) {
 // and identities that differ in a single part all get names of their own.
 func TestInstanceNameIsUniquePerOwner(t *testing.T) {
 	t.Parallel()
-	seen := map[string]provision.Owner{}
+	seen := map[string]meta.Owner{}
 	long := strings.Repeat("p", 200)
 	for _, server := range []string{"", "uuid-1", "uuid-12", "https://gitlab.example.com"} {
 		for _, runner := range []string{"", "ab", "ab-12", "r1"} {
 			for _, project := range []string{"1", "12", "345"} {
 				for _, job := range []string{"1", "12", "345", "123456789012"} {
 					for _, path := range []string{"foo", "345-foo", long} {
-						o := provision.Owner{Server: server, Runner: runner, ProjectID: project, JobID: job, Project: path}
+						o := meta.Owner{Server: server, Runner: runner, ProjectID: project, JobID: job, Project: path}
 						name, err := InstanceName("gci-", o)
 						require.NoError(t, err)
 						assert.LessOrEqual(t, len(name), MaxNameLen)
@@ -80,7 +79,7 @@ func TestInstanceNameRejects(t *testing.T) {
 	t.Parallel()
 	_, err := InstanceName(strings.Repeat("p", 32), owner("12345678901234567890", ""))
 	assert.ErrorContains(t, err, "use a shorter LIBVIRT_GCI_PREFIX")
-	_, err = InstanceName("gci-", provision.Owner{Manual: true})
+	_, err = InstanceName("gci-", meta.Owner{Manual: true})
 	assert.Error(t, err)
 }
 
@@ -95,11 +94,11 @@ func TestReadIdentity(t *testing.T) {
 		"instance_uuid": "", "project_name": "My Project"}, "git_info": {"repo_url": "https://gitlab-ci-token:glcbt-SECRET@gitlab.example.com:8443/group/p.git"},
 		"runner_info": {"uuid": "r-uuid", "timeout": 3600}, "variables": [{"key": "CI_JOB_ID", "value": "1"}, {"key": "CI_PROJECT_ID", "value": "1"}]}`))
 	require.NoError(t, err)
-	assert.Equal(t, provision.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, o,
+	assert.Equal(t, meta.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, o,
 		"from the response's own fields, never its variables; the repo URL's credentials dropped")
 	o, err = ReadIdentity(write(`{"id": 1, "job_info": {"project_id": 2, "project_name": "p", "instance_uuid": "inst-uuid"}}`))
 	require.NoError(t, err)
-	assert.Equal(t, provision.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, o)
+	assert.Equal(t, meta.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, o)
 
 	for _, tc := range []struct{ body, want string }{
 		{`{"job_info": {"project_id": 2}}`, "has no job id"},
@@ -250,11 +249,11 @@ func TestTargetFor(t *testing.T) {
 	require.NoError(t, os.WriteFile(resp, []byte(`{"id": 9, "job_info": {"project_id": 5, "project_full_path": "g/p"}, "runner_info": {"uuid": "r"}}`), 0o600))
 	tg, err := e.TargetFor("", resp)
 	require.NoError(t, err)
-	o := provision.Owner{Runner: "r", ProjectID: "5", JobID: "9", Project: "g/p"}
+	o := meta.Owner{Runner: "r", ProjectID: "5", JobID: "9", Project: "g/p"}
 	assert.Equal(t, Target{Name: "gci-9-g-p-" + identityHash(o), Owner: o}, tg)
 	tg, err = e.TargetFor("my-vm", resp)
 	require.NoError(t, err)
-	assert.Equal(t, Target{Name: "my-vm", Owner: provision.Owner{Manual: true}, ByHand: true}, tg, "--machine wins")
+	assert.Equal(t, Target{Name: "my-vm", Owner: meta.Owner{Manual: true}, ByHand: true}, tg, "--machine wins")
 	_, err = e.TargetFor("", "")
 	assert.ErrorContains(t, err, "use --machine NAME")
 }
@@ -262,13 +261,13 @@ func TestTargetFor(t *testing.T) {
 func TestTargetMine(t *testing.T) {
 	t.Parallel()
 	me := Target{Name: "x", Owner: owner("1", "g/p")}
-	assert.NoError(t, me.mine(provision.Metadata{Owner: owner("1", "renamed/project")}), "the project path is for people, not identity")
-	for _, other := range []provision.Owner{owner("2", "g/p"), {Manual: true}, {Server: "other", Runner: "runner-uuid", ProjectID: "77", JobID: "1"}} {
-		err := me.mine(provision.Metadata{Owner: other})
+	assert.NoError(t, me.mine(meta.Metadata{Owner: owner("1", "renamed/project")}), "the project path is for people, not identity")
+	for _, other := range []meta.Owner{owner("2", "g/p"), {Manual: true}, {Server: "other", Runner: "runner-uuid", ProjectID: "77", JobID: "1"}} {
+		err := me.mine(meta.Metadata{Owner: other})
 		assert.ErrorContains(t, err, `instance "x" belongs to`, "%+v", other)
 		assert.ErrorContains(t, err, "leaving it alone")
 	}
-	assert.NoError(t, Target{Name: "x", ByHand: true}.mine(provision.Metadata{Owner: owner("2", "")}), "the operator may act on any")
+	assert.NoError(t, Target{Name: "x", ByHand: true}.mine(meta.Metadata{Owner: owner("2", "")}), "the operator may act on any")
 }
 
 // Each project's cache directory is its own: by project id and GitLab instance, from the
@@ -276,12 +275,12 @@ func TestTargetMine(t *testing.T) {
 func TestProjectCache(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	a, err := projectCache(root, provision.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "1"})
+	a, err := projectCache(root, meta.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "1"})
 	require.NoError(t, err)
-	again, err := projectCache(root, provision.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "2", Project: "renamed"})
+	again, err := projectCache(root, meta.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "2", Project: "renamed"})
 	require.NoError(t, err)
 	assert.Equal(t, a, again, "the same project, whatever the job")
-	for _, o := range []provision.Owner{{Server: "https://gitlab.example.com", ProjectID: "43"}, {Server: "https://other.example.com", ProjectID: "42"}} {
+	for _, o := range []meta.Owner{{Server: "https://gitlab.example.com", ProjectID: "43"}, {Server: "https://other.example.com", ProjectID: "42"}} {
 		b, err := projectCache(root, o)
 		require.NoError(t, err)
 		assert.NotEqual(t, a, b, "%+v", o)
@@ -291,7 +290,7 @@ func TestProjectCache(t *testing.T) {
 	assert.True(t, fi.IsDir())
 	assert.Equal(t, filepath.Dir(a), root)
 	for _, bad := range []string{"../42", "", "4 2", "42/.."} {
-		_, err := projectCache(root, provision.Owner{ProjectID: bad})
+		_, err := projectCache(root, meta.Owner{ProjectID: bad})
 		assert.ErrorContains(t, err, "is not a number", bad)
 	}
 }

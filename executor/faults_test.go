@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
@@ -45,7 +46,7 @@ func newFakeJob(t *testing.T) *fakeJob {
 	s.Pool, s.Templates = "ci", []string{"tmpl"}
 	j.e = &Executor{Settings: s, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Stdout: &j.out, Stderr: &j.out,
 		Dial: func(context.Context, string) (*provision.Conn, error) { return provision.NewConn(f), nil }}
-	o := provision.Owner{Server: "s", Runner: "r", ProjectID: "1", JobID: "9"}
+	o := meta.Owner{Server: "s", Runner: "r", ProjectID: "1", JobID: "9"}
 	name, err := InstanceName(s.Prefix, o)
 	require.NoError(t, err)
 	j.t = Target{Name: name, Owner: o}

@@ -136,12 +136,12 @@ func (e *Executor) locate(ctx context.Context, name string) (*provision.Host, er
 			return nil, err
 		}
 		return &inst, nil
-	}, func(i int, inst *provision.Instance) bool { return inst.Metadata.Host == hs[i].URI })
+	}, func(i int, inst *provision.Instance) bool { return inst.Metadata.URI == hs[i].URI })
 	var at *provision.Host
 	var down []error
 	for i, h := range hs {
 		switch {
-		case found[i] != nil && (at == nil || found[i].Metadata.Host == h.URI):
+		case found[i] != nil && (at == nil || found[i].Metadata.URI == h.URI):
 			at = h
 		case errs[i] != nil && !errors.Is(errs[i], provision.ErrNoInstance) && !errors.Is(errs[i], provision.ErrNotManaged):
 			down = append(down, fmt.Errorf("%s: %w", h.URI, errs[i]))

@@ -13,6 +13,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
@@ -33,7 +34,7 @@ func fleet(t *testing.T, uris string, hosts map[string]*provisiontest.Libvirt) (
 // instance defines a running instance on f, placed by uri.
 func instance(t *testing.T, f *provisiontest.Libvirt, name, uri string) {
 	t.Helper()
-	md, err := provision.Metadata{Template: "debian-12", Host: uri}.MarshalElement()
+	md, err := meta.Metadata{Template: "debian-12", URI: uri}.MarshalElement()
 	require.NoError(t, err)
 	x, err := (&libvirtxml.Domain{Type: "qemu", Name: name, Memory: &libvirtxml.DomainMemory{Value: 1 << 20, Unit: "KiB"},
 		Metadata: &libvirtxml.DomainMetadata{XML: md}}).Marshal()

@@ -12,7 +12,7 @@ import (
 	"regexp"
 	"strconv"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // maxResponseSize bounds what we read of JOB_RESPONSE_FILE. A job's response carries its
@@ -39,34 +39,34 @@ type jobResponse struct {
 }
 
 // ReadIdentity reads whose job this is from the job response GitLab Runner wrote.
-func ReadIdentity(path string) (provision.Owner, error) {
+func ReadIdentity(path string) (meta.Owner, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE: %w", err)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE: %w", err)
 	}
 	defer f.Close()
 	b, err := io.ReadAll(io.LimitReader(f, maxResponseSize+1))
 	if err != nil {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s: %w", path, err)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s: %w", path, err)
 	}
 	if len(b) > maxResponseSize {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s is larger than %d MiB", path, maxResponseSize>>20)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s is larger than %d MiB", path, maxResponseSize>>20)
 	}
 	return parseIdentity(b)
 }
 
-func parseIdentity(b []byte) (provision.Owner, error) {
+func parseIdentity(b []byte) (meta.Owner, error) {
 	var r jobResponse
 	if err := json.Unmarshal(b, &r); err != nil {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE is not a job response: %w", err)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE is not a job response: %w", err)
 	}
 	if r.ID <= 0 {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no job id (id is %d)", r.ID)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no job id (id is %d)", r.ID)
 	}
 	if r.JobInfo.ProjectID <= 0 {
-		return provision.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no project id (job_info.project_id is %d)", r.JobInfo.ProjectID)
+		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no project id (job_info.project_id is %d)", r.JobInfo.ProjectID)
 	}
-	o := provision.Owner{
+	o := meta.Owner{
 		Server:    serverOf(r.JobInfo.InstanceUUID, r.GitInfo.RepoURL),
 		Runner:    printable(r.RunnerInfo.UUID, 100),
 		ProjectID: strconv.FormatInt(r.JobInfo.ProjectID, 10),
@@ -101,7 +101,7 @@ func printable(s string, n int) string {
 
 // identityHash is a digest of every part of an owner's identity, each length-prefixed,
 // so that no two identities share it however their parts are split.
-func identityHash(o provision.Owner) string {
+func identityHash(o meta.Owner) string {
 	h := sha256.New()
 	h.Write([]byte("libvirt-gci owner v1"))
 	for _, part := range []string{o.Server, o.Runner, o.ProjectID, o.JobID} {
@@ -117,7 +117,7 @@ func identityHash(o provision.Owner) string {
 const hashLen = 12
 
 // ownerString is an owner as error messages show it.
-func ownerString(o provision.Owner) string {
+func ownerString(o meta.Owner) string {
 	if o.Manual {
 		return "the operator (made by hand)"
 	}
@@ -129,7 +129,7 @@ func ownerString(o provision.Owner) string {
 }
 
 // sameOwner tells whether two owners are one: every identity part equal.
-func sameOwner(a, b provision.Owner) bool {
+func sameOwner(a, b meta.Owner) bool {
 	return a.Manual == b.Manual && a.Server == b.Server && a.Runner == b.Runner &&
 		a.ProjectID == b.ProjectID && a.JobID == b.JobID
 }

@@ -9,21 +9,22 @@ import (
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Listed is one instance as `list --json` prints it.
 type Listed struct {
-	Name      string          `json:"name"`
-	State     string          `json:"state"`
-	Template  string          `json:"template"`
-	Owner     provision.Owner `json:"owner"`
-	CreatedAt string          `json:"created_at"`
-	AgeSec    int64           `json:"age_s"`
-	CPUs      int             `json:"cpus"`
-	MemoryMiB uint64          `json:"memory_mib"`
-	Transport string          `json:"transport"`
-	Volumes   int             `json:"volumes"`
-	Host      string          `json:"host,omitempty"` // the libvirt URI it was placed by
+	Name      string     `json:"name"`
+	State     string     `json:"state"`
+	Template  string     `json:"template"`
+	Owner     meta.Owner `json:"owner"`
+	CreatedAt string     `json:"created_at"`
+	AgeSec    int64      `json:"age_s"`
+	CPUs      int        `json:"cpus"`
+	MemoryMiB uint64     `json:"memory_mib"`
+	Transport string     `json:"transport"`
+	Volumes   int        `json:"volumes"`
+	Host      string     `json:"host,omitempty"` // the libvirt URI it was placed by
 }
 
 // List prints the managed instances: every domain with our metadata, whatever its name.
@@ -56,7 +57,7 @@ func (e *Executor) List(ctx context.Context, asJSON bool) error {
 	for _, in := range infos {
 		l := Listed{Name: in.Name, State: in.State, Template: in.Metadata.Template, Owner: in.Metadata.Owner,
 			CreatedAt: in.Metadata.CreatedAt, CPUs: in.CPUs, MemoryMiB: in.MemoryKiB / 1024, Transport: in.Metadata.StageTransport(),
-			Volumes: len(in.Metadata.Volumes), Host: in.Metadata.Host}
+			Volumes: len(in.Metadata.Volumes), Host: in.Metadata.URI}
 		if t, err := time.Parse(time.RFC3339, in.Metadata.CreatedAt); err == nil {
 			l.AgeSec = int64(time.Since(t).Seconds())
 		}

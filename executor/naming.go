@@ -5,7 +5,7 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // MaxNameLen bounds instance names: a DNS label, which also keeps file names sane.
@@ -20,7 +20,7 @@ var (
 // what the job says): the prefix, the job id and as much of the project path as fits, for
 // people reading `virsh list`, then a hash of every identity part, which makes the name
 // unique per owner however the readable parts look. Only [a-z0-9-], at most 63.
-func InstanceName(prefix string, o provision.Owner) (string, error) {
+func InstanceName(prefix string, o meta.Owner) (string, error) {
 	if o.Manual || o.JobID == "" {
 		return "", fmt.Errorf("instance name: no job to name it after")
 	}

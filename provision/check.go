@@ -9,6 +9,7 @@ import (
 
 	"github.com/digitalocean/go-libvirt"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
@@ -113,8 +114,8 @@ func (h *Host) TryBoot(ctx context.Context, name, transport string) (time.Durati
 	hb.Start = StartBoot
 	inst := h.Prefix + "check-" + randomHex(4)
 	start := time.Now()
-	err := hb.Launch(ctx, Request{Name: inst, Template: name, Offered: true, Owner: Owner{Manual: true}, Transport: transport,
-		Replace: func(Metadata) error { return errors.New("an instance of that name exists") }})
+	err := hb.Launch(ctx, Request{Name: inst, Template: name, Offered: true, Owner: meta.Owner{Manual: true}, Transport: transport,
+		Replace: func(meta.Metadata) error { return errors.New("an instance of that name exists") }})
 	took := time.Since(start)
 	if rerr := hb.Remove(ctx, inst, nil); rerr != nil && err == nil {
 		err = rerr

@@ -10,6 +10,7 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
@@ -33,9 +34,9 @@ func FuzzInstanceXML(f *testing.F) {
 			}
 			return r
 		}, strings.ToValidUTF8(project, ""))
-		req := Request{Name: "gci-1-x-0123456789ab", Owner: Owner{JobID: "1", ProjectID: "2", Project: project}, Transport: TransportAgent}
+		req := Request{Name: "gci-1-x-0123456789ab", Owner: meta.Owner{JobID: "1", ProjectID: "2", Project: project}, Transport: meta.TransportAgent}
 		if ssh {
-			req.Transport = TransportSSH
+			req.Transport = meta.TransportSSH
 		}
 		spec, err := h.spec(req, tmpl, "0123456789abcdef")
 		if err != nil {
@@ -59,7 +60,7 @@ func FuzzInstanceXML(f *testing.F) {
 			t.Fatalf("name %q, metadata %v", dom.Name, dom.Metadata)
 		}
 		var m struct {
-			Owner Owner `xml:"owner"`
+			Owner meta.Owner `xml:"owner"`
 		}
 		if err := xml.Unmarshal([]byte(dom.Metadata.XML), &m); err != nil {
 			t.Fatalf("metadata: %v\n%s", err, dom.Metadata.XML)

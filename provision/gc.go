@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // This host's identity and a process's, for telling whether an instance's runner is gone.
@@ -40,8 +42,8 @@ func processStart(pid int) uint64 {
 
 // RunnerOf identifies the process pid on this host (for a job: GitLab Runner, which
 // started the stage), so that gc can tell later whether it is gone.
-func RunnerOf(pid int) *Runner {
-	r := &Runner{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: pid}
+func RunnerOf(pid int) *meta.Process {
+	r := &meta.Process{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: pid}
 	r.Start = processStart(r.PID)
 	if r.MachineID == "" || r.BootID == "" || r.Start == 0 {
 		return nil // no way to tell later; gc goes by age alone
@@ -50,7 +52,7 @@ func RunnerOf(pid int) *Runner {
 }
 
 // orphaned says why no cleanup stage will come for an instance, or "".
-func orphaned(r *Runner) string {
+func orphaned(r *meta.Process) string {
 	if r == nil || r.MachineID != readTrimmed(machineIDFile) {
 		return "" // made by hand, or by a runner on another host: not ours to judge
 	}
@@ -125,7 +127,7 @@ func (h *Host) gc(ctx context.Context, conn *Conn, dryRun bool, olderThan time.D
 			continue
 		}
 		// Only the instance that was listed: not a new one of the same name.
-		_, err := conn.Teardown(ctx, in.Name, func(m Metadata) error {
+		_, err := conn.Teardown(ctx, in.Name, func(m meta.Metadata) error {
 			if m.PrepareID != in.Metadata.PrepareID {
 				return fmt.Errorf("instance %q was replaced meanwhile; leaving it alone", in.Name)
 			}
@@ -165,5 +167,5 @@ func (h *Host) verdict(in InstanceInfo, olderThan time.Duration) string {
 			return fmt.Sprintf("it is shut off and %s old, older than the boot timeout %s", age.Round(time.Second), h.BootTimeout)
 		}
 	}
-	return orphaned(m.Runner)
+	return orphaned(m.Process)
 }

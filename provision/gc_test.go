@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"testing"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -14,7 +15,7 @@ func TestOrphaned(t *testing.T) {
 	if _, err := os.Stat(machineIDFile); err != nil {
 		t.Skip("no /etc/machine-id")
 	}
-	me := &Runner{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getpid(), Start: processStart(os.Getpid())}
+	me := &meta.Process{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getpid(), Start: processStart(os.Getpid())}
 	require.NotZero(t, me.Start)
 	assert.Empty(t, orphaned(me), "a live process")
 	assert.Empty(t, orphaned(nil), "made by hand: age alone decides")

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
@@ -35,7 +36,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
 	launch := func(name string) {
 		t.Helper()
-		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: TransportAgent}))
+		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: meta.TransportAgent}))
 	}
 	helperVolumes := func() []string {
 		var vols []string
@@ -119,7 +120,7 @@ func TestHelperWaitIsBounded(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, ok, "held")
 	start := time.Now()
-	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: TransportAgent})
+	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: meta.TransportAgent})
 	assert.ErrorContains(t, err, "boot timeout 300ms (LIBVIRT_GCI_BOOT_TIMEOUT) passed")
 	assert.Less(t, time.Since(start), 5*time.Second)
 	assert.Equal(t, "domain tmpl running=false; volume ci/"+helperPrefix+helperID(fi)+".img.lock", f.State(), "nothing made")

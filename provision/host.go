@@ -13,17 +13,12 @@ import (
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
 // CacheTag is the virtiofs tag of the cache share.
 const CacheTag = "gci-cache"
-
-// Transports: how stages reach an instance's guest.
-const (
-	TransportAgent = "agent"
-	TransportSSH   = "ssh"
-)
 
 // AfterCancel bounds what the lifecycle still does after its context ends (the runner's
 // SIGTERM): a rollback removes what a launch made, a session kills its script and reads
@@ -112,13 +107,13 @@ type Request struct {
 	// Offered: the operator offers the template by name or pattern. Otherwise it must
 	// carry the template mark.
 	Offered bool
-	Owner   Owner
-	Runner  *Runner // the process whose cleanup stage will come; nil: by hand
+	Owner   meta.Owner
+	Process *meta.Process // the process whose cleanup stage will come; nil: by hand
 	// Replace says whether a leftover instance of Name may be removed first; an error
 	// says whose it is.
-	Replace   func(Metadata) error
+	Replace   func(meta.Metadata) error
 	Size      Size
-	Transport string // TransportAgent or TransportSSH
+	Transport string // meta.TransportAgent or meta.TransportSSH
 	// Cache is a host directory the guest gets, writable, at CacheMount (the job's cache
 	// directory); "" for none.
 	Cache, CacheMount string
@@ -418,7 +413,7 @@ func (h *Host) awaitReady(ctx context.Context, conn *Conn, req Request, begin ti
 // needsSSH tells whether the instance gets ssh access: for its transport, or for the
 // forwards.
 func (h *Host) needsSSH(req Request) bool {
-	return req.Transport == TransportSSH || len(h.Forwards) > 0
+	return req.Transport == meta.TransportSSH || len(h.Forwards) > 0
 }
 
 // bootTimeout bounds a wait of a launch's (for capacity, for the guest) by BootTimeout,
@@ -438,27 +433,27 @@ func (h *Host) warnIfSlow(call, name string, took time.Duration) {
 }
 
 // newMetadata is a new instance's metadata, before its volumes.
-func (h *Host) newMetadata(req Request, tmpl, prepareID string) Metadata {
-	return Metadata{
+func (h *Host) newMetadata(req Request, tmpl, prepareID string) meta.Metadata {
+	return meta.Metadata{
 		Template:  tmpl,
 		Owner:     req.Owner,
 		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
-		Runner:    req.Runner,
-		Host:      h.URI,
+		Process:   req.Process,
+		URI:       h.URI,
 	}
 }
 
 // spec lays out the instance: one overlay per writable template disk, the metadata that
 // records them, and the domain XML.
-func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extra ...Volume) (Spec, error) {
-	meta := h.newMetadata(req, tmpl.Name, prepareID)
+func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extra ...meta.Volume) (Spec, error) {
+	im := h.newMetadata(req, tmpl.Name, prepareID)
 	spec := Spec{Name: req.Name}
 	overlays := map[string]template.Overlay{}
 	for _, d := range tmpl.Disks {
 		// The prepare's id in the volume's name: no other launch's volume can be in the way.
 		v := NewVolume{
-			Volume:        Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + "-" + d.Target + ".qcow2"},
+			Volume:        meta.Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + "-" + d.Target + ".qcow2"},
 			BackingPath:   d.Path,
 			BackingFormat: d.Format,
 		}
@@ -469,11 +464,11 @@ func (h *Host) spec(req Request, tmpl *template.Template, prepareID string, extr
 			v.Name = req.warmImage + "-" + d.Target + ".qcow2"
 		}
 		spec.Volumes = append(spec.Volumes, v)
-		meta.Volumes = append(meta.Volumes, v.Volume)
+		im.Volumes = append(im.Volumes, v.Volume)
 		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
 	}
-	meta.Volumes = append(meta.Volumes, extra...)
-	md, err := meta.MarshalElement()
+	im.Volumes = append(im.Volumes, extra...)
+	md, err := im.MarshalElement()
 	if err != nil {
 		return spec, err
 	}
@@ -528,7 +523,7 @@ func sshMAC() string {
 // runs on a connection of its own (the launch's closes with the cancel), with ctx ending
 // AfterCancel after the cancel.
 func (h *Host) rollback(ctx context.Context, name, prepareID string) {
-	err := h.teardown(ctx, name, func(m Metadata) error {
+	err := h.teardown(ctx, name, func(m meta.Metadata) error {
 		if m.PrepareID != prepareID {
 			return fmt.Errorf("instance %q was made by another prepare (%s), not this one (%s); leaving it alone", name, m.PrepareID, prepareID)
 		}
@@ -543,13 +538,13 @@ func (h *Host) rollback(ctx context.Context, name, prepareID string) {
 // instance of ours). It is idempotent (no instance is fine), goes on for AfterCancel
 // after a cancel, waits up to 10 s for libvirtd to come back, and refuses a domain
 // without our metadata (ErrNotManaged).
-func (h *Host) Remove(ctx context.Context, name string, allow func(Metadata) error) error {
+func (h *Host) Remove(ctx context.Context, name string, allow func(meta.Metadata) error) error {
 	after, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
 	return h.teardown(after, name, allow)
 }
 
-func (h *Host) teardown(ctx context.Context, name string, allow func(Metadata) error) error {
+func (h *Host) teardown(ctx context.Context, name string, allow func(meta.Metadata) error) error {
 	ctx, cancel := context.WithTimeoutCause(ctx, teardownTime, fmt.Errorf("teardown took longer than %s", teardownTime))
 	defer cancel()
 	start := time.Now()

@@ -47,15 +47,3 @@ func TestSSHNetArgs(t *testing.T) {
 		"-device", "virtio-net-pci,netdev=gcissh,addr=0x1e,mac=52:54:00:01:02:03",
 	}, args)
 }
-
-// The transport of the stages: ssh only where the launch set it up for them; ssh access
-// for the forwards alone leaves them on the agent; instances from before the field
-// go by their ssh access.
-func TestStageTransport(t *testing.T) {
-	t.Parallel()
-	ssh := &SSH{Host: "127.0.0.1", Port: 2222}
-	assert.Equal(t, TransportAgent, Metadata{}.StageTransport())
-	assert.Equal(t, TransportSSH, Metadata{SSH: ssh, Transport: TransportSSH}.StageTransport())
-	assert.Equal(t, TransportAgent, Metadata{SSH: ssh, Transport: TransportAgent}.StageTransport())
-	assert.Equal(t, TransportSSH, Metadata{SSH: ssh}.StageTransport())
-}

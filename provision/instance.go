@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"libvirt.org/go/libvirtxml"
 )
 
@@ -26,7 +27,7 @@ var (
 
 // NewVolume is an overlay volume to create: a qcow2 file whose backing file is a template disk.
 type NewVolume struct {
-	Volume
+	meta.Volume
 	BackingPath   string
 	BackingFormat string // stated, or libvirt writes "raw" into the overlay
 	Capacity      uint64 // bytes; 0: the backing file's size
@@ -40,9 +41,9 @@ type Spec struct {
 	Volumes   []NewVolume
 	// Image is a restored instance's copy of its warm image's memory (Restore); warm
 	// is that image.
-	Image    Volume
+	Image    meta.Volume
 	warm     *WarmImage
-	restored *Metadata // a restored instance's metadata once Image is deleted
+	restored *meta.Metadata // a restored instance's metadata once Image is deleted
 }
 
 // Timings of one Create, for progress lines and benchmarks.
@@ -152,10 +153,10 @@ func overlayXML(v NewVolume) (string, error) {
 
 // Metadata returns the metadata of the instance name. It fails with ErrNotManaged for a
 // domain libvirt-gci did not create.
-func (c *Conn) Metadata(name string) (Metadata, error) {
+func (c *Conn) Metadata(name string) (meta.Metadata, error) {
 	dom, err := c.api.DomainLookupByName(name)
 	if err != nil {
-		return Metadata{}, fmt.Errorf("look up instance %q: %w", name, err)
+		return meta.Metadata{}, fmt.Errorf("look up instance %q: %w", name, err)
 	}
 	return c.metadata(dom)
 }
@@ -164,7 +165,7 @@ func (c *Conn) Metadata(name string) (Metadata, error) {
 type Instance struct {
 	Name     string
 	UUID     [16]byte // libvirt's, made at define: unique to this instance
-	Metadata Metadata
+	Metadata meta.Metadata
 }
 
 // Lookup finds the instance name. It fails with ErrNotManaged for a domain libvirt-gci
@@ -185,17 +186,17 @@ func (c *Conn) Lookup(name string) (Instance, error) {
 }
 
 // SetMetadata replaces the instance's metadata, in the running domain and its definition.
-func (c *Conn) SetMetadata(name string, m Metadata) error {
+func (c *Conn) SetMetadata(name string, m meta.Metadata) error {
 	dom, err := c.api.DomainLookupByName(name)
 	if err != nil {
 		return fmt.Errorf("look up instance %q: %w", name, err)
 	}
-	x, err := m.marshalPlain()
+	x, err := m.MarshalPlain()
 	if err != nil {
 		return err
 	}
-	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{x}, libvirt.OptString{metadataPrefix},
-		libvirt.OptString{MetadataNS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
+	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{x}, libvirt.OptString{meta.Prefix},
+		libvirt.OptString{meta.NS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
 	if err != nil {
 		return fmt.Errorf("set metadata of %q: %w", name, err)
 	}
@@ -235,15 +236,15 @@ func parseForward(usernet string, guestPort int) (int, error) {
 	return 0, fmt.Errorf("no forward from 127.0.0.1 to guest port %d in QEMU's user network: %q", guestPort, usernet)
 }
 
-func (c *Conn) metadata(dom libvirt.Domain) (Metadata, error) {
-	s, err := c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{MetadataNS}, libvirt.DomainAffectCurrent)
+func (c *Conn) metadata(dom libvirt.Domain) (meta.Metadata, error) {
+	s, err := c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{meta.NS}, libvirt.DomainAffectCurrent)
 	if hasCode(err, libvirt.ErrNoDomainMetadata) {
-		return Metadata{}, fmt.Errorf("domain %q: %w", dom.Name, ErrNotManaged)
+		return meta.Metadata{}, fmt.Errorf("domain %q: %w", dom.Name, ErrNotManaged)
 	}
 	if err != nil {
-		return Metadata{}, fmt.Errorf("metadata of %q: %w", dom.Name, err)
+		return meta.Metadata{}, fmt.Errorf("metadata of %q: %w", dom.Name, err)
 	}
-	return parseMetadata(s)
+	return meta.Parse(s)
 }
 
 // Removed says what a Teardown removed.
@@ -259,7 +260,7 @@ type Removed struct {
 // (if not nil) refuses: then it touches nothing and returns allow's error. If a volume
 // cannot be deleted the domain stays defined, so a later Teardown still knows about it.
 // ctx bounds its wait for a volume libvirtd is still creating.
-func (c *Conn) Teardown(ctx context.Context, name string, allow func(Metadata) error) (Removed, error) {
+func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metadata) error) (Removed, error) {
 	var r Removed
 	dom, err := c.api.DomainLookupByName(name)
 	if hasCode(err, libvirt.ErrNoDomain) {
@@ -268,12 +269,12 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(Metadata) e
 	if err != nil {
 		return r, fmt.Errorf("look up instance %q: %w", name, err)
 	}
-	meta, err := c.metadata(dom)
+	im, err := c.metadata(dom)
 	if err != nil {
 		return r, fmt.Errorf("tear down %q: %w", name, err)
 	}
 	if allow != nil {
-		if err := allow(meta); err != nil {
+		if err := allow(im); err != nil {
 			return r, err
 		}
 	}
@@ -289,7 +290,7 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(Metadata) e
 	}
 
 	var errs []error
-	for _, v := range meta.Volumes {
+	for _, v := range im.Volumes {
 		deleted, err := c.deleteVolume(ctx, v)
 		if err != nil {
 			errs = append(errs, err)
@@ -315,7 +316,7 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(Metadata) e
 var volumeBusyTime = 15 * time.Second
 
 // deleteVolume deletes v; a volume or pool that is already gone is not an error.
-func (c *Conn) deleteVolume(ctx context.Context, v Volume) (bool, error) {
+func (c *Conn) deleteVolume(ctx context.Context, v meta.Volume) (bool, error) {
 	pool, err := c.api.StoragePoolLookupByName(v.Pool)
 	if hasCode(err, libvirt.ErrNoStoragePool) {
 		return false, nil

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
@@ -29,7 +30,7 @@ func readyHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer, boot t
 }
 
 func launchReq(name string) Request {
-	return Request{Name: name, Template: "tmpl", Offered: true, Transport: TransportAgent}
+	return Request{Name: name, Template: "tmpl", Offered: true, Transport: meta.TransportAgent}
 }
 
 // Ready means ready for the job: systemd's boot over, the template's NIC addressed; the

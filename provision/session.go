@@ -11,6 +11,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // sshAccess is what the guest needs for the ssh transport of the instance name: the
@@ -42,7 +43,7 @@ func (h *Host) sshAccess(conn *Conn, name string) (sshAccess, error) {
 // metadata, and waits for an authenticated session.
 func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey, transport string) error {
 	m := a.inst.Metadata
-	m.SSH = &SSH{Host: "127.0.0.1", Port: a.port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, a.inst.Name)}
+	m.SSH = &meta.SSH{Host: "127.0.0.1", Port: a.port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, a.inst.Name)}
 	m.Transport = transport
 	if err := conn.SetMetadata(a.inst.Name, m); err != nil {
 		return err
@@ -65,7 +66,7 @@ func (h *Host) clientKey(inst Instance, create bool) (ssh.Signer, error) {
 }
 
 // sshTransport reaches the guest at info's address on libvirt's host, through conn.
-func sshTransport(conn *Conn, info *SSH, key ssh.Signer) (*guest.SSH, error) {
+func sshTransport(conn *Conn, info *meta.SSH, key ssh.Signer) (*guest.SSH, error) {
 	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
 	if err != nil {
 		return nil, fmt.Errorf("pinned host key in the metadata: %w", err)
@@ -83,7 +84,7 @@ func sshTransport(conn *Conn, info *SSH, key ssh.Signer) (*guest.SSH, error) {
 // up to reach it. Close it.
 type Session struct {
 	Instance
-	Transport string // TransportAgent or TransportSSH
+	Transport string // meta.TransportAgent or meta.TransportSSH
 	conn      *Conn
 	tr        guest.Transport
 	ssh       *guest.SSH // where the instance has ssh access: for the forwards
@@ -95,7 +96,7 @@ type Session struct {
 // ours). Its libvirt connection outlives ctx by AfterCancel: killing a script in the
 // guest after a cancel needs it, but a stalled libvirtd must not keep a cancelled stage
 // alive. A missing instance is ErrNoInstance.
-func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error) (_ *Session, err error) {
+func (h *Host) Open(ctx context.Context, name string, allow func(meta.Metadata) error) (_ *Session, err error) {
 	cctx, cancel := lingering(ctx, AfterCancel)
 	defer func() {
 		if err != nil {
@@ -106,7 +107,7 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 	if err != nil {
 		return nil, err
 	}
-	s := &Session{conn: conn, cancel: cancel, Transport: TransportAgent}
+	s := &Session{conn: conn, cancel: cancel, Transport: meta.TransportAgent}
 	defer func() {
 		if err != nil {
 			conn.Close()
@@ -130,8 +131,8 @@ func (h *Host) Open(ctx context.Context, name string, allow func(Metadata) error
 			return nil, err
 		}
 		s.forwards = h.Forwards
-		if s.Metadata.StageTransport() == TransportSSH {
-			s.tr, s.Transport = s.ssh, TransportSSH
+		if s.Metadata.StageTransport() == meta.TransportSSH {
+			s.tr, s.Transport = s.ssh, meta.TransportSSH
 		}
 	}
 	if s.tr == nil {
@@ -153,7 +154,7 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 		defer f.Close()
 	}
 	st, err := s.tr.Run(ctx, script, stdout, stderr)
-	if err != nil && s.Transport == TransportAgent && s.conn.IsLost() {
+	if err != nil && s.Transport == meta.TransportAgent && s.conn.IsLost() {
 		err = fmt.Errorf("%w: %v", ErrLost, err) // the agent's calls failed for that
 	}
 	return st, err
@@ -183,7 +184,7 @@ func (s *Session) Close() error {
 // Keep keeps the instance name for d instead of removing it, if a script failed in it
 // (MarkFailed) and allow agrees; gc removes it afterwards. It says until when, or zero
 // if it did not keep it: then the caller removes it as usual.
-func (h *Host) Keep(ctx context.Context, name string, allow func(Metadata) error, d time.Duration) (time.Time, error) {
+func (h *Host) Keep(ctx context.Context, name string, allow func(meta.Metadata) error, d time.Duration) (time.Time, error) {
 	after, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
 	conn, err := h.Connect(after)

@@ -8,20 +8,8 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
-
-// TemplateNS is the namespace of the <metadata> element that makes a domain a template.
-// Only the operator puts it there (`libvirt-gci template mark`): a job can clone a domain
-// only if it carries the mark or the operator's LIBVIRT_GCI_TEMPLATES names it.
-const TemplateNS = "https://gitlab.com/libvirt-gci/xmlns/template/1"
-
-const templatePrefix = "gcitmpl"
-
-// templateMark is the element's content.
-type templateMark struct {
-	XMLName  xml.Name `xml:"template"`
-	MarkedAt string   `xml:"marked-at"` // RFC 3339
-}
 
 // TemplateInfo is a domain as `template list` shows it.
 type TemplateInfo struct {
@@ -68,7 +56,7 @@ func (c *Conn) templateInfo(dom libvirt.Domain) (TemplateInfo, error) {
 	case !errors.Is(err, ErrNotManaged):
 		return info, err
 	}
-	_, err = c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{TemplateNS}, libvirt.DomainAffectConfig)
+	_, err = c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{meta.TemplateNS}, libvirt.DomainAffectConfig)
 	switch {
 	case err == nil:
 		info.Marked = true
@@ -100,14 +88,14 @@ func (c *Conn) MarkTemplate(name string, mark bool) error {
 	}
 	var content libvirt.OptString
 	if mark {
-		b, err := xml.Marshal(templateMark{MarkedAt: time.Now().UTC().Format(time.RFC3339)})
+		b, err := xml.Marshal(meta.TemplateMark{MarkedAt: time.Now().UTC().Format(time.RFC3339)})
 		if err != nil {
 			return err
 		}
 		content = libvirt.OptString{string(b)}
 	}
-	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), content, libvirt.OptString{templatePrefix},
-		libvirt.OptString{TemplateNS}, libvirt.DomainAffectConfig)
+	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), content, libvirt.OptString{meta.TemplatePrefix},
+		libvirt.OptString{meta.TemplateNS}, libvirt.DomainAffectConfig)
 	if err != nil {
 		return fmt.Errorf("set template mark of %q: %w", name, err)
 	}

@@ -22,6 +22,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
@@ -476,16 +477,16 @@ func (h *Host) makeWarm(ctx context.Context, conn *Conn, req Request, tmpl *temp
 	}
 	prepareID := randomHex(8)
 	wreq := req
-	wreq.Name, wreq.warmImage, wreq.helper, wreq.Owner = domName, name, p.Helper, Owner{Manual: true}
+	wreq.Name, wreq.warmImage, wreq.helper, wreq.Owner = domName, name, p.Helper, meta.Owner{Manual: true}
 	// It is this process's: if this process dies, the next prepare's sweep (or gc)
 	// removes it as an orphan.
-	wreq.Runner = RunnerOf(os.Getpid())
+	wreq.Process = RunnerOf(os.Getpid())
 	if p.SSHNIC {
 		wreq.mac = sshMAC()
 	} else {
-		wreq.Transport, wreq.mac = TransportAgent, ""
+		wreq.Transport, wreq.mac = meta.TransportAgent, ""
 	}
-	spec, err := h.spec(wreq, tmpl, prepareID, Volume{Pool: h.Pool, Name: name + ".save"})
+	spec, err := h.spec(wreq, tmpl, prepareID, meta.Volume{Pool: h.Pool, Name: name + ".save"})
 	if err != nil {
 		return err
 	}
@@ -660,8 +661,8 @@ func domainXMLs(conn *Conn) ([]string, error) {
 // its copy of the save image, its metadata, and its domain XML, rewritten from the warm
 // image's. It returns the MAC address changes the guest must make.
 func (h *Host) restoredSpec(conn *Conn, req Request, wi *WarmImage, prepareID string) (Spec, []template.MACChange, error) {
-	meta := h.newMetadata(req, wi.Template, prepareID)
-	meta.Warm = wi.Name
+	im := h.newMetadata(req, wi.Template, prepareID)
+	im.Warm = wi.Name
 	spec := Spec{Name: req.Name}
 	overlays := map[string]template.Overlay{}
 	for target, vol := range wi.Overlays {
@@ -675,22 +676,22 @@ func (h *Host) restoredSpec(conn *Conn, req Request, wi *WarmImage, prepareID st
 			return spec, nil, fmt.Errorf("warm image %s: %w", wi.Name, err)
 		}
 		nv := NewVolume{
-			Volume:        Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + "-" + target + ".qcow2"},
+			Volume:        meta.Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + "-" + target + ".qcow2"},
 			BackingPath:   path,
 			BackingFormat: "qcow2",
 		}
 		spec.Volumes = append(spec.Volumes, nv)
-		meta.Volumes = append(meta.Volumes, nv.Volume)
+		im.Volumes = append(im.Volumes, nv.Volume)
 		overlays[target] = template.Overlay{Pool: nv.Pool, Volume: nv.Name}
 	}
 	slices.SortFunc(spec.Volumes, func(a, b NewVolume) int { return strings.Compare(a.Name, b.Name) })
 	// The copy of the save image, listed before it is made, as every volume is, and
 	// taken off the list once deleted, after the restore.
-	after := meta
+	after := im
 	spec.restored = &after
-	spec.Image = Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + ".save"}
-	meta.Volumes = append(slices.Clone(meta.Volumes), spec.Image)
-	md, err := meta.MarshalElement()
+	spec.Image = meta.Volume{Pool: h.Pool, Name: req.Name + "-" + prepareID[:6] + ".save"}
+	im.Volumes = append(slices.Clone(im.Volumes), spec.Image)
+	md, err := im.MarshalElement()
 	if err != nil {
 		return spec, nil, err
 	}

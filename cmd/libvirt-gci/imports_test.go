@@ -31,6 +31,8 @@ var importRules = []importRule{
 		"template is pure functions over domain XML"},
 	{"guest/...", []string{"...ours"}, "guest is the transports alone"},
 	{"provision/provisiontest", []string{"...ours"}, "the fake stands in for libvirt, not for our code"},
+	{"provision/meta", []string{"...ours", "github.com/digitalocean/go-libvirt/...", "libvirt.org/go/libvirtxml"},
+		"meta is the schema of our <metadata>, pure"},
 	{"provision/*", []string{"provision", "guest/...", "executor/...", "cmd/..."},
 		"provision's rooms import neither the façade nor the guest"},
 	{"provision", []string{"executor/...", "cmd/..."}, "the lifecycle knows nothing of GitLab"},
@@ -119,6 +121,8 @@ func TestImportRuleCatches(t *testing.T) {
 		{m("provision/warm"), m("guest")},
 		{m("provision/warm"), m("provision")},
 		{m("provision"), m("executor")},
+		{m("provision/meta"), m("template")},
+		{m("provision/meta"), "github.com/digitalocean/go-libvirt"},
 		{m("executor"), m("cmd/libvirt-gci")},
 	} {
 		assert.NotEmpty(t, importViolations(map[string][]string{c.from: {c.to}}, importRules), "%s -> %s", c.from, c.to)

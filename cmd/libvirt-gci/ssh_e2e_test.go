@@ -33,6 +33,7 @@ import (
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // agentExec runs a shell command in the guest through the guest agent, as a test's own
@@ -68,20 +69,20 @@ func agentExec(t *testing.T, l *libvirt.Libvirt, name, script string) string {
 }
 
 // instanceSSH is what the metadata of an ssh instance says, and its UUID.
-func instanceSSH(t *testing.T, l *libvirt.Libvirt, name string) (provision.SSH, [16]byte) {
+func instanceSSH(t *testing.T, l *libvirt.Libvirt, name string) (meta.SSH, [16]byte) {
 	t.Helper()
 	dom, err := l.DomainLookupByName(name)
 	require.NoError(t, err)
-	x, err := l.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{provision.MetadataNS}, 0)
+	x, err := l.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{meta.NS}, 0)
 	require.NoError(t, err)
-	var m provision.Metadata
+	var m meta.Metadata
 	require.NoError(t, xmlUnmarshal(x, &m))
 	require.NotNil(t, m.SSH, "no ssh in the metadata: %s", x)
 	return *m.SSH, dom.UUID
 }
 
 // dialAs opens an SSH connection to an instance's forward with the given client key.
-func dialAs(t *testing.T, info provision.SSH, key ssh.Signer) (*ssh.Client, error) {
+func dialAs(t *testing.T, info meta.SSH, key ssh.Signer) (*ssh.Client, error) {
 	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
 	require.NoError(t, err)
 	return ssh.Dial("tcp", net.JoinHostPort(info.Host, fmt.Sprint(info.Port)), &ssh.ClientConfig{

@@ -1,4 +1,7 @@
-package provision
+// Package meta is the schema of what libvirt-gci writes into libvirt: an instance's
+// <metadata> (whose it is, what it is made of, how to reach it), and the operator's
+// template mark. It is pure: no libvirt, no I/O.
+package meta
 
 import (
 	"bytes"
@@ -6,11 +9,26 @@ import (
 	"fmt"
 )
 
-// MetadataNS is the XML namespace of the <metadata> element libvirt-gci puts on every
+// NS is the XML namespace of the <metadata> element libvirt-gci puts on every
 // instance it creates. Only domains that carry it are ever torn down.
-const MetadataNS = "https://gitlab.com/libvirt-gci/xmlns/instance/1"
+const NS = "https://gitlab.com/libvirt-gci/xmlns/instance/1"
 
-const metadataPrefix = "gci"
+// Prefix is the XML prefix of NS in a domain's XML.
+const Prefix = "gci"
+
+// TemplateNS is the namespace of the <metadata> element that makes a domain a template.
+// Only the operator puts it there (`libvirt-gci template mark`): a job can clone a domain
+// only if it carries the mark or the operator's LIBVIRT_GCI_TEMPLATES names it.
+const TemplateNS = "https://gitlab.com/libvirt-gci/xmlns/template/1"
+
+// TemplatePrefix is the XML prefix of TemplateNS in a domain's XML.
+const TemplatePrefix = "gcitmpl"
+
+// TemplateMark is the content of the template mark's element.
+type TemplateMark struct {
+	XMLName  xml.Name `xml:"template"`
+	MarkedAt string   `xml:"marked-at"` // RFC 3339
+}
 
 // Metadata is what later stages and cleanup need to know about an instance. It lives in
 // the domain's own <metadata>, so the host keeps no state of ours. It is readable by
@@ -21,7 +39,7 @@ type Metadata struct {
 	PrepareID string   `xml:"prepare-id"` // random, one per prepare: a rollback removes only its own
 	CreatedAt string   `xml:"created-at"` // RFC 3339
 	Volumes   []Volume `xml:"volume"`
-	Runner    *Runner  `xml:"runner,omitempty"`     // the process that ran prepare, for gc
+	Process   *Process `xml:"runner,omitempty"`     // the process that ran prepare, for gc
 	FailedAt  string   `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
 	KeepUntil string   `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
 	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH, or its forwards are
@@ -31,9 +49,9 @@ type Metadata struct {
 	// Warm is the warm image the instance was restored from; "" for a cold boot. Its
 	// overlays back the instance's: it stays while the instance does.
 	Warm string `xml:"warm,omitempty"`
-	// Host is the libvirt URI prepare placed the instance by: where LIBVIRT_GCI_URI lists
-	// several hosts that reach the same libvirt, run and cleanup take this one.
-	Host string `xml:"host,omitempty"`
+	// URI is the libvirt URI prepare placed the instance by: where LIBVIRT_GCI_URI lists
+	// several that reach the same libvirt, run and cleanup take this one.
+	URI string `xml:"host,omitempty"`
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or
@@ -47,9 +65,10 @@ type Owner struct {
 	Project   string `xml:"project,attr,omitempty" json:"project,omitempty"`       // the project's path, for people; not identity
 }
 
-// Runner is the process that ran an instance's prepare (GitLab Runner, for a job) on
-// its host: once it is gone, or the host rebooted, no cleanup stage will come.
-type Runner struct {
+// Process is the process that ran an instance's prepare (GitLab Runner, for a job) on
+// its host: once it is gone, or the host rebooted, no cleanup stage will come. (Its XML
+// element is <runner>, as instances made before the name was changed have it.)
+type Process struct {
 	MachineID string `xml:"machine-id,attr"` // /etc/machine-id of the host it ran on
 	BootID    string `xml:"boot-id,attr"`    // that host's boot
 	PID       int    `xml:"pid,attr"`
@@ -64,6 +83,12 @@ type SSH struct {
 	User    string `xml:"user,attr"`
 	HostKey string `xml:"host-key"` // the guest's host public key (authorized_keys format), pinned at prepare
 }
+
+// Transports: how stages reach an instance's guest.
+const (
+	TransportAgent = "agent"
+	TransportSSH   = "ssh"
+)
 
 // StageTransport is how stages reach the instance: TransportSSH where its launch set up
 // ssh for them, else TransportAgent (ssh access may be there for the forwards alone).
@@ -86,8 +111,8 @@ func (m Metadata) MarshalElement() (string, error) {
 	enc := xml.NewEncoder(&b)
 	enc.Indent("", "  ")
 	start := xml.StartElement{
-		Name: xml.Name{Local: metadataPrefix + ":instance"},
-		Attr: []xml.Attr{{Name: xml.Name{Local: "xmlns:" + metadataPrefix}, Value: MetadataNS}},
+		Name: xml.Name{Local: Prefix + ":instance"},
+		Attr: []xml.Attr{{Name: xml.Name{Local: "xmlns:" + Prefix}, Value: NS}},
 	}
 	if err := enc.EncodeElement(m, start); err != nil {
 		return "", fmt.Errorf("encode instance metadata: %w", err)
@@ -95,8 +120,8 @@ func (m Metadata) MarshalElement() (string, error) {
 	return b.String(), nil
 }
 
-// marshalPlain renders m without a namespace, as DomainSetMetadata wants it.
-func (m Metadata) marshalPlain() (string, error) {
+// MarshalPlain renders m without a namespace, as DomainSetMetadata wants it.
+func (m Metadata) MarshalPlain() (string, error) {
 	b, err := xml.Marshal(struct {
 		XMLName xml.Name `xml:"instance"`
 		Metadata
@@ -107,8 +132,8 @@ func (m Metadata) marshalPlain() (string, error) {
 	return string(b), nil
 }
 
-// parseMetadata reads the element libvirt returns for our namespace.
-func parseMetadata(s string) (Metadata, error) {
+// Parse reads the element libvirt returns for NS.
+func Parse(s string) (Metadata, error) {
 	var m Metadata
 	if err := xml.Unmarshal([]byte(s), &m); err != nil {
 		return Metadata{}, fmt.Errorf("parse instance metadata: %w", err)
