@@ -33,13 +33,11 @@ type Executor struct {
 	Settings Settings
 	// Dial connects to libvirt; nil is provision.Connect to Settings.URI. Tests give
 	// provisiontest's fake here.
-	Dial func(ctx context.Context, uri string) (*provision.Conn, error)
-	// Launcher makes the instance; nil is a cold boot (provision.ColdBoot).
-	Launcher provision.Launcher
-	Version  string
-	Log      *slog.Logger
-	Stdout   io.Writer
-	Stderr   io.Writer
+	Dial    func(ctx context.Context, uri string) (*provision.Conn, error)
+	Version string
+	Log     *slog.Logger
+	Stdout  io.Writer
+	Stderr  io.Writer
 }
 
 var digits = regexp.MustCompile(`^[0-9]{1,20}$`)

@@ -113,27 +113,3 @@ func TestFaultAtEveryCall(t *testing.T) {
 	}
 	assert.Greater(t, len(calls), 20, "calls: %v", calls)
 }
-
-// failingLauncher launches as a cold boot would, then fails: what it made is removed.
-type failingLauncher struct{ used bool }
-
-func (l *failingLauncher) Launch(ctx context.Context, c *provision.Conn, spec provision.Spec) (provision.Timings, error) {
-	l.used = true
-	tm, err := provision.ColdBoot{}.Launch(ctx, c, spec)
-	if err != nil {
-		return tm, err
-	}
-	return tm, fmt.Errorf("restore memory: injected")
-}
-
-// Prepare launches through the Executor's Launcher, and rolls back what it made.
-func TestPrepareUsesItsLauncher(t *testing.T) {
-	t.Parallel()
-	j := newFakeJob(t)
-	l := &failingLauncher{}
-	j.e.Launcher = l
-	err := j.e.Prepare(context.Background(), j.t, Choice{Name: "tmpl", From: "test", Listed: true}, Size{})
-	require.ErrorContains(t, err, "restore memory: injected")
-	assert.True(t, l.used)
-	assert.Empty(t, j.leftovers(), "the rollback removes what the launcher made")
-}

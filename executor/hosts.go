@@ -24,7 +24,7 @@ var probeTime = 15 * time.Second
 func (e *Executor) hostAt(uri string) *provision.Host {
 	s := e.Settings
 	return &provision.Host{
-		URI: uri, Dial: e.Dial, Launcher: e.Launcher, Pool: s.Pool, Prefix: s.Prefix,
+		URI: uri, Dial: e.Dial, Pool: s.Pool, Prefix: s.Prefix,
 		Limits:          provision.Limits{Instances: s.MaxInstances, MemoryTotal: s.MaxMemoryTotal},
 		MaxAge:          s.MaxAge,
 		BootTimeout:     s.BootTimeout,

@@ -296,7 +296,7 @@ func (a *Agent) drain(ctx context.Context, h int, w io.Writer) (int, error) {
 // Run implements Transport.
 func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (ExitStatus, error) {
 	// Cleanup must work after ctx ends (that is when it matters most).
-	base := Dir + "/" + randomID()
+	base := Dir + "/" + strings.ToLower(rand.Text())
 	scriptPath, outPath, errPath := base+".sh", base+".out", base+".err"
 	removeFiles := func() {
 		cctx, cancel := cleanupContext(ctx)
@@ -439,12 +439,6 @@ func (a *Agent) kill(ctx context.Context, pid int) {
 			}
 		}
 	}
-}
-
-func randomID() string {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }
 
 // guestSetup is what prepare does in a fresh clone through the agent, in one command

@@ -3,6 +3,7 @@ package guest
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -208,7 +209,7 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 	if err != nil {
 		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
 	}
-	id := randomID()
+	id := strings.ToLower(rand.Text())
 	if err := sess.Start(shCommand(sshWrapper, id)); err != nil {
 		return ExitStatus{}, fmt.Errorf("ssh start: %w", err)
 	}

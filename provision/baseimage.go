@@ -7,9 +7,11 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
@@ -39,15 +41,15 @@ const (
 )
 
 // baseImageXML is the domain definition of the base image name, or ErrNoTemplate.
-func (h *Host) baseImageXML(conn *Conn, name string) (string, error) {
+func (h *Host) baseImageXML(conn *libvirt.Conn, name string) (string, error) {
 	b := h.BaseImages
-	local := localURI(h.URI)
+	local := dial.IsLocal(h.URI)
 	path, err := b.find(conn, local, name+".qcow2")
 	if err != nil {
 		return "", err
 	}
 	if path == "" {
-		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in %s)", name, ErrNoTemplate, name, b.Source)
+		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in %s)", name, libvirt.ErrNoTemplate, name, b.Source)
 	}
 	kernel, err := b.find(conn, local, name+kernelSuffix)
 	if err != nil {
@@ -74,11 +76,11 @@ func (h *Host) baseImageXML(conn *Conn, name string) (string, error) {
 
 // find is the path of the image file name on the libvirt host, or "" if there is none
 // (local: the libvirt host is this one).
-func (b BaseImages) find(conn *Conn, local bool, name string) (string, error) {
+func (b BaseImages) find(conn *libvirt.Conn, local bool, name string) (string, error) {
 	if b.IsDir() {
 		p := filepath.Join(b.Source, name)
 		if !local { // libvirt knows it only if a pool holds it
-			if _, err := conn.api.StorageVolLookupByPath(p); err != nil {
+			if _, err := conn.API().StorageVolLookupByPath(p); err != nil {
 				return "", nil
 			}
 			return p, nil
@@ -88,28 +90,24 @@ func (b BaseImages) find(conn *Conn, local bool, name string) (string, error) {
 		}
 		return p, nil
 	}
-	pool, err := conn.api.StoragePoolLookupByName(b.Source)
+	pool, err := conn.API().StoragePoolLookupByName(b.Source)
 	if err != nil {
 		return "", fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
 	}
-	vol, err := conn.api.StorageVolLookupByName(pool, name)
-	if hasCode(err, libvirt.ErrNoStorageVol) {
+	vol, err := conn.API().StorageVolLookupByName(pool, name)
+	if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
 		return "", nil
 	}
 	if err != nil {
 		return "", fmt.Errorf("base image %s in pool %s: %w", name, b.Source, err)
 	}
-	w, err := conn.warm()
-	if err != nil {
-		return "", err
-	}
-	return w.StorageVolGetPath(vol)
+	return conn.API().StorageVolGetPath(vol)
 }
 
 // virtType is kvm where the libvirt host's capabilities offer it for x86_64 guests, else
 // qemu (software emulation).
-func virtType(conn *Conn) string {
-	if c, ok := conn.api.(interface{ ConnectGetCapabilities() (string, error) }); ok {
+func virtType(conn *libvirt.Conn) string {
+	if c, ok := conn.API().(interface{ ConnectGetCapabilities() (string, error) }); ok {
 		if x, err := c.ConnectGetCapabilities(); err == nil {
 			var caps libvirtxml.Caps
 			if caps.Unmarshal(x) == nil {
@@ -183,13 +181,13 @@ func (b BaseImages) domainXML(name, disk, kernel, initrd, cmdline, virt string) 
 // BaseImageNames are the names of the base images there are (for template list): the
 // DISTRO of each DISTRO.qcow2. A directory on a remote libvirt is listed only if a pool
 // has it.
-func (h *Host) BaseImageNames(conn *Conn) ([]string, error) {
+func (h *Host) BaseImageNames(conn *libvirt.Conn) ([]string, error) {
 	b := h.BaseImages
 	var files []string
 	switch {
 	case b.Source == "":
 		return nil, nil
-	case b.IsDir() && localURI(h.URI):
+	case b.IsDir() && dial.IsLocal(h.URI):
 		entries, err := os.ReadDir(b.Source)
 		if err != nil {
 			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)
@@ -200,11 +198,11 @@ func (h *Host) BaseImageNames(conn *Conn) ([]string, error) {
 	case b.IsDir():
 		return nil, nil
 	default:
-		pool, err := conn.api.StoragePoolLookupByName(b.Source)
+		pool, err := conn.API().StoragePoolLookupByName(b.Source)
 		if err != nil {
 			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
 		}
-		vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
+		vols, _, err := conn.API().StoragePoolListAllVolumes(pool, 1, 0)
 		if err != nil {
 			return nil, fmt.Errorf("list pool %q: %w", b.Source, err)
 		}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
 
 // Limits bound the host's running instances with the Host's prefix; zero: no limit.
@@ -52,7 +53,7 @@ var capacityPoll = time.Second
 // that the caller releases once its instance is defined and started: launches in other
 // processes wait for it, so that none counts before another's instance shows. Without
 // limits it does nothing.
-func (h *Host) admit(ctx context.Context, conn *Conn, memKiB uint64) (release func(), err error) {
+func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (release func(), err error) {
 	l := h.Limits
 	if l.Instances == 0 && l.MemoryTotal == 0 {
 		return func() {}, nil
@@ -90,7 +91,7 @@ func (h *Host) admit(ctx context.Context, conn *Conn, memKiB uint64) (release fu
 }
 
 // full says why one more instance of memKiB does not fit now, or "".
-func (h *Host) full(conn *Conn, memKiB uint64) (string, error) {
+func (h *Host) full(conn *libvirt.Conn, memKiB uint64) (string, error) {
 	list, err := conn.Instances()
 	if err != nil {
 		return "", err
@@ -176,7 +177,7 @@ func (r Headroom) String() string {
 }
 
 // Headroom measures the host's room for another instance.
-func (h *Host) Headroom(conn *Conn) (Headroom, error) {
+func (h *Host) Headroom(conn *libvirt.Conn) (Headroom, error) {
 	list, err := conn.Instances()
 	if err != nil {
 		return Headroom{}, err
@@ -195,7 +196,7 @@ func (h *Host) Headroom(conn *Conn) (Headroom, error) {
 	if l.MemoryTotal > 0 {
 		r.FreeBytes = l.MemoryTotal - min(mem, l.MemoryTotal)
 		r.Fits = r.Fits && r.FreeBytes > 0
-	} else if n, ok := conn.api.(interface{ NodeGetFreeMemory() (uint64, error) }); ok {
+	} else if n, ok := conn.API().(interface{ NodeGetFreeMemory() (uint64, error) }); ok {
 		if r.FreeBytes, err = n.NodeGetFreeMemory(); err != nil {
 			return Headroom{}, fmt.Errorf("free memory: %w", err)
 		}

@@ -7,8 +7,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
@@ -23,7 +24,7 @@ type Check struct {
 
 // blockInfoAPI reads a disk's sizes through libvirt (which opens the file).
 type blockInfoAPI interface {
-	DomainGetBlockInfo(dom libvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
+	DomainGetBlockInfo(dom golibvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
 }
 
 // CheckTemplate says, check by check, whether the domain name can be a template:
@@ -39,28 +40,28 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	defer conn.Close()
 	var out []Check
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
-	dom, err := conn.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) && h.BaseImages.Source != "" {
+	dom, err := conn.API().DomainLookupByName(name)
+	if libvirt.HasCode(err, golibvirt.ErrNoDomain) && h.BaseImages.Source != "" {
 		x, err := h.baseImageXML(conn, name)
 		if err == nil {
 			add(fmt.Sprintf("a base image %s.qcow2 in %s (offered by being there; a built-in definition)", name, h.BaseImages.Source), true, "")
 			return h.checkXML(out, conn, x, nil)
 		}
-		if !errors.Is(err, ErrNoTemplate) {
+		if !errors.Is(err, libvirt.ErrNoTemplate) {
 			return nil, err
 		}
 		add(fmt.Sprintf("a libvirt domain, or a base image %s.qcow2 in %s, named %s", name, h.BaseImages.Source, name), false,
 			"define one (virsh define), put the image there, or check LIBVIRT_GCI_URI ("+h.URI+")")
 		return out, nil
 	}
-	if hasCode(err, libvirt.ErrNoDomain) {
+	if libvirt.HasCode(err, golibvirt.ErrNoDomain) {
 		add("a libvirt domain named "+name, false, "define one (virsh define), or check LIBVIRT_GCI_URI ("+h.URI+")")
 		return out, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("look up %q: %w", name, err)
 	}
-	info, err := conn.templateInfo(dom)
+	info, err := conn.TemplateInfo(dom)
 	if err != nil {
 		return nil, err
 	}
@@ -70,7 +71,7 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	}
 	add("offered to jobs (marked, or listed in LIBVIRT_GCI_TEMPLATES)", info.Marked || offered, "libvirt-gci template mark "+name)
 	add("shut off", info.Shutoff, "its disks back every clone, so it must not run: virsh shutdown "+name)
-	x, err := conn.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	x, err := conn.API().DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
 	if err != nil {
 		return nil, fmt.Errorf("XML of %q: %w", name, err)
 	}
@@ -79,7 +80,7 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 
 // checkXML adds the checks of a template's definition x to out: its disks, agent channel
 // and devices; with dom, that libvirt can read its disks.
-func (h *Host) checkXML(out []Check, conn *Conn, x string, dom *libvirt.Domain) ([]Check, error) {
+func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x string, dom *golibvirt.Domain) ([]Check, error) {
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
 	tmpl, err := template.Parse(x)
 	if err != nil {
@@ -92,7 +93,7 @@ func (h *Host) checkXML(out []Check, conn *Conn, x string, dom *libvirt.Domain) 
 	add("no device clones would share or that reaches the host", len(access) == 0 || h.AllowHostAccess,
 		"remove "+strings.Join(access, ", ")+", or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true")
 	add("at least one writable disk", len(tmpl.Disks) > 0, "give it a disk: the job's overlay stands on it")
-	bi, _ := conn.api.(blockInfoAPI)
+	bi, _ := conn.API().(blockInfoAPI)
 	for _, d := range tmpl.Disks {
 		if bi == nil || dom == nil {
 			continue

@@ -10,12 +10,13 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
 func checkHost(f *provisiontest.Libvirt) *Host {
 	return &Host{Pool: "ci", Prefix: "gci-", Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+		Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
 
 func failed(checks []Check) []string {

@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"context"
 	"encoding/xml"
 	"errors"
 	"io"
@@ -38,10 +39,11 @@ func FuzzInstanceXML(f *testing.F) {
 		if ssh {
 			req.Transport = meta.TransportSSH
 		}
-		spec, err := h.spec(req, tmpl, "0123456789abcdef")
-		if err != nil {
+		p := &plan{Request: req, tmpl: tmpl, prepareID: "0123456789abcdef"}
+		if _, err := (coldBoot{h}).Plan(context.Background(), nil, p); err != nil {
 			return
 		}
+		spec := p.spec
 		dec := xml.NewDecoder(strings.NewReader(spec.DomainXML))
 		for {
 			_, err := dec.Token()

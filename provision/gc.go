@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
@@ -88,7 +89,7 @@ const sweepTime = 2 * time.Second
 
 // sweep is gc's work done by a launch, within sweepTime. Its failures are warnings;
 // the launch goes on unless it was cancelled meanwhile.
-func (h *Host) sweep(ctx context.Context, conn *Conn) error {
+func (h *Host) sweep(ctx context.Context, conn *libvirt.Conn) error {
 	start := time.Now()
 	sw, err := h.gc(ctx, conn, false, 0, start.Add(sweepTime))
 	if err != nil && ctx.Err() != nil {
@@ -105,7 +106,7 @@ func (h *Host) sweep(ctx context.Context, conn *Conn) error {
 }
 
 // gc is GC on conn; with a deadline, it starts no removal after it.
-func (h *Host) gc(ctx context.Context, conn *Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
+func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
 	var sw Sweep
 	list, err := conn.Instances()
 	if err != nil {
@@ -144,7 +145,7 @@ func (h *Host) gc(ctx context.Context, conn *Conn, dryRun bool, olderThan time.D
 }
 
 // verdict says why an instance is to go, or "" to keep it.
-func (h *Host) verdict(in InstanceInfo, olderThan time.Duration) string {
+func (h *Host) verdict(in libvirt.InstanceInfo, olderThan time.Duration) string {
 	m := in.Metadata
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {

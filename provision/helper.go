@@ -13,9 +13,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
 
 // The gitlab-runner helper: the runner's own binary, given to every instance read-only
@@ -36,7 +37,7 @@ const (
 
 // helperVolume returns the volume that holds the helper binary at path, building it first
 // if this binary has none yet.
-func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (string, error) {
+func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("gitlab-runner helper: %w", err)
@@ -52,13 +53,13 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	id := helperID(fi)
 	name := helperPrefix + id + ".img"
 	done := name + ".done" // made once the image is whole
-	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
+	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
 	if err != nil {
 		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
 	}
-	if _, err := conn.api.StorageVolLookupByName(pool, done); err == nil {
+	if _, err := conn.API().StorageVolLookupByName(pool, done); err == nil {
 		return name, nil
-	} else if !hasCode(err, libvirt.ErrNoStorageVol) {
+	} else if !libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
 		return "", fmt.Errorf("gitlab-runner helper volume: %w", err)
 	}
 
@@ -68,7 +69,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 		return "", err
 	}
 	defer unlock()
-	if _, err := conn.api.StorageVolLookupByName(pool, done); err == nil {
+	if _, err := conn.API().StorageVolLookupByName(pool, done); err == nil {
 		return name, nil
 	}
 	start := time.Now()
@@ -78,8 +79,8 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 	}
 	defer os.Remove(img)
 	// A half-made volume of an earlier try goes first.
-	if v, err := conn.api.StorageVolLookupByName(pool, name); err == nil {
-		if err := conn.api.StorageVolDelete(v, 0); err != nil {
+	if v, err := conn.API().StorageVolLookupByName(pool, name); err == nil {
+		if err := conn.API().StorageVolDelete(v, 0); err != nil {
 			return "", fmt.Errorf("gitlab-runner helper: remove a half-made %s: %w", name, err)
 		}
 	}
@@ -87,7 +88,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 		return "", err
 	}
 	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", done)
-	if _, err := conn.api.StorageVolCreateXML(pool, x, 0); err != nil {
+	if _, err := conn.API().StorageVolCreateXML(pool, x, 0); err != nil {
 		return "", fmt.Errorf("gitlab-runner helper: mark %s whole: %w", name, err)
 	}
 	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
@@ -104,8 +105,8 @@ func (h *Host) helperVolume(ctx context.Context, conn *Conn, path string) (strin
 
 // removeOldHelpers deletes the helper volumes (and their marks) in pool other than keep
 // that no defined domain's XML names. It says how many it deleted.
-func removeOldHelpers(conn *Conn, pool libvirt.StoragePool, keep string) (int, error) {
-	return removeUnused(conn, pool, func(v string) (string, bool) { // marked or not
+func removeOldHelpers(conn *libvirt.Conn, pool golibvirt.StoragePool, keep string) (int, error) {
+	return conn.RemoveUnused(pool, func(v string) (string, bool) { // marked or not
 		return v, strings.HasPrefix(v, helperPrefix) && strings.HasSuffix(v, ".img") && v != keep
 	}, func(name, v string) bool { return v == name })
 }
@@ -180,7 +181,7 @@ func isExecutable(p string) bool {
 }
 
 // uploadVolume creates the raw volume name in pool with the content of the file img.
-func uploadVolume(conn *Conn, pool libvirt.StoragePool, name, img string) error {
+func uploadVolume(conn *libvirt.Conn, pool golibvirt.StoragePool, name, img string) error {
 	f, err := os.Open(img)
 	if err != nil {
 		return fmt.Errorf("gitlab-runner helper: %w", err)
@@ -191,11 +192,11 @@ func uploadVolume(conn *Conn, pool libvirt.StoragePool, name, img string) error 
 		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
 	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>%d</capacity><target><format type='raw'/><permissions><mode>0644</mode></permissions></target></volume>", name, fi.Size())
-	v, err := conn.api.StorageVolCreateXML(pool, x, 0)
+	v, err := conn.API().StorageVolCreateXML(pool, x, 0)
 	if err != nil {
 		return fmt.Errorf("gitlab-runner helper: create volume %s: %w", name, err)
 	}
-	if err := conn.api.StorageVolUpload(v, f, 0, uint64(fi.Size()), 0); err != nil {
+	if err := conn.API().StorageVolUpload(v, f, 0, uint64(fi.Size()), 0); err != nil {
 		return fmt.Errorf("gitlab-runner helper: upload %s: %w", name, err)
 	}
 	return nil

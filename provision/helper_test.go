@@ -11,10 +11,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
@@ -33,7 +34,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 	bin := filepath.Join(dir, "gitlab-runner")
 	require.NoError(t, os.WriteFile(bin, []byte(strings.Repeat("runner", 200000)), 0o755))
 	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: time.Minute, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	launch := func(name string) {
 		t.Helper()
 		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: meta.TransportAgent}))
@@ -80,7 +81,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 
 	// Once no instance uses it, the next new binary's disk replaces it.
 	for _, name := range []string{"gci-a", "gci-b"} {
-		_, err := NewConn(f).Teardown(t.Context(), name, nil)
+		_, err := libvirt.NewConn(f).Teardown(t.Context(), name, nil)
 		require.NoError(t, err)
 	}
 	upgrade("newer runner")
@@ -92,7 +93,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 	}
 }
 
-func mustLookup(t *testing.T, f *provisiontest.Libvirt, name string) libvirt.Domain {
+func mustLookup(t *testing.T, f *provisiontest.Libvirt, name string) golibvirt.Domain {
 	t.Helper()
 	d, err := f.DomainLookupByName(name)
 	require.NoError(t, err)
@@ -110,13 +111,13 @@ func TestHelperWaitIsBounded(t *testing.T) {
 	bin := filepath.Join(dir, "gitlab-runner")
 	require.NoError(t, os.WriteFile(bin, []byte("runner"), 0o755))
 	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: 300 * time.Millisecond, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	fi, err := os.Stat(bin)
 	require.NoError(t, err)
-	unlock, ok, err := h.poolLock(context.Background(), NewConn(f), helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
+	unlock, ok, err := h.poolLock(context.Background(), libvirt.NewConn(f), helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
 	require.NoError(t, err)
 	require.True(t, ok)
-	_, ok, err = h.poolLock(context.Background(), NewConn(f), helperPrefix+helperID(fi)+".img", false, nil)
+	_, ok, err = h.poolLock(context.Background(), libvirt.NewConn(f), helperPrefix+helperID(fi)+".img", false, nil)
 	require.NoError(t, err)
 	assert.False(t, ok, "held")
 	start := time.Now()

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/template"
 	"github.com/stretchr/testify/assert"
 )
 
@@ -36,7 +37,7 @@ func TestSSHNetArgs(t *testing.T) {
 	t.Parallel()
 	macs := map[string]bool{}
 	for range 64 {
-		m := sshMAC()
+		m := template.NewMAC()
 		assert.Regexp(t, `^52:54:00(:[0-9a-f]{2}){3}$`, m)
 		macs[m] = true
 	}

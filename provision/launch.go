@@ -1,19 +1,191 @@
 package provision
 
-import "context"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
 
-// Launcher is a launch strategy: how a Spec becomes a running instance. Whatever it
-// makes must be listed in the Spec's metadata before it makes it, so that a Teardown can
-// remove it after any failure. A Launcher that ends early (ctx) awaits the call in
-// flight, as Create does.
-type Launcher interface {
-	Launch(ctx context.Context, c *Conn, spec Spec) (Timings, error)
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// A launch makes the instance a Request asks for, in named steps: sweep the orphans,
+// find the template, remove a leftover of the name, plan the instance with the first
+// strategy (in the order LIBVIRT_GCI_START gives) that fits the request, admit it under
+// the host's capacity, make it, and wait until the guest is ready for the job. What a
+// failed launch made, it removes (rollback); nothing else.
+
+// A Strategy is one way of making an instance: a cold boot (coldBoot), a restore from
+// the template's warm image (restore). Adding one (a hot-plug, a memory-sharing
+// restore) is a file with a type that implements this, and a place in strategies.
+type Strategy interface {
+	// Name is its value of LIBVIRT_GCI_START; Doing says it in a progress line.
+	Name() string
+	Doing() string
+	// Plan lays the instance out in p (p.spec, p.memKiB, what the guest set-up needs), or
+	// says why the strategy does not fit p's request.
+	Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit, error)
+	// Make makes the planned instance in libvirt and starts it. Whatever it makes is
+	// listed in p.spec's metadata first, so that a rollback finds it.
+	Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error)
 }
 
-// ColdBoot defines the domain, creates its overlays and boots it: Create.
-type ColdBoot struct{}
+// misfit says why a strategy does not fit a request; warn: it was meant to (the
+// operator should look), not merely unable to (a size, a cache share).
+type misfit struct {
+	why  string
+	warn bool
+}
 
-// Launch implements Launcher.
-func (ColdBoot) Launch(ctx context.Context, c *Conn, spec Spec) (Timings, error) {
-	return c.Create(ctx, spec)
+// strategies are the ways this host starts instances, the preferred first.
+func (h *Host) strategies() []Strategy {
+	if h.Start == StartRestore {
+		return []Strategy{restore{h}, coldBoot{h}}
+	}
+	return []Strategy{coldBoot{h}}
+}
+
+// plan is one launch's own data: the request, and what its steps found and laid out.
+type plan struct {
+	Request
+	tmplXML   string
+	tmpl      *template.Template
+	prepareID string // random, in the metadata: a rollback removes only this launch's
+	helper    string // the helper's volume; "" for none
+	mac       string // of the ssh NIC; "" for none
+	// warmImage: the instance is the one a warm image of this name is saved from
+	// (makeWarm): its volumes are named by the image, and extra lists its save volume.
+	warmImage string
+	extra     []meta.Volume
+	spec      libvirt.Spec
+	memKiB    uint64
+	// identity makes a restored instance's guest its own; links are the MAC addresses of
+	// its NICs whose link comes up once it has.
+	identity *guest.Identity
+	links    []string
+	report   func(tm libvirt.Timings) // the progress line of the made instance
+}
+
+// Launch makes the instance req asks for, starts it and waits until the guest is ready
+// for the job. Whatever fails, it removes what it made, and only that: after a cancel
+// too, for up to AfterCancel.
+func (h *Host) Launch(ctx context.Context, req Request) (err error) {
+	begin := time.Now()
+	after, cancelAfter := lingering(ctx, AfterCancel)
+	defer cancelAfter()
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	p, err := h.begin(ctx, conn, req)
+	if err != nil {
+		return err
+	}
+	s, err := h.choose(ctx, conn, p)
+	if err != nil {
+		return err
+	}
+	release, err := h.admitWithin(ctx, conn, p.memKiB)
+	if err != nil {
+		return err
+	}
+	// From here on, a failure leaves something to remove: what this launch made, and
+	// nothing another launch of the same name made meanwhile.
+	defer func() {
+		if err != nil {
+			h.rollback(after, req.Name, p.prepareID)
+		}
+	}()
+	tm, err := s.Make(ctx, conn, p)
+	release()
+	h.warnIfSlow("define", req.Name, tm.Define)
+	if err != nil {
+		return err
+	}
+	p.report(tm)
+	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
+		return fmt.Errorf("instance %q: %w", req.Name, err)
+	}
+	return nil
+}
+
+// begin takes the steps every strategy needs first: orphans of crashed runners swept
+// (they may hold the room this one needs), the template found and checked, a leftover
+// of the name removed if it is the caller's, the disk size checked, the helper's volume
+// made.
+func (h *Host) begin(ctx context.Context, conn *libvirt.Conn, req Request) (*plan, error) {
+	if err := h.sweep(ctx, conn); err != nil {
+		return nil, err
+	}
+	tx, tmpl, err := h.template(conn, req)
+	if err != nil {
+		return nil, err
+	}
+	p := &plan{Request: req, tmplXML: tx, tmpl: tmpl, prepareID: randomHex(8)}
+	// A crash can leave an instance of this name behind: the caller's is removed, anyone
+	// else's left alone.
+	removed, err := conn.Teardown(ctx, req.Name, req.Replace)
+	if errors.Is(err, libvirt.ErrNotManaged) {
+		return nil, fmt.Errorf("a domain named %q exists and was not created by libvirt-gci; refusing to replace it", req.Name)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("remove leftover instance %q: %w", req.Name, err)
+	}
+	if removed.Domain {
+		h.Log.Info(fmt.Sprintf("removed leftover instance %s", req.Name))
+	}
+	if req.Size.Disk > 0 && len(tmpl.Disks) > 0 {
+		if have, known, err := conn.BackingCapacity(tmpl.Disks[0].Path); err != nil {
+			return nil, err
+		} else if known && req.Size.Disk < have {
+			return nil, &DiskTooSmallError{Asked: req.Size.Disk, Have: have}
+		}
+	}
+	if h.Helper != "" {
+		// Bounded like the other waits: another prepare may be building it.
+		hctx, cancel := h.bootTimeout(ctx)
+		p.helper, err = h.helperVolume(hctx, conn, h.Helper)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// choose plans p with the first strategy that fits it, and says why each one before it
+// did not.
+func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strategy, error) {
+	ss := h.strategies()
+	for i, s := range ss {
+		m, err := s.Plan(ctx, conn, p)
+		if err != nil {
+			return nil, err
+		}
+		if m == nil {
+			return s, nil
+		}
+		if i+1 == len(ss) {
+			return nil, fmt.Errorf("no way to start %s: %s", p.Name, m.why)
+		}
+		next := ss[i+1]
+		if m.warn {
+			h.Log.Warn(fmt.Sprintf("%s; %s %s instead (LIBVIRT_GCI_START=%s says so at once)", m.why, next.Doing(), p.Name, next.Name()))
+		} else {
+			h.Log.Info(fmt.Sprintf("%s %s: %s", next.Doing(), p.Name, m.why))
+		}
+	}
+	return nil, errors.New("no launch strategy configured")
+}
+
+// admitWithin admits an instance of memKiB under the host's capacity, waiting for room
+// within the boot timeout.
+func (h *Host) admitWithin(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (func(), error) {
+	actx, cancel := h.bootTimeout(ctx)
+	defer cancel()
+	return h.admit(actx, conn, memKiB)
 }

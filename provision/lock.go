@@ -7,10 +7,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
 
 // Pool locks: the volume NAME.lock in the pool, which libvirt creates only if there is
@@ -26,18 +27,18 @@ const lockStaleAfter = 2 * time.Minute
 // returns ok false at once if another holds it. alive tells whether its holder still
 // works (a lock older than lockStaleAfter whose holder does not is removed); nil: only
 // the age counts.
-func (h *Host) poolLock(ctx context.Context, conn *Conn, name string, wait bool, alive func() bool) (unlock func(), ok bool, err error) {
-	pool, err := conn.api.StoragePoolLookupByName(h.Pool)
+func (h *Host) poolLock(ctx context.Context, conn *libvirt.Conn, name string, wait bool, alive func() bool) (unlock func(), ok bool, err error) {
+	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
 	if err != nil {
 		return nil, false, fmt.Errorf("storage pool %q: %w", h.Pool, err)
 	}
 	x := fmt.Sprintf("<volume><name>%s.lock</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", name)
 	for {
-		v, err := conn.api.StorageVolCreateXML(pool, x, 0)
+		v, err := conn.API().StorageVolCreateXML(pool, x, 0)
 		if err == nil {
 			return func() { h.poolUnlock(conn, v) }, true, nil
 		}
-		if !hasCode(err, libvirt.ErrStorageVolExist) {
+		if !libvirt.HasCode(err, golibvirt.ErrStorageVolExist) {
 			return nil, false, fmt.Errorf("lock %s in pool %q: %w", name, h.Pool, err)
 		}
 		if h.staleLock(conn, pool, name, alive) {
@@ -54,8 +55,8 @@ func (h *Host) poolLock(ctx context.Context, conn *Conn, name string, wait bool,
 }
 
 // poolUnlock deletes the lock volume, on a new connection if conn is gone (a cancel).
-func (h *Host) poolUnlock(conn *Conn, v libvirt.StorageVol) {
-	if err := conn.api.StorageVolDelete(v, 0); err == nil || hasCode(err, libvirt.ErrNoStorageVol) {
+func (h *Host) poolUnlock(conn *libvirt.Conn, v golibvirt.StorageVol) {
+	if err := conn.API().StorageVolDelete(v, 0); err == nil || libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), AfterCancel)
@@ -66,23 +67,19 @@ func (h *Host) poolUnlock(conn *Conn, v libvirt.StorageVol) {
 		return
 	}
 	defer c.Close()
-	if err := c.api.StorageVolDelete(v, 0); err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {
+	if err := c.API().StorageVolDelete(v, 0); err != nil && !libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
 		h.Log.Warn(fmt.Sprintf("could not remove the lock %s: %v; it goes once stale", v.Name, err))
 	}
 }
 
 // staleLock tells whether the lock name is older than lockStaleAfter with its holder
 // not alive, and if so removes it.
-func (h *Host) staleLock(conn *Conn, pool libvirt.StoragePool, name string, alive func() bool) bool {
-	v, err := conn.api.StorageVolLookupByName(pool, name+".lock")
+func (h *Host) staleLock(conn *libvirt.Conn, pool golibvirt.StoragePool, name string, alive func() bool) bool {
+	v, err := conn.API().StorageVolLookupByName(pool, name+".lock")
 	if err != nil {
-		return hasCode(err, libvirt.ErrNoStorageVol) // gone meanwhile: try again
+		return libvirt.HasCode(err, golibvirt.ErrNoStorageVol) // gone meanwhile: try again
 	}
-	w, err := conn.warm()
-	if err != nil {
-		return false
-	}
-	x, err := w.StorageVolGetXMLDesc(v, 0)
+	x, err := conn.API().StorageVolGetXMLDesc(v, 0)
 	if err != nil {
 		return false
 	}
@@ -95,6 +92,6 @@ func (h *Host) staleLock(conn *Conn, pool libvirt.StoragePool, name string, aliv
 	if err != nil || time.Since(time.Unix(made, 0)) < lockStaleAfter || (alive != nil && alive()) {
 		return false
 	}
-	err = conn.api.StorageVolDelete(v, 0)
-	return err == nil || hasCode(err, libvirt.ErrNoStorageVol)
+	err = conn.API().StorageVolDelete(v, 0)
+	return err == nil || libvirt.HasCode(err, golibvirt.ErrNoStorageVol)
 }

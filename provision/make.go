@@ -7,14 +7,15 @@ import (
 	"os/exec"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
+	golibvirt "github.com/digitalocean/go-libvirt"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
 
 // shutdownAPI shuts a domain down.
 type shutdownAPI interface {
-	DomainShutdownFlags(dom libvirt.Domain, flags libvirt.DomainShutdownFlagValues) error
+	DomainShutdownFlags(dom golibvirt.Domain, flags golibvirt.DomainShutdownFlagValues) error
 }
 
 // MakeTemplate turns the domain name, a VM prepared by hand, into a template: its
@@ -28,11 +29,11 @@ func (h *Host) MakeTemplate(ctx context.Context, name string) error {
 		return err
 	}
 	defer conn.Close()
-	dom, err := conn.api.DomainLookupByName(name)
+	dom, err := conn.API().DomainLookupByName(name)
 	if err != nil {
 		return fmt.Errorf("look up %q: %w", name, err)
 	}
-	info, err := conn.templateInfo(dom)
+	info, err := conn.TemplateInfo(dom)
 	if err != nil {
 		return err
 	}
@@ -72,24 +73,24 @@ func (h *Host) MakeTemplate(ctx context.Context, name string) error {
 
 // shutdown asks the guest to power off (the agent's shutdown, else a poweroff command
 // through the agent, else ACPI) and waits until it has, or ctx ends.
-func shutdown(ctx context.Context, conn *Conn, dom libvirt.Domain, agent *guest.Agent) error {
-	s, ok := conn.api.(shutdownAPI)
+func shutdown(ctx context.Context, conn *libvirt.Conn, dom golibvirt.Domain, agent *guest.Agent) error {
+	s, ok := conn.API().(shutdownAPI)
 	if !ok {
 		return errors.New("this libvirt connection cannot shut domains down")
 	}
-	if err := s.DomainShutdownFlags(dom, libvirt.DomainShutdownGuestAgent); err != nil {
+	if err := s.DomainShutdownFlags(dom, golibvirt.DomainShutdownGuestAgent); err != nil {
 		if err := agent.PowerOff(ctx); err != nil {
-			if err := s.DomainShutdownFlags(dom, libvirt.DomainShutdownAcpiPowerBtn); err != nil {
+			if err := s.DomainShutdownFlags(dom, golibvirt.DomainShutdownAcpiPowerBtn); err != nil {
 				return fmt.Errorf("shut down: %w", err)
 			}
 		}
 	}
 	for {
-		state, _, err := conn.api.DomainGetState(dom, 0)
+		state, _, err := conn.API().DomainGetState(dom, 0)
 		if err != nil {
 			return fmt.Errorf("state: %w", err)
 		}
-		if libvirt.DomainState(state) == libvirt.DomainShutoff {
+		if golibvirt.DomainState(state) == golibvirt.DomainShutoff {
 			return nil
 		}
 		if !guest.Sleep(ctx, 200*time.Millisecond) {

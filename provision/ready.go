@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/template"
+	"golang.org/x/crypto/ssh"
 )
 
 // "Ready" means ready for the job: beyond an answering agent, a guest with systemd has
@@ -46,12 +49,12 @@ func failedUnits(units []string) string {
 
 // awaitAddresses waits until each NIC of the instance's own whose link is up (the
 // template's NICs; not the ssh NIC, which prepare configures itself) has an address.
-func (h *Host) awaitAddresses(ctx context.Context, conn *Conn, agent *guest.Agent, name string) error {
-	dom, err := conn.api.DomainLookupByName(name)
+func (h *Host) awaitAddresses(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent, name string) error {
+	dom, err := conn.API().DomainLookupByName(name)
 	if err != nil {
 		return fmt.Errorf("look up instance %q: %w", name, err)
 	}
-	x, err := conn.api.DomainGetXMLDesc(dom, 0)
+	x, err := conn.API().DomainGetXMLDesc(dom, 0)
 	if err != nil {
 		return fmt.Errorf("XML of %q: %w", name, err)
 	}
@@ -87,4 +90,133 @@ func (h *Host) awaitAddresses(ctx context.Context, conn *Conn, agent *guest.Agen
 	}
 	h.Log.Info(fmt.Sprintf("network ready after %.1f s more: %s", took.Seconds(), strings.Join(got, "; ")), "network_ms", took.Milliseconds())
 	return nil
+}
+
+// awaitReady waits, within the boot timeout, until the guest is ready for the job: its
+// agent answers, systemd (where it runs) has finished booting, the guest is set up
+// (setUp), each NIC of the template's has its address, and SSH answers if the instance
+// has ssh access. Its last line says how long the launch that began then took.
+func (h *Host) awaitReady(ctx context.Context, conn *libvirt.Conn, p *plan, begin time.Time) error {
+	agent, err := guest.NewAgent(conn.API(), p.Name)
+	if err != nil {
+		return err
+	}
+	bctx, cancel := h.bootTimeout(ctx)
+	defer cancel()
+	bctx, cancelLoss := conn.WithLoss(bctx)
+	defer cancelLoss()
+	if err := h.awaitAgent(bctx, agent, begin); err != nil {
+		return err
+	}
+	// Where systemd runs, its boot ends first: what the set-up changes (host keys, host
+	// name) is not raced by the units that make them at boot.
+	if err := h.awaitSystem(bctx, agent); err != nil {
+		return err
+	}
+	access, hostKey, err := h.setUp(bctx, conn, agent, p)
+	if err != nil {
+		return err
+	}
+	if err := h.awaitAddresses(bctx, conn, agent, p.Name); err != nil {
+		return err
+	}
+	if access != nil {
+		sshStart := time.Now()
+		if err := h.finishSSH(bctx, conn, agent, *access, hostKey, p.Transport); err != nil {
+			return err
+		}
+		h.Log.Info(fmt.Sprintf("ssh ready after %.1f s more", time.Since(sshStart).Seconds()), "ssh_ready_ms", time.Since(sshStart).Milliseconds())
+	}
+	h.Log.Info(fmt.Sprintf("prepared %s in %.1f s", p.Name, time.Since(begin).Seconds()), "prepare_ms", time.Since(begin).Milliseconds())
+	return nil
+}
+
+// awaitAgent waits until the guest agent answers.
+func (h *Host) awaitAgent(ctx context.Context, agent *guest.Agent, begin time.Time) error {
+	start := time.Now()
+	if err := agent.WaitReady(ctx); err != nil {
+		if errors.Is(context.Cause(ctx), libvirt.ErrLost) {
+			return fmt.Errorf("waiting for its guest agent: %w", libvirt.ErrLost)
+		}
+		return err
+	}
+	took := time.Since(start)
+	h.Log.Info(fmt.Sprintf("guest agent ready after %.1f s", took.Seconds()), "agent_ready_ms", took.Milliseconds(), "ready_ms", time.Since(begin).Milliseconds())
+	return nil
+}
+
+// setUp makes, through the agent and in one command, what the guest needs before a
+// stage runs (guestSetup), brings up the links of a restored instance's NICs, and says
+// what it did. For an instance with ssh access it returns that access and the guest's
+// host key.
+func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent, p *plan) (*sshAccess, ssh.PublicKey, error) {
+	start := time.Now()
+	var access *sshAccess
+	if p.mac != "" {
+		a, err := h.sshAccess(conn, p.Name)
+		if err != nil {
+			return nil, nil, err
+		}
+		access = &a
+	}
+	setup := h.guestSetup(p, access)
+	hostKey, err := agent.Setup(ctx, setup)
+	if err != nil {
+		return nil, nil, err
+	}
+	if setup.Identity != nil {
+		if err := conn.LinksUp(p.Name, p.links); err != nil {
+			return nil, nil, err
+		}
+	}
+	h.Log.Info(fmt.Sprintf("set up the guest (%s) in %d ms", strings.Join(h.setupSummary(p, setup), "; "), time.Since(start).Milliseconds()), "setup_ms", time.Since(start).Milliseconds())
+	return access, hostKey, nil
+}
+
+// guestSetup is what the guest of p's instance is to be given: its host name and host
+// keys always; its own identity after a restore; the helper, the cache share, and the
+// NIC, user key and host names of its ssh access where it has them.
+func (h *Host) guestSetup(p *plan, access *sshAccess) guest.Setup {
+	setup := guest.Setup{Identity: p.identity, Hostname: p.Name, HostKeys: true}
+	if p.helper != "" {
+		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
+	}
+	if p.Cache != "" {
+		setup.Share = &guest.Share{Tag: CacheTag, Dir: p.CacheMount}
+	}
+	if access != nil {
+		setup.NIC = &guest.NIC{MAC: p.mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
+		setup.SSH = &guest.SSHAccess{User: h.SSHUser, AuthorizedKey: guest.AuthorizedKey(access.key.PublicKey(), "libvirt-gci@"+p.Name)}
+		for _, f := range h.Forwards {
+			if host, _, err := net.SplitHostPort(f); err == nil && net.ParseIP(host) == nil {
+				setup.Hosts = append(setup.Hosts, host)
+			}
+		}
+	}
+	return setup
+}
+
+// setupSummary says, for the progress line, what setUp did.
+func (h *Host) setupSummary(p *plan, setup guest.Setup) []string {
+	did := []string{"host name " + p.Name, "its own SSH host key"}
+	if id := setup.Identity; id != nil {
+		rng := "its RNG reseeded"
+		if !id.Reseeded {
+			rng = "host randomness mixed into its RNG (no perl or python3 to reseed it at once)"
+		}
+		did = append(did, fmt.Sprintf("its own clock, %s, machine-id and %d MAC addresses", rng, len(id.MACs)))
+	}
+	if setup.Helper != nil {
+		did = append(did, "gitlab-runner helper on its PATH")
+	}
+	if setup.Share != nil {
+		did = append(did, fmt.Sprintf("cache %s at %s over virtiofs", p.Cache, p.CacheMount))
+	}
+	if setup.SSH != nil {
+		did = append(did, "its NIC and user key for ssh")
+	}
+	if len(h.Forwards) > 0 {
+		did = append(did, "forwards to "+strings.Join(h.Forwards, ", "))
+	}
+	return did
 }

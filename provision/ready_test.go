@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
@@ -26,7 +27,7 @@ func readyHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer, boot t
 	_, err := f.DomainDefineXMLFlags(nicTemplate, 0)
 	require.NoError(t, err)
 	return &Host{Pool: "ci", Prefix: "gci-", BootTimeout: boot, SecretFile: filepath.Join(t.TempDir(), "secret"),
-		Log: slog.New(slog.NewTextHandler(log, nil)), Dial: func(context.Context, string) (*Conn, error) { return NewConn(f), nil }}
+		Log: slog.New(slog.NewTextHandler(log, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
 
 func launchReq(name string) Request {

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
@@ -18,12 +19,12 @@ import (
 // forwarded port, the instance's own client key, and the NIC (with the MAC address mac)
 // to configure.
 type sshAccess struct {
-	inst Instance
+	inst libvirt.Instance
 	port int
 	key  ssh.Signer
 }
 
-func (h *Host) sshAccess(conn *Conn, name string) (sshAccess, error) {
+func (h *Host) sshAccess(conn *libvirt.Conn, name string) (sshAccess, error) {
 	inst, err := conn.Lookup(name)
 	if err != nil {
 		return sshAccess{}, err
@@ -41,7 +42,7 @@ func (h *Host) sshAccess(conn *Conn, name string) (sshAccess, error) {
 
 // finishSSH pins the guest's new host key and records the forwarded port in the
 // metadata, and waits for an authenticated session.
-func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey, transport string) error {
+func (h *Host) finishSSH(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent, a sshAccess, hostKey ssh.PublicKey, transport string) error {
 	m := a.inst.Metadata
 	m.SSH = &meta.SSH{Host: "127.0.0.1", Port: a.port, User: h.SSHUser, HostKey: guest.AuthorizedKey(hostKey, a.inst.Name)}
 	m.Transport = transport
@@ -57,7 +58,7 @@ func (h *Host) finishSSH(ctx context.Context, conn *Conn, agent *guest.Agent, a 
 }
 
 // clientKey derives the instance's SSH client key; only a launch may create the secret.
-func (h *Host) clientKey(inst Instance, create bool) (ssh.Signer, error) {
+func (h *Host) clientKey(inst libvirt.Instance, create bool) (ssh.Signer, error) {
 	secret, err := guest.LoadSecret(h.SecretFile, create)
 	if err != nil {
 		return nil, err
@@ -66,7 +67,7 @@ func (h *Host) clientKey(inst Instance, create bool) (ssh.Signer, error) {
 }
 
 // sshTransport reaches the guest at info's address on libvirt's host, through conn.
-func sshTransport(conn *Conn, info *meta.SSH, key ssh.Signer) (*guest.SSH, error) {
+func sshTransport(conn *libvirt.Conn, info *meta.SSH, key ssh.Signer) (*guest.SSH, error) {
 	hostKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(info.HostKey))
 	if err != nil {
 		return nil, fmt.Errorf("pinned host key in the metadata: %w", err)
@@ -83,9 +84,9 @@ func sshTransport(conn *Conn, info *meta.SSH, key ssh.Signer) (*guest.SSH, error
 // Session is an open instance: what its metadata says, and the transport its launch set
 // up to reach it. Close it.
 type Session struct {
-	Instance
+	libvirt.Instance
 	Transport string // meta.TransportAgent or meta.TransportSSH
-	conn      *Conn
+	conn      *libvirt.Conn
 	tr        guest.Transport
 	ssh       *guest.SSH // where the instance has ssh access: for the forwards
 	forwards  []string
@@ -155,7 +156,7 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 	}
 	st, err := s.tr.Run(ctx, script, stdout, stderr)
 	if err != nil && s.Transport == meta.TransportAgent && s.conn.IsLost() {
-		err = fmt.Errorf("%w: %v", ErrLost, err) // the agent's calls failed for that
+		err = fmt.Errorf("%w: %v", libvirt.ErrLost, err) // the agent's calls failed for that
 	}
 	return st, err
 }

@@ -79,3 +79,9 @@ func TestRestored(t *testing.T) {
 	_, _, err = Restored(strings.Replace(warm, "<mac address", "<mac-gone address", 1), clone, newMAC)
 	assert.Error(t, err)
 }
+
+func TestNewIDs(t *testing.T) {
+	assert.Regexp(t, `^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`, NewUUID())
+	assert.Regexp(t, `^52:54:00(:[0-9a-f]{2}){3}$`, NewMAC())
+	assert.NotEqual(t, NewUUID(), NewUUID())
+}

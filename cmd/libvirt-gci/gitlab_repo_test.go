@@ -5,6 +5,7 @@ package main
 // token, download by a later job with its own).
 
 import (
+	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
@@ -37,7 +38,7 @@ func (g *fakeGitLab) gitRepo(t testing.TB) *repo {
 	}
 	root := t.TempDir()
 	work := filepath.Join(root, "work")
-	r := &repo{root: root, content: "hello from the repository " + randomSuffix() + "\n"}
+	r := &repo{root: root, content: "hello from the repository " + strings.ToLower(rand.Text()) + "\n"}
 	git := func(dir string, args ...string) string {
 		cmd := exec.Command("git", args...)
 		cmd.Dir = dir

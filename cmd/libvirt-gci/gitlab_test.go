@@ -5,6 +5,7 @@ package main
 // GitLab is: wrong tokens get 403 and a trace chunk at the wrong offset gets 416.
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
@@ -61,7 +62,7 @@ type jobUpdate struct {
 }
 
 func newFakeGitLab(t testing.TB) *fakeGitLab {
-	g := &fakeGitLab{t: t, runnerToken: "glrt-fake-" + randomSuffix(), jobs: map[int64]*fakeJob{}}
+	g := &fakeGitLab{t: t, runnerToken: "glrt-fake-" + strings.ToLower(rand.Text()), jobs: map[int64]*fakeJob{}}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("fake GitLab: %v", err)
@@ -117,7 +118,7 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	if s.ProjectID == 0 {
 		s.ProjectID = 42
 	}
-	token := "glcbt-" + randomSuffix()
+	token := "glcbt-" + strings.ToLower(rand.Text())
 	vars := []map[string]any{
 		{"key": "CI_JOB_ID", "value": fmt.Sprint(id), "public": true},
 		{"key": "CI_JOB_TOKEN", "value": token, "public": false, "masked": true},

@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -121,7 +120,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					}
 					machine := c.String("machine")
 					if machine == "" && !inJob {
-						machine = exec.Settings.Prefix + "manual-" + randomSuffix()
+						machine = exec.Settings.Prefix + "manual-" + strings.ToLower(rand.Text()[:8])
 					}
 					t, err := exec.TargetFor(machine, responseFile)
 					if err != nil {
@@ -296,11 +295,4 @@ func versionString() string {
 		return bi.Main.Version
 	}
 	return "dev"
-}
-
-// randomSuffix names machines prepared by hand without --machine.
-func randomSuffix() string {
-	var b [3]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }

@@ -36,7 +36,7 @@ type Libvirt struct {
 	count    map[string]int
 	calls    []string
 	agentLog []string          // guest agent commands, by name
-	uploaded map[string]uint64 // pool/volume -> bytes uploaded
+	data     map[string][]byte // pool/volume -> its content, where something wrote it
 	job      JobFunc
 	// system is what the guests' systemd says of their boot ("" for no systemd); nics
 	// the guests' NICs that have no address.
@@ -61,7 +61,7 @@ type domain struct {
 
 func New(pools ...string) *Libvirt {
 	f := &Libvirt{domains: map[string]*domain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
-		gates: map[string]chan struct{}{}, uploaded: map[string]uint64{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
+		gates: map[string]chan struct{}{}, data: map[string][]byte{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
 	f.Reconnect()
 	for _, p := range pools {
 		f.pools[p] = map[string]string{}
@@ -408,13 +408,12 @@ func (f *Libvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVo
 	return libvirt.StorageVol{Pool: p.Name, Name: v.Name}, nil
 }
 
-// StorageVolUpload reads the content to upload; the fake keeps only its length
-// (Uploaded).
+// StorageVolUpload writes length bytes of r into the volume at offset.
 func (f *Libvirt) StorageVolUpload(v libvirt.StorageVol, r io.Reader, offset, length uint64, _ libvirt.StorageVolUploadFlags) error {
 	if err := f.enter("StorageVolUpload"); err != nil {
 		return err
 	}
-	n, err := io.Copy(io.Discard, io.LimitReader(r, int64(length)))
+	b, err := io.ReadAll(io.LimitReader(r, int64(length)))
 	if err != nil {
 		return lverr(libvirt.ErrInternalError, "upload: %v", err)
 	}
@@ -423,7 +422,13 @@ func (f *Libvirt) StorageVolUpload(v libvirt.StorageVol, r io.Reader, offset, le
 	if _, ok := f.pools[v.Pool][v.Name]; !ok {
 		return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
 	}
-	f.uploaded[v.Pool+"/"+v.Name] = offset + uint64(n)
+	key := v.Pool + "/" + v.Name
+	d := f.data[key]
+	if end := int(offset) + len(b); end > len(d) {
+		d = append(d, make([]byte, end-len(d))...)
+	}
+	copy(d[offset:], b)
+	f.data[key] = d
 	return nil
 }
 
@@ -444,13 +449,6 @@ func (f *Libvirt) StoragePoolListAllVolumes(p libvirt.StoragePool, _ int32, _ ui
 	}
 	slices.SortFunc(out, func(a, b libvirt.StorageVol) int { return strings.Compare(a.Name, b.Name) })
 	return out, uint32(len(out)), nil
-}
-
-// Uploaded is how many bytes were uploaded into the volume pool/name.
-func (f *Libvirt) Uploaded(pool, name string) uint64 {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.uploaded[pool+"/"+name]
 }
 
 func (f *Libvirt) StorageVolLookupByName(p libvirt.StoragePool, name string) (libvirt.StorageVol, error) {
@@ -475,6 +473,7 @@ func (f *Libvirt) StorageVolDelete(v libvirt.StorageVol, _ libvirt.StorageVolDel
 		return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
 	}
 	delete(f.pools[v.Pool], v.Name)
+	delete(f.data, v.Pool+"/"+v.Name)
 	return nil
 }
 
@@ -599,13 +598,6 @@ func (f *Libvirt) StorageVolLookupByPath(path string) (libvirt.StorageVol, error
 		return libvirt.StorageVol{}, err
 	}
 	return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching path '%s'", path)
-}
-
-func (f *Libvirt) StorageVolGetInfo(libvirt.StorageVol) (int8, uint64, uint64, error) {
-	if err := f.enter("StorageVolGetInfo"); err != nil {
-		return 0, 0, 0, err
-	}
-	return 0, 0, 0, lverr(libvirt.ErrNoStorageVol, "no such volume")
 }
 
 // VolumeXML is the XML a volume was created with, or "".

@@ -1,4 +1,4 @@
-package provision
+package libvirt
 
 import (
 	"encoding/xml"
@@ -24,13 +24,13 @@ type TemplateInfo struct {
 // overlays' backing files) and must not be an instance.
 func (c *Conn) TemplateXML(name string) (x string, marked bool, err error) {
 	dom, err := c.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) {
+	if HasCode(err, libvirt.ErrNoDomain) {
 		return "", false, fmt.Errorf("template %q: %w (no libvirt domain has that name)", name, ErrNoTemplate)
 	}
 	if err != nil {
 		return "", false, fmt.Errorf("look up template %q: %w", name, err)
 	}
-	info, err := c.templateInfo(dom)
+	info, err := c.TemplateInfo(dom)
 	if err != nil {
 		return "", false, err
 	}
@@ -47,7 +47,7 @@ func (c *Conn) TemplateXML(name string) (x string, marked bool, err error) {
 	return x, info.Marked, nil
 }
 
-func (c *Conn) templateInfo(dom libvirt.Domain) (TemplateInfo, error) {
+func (c *Conn) TemplateInfo(dom libvirt.Domain) (TemplateInfo, error) {
 	info := TemplateInfo{Name: dom.Name}
 	_, err := c.metadata(dom)
 	switch {
@@ -60,7 +60,7 @@ func (c *Conn) templateInfo(dom libvirt.Domain) (TemplateInfo, error) {
 	switch {
 	case err == nil:
 		info.Marked = true
-	case !hasCode(err, libvirt.ErrNoDomainMetadata):
+	case !HasCode(err, libvirt.ErrNoDomainMetadata):
 		return info, fmt.Errorf("template metadata of %q: %w", dom.Name, err)
 	}
 	state, _, err := c.api.DomainGetState(dom, 0)
@@ -75,7 +75,7 @@ func (c *Conn) templateInfo(dom libvirt.Domain) (TemplateInfo, error) {
 // takes the mark away. Instances cannot be marked.
 func (c *Conn) MarkTemplate(name string, mark bool) error {
 	dom, err := c.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) {
+	if HasCode(err, libvirt.ErrNoDomain) {
 		return fmt.Errorf("no domain named %q: %w", name, ErrNoTemplate)
 	}
 	if err != nil {
@@ -110,8 +110,8 @@ func (c *Conn) Templates() ([]TemplateInfo, error) {
 	}
 	var out []TemplateInfo
 	for _, d := range doms {
-		info, err := c.templateInfo(d)
-		if hasCode(err, libvirt.ErrNoDomain) {
+		info, err := c.TemplateInfo(d)
+		if HasCode(err, libvirt.ErrNoDomain) {
 			continue // gone meanwhile
 		}
 		if err != nil {

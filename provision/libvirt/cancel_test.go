@@ -1,10 +1,9 @@
-package provision
+package libvirt
 
 import (
 	"context"
 	"io/fs"
 	"net"
-	"net/url"
 	"path/filepath"
 	"testing"
 	"time"
@@ -208,28 +207,6 @@ func TestConnectToAStalledLibvirtdHonoursTheContext(t *testing.T) {
 	_, err = Connect(ctx, "qemu:///system?socket="+sock)
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	assert.Less(t, time.Since(start), 5*time.Second)
-}
-
-func TestDialerForURI(t *testing.T) {
-	t.Parallel()
-	for _, uri := range []string{"qemu:///system", "test:///default", "qemu:///session?socket=/x", "qemu+unix:///system",
-		"qemu+tcp://h/system"} {
-		u, err := url.Parse(uri)
-		require.NoError(t, err)
-		d, err := dialerFor(context.Background(), u)
-		assert.NoError(t, err, uri)
-		assert.NotNil(t, d, uri)
-	}
-	for _, uri := range []string{"qemu+tls://h:16514/system?pkipath=/nonexistent", "qemu://h/system?pkipath=/nonexistent"} {
-		_, err := Connect(context.Background(), uri)
-		assert.ErrorContains(t, err, "no PKI files for TLS (name their directory with ?pkipath=DIR): open /nonexistent/cacert.pem", uri)
-	}
-	_, err := Connect(context.Background(), "qemu+tls://h/system?no_verify=1")
-	assert.ErrorContains(t, err, "no_verify turns off the check")
-	for _, uri := range []string{"qemu+libssh2://h/system", "qemu+ext:///system"} {
-		_, err := Connect(context.Background(), uri)
-		assert.ErrorContains(t, err, "is not supported; want", uri)
-	}
 }
 
 func TestSlowHint(t *testing.T) {

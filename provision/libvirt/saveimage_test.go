@@ -1,4 +1,4 @@
-package provision
+package libvirt
 
 import (
 	"bytes"
@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -49,11 +50,19 @@ func TestRewriteHeader(t *testing.T) {
 	assert.Zero(t, binary.NativeEndian.Uint32(out[32:]))
 }
 
-func TestLocalURI(t *testing.T) {
-	for uri, local := range map[string]bool{
-		"qemu:///system": true, "qemu:///session": true, "test:///default": true, "qemu+unix:///system": true,
-		"qemu+ssh://root@h/system": false, "qemu+tcp://h/system": false, "qemu://h/system": false,
+func TestParseSaveImage(t *testing.T) {
+	hd := saveHeader("<domain><name>warm</name></domain>", "<cookie/>", 100)
+	img, err := ParseSaveImage(libvirt.StorageVol{Name: "w.save"}, append(hd, "QEMU stream"...))
+	require.NoError(t, err)
+	assert.Equal(t, "<domain><name>warm</name></domain>", img.XML)
+	assert.Equal(t, hd, img.Header, "the header and its XML region, not the stream")
+
+	for name, b := range map[string][]byte{
+		"empty":     nil,
+		"not ours":  bytes.Repeat([]byte("x"), 200),
+		"truncated": hd[:len(hd)-10],
 	} {
-		assert.Equal(t, local, localURI(uri), uri)
+		_, err := ParseSaveImage(libvirt.StorageVol{}, b)
+		assert.ErrorIs(t, err, ErrNotSaveImage, name)
 	}
 }

@@ -1,4 +1,4 @@
-package provision
+package libvirt
 
 import (
 	"context"
@@ -39,11 +39,11 @@ type Spec struct {
 	Name      string
 	DomainXML string
 	Volumes   []NewVolume
-	// Image is a restored instance's copy of its warm image's memory (Restore); warm
-	// is that image.
+	// A restored instance (Restore): Warm is the save image it is restored from, Image
+	// its copy of it, and Restored its metadata once the copy is deleted.
+	Warm     *SaveImage
 	Image    meta.Volume
-	warm     *WarmImage
-	restored *meta.Metadata // a restored instance's metadata once Image is deleted
+	Restored *meta.Metadata
 }
 
 // Timings of one Create, for progress lines and benchmarks.
@@ -172,7 +172,7 @@ type Instance struct {
 // did not create.
 func (c *Conn) Lookup(name string) (Instance, error) {
 	dom, err := c.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) {
+	if HasCode(err, libvirt.ErrNoDomain) {
 		return Instance{}, fmt.Errorf("no instance %q: %w", name, ErrNoInstance)
 	}
 	if err != nil {
@@ -238,7 +238,7 @@ func parseForward(usernet string, guestPort int) (int, error) {
 
 func (c *Conn) metadata(dom libvirt.Domain) (meta.Metadata, error) {
 	s, err := c.api.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{meta.NS}, libvirt.DomainAffectCurrent)
-	if hasCode(err, libvirt.ErrNoDomainMetadata) {
+	if HasCode(err, libvirt.ErrNoDomainMetadata) {
 		return meta.Metadata{}, fmt.Errorf("domain %q: %w", dom.Name, ErrNotManaged)
 	}
 	if err != nil {
@@ -263,7 +263,7 @@ type Removed struct {
 func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metadata) error) (Removed, error) {
 	var r Removed
 	dom, err := c.api.DomainLookupByName(name)
-	if hasCode(err, libvirt.ErrNoDomain) {
+	if HasCode(err, libvirt.ErrNoDomain) {
 		return r, nil
 	}
 	if err != nil {
@@ -282,8 +282,8 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metada
 	switch {
 	case err == nil:
 		r.Destroyed = true
-	case hasCode(err, libvirt.ErrOperationInvalid): // not running
-	case hasCode(err, libvirt.ErrNoDomain):
+	case HasCode(err, libvirt.ErrOperationInvalid): // not running
+	case HasCode(err, libvirt.ErrNoDomain):
 		return r, nil // removed by someone else meanwhile
 	default:
 		return r, fmt.Errorf("destroy %q: %w", name, err)
@@ -304,7 +304,7 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metada
 
 	flags := libvirt.DomainUndefineNvram | libvirt.DomainUndefineManagedSave |
 		libvirt.DomainUndefineSnapshotsMetadata | libvirt.DomainUndefineCheckpointsMetadata
-	if err := c.api.DomainUndefineFlags(dom, flags); err != nil && !hasCode(err, libvirt.ErrNoDomain) {
+	if err := c.api.DomainUndefineFlags(dom, flags); err != nil && !HasCode(err, libvirt.ErrNoDomain) {
 		return r, fmt.Errorf("undefine %q: %w", name, err)
 	}
 	r.Domain = true
@@ -318,14 +318,14 @@ var volumeBusyTime = 15 * time.Second
 // deleteVolume deletes v; a volume or pool that is already gone is not an error.
 func (c *Conn) deleteVolume(ctx context.Context, v meta.Volume) (bool, error) {
 	pool, err := c.api.StoragePoolLookupByName(v.Pool)
-	if hasCode(err, libvirt.ErrNoStoragePool) {
+	if HasCode(err, libvirt.ErrNoStoragePool) {
 		return false, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("storage pool %q: %w", v.Pool, err)
 	}
 	vol, err := c.api.StorageVolLookupByName(pool, v.Name)
-	if hasCode(err, libvirt.ErrNoStorageVol) {
+	if HasCode(err, libvirt.ErrNoStorageVol) {
 		return false, nil
 	}
 	if err != nil {
@@ -334,7 +334,7 @@ func (c *Conn) deleteVolume(ctx context.Context, v meta.Volume) (bool, error) {
 	err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
 	// A volume libvirtd is still creating (for a prepare that was killed meanwhile) cannot
 	// be deleted yet: wait for it, a while, or until ctx ends.
-	for start := time.Now(); hasCode(err, libvirt.ErrOperationInvalid) && time.Since(start) < volumeBusyTime; {
+	for start := time.Now(); HasCode(err, libvirt.ErrOperationInvalid) && time.Since(start) < volumeBusyTime; {
 		select {
 		case <-ctx.Done():
 			return false, fmt.Errorf("delete volume %q in pool %q: still busy: %w", v.Name, v.Pool, context.Cause(ctx))
@@ -342,7 +342,7 @@ func (c *Conn) deleteVolume(ctx context.Context, v meta.Volume) (bool, error) {
 		}
 		err = c.api.StorageVolDelete(vol, libvirt.StorageVolDeleteNormal)
 	}
-	if err != nil && !hasCode(err, libvirt.ErrNoStorageVol) {
+	if err != nil && !HasCode(err, libvirt.ErrNoStorageVol) {
 		return false, fmt.Errorf("delete volume %q in pool %q: %w", v.Name, v.Pool, err)
 	}
 	return true, nil
@@ -372,14 +372,14 @@ func (c *Conn) Instances() ([]InstanceInfo, error) {
 	var out []InstanceInfo
 	for _, d := range doms {
 		m, err := c.metadata(d)
-		if errors.Is(err, ErrNotManaged) || hasCode(err, libvirt.ErrNoDomain) {
+		if errors.Is(err, ErrNotManaged) || HasCode(err, libvirt.ErrNoDomain) {
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
 		state, maxMem, _, cpus, _, err := c.api.DomainGetInfo(d)
-		if hasCode(err, libvirt.ErrNoDomain) {
+		if HasCode(err, libvirt.ErrNoDomain) {
 			continue // gone meanwhile
 		}
 		if err != nil {
@@ -399,7 +399,7 @@ func (c *Conn) Instances() ([]InstanceInfo, error) {
 // file (known is false if none does).
 func (c *Conn) BackingCapacity(path string) (capacity uint64, known bool, err error) {
 	vol, err := c.api.StorageVolLookupByPath(path)
-	if hasCode(err, libvirt.ErrNoStorageVol) {
+	if HasCode(err, libvirt.ErrNoStorageVol) {
 		return 0, false, nil
 	}
 	if err != nil {

@@ -1,0 +1,91 @@
+package provision
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// coldBoot clones the template into overlays and a new domain and boots it: the
+// strategy that fits every request.
+type coldBoot struct{ h *Host }
+
+func (coldBoot) Name() string  { return StartBoot }
+func (coldBoot) Doing() string { return "booting" }
+
+// Plan lays out one overlay per writable template disk, the metadata that records them,
+// and the domain XML.
+func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*misfit, error) {
+	h := b.h
+	if h.needsSSH(p.Request) {
+		p.mac = template.NewMAC()
+	}
+	im := h.newMetadata(p.Request, p.tmpl.Name, p.prepareID)
+	spec := libvirt.Spec{Name: p.Name}
+	overlays := map[string]template.Overlay{}
+	for _, d := range p.tmpl.Disks {
+		// The prepare's id in the volume's name: no other launch's volume can be in the way.
+		v := libvirt.NewVolume{
+			Volume:        meta.Volume{Pool: h.Pool, Name: p.Name + "-" + p.prepareID[:6] + "-" + d.Target + ".qcow2"},
+			BackingPath:   d.Path,
+			BackingFormat: d.Format,
+		}
+		if len(spec.Volumes) == 0 {
+			v.Capacity = p.Size.Disk // the first disk: the one a job may grow
+		}
+		if p.warmImage != "" {
+			v.Name = p.warmImage + "-" + d.Target + ".qcow2"
+		}
+		spec.Volumes = append(spec.Volumes, v)
+		im.Volumes = append(im.Volumes, v.Volume)
+		overlays[d.Target] = template.Overlay{Pool: v.Pool, Volume: v.Name}
+	}
+	im.Volumes = append(im.Volumes, p.extra...)
+	md, err := im.MarshalElement()
+	if err != nil {
+		return nil, err
+	}
+	inst := template.Instance{Name: p.Name, Overlays: overlays, Metadata: md, CPUs: p.Size.CPUs, MemoryKiB: p.Size.Memory / 1024, Warm: p.warmImage != ""}
+	if p.helper != "" {
+		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: p.helper, Serial: HelperSerial}}
+	}
+	if p.Cache != "" {
+		inst.Shares = []template.Share{{Source: p.Cache, Tag: CacheTag}}
+	}
+	if p.mac != "" {
+		slot, err := p.tmpl.FreePCISlot()
+		if err != nil {
+			return nil, err
+		}
+		inst.QEMUArgs = sshNetArgs(slot, p.mac)
+	}
+	if spec.DomainXML, err = p.tmpl.Render(inst); err != nil {
+		return nil, err
+	}
+	p.spec = spec
+	p.memKiB = p.tmpl.MemoryKiB()
+	if p.Size.Memory > 0 {
+		p.memKiB = p.Size.Memory / 1024
+	}
+	p.report = func(tm libvirt.Timings) { b.report(p, tm) }
+	return nil, nil
+}
+
+// Make defines the domain, creates its overlays and boots it.
+func (coldBoot) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
+	return conn.Create(ctx, p.spec)
+}
+
+func (b coldBoot) report(p *plan, tm libvirt.Timings) {
+	sized := ""
+	if p.Size != (Size{}) {
+		sized = " (" + p.Size.String() + ")"
+	}
+	b.h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
+		p.Template, p.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+		"template", p.Template, "name", p.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
+		"cpus", p.Size.CPUs, "memory", p.Size.Memory, "disk", p.Size.Disk)
+}

@@ -1,0 +1,115 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// restore restores the instance from its template's warm image (warm.go), made on first
+// use: its own overlays on the image's, its own domain (name, UUID, metadata, MAC
+// addresses) in a copy of the save image with the header rewritten, and, through the
+// agent, its own clock, RNG state, host name, machine-id and MAC addresses in the guest
+// before any job code runs (awaitReady).
+type restore struct{ h *Host }
+
+func (restore) Name() string  { return StartRestore }
+func (restore) Doing() string { return "restoring" }
+
+// Plan finds (or makes) the warm image for p's instance and lays the instance out on it.
+// It does not fit a request that a restored VM cannot serve (a size, a cache share), nor
+// one whose template's image cannot be made or read.
+func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit, error) {
+	h := r.h
+	wctx, cancel := h.bootTimeout(ctx)
+	wi, why, err := h.warmFor(wctx, conn, p)
+	cancel()
+	var notSaved *notSavedError
+	switch {
+	case errors.As(err, &notSaved) && ctx.Err() == nil:
+		return &misfit{why: fmt.Sprintf("no warm image of %s (%v)", p.Template, err), warn: true}, nil
+	case err != nil:
+		return nil, err
+	case wi == nil:
+		return &misfit{why: why}, nil
+	}
+	macs, err := r.layout(conn, p, wi)
+	if err != nil {
+		return nil, err
+	}
+	p.memKiB = wi.MemKiB
+	p.identity = &guest.Identity{MachineID: randomHex(16)}
+	for _, m := range macs {
+		p.identity.MACs = append(p.identity.MACs, [2]string{m.Old, m.New})
+		if m.Link {
+			p.links = append(p.links, m.New)
+		} else if h.needsSSH(p.Request) {
+			p.mac = m.New // the ssh NIC
+		}
+	}
+	p.report = func(tm libvirt.Timings) { r.report(p, wi, tm) }
+	return nil, nil
+}
+
+// layout lays out an instance restored from wi: its overlays on the warm image's, its
+// copy of the save image, its metadata, and its domain XML, rewritten from the warm
+// image's. It returns the MAC address changes the guest must make.
+func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.MACChange, error) {
+	h := r.h
+	im := h.newMetadata(p.Request, wi.Template, p.prepareID)
+	im.Warm = wi.Name
+	spec := libvirt.Spec{Name: p.Name, Warm: wi.Image}
+	overlays := map[string]template.Overlay{}
+	for target, vol := range wi.Overlays {
+		v, err := conn.API().StorageVolLookupByName(wi.pool, vol)
+		if err != nil {
+			return nil, fmt.Errorf("warm image %s: %w", wi.Name, err)
+		}
+		path, err := conn.API().StorageVolGetPath(v)
+		if err != nil {
+			return nil, fmt.Errorf("warm image %s: %w", wi.Name, err)
+		}
+		nv := libvirt.NewVolume{
+			Volume:        meta.Volume{Pool: h.Pool, Name: p.Name + "-" + p.prepareID[:6] + "-" + target + ".qcow2"},
+			BackingPath:   path,
+			BackingFormat: "qcow2",
+		}
+		spec.Volumes = append(spec.Volumes, nv)
+		im.Volumes = append(im.Volumes, nv.Volume)
+		overlays[target] = template.Overlay{Pool: nv.Pool, Volume: nv.Name}
+	}
+	slices.SortFunc(spec.Volumes, func(a, b libvirt.NewVolume) int { return strings.Compare(a.Name, b.Name) })
+	// The copy of the save image, listed before it is made, as every volume is, and
+	// taken off the list once deleted, after the restore.
+	after := im
+	spec.Restored = &after
+	spec.Image = meta.Volume{Pool: h.Pool, Name: p.Name + "-" + p.prepareID[:6] + ".save"}
+	im.Volumes = append(slices.Clone(im.Volumes), spec.Image)
+	md, err := im.MarshalElement()
+	if err != nil {
+		return nil, err
+	}
+	var macs []template.MACChange
+	spec.DomainXML, macs, err = template.Restored(wi.Image.XML, template.Clone{Name: p.Name, UUID: template.NewUUID(), Metadata: md, Overlays: overlays}, template.NewMAC)
+	p.spec = spec
+	return macs, err
+}
+
+// Make defines the domain, creates its overlays and restores the copy of the save image.
+func (restore) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
+	return conn.Restore(ctx, p.spec)
+}
+
+func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
+	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, memory image copy %d ms, restore %d ms)",
+		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Image.Milliseconds(), tm.Start.Milliseconds()),
+		"template", p.Template, "name", p.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
+		"image_ms", tm.Image.Milliseconds(), "restore_ms", tm.Start.Milliseconds())
+}

@@ -1,0 +1,323 @@
+// Package libvirt is libvirt-gci's one user of go-libvirt (beside the guest agent's
+// calls): a connection whose calls end with a context (Conn, and the cancel rules that
+// keep a cancelled create knowable), and the building blocks of an instance in libvirt's
+// terms: define it with its overlays, start or restore it, read and write its
+// <metadata>, tear it down, list instances and templates, move bytes in and out of
+// volumes. It knows nothing of GitLab, of guests or of what a launch means: the
+// provision package puts these blocks together.
+package libvirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
+)
+
+// The go-libvirt calls libvirt-gci makes, by role. provisiontest's fake implements
+// them all (its test says so at compile time): every feature runs on it as on libvirt.
+
+// Domains defines, starts, stops, inspects and changes domains.
+type Domains interface {
+	DomainLookupByName(name string) (libvirt.Domain, error)
+	DomainGetXMLDesc(dom libvirt.Domain, flags libvirt.DomainXMLFlags) (string, error)
+	DomainGetState(dom libvirt.Domain, flags uint32) (int32, int32, error)
+	DomainGetInfo(dom libvirt.Domain) (state uint8, maxMem uint64, memory uint64, nrVirtCPU uint16, cpuTime uint64, err error)
+	DomainGetBlockInfo(dom libvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
+	DomainGetMetadata(dom libvirt.Domain, typ int32, uri libvirt.OptString, flags libvirt.DomainModificationImpact) (string, error)
+	DomainSetMetadata(dom libvirt.Domain, typ int32, metadata libvirt.OptString, key libvirt.OptString, uri libvirt.OptString, flags libvirt.DomainModificationImpact) error
+	DomainDefineXMLFlags(xml string, flags libvirt.DomainDefineFlags) (libvirt.Domain, error)
+	DomainCreate(dom libvirt.Domain) error
+	DomainShutdownFlags(dom libvirt.Domain, flags libvirt.DomainShutdownFlagValues) error
+	DomainDestroyFlags(dom libvirt.Domain, flags libvirt.DomainDestroyFlagsValues) error
+	DomainUndefineFlags(dom libvirt.Domain, flags libvirt.DomainUndefineFlagsValues) error
+	DomainUpdateDeviceFlags(dom libvirt.Domain, xml string, flags libvirt.DomainDeviceModifyFlags) error
+	ConnectListAllDomains(needResults int32, flags libvirt.ConnectListAllDomainsFlags) ([]libvirt.Domain, uint32, error)
+}
+
+// Storage makes, finds and deletes pools' volumes.
+type Storage interface {
+	StoragePoolLookupByName(name string) (libvirt.StoragePool, error)
+	StoragePoolListAllVolumes(pool libvirt.StoragePool, needResults int32, flags uint32) ([]libvirt.StorageVol, uint32, error)
+	StorageVolCreateXML(pool libvirt.StoragePool, xml string, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
+	StorageVolCreateXMLFrom(pool libvirt.StoragePool, xml string, clone libvirt.StorageVol, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
+	StorageVolLookupByName(pool libvirt.StoragePool, name string) (libvirt.StorageVol, error)
+	StorageVolLookupByPath(path string) (libvirt.StorageVol, error)
+	StorageVolGetInfo(vol libvirt.StorageVol) (rType int8, rCapacity uint64, rAllocation uint64, err error)
+	StorageVolGetPath(vol libvirt.StorageVol) (string, error)
+	StorageVolGetXMLDesc(vol libvirt.StorageVol, flags uint32) (string, error)
+	StorageVolDelete(vol libvirt.StorageVol, flags libvirt.StorageVolDeleteFlags) error
+}
+
+// Streams move a volume's bytes.
+type Streams interface {
+	StorageVolUpload(vol libvirt.StorageVol, r io.Reader, offset, length uint64, flags libvirt.StorageVolUploadFlags) error
+	StorageVolDownload(vol libvirt.StorageVol, w io.Writer, offset, length uint64, flags libvirt.StorageVolDownloadFlags) error
+}
+
+// SaveRestore saves a running domain to a file and restores it.
+type SaveRestore interface {
+	DomainSaveFlags(dom libvirt.Domain, to string, dxml libvirt.OptString, flags uint32) error
+	DomainRestoreFlags(from string, dxml libvirt.OptString, flags uint32) error
+}
+
+// Node tells what the host offers.
+type Node interface {
+	ConnectGetCapabilities() (string, error)
+	NodeGetFreeMemory() (uint64, error)
+}
+
+// QEMU passes commands to a domain's QEMU monitor and guest agent.
+type QEMU interface {
+	QEMUDomainMonitorCommand(dom libvirt.Domain, cmd string, flags uint32) (string, error)
+	QEMUDomainAgentCommand(dom libvirt.Domain, cmd string, timeout int32, flags uint32) (libvirt.OptString, error)
+}
+
+// API is the part of go-libvirt a Conn uses (*libvirt.Libvirt, or provisiontest's fake).
+type API interface {
+	Domains
+	Storage
+	Streams
+	SaveRestore
+	Node
+	QEMU
+}
+
+// CancelGrace bounds how long a cancelled Conn waits for the answer to a call that
+// creates something (a define, an overlay, a start) before it drops the connection.
+// libvirtd carries out a call it has received whether or not the client is still there,
+// so dropping the connection at once would leave the caller unable to know, and undo,
+// what the call made. A healthy libvirtd answers in milliseconds; the bound is short
+// because the runner wants a cancelled stage gone within seconds.
+const CancelGrace = 3 * time.Second
+
+// Conn is a connection to libvirtd.
+type Conn struct {
+	lv    *libvirt.Libvirt // nil for a fake
+	api   API
+	drop  func()        // closes the socket at once: calls in flight fail with ErrInterrupted
+	grace time.Duration // CancelGrace, shorter in tests
+
+	mu        sync.Mutex
+	inflight  int  // calls in flight whose outcome must be known
+	cancelled bool // ctx ended; drop the connection once inflight is 0 (or after grace)
+	dropped   atomic.Bool
+	stop      func() bool
+	closeOnce sync.Once
+
+	// dialHost reaches an address on libvirtd's host: directly for a local libvirt,
+	// through the SSH connection for qemu+ssh; nil for other transports.
+	dialHost func(ctx context.Context, addr string) (net.Conn, error)
+	// local: libvirtd runs on this host, so its volumes' files may be this process's to
+	// read and write. redial opens another connection to the same libvirt (for a stream).
+	local  bool
+	redial func(ctx context.Context) (*Conn, error)
+}
+
+// DialHost opens a TCP connection to addr as libvirtd's host sees it.
+func (c *Conn) DialHost(ctx context.Context, addr string) (net.Conn, error) {
+	if c.dialHost == nil {
+		return nil, fmt.Errorf("cannot reach %s on a libvirt host over this transport; only qemu+ssh:// and a local libvirt can", addr)
+	}
+	return c.dialHost(ctx, addr)
+}
+
+// Connect dials libvirt at uri (qemu:///system, qemu+ssh://host/system, test:///default,
+// ...). go-libvirt takes no contexts, so when ctx ends the connection's socket is closed,
+// and calls in flight return at once, even if libvirtd is stalled. Calls that create
+// something are the exception: see CancelGrace.
+func Connect(ctx context.Context, uri string) (*Conn, error) {
+	u, err := url.Parse(uri)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
+	}
+	d, err := dial.For(ctx, u)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt URI %q: %w", uri, err)
+	}
+	c, err := connect(ctx, &droppable{Dialer: d}, libvirt.RemoteURI(u))
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, err)
+	}
+	if hd, ok := d.(dial.HostDialer); ok {
+		c.dialHost = hd.DialHost
+	}
+	c.local = dial.IsLocal(uri)
+	c.redial = func(ctx context.Context) (*Conn, error) { return Connect(ctx, uri) }
+	return c, nil
+}
+
+// connect opens a connection through d, giving up (and closing the socket) when ctx ends.
+func connect(ctx context.Context, d *droppable, uri libvirt.ConnectURI) (*Conn, error) {
+	lv := libvirt.NewWithDialer(d)
+	done := make(chan error, 1)
+	go func() { done <- lv.ConnectToURI(uri) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return nil, err
+		}
+	case <-ctx.Done():
+		d.drop() // the handshake in flight fails at once
+		return nil, context.Cause(ctx)
+	}
+	c := &Conn{lv: lv, api: lv, drop: d.drop, grace: CancelGrace}
+	c.stop = context.AfterFunc(ctx, c.cancel)
+	return c, nil
+}
+
+// droppable is a socket.Dialer whose connection can be closed under go-libvirt's feet.
+// go-libvirt's own Disconnect first sends an RPC and waits for its answer, which never
+// comes from a stalled libvirtd.
+type droppable struct {
+	socket.Dialer
+	mu      sync.Mutex
+	conn    net.Conn
+	dropped bool
+}
+
+func (d *droppable) Dial() (net.Conn, error) {
+	conn, err := d.Dialer.Dial()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.dropped {
+		conn.Close()
+		return nil, net.ErrClosed
+	}
+	d.conn = conn
+	return conn, nil
+}
+
+func (d *droppable) drop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.dropped = true
+	if d.conn != nil {
+		_ = d.conn.Close()
+	}
+}
+
+// ErrLost: the connection to libvirtd ended (libvirtd stopped or restarted).
+var ErrLost = errors.New("lost the connection to libvirtd (was it stopped or restarted?)")
+
+// WithLoss returns a context that ends, with ErrLost, when the connection to libvirtd
+// does: calls on it fail from then on, so waiting for anything it could tell is in vain.
+func (c *Conn) WithLoss(ctx context.Context) (context.Context, context.CancelFunc) {
+	lctx, cancel := context.WithCancelCause(ctx)
+	if c.lv == nil {
+		return lctx, func() { cancel(context.Canceled) }
+	}
+	lost := c.lv.Disconnected()
+	go func() {
+		select {
+		case <-lost:
+			cancel(ErrLost)
+		case <-lctx.Done():
+		}
+	}()
+	return lctx, func() { cancel(context.Canceled) }
+}
+
+// IsLost tells whether the connection to libvirtd has ended.
+func (c *Conn) IsLost() bool { return c.lv != nil && !c.lv.IsConnected() }
+
+// API is the client, for the guest package's agent transport.
+func (c *Conn) API() API { return c.api }
+
+// NewConn is a Conn over a as it is (provisiontest's fake, say): no socket, nothing to
+// drop on a cancel.
+func NewConn(a API) *Conn {
+	c := &Conn{api: a, grace: CancelGrace}
+	c.redial = func(context.Context) (*Conn, error) { return NewConn(a), nil }
+	return c
+}
+
+// cancel runs when the Conn's context ends: it drops the connection now, or, while a call
+// that creates something is in flight, when that call returns or the grace has passed.
+func (c *Conn) cancel() {
+	c.mu.Lock()
+	c.cancelled = true
+	busy := c.inflight > 0
+	c.mu.Unlock()
+	if !busy {
+		c.dropNow()
+		return
+	}
+	time.AfterFunc(c.grace, c.dropNow)
+}
+
+func (c *Conn) dropNow() {
+	if c.dropped.CompareAndSwap(false, true) && c.drop != nil {
+		c.drop()
+	}
+}
+
+// awaited runs call, a call whose outcome the caller must know even after a cancel:
+// the connection stays up until it returns (or CancelGrace passes).
+func (c *Conn) awaited(call func() error) error {
+	c.mu.Lock()
+	c.inflight++
+	c.mu.Unlock()
+	err := call()
+	c.mu.Lock()
+	c.inflight--
+	idle := c.inflight == 0 && c.cancelled
+	c.mu.Unlock()
+	if idle {
+		c.dropNow()
+	}
+	return err
+}
+
+// Close disconnects. It is safe to call more than once. A stalled libvirtd cannot hold it
+// up for more than a few seconds.
+func (c *Conn) Close() error {
+	var err error
+	c.closeOnce.Do(func() {
+		if c.stop != nil {
+			c.stop()
+		}
+		if c.lv == nil || c.dropped.Load() { // no one to say goodbye to
+			c.dropNow()
+			return
+		}
+		done := make(chan error, 1)
+		go func() { done <- c.lv.Disconnect() }()
+		select {
+		case err = <-done:
+		case <-time.After(closeTime):
+			c.dropNow()
+			err = <-done
+		}
+	})
+	return err
+}
+
+// closeTime bounds a polite disconnect.
+const closeTime = 3 * time.Second
+
+// HasCode tells whether err carries a libvirt error with one of codes.
+func HasCode(err error, codes ...libvirt.ErrorNumber) bool {
+	var lerr libvirt.Error
+	if !errors.As(err, &lerr) {
+		return false
+	}
+	for _, c := range codes {
+		if lerr.Code == uint32(c) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,88 @@
+// Package dial turns a libvirt URI into the socket a go-libvirt client talks over: the
+// local socket or tcp (go-libvirt's dialers), ssh and tls (ours: known_hosts checked
+// strictly, no helper programs). It is also the one place that says what a URI's
+// transport is, and so whether the libvirt it names is this host's.
+package dial
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"strings"
+
+	"github.com/digitalocean/go-libvirt/socket"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+)
+
+// Transport is how a libvirt URI is reached: "unix" (this host's socket), "tcp", "tls"
+// or "ssh" (or whatever else its scheme says: For refuses what it does not know). The
+// rule is libvirt's: the part of the scheme after a "+", else tls for a URI with a host
+// and the local socket for one without.
+func Transport(u *url.URL) string {
+	if _, t, ok := strings.Cut(u.Scheme, "+"); ok {
+		return t
+	}
+	if u.Host != "" {
+		return "tls"
+	}
+	return "unix"
+}
+
+// IsLocal tells whether the libvirt URI uri names this host's libvirt.
+func IsLocal(uri string) bool {
+	u, err := url.Parse(uri)
+	return err == nil && Transport(u) == "unix"
+}
+
+// ReachesHost tells whether a connection to uri can open TCP connections on libvirtd's
+// host (HostDialer): a local libvirt, or one over ssh.
+func ReachesHost(uri string) bool {
+	u, err := url.Parse(uri)
+	return err == nil && (Transport(u) == "unix" || Transport(u) == "ssh")
+}
+
+// HostDialer is a dialer that also reaches TCP addresses as libvirtd's host sees them.
+type HostDialer interface {
+	DialHost(ctx context.Context, addr string) (net.Conn, error)
+}
+
+// schemes are the transports this tool speaks, each to the dialer of a URI.
+var schemes = map[string]func(ctx context.Context, u *url.URL) (socket.Dialer, error){
+	"unix": func(_ context.Context, u *url.URL) (socket.Dialer, error) {
+		var opts []dialers.LocalOption
+		if s := u.Query().Get("socket"); s != "" {
+			opts = append(opts, dialers.WithSocket(s))
+		}
+		return local{dialers.NewLocal(opts...)}, nil
+	},
+	"tcp": func(_ context.Context, u *url.URL) (socket.Dialer, error) {
+		var opts []dialers.RemoteOption
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UsePort(p))
+		}
+		return dialers.NewRemote(u.Hostname(), opts...), nil
+	},
+	"tls": func(ctx context.Context, u *url.URL) (socket.Dialer, error) { return newTLSDialer(ctx, u) },
+	"ssh": func(ctx context.Context, u *url.URL) (socket.Dialer, error) { return newSSHDialer(ctx, u) },
+}
+
+// For returns the dialer of the libvirt URI u. ctx bounds what it reads to get ready
+// (keys, certificates); the dialer's Dial has bounds of its own. Where the transport
+// reaches libvirtd's host (a local socket, ssh), the dialer is a HostDialer too.
+func For(ctx context.Context, u *url.URL) (socket.Dialer, error) {
+	t := Transport(u)
+	mk, ok := schemes[t]
+	if !ok {
+		return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", t)
+	}
+	return mk(ctx, u)
+}
+
+// local is go-libvirt's local dialer, and this host's TCP dialer.
+type local struct{ *dialers.Local }
+
+func (local) DialHost(ctx context.Context, addr string) (net.Conn, error) {
+	var nd net.Dialer
+	return nd.DialContext(ctx, "tcp", addr)
+}

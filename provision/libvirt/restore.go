@@ -1,0 +1,124 @@
+package libvirt
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// Save saves the running domain name into the volume vol (libvirt's save: its memory
+// and device state; the domain stops), and refreshes what libvirt knows of the volume.
+// Like a create, the call is awaited after a cancel (step).
+func (c *Conn) Save(ctx context.Context, name string, vol libvirt.StorageVol) error {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", name, err)
+	}
+	path, err := c.api.StorageVolGetPath(vol)
+	if err != nil {
+		return fmt.Errorf("save %q: %w", name, err)
+	}
+	var took time.Duration
+	if err := c.step(ctx, name, "save "+name, &took, func() error {
+		return c.api.DomainSaveFlags(dom, path, libvirt.OptString{}, uint32(libvirt.DomainSaveRunning))
+	}); err != nil {
+		return err
+	}
+	// libvirt refreshes what it knows of the volume (made empty): its size is the image's.
+	if _, _, _, err := c.api.StorageVolGetInfo(vol); err != nil {
+		return fmt.Errorf("save %q: %w", name, err)
+	}
+	return nil
+}
+
+// Restore makes the instance spec as Create does, but from the save image spec.Warm:
+// it defines the domain, creates its overlays, copies the save image into spec.Image
+// with its header rewritten for this domain (libvirt restores a save image only into
+// the domain its header describes), restores it, deletes the copy and sets the
+// metadata spec.Restored (which no longer lists the copy).
+func (c *Conn) Restore(ctx context.Context, spec Spec) (Timings, error) {
+	var t Timings
+	header, err := rewriteHeader(spec.Warm.Header, spec.DomainXML)
+	if err != nil {
+		return t, fmt.Errorf("restore %q: %w", spec.Name, err)
+	}
+	if _, err := c.defineWithOverlays(ctx, spec, &t); err != nil {
+		return t, err
+	}
+	pool, err := c.api.StoragePoolLookupByName(spec.Image.Pool)
+	if err != nil {
+		return t, fmt.Errorf("storage pool %q: %w", spec.Image.Pool, err)
+	}
+	var img libvirt.StorageVol
+	x, err := volumeXML(spec.Image.Name, 0, 0o600)
+	if err != nil {
+		return t, err
+	}
+	err = c.step(ctx, spec.Name, fmt.Sprintf("copy the save image %s", spec.Warm.Vol.Name), &t.Image, func() (err error) {
+		img, err = c.api.StorageVolCreateXMLFrom(pool, x, spec.Warm.Vol, 0)
+		if err != nil {
+			return err
+		}
+		return c.upload(ctx, img, header)
+	})
+	if err != nil {
+		return t, err
+	}
+	path, err := c.api.StorageVolGetPath(img)
+	if err != nil {
+		return t, fmt.Errorf("restore %q: %w", spec.Name, err)
+	}
+	err = c.step(ctx, spec.Name, fmt.Sprintf("restore %q", spec.Name), &t.Start, func() error {
+		return c.api.DomainRestoreFlags(path, libvirt.OptString{}, uint32(libvirt.DomainSaveRunning))
+	})
+	// QEMU has read it: the copy goes now, not at cleanup (the teardown would, too).
+	if derr := c.api.StorageVolDelete(img, 0); derr != nil && err == nil {
+		return t, fmt.Errorf("restore %q: delete the copy of its memory image: %w", spec.Name, derr)
+	}
+	if err == nil && spec.Restored != nil {
+		err = c.SetMetadata(spec.Name, *spec.Restored)
+	}
+	return t, err
+}
+
+// LinksUp brings up the link of each NIC of the instance name with one of the MAC
+// addresses macs.
+func (c *Conn) LinksUp(name string, macs []string) error {
+	if len(macs) == 0 {
+		return nil
+	}
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	x, err := c.api.DomainGetXMLDesc(dom, 0)
+	if err != nil {
+		return fmt.Errorf("XML of %q: %w", name, err)
+	}
+	for _, mac := range macs {
+		ix, err := template.LinkUp(x, mac)
+		if err != nil {
+			return fmt.Errorf("instance %q: %w", name, err)
+		}
+		if err := c.api.DomainUpdateDeviceFlags(dom, ix, libvirt.DomainDeviceModifyLive); err != nil {
+			return fmt.Errorf("instance %q: bring up the link of its NIC %s: %w", name, mac, err)
+		}
+	}
+	return nil
+}
+
+// Undefine undefines the stopped domain name (a saved one), leaving its volumes.
+func (c *Conn) Undefine(name string) error {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", name, err)
+	}
+	if err := c.api.DomainUndefineFlags(dom, libvirt.DomainUndefineManagedSave); err != nil {
+		return fmt.Errorf("undefine %q: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,122 @@
+package libvirt
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+// Volumes in a pool: made empty or of a size, deleted by name, and images (a set of
+// volumes with a done mark) removed once no domain uses them.
+
+// volumeXML describes a raw volume of capacity bytes; mode, if not 0, is its file's.
+func volumeXML(name string, capacity uint64, mode uint) (string, error) {
+	v := libvirtxml.StorageVolume{
+		Name:     name,
+		Capacity: &libvirtxml.StorageVolumeSize{Unit: "bytes", Value: capacity},
+		Target:   &libvirtxml.StorageVolumeTarget{Format: &libvirtxml.StorageVolumeTargetFormat{Type: "raw"}},
+	}
+	if mode != 0 {
+		v.Target.Permissions = &libvirtxml.StorageVolumeTargetPermissions{Mode: fmt.Sprintf("%04o", mode)}
+	}
+	x, err := v.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("volume %q XML: %w", name, err)
+	}
+	return x, nil
+}
+
+// CreateVolume creates the raw volume name in pool, of capacity bytes (0 for a mark or
+// a file to fill), with the file mode mode (0: the pool's default).
+func (c *Conn) CreateVolume(pool libvirt.StoragePool, name string, capacity uint64, mode uint) (libvirt.StorageVol, error) {
+	x, err := volumeXML(name, capacity, mode)
+	if err != nil {
+		return libvirt.StorageVol{}, err
+	}
+	v, err := c.api.StorageVolCreateXML(pool, x, 0)
+	if err != nil {
+		return v, fmt.Errorf("create volume %q in pool %q: %w", name, pool.Name, err)
+	}
+	return v, nil
+}
+
+// DeleteVolumes deletes the volumes of pool whose names match.
+func (conn *Conn) DeleteVolumes(pool libvirt.StoragePool, match func(string) bool) error {
+	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
+	if err != nil {
+		return fmt.Errorf("list pool %q: %w", pool.Name, err)
+	}
+	for _, v := range vols {
+		if match(v.Name) {
+			if err := conn.api.StorageVolDelete(v, 0); err != nil && !HasCode(err, libvirt.ErrNoStorageVol) {
+				return fmt.Errorf("delete %s: %w", v.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// RemoveUnused removes the images in pool that no domain's XML names: image(v) says
+// whether the volume v stands for an image to remove if unused, and its NAME; part(NAME,
+// v) whether v is one of its volumes. An image is whole once its mark, the volume
+// NAME.done, is there; the mark goes first, so that a half-removed image is made again,
+// never used. It says how many it removed.
+func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (string, bool), part func(name, v string) bool) (int, error) {
+	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
+	if err != nil {
+		return 0, fmt.Errorf("list pool %q: %w", pool.Name, err)
+	}
+	var names []string
+	for _, v := range vols {
+		if name, ok := image(v.Name); ok {
+			names = append(names, name)
+		}
+	}
+	if len(names) == 0 {
+		return 0, nil
+	}
+	xmls, err := conn.domainXMLs()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, name := range names {
+		// By volume name or by path: the name starts a quoted value or a path's file name.
+		if slices.ContainsFunc(xmls, func(x string) bool {
+			return strings.Contains(x, "'"+name) || strings.Contains(x, `"`+name) || strings.Contains(x, "/"+name)
+		}) {
+			continue
+		}
+		if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name+".done" }); err != nil {
+			return n, err
+		}
+		if err := conn.DeleteVolumes(pool, func(v string) bool { return part(name, v) }); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// domainXMLs returns the XML of every domain.
+func (conn *Conn) domainXMLs() ([]string, error) {
+	doms, _, err := conn.api.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	var xmls []string
+	for _, d := range doms {
+		x, err := conn.api.DomainGetXMLDesc(d, 0)
+		if HasCode(err, libvirt.ErrNoDomain) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("XML of %q: %w", d.Name, err)
+		}
+		xmls = append(xmls, x)
+	}
+	return xmls, nil
+}
