@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -136,7 +137,7 @@ func TestCheckMachineName(t *testing.T) {
 
 func settings() Settings {
 	return Settings{URI: "qemu:///system", Pool: "default", Templates: []string{"debian-*", "fedora-40"}, Prefix: "gci-", BootTimeout: time.Minute,
-		Transport: TransportAgent, SSHUser: "root", SecretFile: "/etc/libvirt-gci/secret"}
+		Transport: TransportAgent, SSHUser: "root", SecretFile: "/etc/libvirt-gci/secret", Start: provision.StartRestore}
 }
 
 func TestSelectTemplate(t *testing.T) {

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -68,11 +70,16 @@ func (j *fakeJob) stages() error {
 }
 
 func (j *fakeJob) leftovers() string {
+	state := j.f.State()
+	// A complete warm image stays for the next job: it is what restores them.
+	done := regexp.MustCompile(`volume ci/(libvirt-gci-warm-[0-9a-f-]+)\.done`).FindAllStringSubmatch(state, -1)
 	var left []string
-	for _, part := range strings.Split(j.f.State(), "; ") {
-		if part != "" && !strings.HasPrefix(part, "domain tmpl ") {
-			left = append(left, part)
+	for _, part := range strings.Split(state, "; ") {
+		if part == "" || strings.HasPrefix(part, "domain tmpl ") ||
+			slices.ContainsFunc(done, func(m []string) bool { return strings.HasPrefix(part, "volume ci/"+m[1]) }) {
+			continue
 		}
+		left = append(left, part)
 	}
 	return strings.Join(left, "; ")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -144,6 +145,9 @@ func (h *Host) openWarm(ctx context.Context, conn *libvirt.Conn, name, tmplName 
 	// An image this tool cannot read (another libvirt's format, say) boots the job, with
 	// a warning: a template that boots is no reason to fail a job.
 	img, err := conn.ReadSaveImage(ctx, save)
+	if errors.Is(err, libvirt.ErrNotSaveImage) {
+		return nil, &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
+	}
 	if err != nil {
 		return nil, &notSavedError{fmt.Errorf("warm image %s: read its header: %w", name, err)}
 	}
@@ -275,5 +279,5 @@ func (h *Host) removeOldWarm(conn *libvirt.Conn, pool golibvirt.StoragePool, kee
 	return conn.RemoveUnused(pool, func(v string) (string, bool) {
 		base, ok := strings.CutSuffix(v, ".done")
 		return base, ok && strings.HasPrefix(base, family) && base != keep
-	}, func(base, v string) bool { return strings.HasPrefix(v, base+"-") || v == base+".save" })
+	}, warmPart)
 }

@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -88,9 +89,7 @@ func (h *Host) clearWarmTry(ctx context.Context, conn *libvirt.Conn, pool golibv
 	if _, err := conn.Teardown(ctx, domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
-	if err := conn.DeleteVolumes(pool, func(v string) bool {
-		return strings.HasPrefix(v, name+"-") || v == name+".save" || v == name+".done"
-	}); err != nil {
+	if err := conn.DeleteVolumes(pool, func(v string) bool { return warmPart(name, v) || v == name+".done" }); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	return nil
@@ -129,7 +128,14 @@ func (h *Host) saveWarm(ctx context.Context, conn *libvirt.Conn, pool golibvirt.
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
 	if _, err := conn.CreateVolume(pool, name+".done", 0, 0); err != nil {
+		// No domain lists the image's volumes any more: a rollback would not find them.
+		if derr := conn.DeleteVolumes(pool, func(v string) bool { return warmPart(name, v) }); derr != nil {
+			err = errors.Join(err, derr)
+		}
 		return fmt.Errorf("warm image %s: mark it complete: %w", name, err)
 	}
 	return nil
 }
+
+// warmPart tells whether the volume v is one of the warm image name's, its mark aside.
+func warmPart(name, v string) bool { return strings.HasPrefix(v, name+"-") || v == name+".save" }

@@ -295,6 +295,7 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 				k, _ := ssh.NewPublicKey(pub)
 				p.outData = string(ssh.MarshalAuthorizedKey(k))
 			}
+		case a.Path == "/bin/sh" && len(a.Arg) == 2 && strings.Contains(a.Arg[1], "drop_caches"): // quiesce, before a save
 		case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 			g.dirs[a.Arg[2]] = true
 		case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:

@@ -24,6 +24,13 @@ const Template = `<domain type='qemu'><name>tmpl</name><memory unit='KiB'>262144
 <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
 </devices></domain>`
 
+// TemplatePool holds the template's disk, /t/root.qcow2, as a pool that knows its size
+// and change time (what a warm image's name depends on). State leaves it out.
+const TemplatePool = "t"
+
+const templateDisk = `<volume><name>root.qcow2</name><capacity unit='bytes'>1073741824</capacity>
+<target><path>/t/root.qcow2</path><format type='qcow2'/><timestamps><mtime>1764000000.0</mtime></timestamps></target></volume>`
+
 // Libvirt is a stateful in-memory libvirt: domains and volumes in maps, the XML it is
 // given parsed, and the error values real libvirt returns.
 type Libvirt struct {
@@ -63,6 +70,7 @@ func New(pools ...string) *Libvirt {
 	f := &Libvirt{domains: map[string]*domain{}, pools: map[string]map[string]string{}, fail: map[string]error{},
 		gates: map[string]chan struct{}{}, data: map[string][]byte{}, nth: map[string]nth{}, count: map[string]int{}, entered: make(chan string, 16)}
 	f.Reconnect()
+	f.pools[TemplatePool] = map[string]string{"root.qcow2": templateDisk}
 	for _, p := range pools {
 		f.pools[p] = map[string]string{}
 	}
@@ -486,6 +494,9 @@ func (f *Libvirt) State() string {
 		parts = append(parts, fmt.Sprintf("domain %s running=%v", n, d.running))
 	}
 	for p, vols := range f.pools {
+		if p == TemplatePool {
+			continue // the templates' disks, not what a test makes
+		}
 		for v := range vols {
 			parts = append(parts, "volume "+p+"/"+v)
 		}
@@ -592,12 +603,19 @@ func (f *Libvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, uint16
 	return state, mem, mem, cpus, 0, nil
 }
 
-// StorageVolLookupByPath knows no template files: the fake's pools hold only overlays.
+// StorageVolLookupByPath finds a volume by its file's path (/POOL/NAME): the template
+// disk /t/root.qcow2 in the pool TemplatePool, an overlay in its pool.
 func (f *Libvirt) StorageVolLookupByPath(path string) (libvirt.StorageVol, error) {
 	if err := f.enter("StorageVolLookupByPath"); err != nil {
 		return libvirt.StorageVol{}, err
 	}
-	return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching path '%s'", path)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	pool, name, ok := f.volAt(path)
+	if !ok {
+		return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: no storage vol with matching path '%s'", path)
+	}
+	return libvirt.StorageVol{Pool: pool, Name: name}, nil
 }
 
 // VolumeXML is the XML a volume was created with, or "".

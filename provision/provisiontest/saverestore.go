@@ -16,11 +16,11 @@ import (
 // from the header and starts the domain it names.
 
 // volPath is where the fake says a volume's file is.
-func volPath(pool, name string) string { return "/fake/" + pool + "/" + name }
+func volPath(pool, name string) string { return "/" + pool + "/" + name }
 
 // volAt finds the volume whose file is path.
 func (f *Libvirt) volAt(path string) (pool, name string, ok bool) {
-	rest, found := strings.CutPrefix(path, "/fake/")
+	rest, found := strings.CutPrefix(path, "/")
 	if !found {
 		return "", "", false
 	}

@@ -1,0 +1,178 @@
+package provision
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
+)
+
+// restoreHost is a Host on f that starts instances from warm images, as by default.
+func restoreHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer) *Host {
+	h := readyHost(t, f, log, time.Minute)
+	h.Start = StartRestore
+	return h
+}
+
+// completeWarm is the name of the one complete warm image in f's pool ci.
+func completeWarm(t *testing.T, f *provisiontest.Libvirt) string {
+	t.Helper()
+	m := regexp.MustCompile(`volume ci/(libvirt-gci-warm-[0-9a-f-]+)\.done`).FindAllStringSubmatch(f.State(), -1)
+	require.Len(t, m, 1, f.State())
+	return m[0][1]
+}
+
+// The first launch makes the warm image (boot, quiesce, save, mark) and restores from
+// it; the next restores at once. A restored instance is its own domain: its name, a new
+// UUID and MAC addresses in the save image's header, overlays on the image's, the copy
+// of the save image gone and no longer in its metadata, and a new machine-id.
+func TestLaunchRestoresFromTheWarmImage(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	warm := completeWarm(t, f)
+	assert.Contains(t, log.String(), "made the warm image "+warm+" of tmpl")
+	assert.Contains(t, log.String(), "restored tmpl into gci-a from "+warm)
+	assert.NotContains(t, log.String(), "booting")
+
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	assert.NotContains(t, log.String(), "made the warm image", "made once")
+	assert.Contains(t, log.String(), "restored tmpl into gci-b from "+warm)
+	assert.Contains(t, log.String(), "machine-id and 1 MAC addresses")
+	assert.Equal(t, 1, countCalls(f, "DomainSaveFlags"))
+
+	conn := libvirt.NewConn(f)
+	for _, name := range []string{"gci-a", "gci-b"} {
+		in, err := conn.Lookup(name)
+		require.NoError(t, err)
+		assert.Equal(t, warm, in.Metadata.Warm)
+		for _, v := range in.Metadata.Volumes {
+			assert.False(t, strings.HasSuffix(v.Name, ".save"), "the copy of the save image is deleted, and off the list: %v", v)
+		}
+	}
+	assert.NotRegexp(t, `gci-[ab]-\w+\.save`, f.State(), "no copy of the save image left")
+	xa, xb := domainXML(t, f, "gci-a"), domainXML(t, f, "gci-b")
+	mac := regexp.MustCompile(`<mac address=["']([0-9a-f:]+)["']`)
+	uuid := regexp.MustCompile(`<uuid>([^<]+)</uuid>`)
+	assert.NotEqual(t, mac.FindStringSubmatch(xa)[1], mac.FindStringSubmatch(xb)[1])
+	assert.NotEqual(t, uuid.FindStringSubmatch(xa)[1], uuid.FindStringSubmatch(xb)[1])
+	assert.Contains(t, xb, "<name>gci-b</name>")
+
+	require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+	require.NoError(t, h.Remove(context.Background(), "gci-b", nil))
+	assert.Equal(t, []string{"domain tmpl running=false"}, nonWarm(f), "only the warm image stays")
+}
+
+// A failure at any call of a restore (from a warm image already made) fails the launch
+// or leaves it whole; either way, removing the instance leaves nothing but the warm
+// image, and a failed launch removed its instance itself.
+func TestRestoreFailureAtEachCall(t *testing.T) {
+	t.Parallel()
+	// The calls of a restore, counted on a clean run.
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-warmup")))
+	require.NoError(t, h.Remove(context.Background(), "gci-warmup", nil))
+	before := len(f.Calls())
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	calls := f.Calls()[before:]
+	for _, want := range []string{"StorageVolCreateXMLFrom", "StorageVolUpload", "DomainRestoreFlags", "DomainSetMetadata", "DomainUpdateDeviceFlags"} {
+		require.Contains(t, calls, want, "a restore calls it")
+	}
+	seen := map[string]int{}
+	for _, method := range calls {
+		seen[method]++
+		n := seen[method]
+		t.Run(fmt.Sprintf("%s#%d", method, n), func(t *testing.T) {
+			t.Parallel()
+			f := provisiontest.New("ci")
+			var log bytes.Buffer
+			h := restoreHost(t, f, &log)
+			require.NoError(t, h.Launch(context.Background(), launchReq("gci-warmup")))
+			require.NoError(t, h.Remove(context.Background(), "gci-warmup", nil))
+			f.FailNth(method, countCalls(f, method)+n, golibvirt.Error{Code: uint32(golibvirt.ErrInternalError), Message: "injected fault"})
+			err := h.Launch(context.Background(), launchReq("gci-a"))
+			if err != nil {
+				assert.ErrorContains(t, err, "injected fault")
+				assert.NotContains(t, strings.Join(nonWarm(f), "; "), "gci-a", "the rollback removed it: %v\n%s", err, log.String())
+			}
+			require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+			assert.Equal(t, []string{"domain tmpl running=false"}, nonWarm(f), "after %v", err)
+		})
+	}
+}
+
+// A save image the tool cannot read boots the instance, and says why.
+func TestRestoreUnreadableImageBoots(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	warm := completeWarm(t, f)
+	vol := golibvirt.StorageVol{Pool: "ci", Name: warm + ".save"}
+	require.NoError(t, f.StorageVolUpload(vol, bytes.NewReader(make([]byte, 16)), 0, 16, 0)) // no magic
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	assert.Contains(t, log.String(), "warm image "+warm+": not a complete libvirt save image")
+	assert.Contains(t, log.String(), "booting gci-b instead (LIBVIRT_GCI_START=boot says so at once)")
+	assert.Contains(t, log.String(), "cloned tmpl into gci-b")
+}
+
+// A request a restored VM cannot serve boots, and the line says why.
+func TestRestoreMisfitsBoot(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	req := launchReq("gci-a")
+	req.Size = Size{CPUs: 2}
+	require.NoError(t, h.Launch(context.Background(), req))
+	assert.Contains(t, log.String(), "booting gci-a: a restored VM has its warm image's size, and the job asks for 2 CPUs")
+	assert.NotContains(t, f.State(), "warm", "no warm image made for it")
+}
+
+func countCalls(f *provisiontest.Libvirt, method string) int {
+	n := 0
+	for _, c := range f.Calls() {
+		if c == method {
+			n++
+		}
+	}
+	return n
+}
+
+// nonWarm is f's state but for the complete warm images.
+func nonWarm(f *provisiontest.Libvirt) []string {
+	state := f.State()
+	done := regexp.MustCompile(`volume ci/(libvirt-gci-warm-[0-9a-f-]+)\.done`).FindAllStringSubmatch(state, -1)
+	var out []string
+	for _, part := range strings.Split(state, "; ") {
+		if !slices.ContainsFunc(done, func(m []string) bool { return strings.HasPrefix(part, "volume ci/"+m[1]) }) {
+			out = append(out, part)
+		}
+	}
+	return out
+}
+
+func domainXML(t *testing.T, f *provisiontest.Libvirt, name string) string {
+	t.Helper()
+	x, err := f.DomainGetXMLDesc(golibvirt.Domain{Name: name}, 0)
+	require.NoError(t, err)
+	return x
+}
