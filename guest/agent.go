@@ -295,68 +295,100 @@ func (a *Agent) drain(ctx context.Context, h int, w io.Writer) (int, error) {
 
 // Run implements Transport.
 func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) (ExitStatus, error) {
-	// Cleanup must work after ctx ends (that is when it matters most).
-	base := Dir + "/" + strings.ToLower(rand.Text())
-	scriptPath, outPath, errPath := base+".sh", base+".out", base+".err"
-	removeFiles := func() {
-		cctx, cancel := cleanupContext(ctx)
-		defer cancel()
-		_, _, _ = a.execWait(cctx, "/bin/rm", "-f", scriptPath, outPath, errPath)
-	}
-	if err := a.upload(ctx, scriptPath, script); err != nil {
-		removeFiles()
+	r, err := a.startScript(ctx, script)
+	if err != nil {
 		return ExitStatus{}, err
 	}
-	var handles []int
-	defer func() {
-		cctx, cancel := cleanupContext(ctx)
-		defer cancel()
-		for _, h := range handles {
-			_ = a.close(cctx, h)
-		}
-	}()
-	for _, p := range []string{outPath, errPath} {
+	defer r.closeHandles(ctx)
+	return r.follow(ctx, stdout, stderr)
+}
+
+// scriptRun is a script started in the guest: its file and its output files (base.sh,
+// .out, .err), the agent's handles of these, and its process.
+type scriptRun struct {
+	a                  *Agent
+	script, outF, errF string
+	hOut, hErr, pid    int
+	handles            []int
+}
+
+// startScript uploads script, opens its output files and starts it (in a session of
+// its own where the guest has setsid). What it made is removed if it fails.
+func (a *Agent) startScript(ctx context.Context, script []byte) (*scriptRun, error) {
+	base := Dir + "/" + strings.ToLower(rand.Text())
+	r := &scriptRun{a: a, script: base + ".sh", outF: base + ".out", errF: base + ".err"}
+	fail := func(err error) (*scriptRun, error) {
+		r.closeHandles(ctx)
+		r.removeFiles(ctx)
+		return nil, err
+	}
+	if err := a.upload(ctx, r.script, script); err != nil {
+		return fail(err)
+	}
+	for _, p := range []string{r.outF, r.errF} {
 		h, err := a.open(ctx, p, "w+")
 		if err != nil {
-			removeFiles()
-			return ExitStatus{}, fmt.Errorf("open %s: %w", p, err)
+			return fail(fmt.Errorf("open %s: %w", p, err))
 		}
-		handles = append(handles, h)
+		r.handles = append(r.handles, h)
 	}
-	hOut, hErr := handles[0], handles[1]
-
-	args := []string{"/bin/sh", "-c", runWrapper, "gci", scriptPath, outPath, errPath}
+	r.hOut, r.hErr = r.handles[0], r.handles[1]
+	args := []string{"/bin/sh", "-c", runWrapper, "gci", r.script, r.outF, r.errF}
 	pid, err := a.exec(ctx, false, "setsid", args...)
 	var agentErr *AgentError
 	if errors.As(err, &agentErr) { // no setsid in this guest: the script stays in the agent's session
 		pid, err = a.exec(ctx, false, args[0], args[1:]...)
 	}
 	if err != nil {
-		removeFiles()
-		return ExitStatus{}, fmt.Errorf("start script: %w", err)
+		return fail(fmt.Errorf("start script: %w", err))
 	}
-	interrupted := func() (ExitStatus, error) {
-		cctx, cancel := cleanupContext(ctx)
-		defer cancel()
-		a.kill(cctx, pid)
-		_, _ = a.drain(cctx, hOut, stdout)
-		_, _ = a.drain(cctx, hErr, stderr)
-		removeFiles()
-		return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
-	}
+	r.pid = pid
+	return r, nil
+}
 
-	// A stage's end is seen soon: its status is asked for after 5 ms, then less and less
-	// often (up to pollMax), and its output read every pollMin while it runs, and at once
-	// when it has ended. (Asking every 5 ms for longer gained nothing: each question
-	// costs the guest's CPU too.)
+// removeFiles removes the script and its output files; it works after ctx ends (that
+// is when it matters most).
+func (r *scriptRun) removeFiles(ctx context.Context) {
+	cctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	_, _, _ = r.a.execWait(cctx, "/bin/rm", "-f", r.script, r.outF, r.errF)
+}
+
+func (r *scriptRun) closeHandles(ctx context.Context) {
+	cctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	for _, h := range r.handles {
+		_ = r.a.close(cctx, h)
+	}
+	r.handles = nil
+}
+
+// interrupted kills the script after ctx ended, passes on the last of its output and
+// removes its files.
+func (r *scriptRun) interrupted(ctx context.Context, stdout, stderr io.Writer) (ExitStatus, error) {
+	cctx, cancel := cleanupContext(ctx)
+	defer cancel()
+	r.a.kill(cctx, r.pid)
+	_, _ = r.a.drain(cctx, r.hOut, stdout)
+	_, _ = r.a.drain(cctx, r.hErr, stderr)
+	r.removeFiles(ctx)
+	return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+}
+
+// follow passes the script's output on until it exits. A stage's end is seen soon: its
+// status is asked for after 5 ms, then less and less often (up to pollMax), and its
+// output read every pollMin while it runs, and at once when it has ended. (Asking every
+// 5 ms for longer gained nothing: each question costs the guest's CPU too.)
+func (r *scriptRun) follow(ctx context.Context, stdout, stderr io.Writer) (ExitStatus, error) {
+	a := r.a
 	wait, started, drained := pollMin/8, time.Now(), time.Time{}
 	var pausedSince time.Time
 	for {
 		call := time.Now() // a call in flight when the guest was paused waited for it
-		st, err := a.execStatus(ctx, pid)
+		st, err := a.execStatus(ctx, r.pid)
 		if err != nil {
 			if ctx.Err() != nil {
-				return interrupted()
+				return r.interrupted(ctx, stdout, stderr)
 			}
 			if a.waitWhilePaused(ctx, call, &pausedSince) {
 				continue
@@ -367,11 +399,11 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 		if st.Exited || time.Since(drained) >= pollMin {
 			// Read after the status: when it says "exited", all output is in the files.
 			call = time.Now()
-			n1, err1 := a.drain(ctx, hOut, stdout)
-			n2, err2 := a.drain(ctx, hErr, stderr)
+			n1, err1 := a.drain(ctx, r.hOut, stdout)
+			n2, err2 := a.drain(ctx, r.hErr, stderr)
 			if err := errors.Join(err1, err2); err != nil {
 				if ctx.Err() != nil {
-					return interrupted()
+					return r.interrupted(ctx, stdout, stderr)
 				}
 				if a.waitWhilePaused(ctx, call, &pausedSince) {
 					continue
@@ -394,7 +426,7 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 			wait = min(wait*2, pollMax)
 		}
 		if !Sleep(ctx, wait) {
-			return interrupted()
+			return r.interrupted(ctx, stdout, stderr)
 		}
 	}
 }

@@ -214,42 +214,9 @@ func (t *Template) Render(inst Instance) (string, error) {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
 	if dom.Devices != nil {
-		for i := range dom.Devices.Interfaces {
-			iface := &dom.Devices.Interfaces[i]
-			iface.MAC = nil
-			iface.Target = nil
-			iface.Alias = nil
-			if inst.Warm {
-				iface.Link = &libvirtxml.DomainInterfaceLink{State: "down"}
-			}
-		}
-		used := map[string]bool{}
-		for i := range dom.Devices.Disks {
-			d := &dom.Devices.Disks[i]
-			if !writable(d) {
-				continue
-			}
-			ov, ok := inst.Overlays[d.Target.Dev]
-			if !ok || ov.Pool == "" || ov.Volume == "" {
-				return "", fmt.Errorf("render instance %q: no overlay volume for disk %q", inst.Name, d.Target.Dev)
-			}
-			used[d.Target.Dev] = true
-			if d.Driver == nil {
-				d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
-			}
-			d.Driver.Type = "qcow2"
-			d.Source = &libvirtxml.DomainDiskSource{
-				Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},
-			}
-			// The overlay's qcow2 header names its backing file and format; a chain copied
-			// from the template would describe the template, not the overlay.
-			d.BackingStore = nil
-			d.Alias = nil
-		}
-		for target := range inst.Overlays {
-			if !used[target] {
-				return "", fmt.Errorf("render instance %q: overlay for %q, which is not a writable disk of template %q", inst.Name, target, t.Name)
-			}
+		newNICs(dom.Devices, inst.Warm)
+		if err := t.overlayDisks(dom.Devices, inst); err != nil {
+			return "", err
 		}
 	}
 	if err := addReadOnly(&dom, inst.ReadOnly); err != nil {
@@ -271,6 +238,55 @@ func (t *Template) Render(inst Instance) (string, error) {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
 	return out, nil
+}
+
+// newNICs takes the template's MAC addresses and host-side names off its NICs (libvirt
+// makes new ones); a warm image's NICs start with their link down (the restored clone's
+// guest changes its MAC addresses first).
+func newNICs(devs *libvirtxml.DomainDeviceList, warm bool) {
+	for i := range devs.Interfaces {
+		iface := &devs.Interfaces[i]
+		iface.MAC = nil
+		iface.Target = nil
+		iface.Alias = nil
+		if warm {
+			iface.Link = &libvirtxml.DomainInterfaceLink{State: "down"}
+		}
+	}
+}
+
+// overlayDisks puts each writable disk on its overlay volume of inst, and checks that
+// every overlay has its disk.
+func (t *Template) overlayDisks(devs *libvirtxml.DomainDeviceList, inst Instance) error {
+	used := map[string]bool{}
+	for i := range devs.Disks {
+		d := &devs.Disks[i]
+		if !writable(d) {
+			continue
+		}
+		ov, ok := inst.Overlays[d.Target.Dev]
+		if !ok || ov.Pool == "" || ov.Volume == "" {
+			return fmt.Errorf("render instance %q: no overlay volume for disk %q", inst.Name, d.Target.Dev)
+		}
+		used[d.Target.Dev] = true
+		if d.Driver == nil {
+			d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+		}
+		d.Driver.Type = "qcow2"
+		d.Source = &libvirtxml.DomainDiskSource{
+			Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},
+		}
+		// The overlay's qcow2 header names its backing file and format; a chain copied
+		// from the template would describe the template, not the overlay.
+		d.BackingStore = nil
+		d.Alias = nil
+	}
+	for target := range inst.Overlays {
+		if !used[target] {
+			return fmt.Errorf("render instance %q: overlay for %q, which is not a writable disk of template %q", inst.Name, target, t.Name)
+		}
+	}
+	return nil
 }
 
 // addReadOnly attaches the disks as virtio disks, on targets the template leaves free.

@@ -25,7 +25,7 @@ type importRule struct {
 }
 
 var importRules = []importRule{
-	{"executor/...", []string{"github.com/digitalocean/go-libvirt/...", "libvirt.org/go/libvirtxml", "guest/..."},
+	{"executor/...", []string{"github.com/digitalocean/go-libvirt/...", "libvirt.org/go/libvirtxml", "guest/...", "provision/libvirt/..."},
 		"executor speaks GitLab's protocol; libvirt and the guest are provision's"},
 	{"template/...", []string{"...ours", "github.com/digitalocean/go-libvirt/..."},
 		"template is pure functions over domain XML"},
@@ -122,6 +122,10 @@ func TestImportRuleCatches(t *testing.T) {
 		{m("provision/warm"), m("provision")},
 		{m("provision"), m("executor")},
 		{m("provision/meta"), m("template")},
+		{m("executor"), m("provision/libvirt")},
+		{m("executor"), m("provision/libvirt/dial")},
+		{m("provision/libvirt"), m("guest")},
+		{m("provision/libvirt/dial"), m("provision")},
 		{m("provision/meta"), "github.com/digitalocean/go-libvirt"},
 		{m("executor"), m("cmd/libvirt-gci")},
 	} {

@@ -158,18 +158,7 @@ func agentErr(msg string) error {
 // running domain: ping, exec and exec-status, and file open/read/write/close. A job
 // script runs the JobFunc; kill signals it, rm removes files.
 func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, _ uint32) (libvirt.OptString, error) {
-	var req struct {
-		Execute   string `json:"execute"`
-		Arguments struct {
-			Path   string   `json:"path"`
-			Mode   string   `json:"mode"`
-			Arg    []string `json:"arg"`
-			Handle int      `json:"handle"`
-			Count  int      `json:"count"`
-			Buf    string   `json:"buf-b64"`
-			PID    int      `json:"pid"`
-		} `json:"arguments"`
-	}
+	var req agentRequest
 	if err := json.Unmarshal([]byte(cmd), &req); err != nil {
 		return nil, lverr(libvirt.ErrInvalidArg, "bad agent command: %v", err)
 	}
@@ -179,7 +168,6 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 	if err := f.enter("QEMUDomainAgentCommand"); err != nil {
 		return nil, err
 	}
-	a := req.Arguments
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
@@ -193,10 +181,32 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		fd.guest = newGuest()
 	}
 	g := fd.guest
-	ret := func(v any) (libvirt.OptString, error) {
-		b, _ := json.Marshal(map[string]any{"return": v})
-		return libvirt.OptString{string(b)}, nil
-	}
+	return f.agentCommand(d, fd, g, req)
+}
+
+// agentRequest is a guest agent command, as qemu-ga reads it.
+type agentRequest struct {
+	Execute   string `json:"execute"`
+	Arguments struct {
+		Path   string   `json:"path"`
+		Mode   string   `json:"mode"`
+		Arg    []string `json:"arg"`
+		Handle int      `json:"handle"`
+		Count  int      `json:"count"`
+		Buf    string   `json:"buf-b64"`
+		PID    int      `json:"pid"`
+	} `json:"arguments"`
+}
+
+// ret is an agent command's answer v.
+func ret(v any) (libvirt.OptString, error) {
+	b, _ := json.Marshal(map[string]any{"return": v})
+	return libvirt.OptString{string(b)}, nil
+}
+
+// agentCommand carries out req in the guest g of the running domain fd, under f.mu.
+func (f *Libvirt) agentCommand(d libvirt.Domain, fd *domain, g *guest, req agentRequest) (libvirt.OptString, error) {
+	a := req.Arguments
 	dir := func(p string) string { return p[:max(strings.LastIndex(p, "/"), 0)] }
 	switch req.Execute {
 	case "guest-ping":
@@ -234,109 +244,97 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 		h.pos += n
 		return ret(map[string]any{"count": n, "buf-b64": base64.StdEncoding.EncodeToString(data[:n]), "eof": n < a.Count})
 	case "guest-exec":
-		g.next++
-		pid := g.next
-		p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
-		g.procs[pid] = p
-		if a.Path == "setsid" && len(a.Arg) > 0 { // a session of its own
-			a.Path, a.Arg = a.Arg[0], a.Arg[1:]
-		}
-		switch {
-		case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], `bash "$1"`): // a job script and its two output files
-			script := a.Arg[3]
-			p.out, p.err = a.Arg[4], a.Arg[5]
-			if b := g.files[script]; b != nil {
-				p.Script = b.String()
-			}
-			run := f.job
-			go func() {
-				if run != nil {
-					p.code, p.signal = run(p)
-				}
-				f.mu.Lock()
-				delete(g.files, script)
-				f.mu.Unlock()
-				close(p.done)
-			}()
-			return ret(map[string]any{"pid": pid})
-		case a.Path == "/bin/sh" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], "is-system-running"): // the wait for systemd's boot
-			p.outData = "none\n"
-			if f.system != "" {
-				p.outData = f.system + "\n"
-				for _, u := range strings.Split(f.failed, "\n") {
-					if u != "" {
-						p.outData += "failed " + u + "\n"
-					}
-				}
-			}
-		case a.Path == "/bin/sh" && len(a.Arg) == 19 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
-			mac, serial, dir, name, user, tag, mnt := a.Arg[3], a.Arg[5], a.Arg[6], a.Arg[7], a.Arg[8], a.Arg[10], a.Arg[11]
-			if tag != "" {
-				if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
-					p.code, p.outData = 32, "mount: "+mnt+": wrong fs type, bad option, bad superblock on "+tag+"\n"
-					break
-				}
-				g.dirs[mnt] = true
-			}
-			if mac != "" && !strings.Contains(fd.xml, "mac="+mac) {
-				p.code, p.outData = 4, "no network interface with the MAC address "+mac+" in the guest\n"
-				break
-			}
-			if serial != "" {
-				if !hasSerial(fd.xml, serial) {
-					p.code, p.outData = 4, "no disk with the serial "+serial+" in the guest\n"
-					break
-				}
-				g.dirs[dir] = true
-				g.files[dir+"/"+name] = &bytes.Buffer{}
-			}
-			if user != "" || a.Arg[18] != "" {
-				pub, _, _ := ed25519.GenerateKey(rand.Reader)
-				k, _ := ssh.NewPublicKey(pub)
-				p.outData = string(ssh.MarshalAuthorizedKey(k))
-			}
-		case a.Path == "/bin/sh" && len(a.Arg) == 2 && strings.Contains(a.Arg[1], "drop_caches"): // quiesce, before a save
-		case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
-			g.dirs[a.Arg[2]] = true
-		case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
-			var target int
-			fmt.Sscan(a.Arg[2], &target)
-			if tp := g.procs[target]; tp != nil {
-				select {
-				case <-tp.killed:
-				default:
-					close(tp.killed)
-				}
-			}
-		case a.Path == "/bin/rm":
-			for _, p := range a.Arg {
-				if !strings.HasPrefix(p, "-") {
-					delete(g.files, p)
-				}
-			}
-		default:
-			delete(g.procs, pid)
-			return nil, agentErr("unexpected exec " + a.Path)
-		}
-		close(p.done)
-		return ret(map[string]any{"pid": pid})
+		return f.exec(d, fd, g, req)
 	case "guest-exec-status":
-		p, ok := g.procs[a.PID]
-		if !ok {
-			return nil, agentErr(fmt.Sprintf("Invalid parameter 'pid' %d", a.PID))
-		}
-		select {
-		case <-p.done:
-			delete(g.procs, a.PID)
-			if p.signal != 0 {
-				return ret(map[string]any{"exited": true, "signal": p.signal})
-			}
-			return ret(map[string]any{"exited": true, "exitcode": p.code, "out-data": base64.StdEncoding.EncodeToString([]byte(p.outData))})
-		default:
-			return ret(map[string]any{"exited": false})
-		}
+		return execStatus(g, a.PID)
 	}
 	return nil, agentErr("unknown command " + req.Execute)
+}
+
+// exec starts a program in g: a job's script (the JobFunc, in the background) or one
+// of the programs of prepare, run and cleanup, whose output it makes at once.
+func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest) (libvirt.OptString, error) {
+	a := req.Arguments
+	g.next++
+	pid := g.next
+	p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
+	g.procs[pid] = p
+	if a.Path == "setsid" && len(a.Arg) > 0 { // a session of its own
+		a.Path, a.Arg = a.Arg[0], a.Arg[1:]
+	}
+	switch {
+	case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], `bash "$1"`): // a job script and its two output files
+		script := a.Arg[3]
+		p.out, p.err = a.Arg[4], a.Arg[5]
+		if b := g.files[script]; b != nil {
+			p.Script = b.String()
+		}
+		run := f.job
+		go func() {
+			if run != nil {
+				p.code, p.signal = run(p)
+			}
+			f.mu.Lock()
+			delete(g.files, script)
+			f.mu.Unlock()
+			close(p.done)
+		}()
+		return ret(map[string]any{"pid": pid})
+	case a.Path == "/bin/sh" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], "is-system-running"): // the wait for systemd's boot
+		p.outData = "none\n"
+		if f.system != "" {
+			p.outData = f.system + "\n"
+			for _, u := range strings.Split(f.failed, "\n") {
+				if u != "" {
+					p.outData += "failed " + u + "\n"
+				}
+			}
+		}
+	case a.Path == "/bin/sh" && len(a.Arg) == 19 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
+		p.code, p.outData = setUp(fd, g, a.Arg)
+	case a.Path == "/bin/sh" && len(a.Arg) == 2 && strings.Contains(a.Arg[1], "drop_caches"): // quiesce, before a save
+	case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
+		g.dirs[a.Arg[2]] = true
+	case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
+		var target int
+		fmt.Sscan(a.Arg[2], &target)
+		if tp := g.procs[target]; tp != nil {
+			select {
+			case <-tp.killed:
+			default:
+				close(tp.killed)
+			}
+		}
+	case a.Path == "/bin/rm":
+		for _, p := range a.Arg {
+			if !strings.HasPrefix(p, "-") {
+				delete(g.files, p)
+			}
+		}
+	default:
+		delete(g.procs, pid)
+		return nil, agentErr("unexpected exec " + a.Path)
+	}
+	close(p.done)
+	return ret(map[string]any{"pid": pid})
+}
+
+// execStatus answers guest-exec-status for the process pid of g.
+func execStatus(g *guest, pid int) (libvirt.OptString, error) {
+	p, ok := g.procs[pid]
+	if !ok {
+		return nil, agentErr(fmt.Sprintf("Invalid parameter 'pid' %d", pid))
+	}
+	select {
+	case <-p.done:
+		delete(g.procs, pid)
+		if p.signal != 0 {
+			return ret(map[string]any{"exited": true, "signal": p.signal})
+		}
+		return ret(map[string]any{"exited": true, "exitcode": p.code, "out-data": base64.StdEncoding.EncodeToString([]byte(p.outData))})
+	default:
+		return ret(map[string]any{"exited": false})
+	}
 }
 
 // SetSystem makes the guests' init systemd, whose boot ends in state (running,
@@ -393,4 +391,33 @@ func hasSerial(domainXML, serial string) bool {
 		}
 	}
 	return false
+}
+
+// setUp is prepare's guest set-up (setup.sh, with its arguments arg): it mounts the
+// cache share and the helper's disk where the domain has them, finds the ssh NIC, and
+// prints a new host key where one is asked for. It returns the exit code and output.
+func setUp(fd *domain, g *guest, arg []string) (int, string) {
+	mac, serial, dir, name, user, tag, mnt := arg[3], arg[5], arg[6], arg[7], arg[8], arg[10], arg[11]
+	if tag != "" {
+		if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
+			return 32, "mount: " + mnt + ": wrong fs type, bad option, bad superblock on " + tag + "\n"
+		}
+		g.dirs[mnt] = true
+	}
+	if mac != "" && !strings.Contains(fd.xml, "mac="+mac) {
+		return 4, "no network interface with the MAC address " + mac + " in the guest\n"
+	}
+	if serial != "" {
+		if !hasSerial(fd.xml, serial) {
+			return 4, "no disk with the serial " + serial + " in the guest\n"
+		}
+		g.dirs[dir] = true
+		g.files[dir+"/"+name] = &bytes.Buffer{}
+	}
+	if user != "" || arg[18] != "" {
+		pub, _, _ := ed25519.GenerateKey(rand.Reader)
+		k, _ := ssh.NewPublicKey(pub)
+		return 0, string(ssh.MarshalAuthorizedKey(k))
+	}
+	return 0, ""
 }
