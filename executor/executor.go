@@ -258,14 +258,11 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 // With several hosts it sweeps each in turn, past those that are down.
 func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (provision.Sweep, error) {
 	var total provision.Sweep
-	var errs []error
-	for _, h := range e.hosts() {
+	err := e.hosts().Each(ctx, e.Log, true, func(h *provision.Host) error {
 		sw, err := h.GC(ctx, dryRun, olderThan)
 		total.Removed += sw.Removed
 		total.Kept += sw.Kept
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
-		}
-	}
-	return total, errors.Join(errs...)
+		return err
+	})
+	return total, err
 }

@@ -16,10 +16,6 @@ func (s Settings) URIs() []string {
 	return strings.FieldsFunc(s.URI, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' || r == '\n' })
 }
 
-// probeTime bounds how long placing a job, or finding its instance, waits for one host
-// of several: a host that is down or stalled is skipped after it.
-var probeTime = 15 * time.Second
-
 // hostAt is the lifecycle of instances on the libvirt at uri, as the settings configure it.
 func (e *Executor) hostAt(uri string) *provision.Host {
 	s := e.Settings
@@ -44,51 +40,12 @@ func (e *Executor) hostAt(uri string) *provision.Host {
 func (e *Executor) host() *provision.Host { return e.hostAt(e.Settings.URIs()[0]) }
 
 // hosts are all of them.
-func (e *Executor) hosts() []*provision.Host {
-	var hs []*provision.Host
+func (e *Executor) hosts() provision.Fleet {
+	var hs provision.Fleet
 	for _, u := range e.Settings.URIs() {
 		hs = append(hs, e.hostAt(u))
 	}
 	return hs
-}
-
-// eachHost runs f on every host at once, each with a connection of its own bounded by
-// probeTime, and returns what each said, in the order of LIBVIRT_GCI_URI. Once enough
-// says that an answer settles it, it returns without waiting for the others (a stalled
-// host among them); their slots stay empty, with errors saying so.
-func eachHost[T any](ctx context.Context, hs []*provision.Host, f func(h *provision.Host, conn *provision.Conn) (T, error), enough func(i int, v T) bool) ([]T, []error) {
-	ctx, cancel := context.WithTimeout(ctx, probeTime)
-	defer cancel()
-	type answer struct {
-		i   int
-		v   T
-		err error
-	}
-	answers := make(chan answer, len(hs))
-	for i, h := range hs {
-		go func() {
-			conn, err := h.Connect(ctx)
-			if err != nil {
-				answers <- answer{i: i, err: err}
-				return
-			}
-			defer conn.Close()
-			v, err := f(h, conn)
-			answers <- answer{i, v, err}
-		}()
-	}
-	out, errs := make([]T, len(hs)), make([]error, len(hs))
-	for i := range errs {
-		errs[i] = errors.New("not asked: another host settled it")
-	}
-	for range hs {
-		a := <-answers
-		out[a.i], errs[a.i] = a.v, a.err
-		if a.err == nil && enough != nil && enough(a.i, a.v) {
-			break
-		}
-	}
-	return out, errs
 }
 
 // place picks the host for a new instance: of those that answer, the one with the most
@@ -99,7 +56,7 @@ func (e *Executor) place(ctx context.Context) (*provision.Host, error) {
 		return hs[0], nil
 	}
 	start := time.Now()
-	rooms, errs := eachHost(ctx, hs, func(h *provision.Host, conn *provision.Conn) (provision.Headroom, error) {
+	rooms, errs := provision.Probe(ctx, hs, func(h *provision.Host, conn *provision.Conn) (provision.Headroom, error) {
 		return h.Headroom(conn)
 	}, nil)
 	best := -1
@@ -130,7 +87,7 @@ func (e *Executor) locate(ctx context.Context, name string) (*provision.Host, er
 	if len(hs) == 1 {
 		return hs[0], nil
 	}
-	found, errs := eachHost(ctx, hs, func(h *provision.Host, conn *provision.Conn) (*provision.Instance, error) {
+	found, errs := provision.Probe(ctx, hs, func(h *provision.Host, conn *provision.Conn) (*provision.Instance, error) {
 		inst, err := conn.Lookup(name)
 		if err != nil {
 			return nil, err

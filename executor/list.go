@@ -3,7 +3,6 @@ package executor
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -31,27 +30,18 @@ type Listed struct {
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
 	var infos []provision.InstanceInfo
 	seen := map[string]bool{}
-	hs := e.hosts()
-	var down []error
-	for _, h := range hs {
+	err := e.hosts().Each(ctx, e.Log, false, func(h *provision.Host) error {
 		in, err := h.List(ctx)
-		if err != nil && len(hs) > 1 && ctx.Err() == nil {
-			e.Log.Warn(fmt.Sprintf("skipping %s: %v", h.URI, err), "uri", h.URI)
-			down = append(down, err)
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("%s: %w", h.URI, err)
-		}
 		for _, i := range in { // two URIs may reach one libvirt
 			if k := i.Name + "\x00" + i.Metadata.PrepareID; !seen[k] {
 				seen[k] = true
 				infos = append(infos, i)
 			}
 		}
-	}
-	if len(down) == len(hs) {
-		return fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(down...))
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	list := []Listed{}
 	for _, in := range infos {

@@ -25,15 +25,10 @@ func (e *Executor) MarkTemplates(ctx context.Context, names []string, mark bool)
 	}
 	hs := e.hosts()
 	found := map[string]bool{}
-	var errs []error
-	for _, h := range hs {
-		if err := e.markOn(ctx, h, names, mark, len(hs) > 1, found); err != nil {
-			if len(hs) == 1 {
-				return err
-			}
-			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
-		}
-	}
+	err := hs.Each(ctx, e.Log, true, func(h *provision.Host) error {
+		return e.markOn(ctx, h, names, mark, len(hs) > 1, found)
+	})
+	errs := []error{err}
 	for _, n := range names {
 		if !found[n] && len(hs) > 1 {
 			errs = append(errs, fmt.Errorf("no host of LIBVIRT_GCI_URI has a domain named %q", n))
@@ -78,27 +73,15 @@ func (e *Executor) markOn(ctx context.Context, h *provision.Host, names []string
 // skipped with a line saying so, as list does.
 func (e *Executor) ListTemplates(ctx context.Context) error {
 	hs := e.hosts()
-	if len(hs) == 1 {
-		return e.listOn(ctx, hs[0])
-	}
-	var down []error
-	for _, h := range hs {
-		fmt.Fprintf(e.Stdout, "# %s\n", h.URI)
-		pctx, cancel := context.WithTimeout(ctx, probeTime)
-		err := e.listOn(pctx, h)
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return context.Cause(ctx)
-			}
-			e.Log.Warn(fmt.Sprintf("skipping %s: %v", h.URI, err), "uri", h.URI)
-			down = append(down, err)
+	return hs.Each(ctx, e.Log, false, func(h *provision.Host) error {
+		if len(hs) == 1 {
+			return e.listOn(ctx, h)
 		}
-	}
-	if len(down) == len(hs) {
-		return fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(down...))
-	}
-	return nil
+		fmt.Fprintf(e.Stdout, "# %s\n", h.URI)
+		pctx, cancel := context.WithTimeout(ctx, provision.ProbeTime)
+		defer cancel()
+		return e.listOn(pctx, h)
+	})
 }
 
 func (e *Executor) listOn(ctx context.Context, h *provision.Host) error {
@@ -174,18 +157,12 @@ func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
 	default:
 		helper = e.Settings.RunnerBinary
 	}
-	hs := e.hosts()
-	var errs []error
-	for _, h := range hs { // every host's own image, one after the other
+	// Every host's own image, one after the other.
+	return e.hosts().Each(ctx, e.Log, true, func(h *provision.Host) error {
 		h.Helper = helper
-		if _, err := h.Warm(ctx, name, e.Settings.Transport); err != nil {
-			if len(hs) == 1 {
-				return err
-			}
-			errs = append(errs, fmt.Errorf("%s: %w", h.URI, err))
-		}
-	}
-	return errors.Join(errs...)
+		_, err := h.Warm(ctx, name, e.Settings.Transport)
+		return err
+	})
 }
 
 // CheckTemplate prints, check by check, whether the domain name is usable as a

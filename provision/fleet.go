@@ -1,0 +1,87 @@
+package provision
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Fleet is the hosts of LIBVIRT_GCI_URI, in its order: what is done on several libvirts
+// is done here, with one policy for a host that is down.
+type Fleet []*Host
+
+// ProbeTime bounds how long a probe (placing a job, finding its instance) waits for one
+// host of several: a host that is down or stalled is skipped after it.
+var ProbeTime = 15 * time.Second
+
+// Each runs f on each host in turn. With one host, its error is f's. With several, a
+// host whose f fails is skipped with a warning line; Each fails if every host failed,
+// or, with all, if any did (an action wanted on every host: gc, mark, warm).
+func (fl Fleet) Each(ctx context.Context, log *slog.Logger, all bool, f func(h *Host) error) error {
+	if len(fl) == 1 {
+		return f(fl[0])
+	}
+	var errs []error
+	for _, h := range fl {
+		err := f(h)
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		err = fmt.Errorf("%s: %w", h.URI, err)
+		if !all {
+			log.Warn(fmt.Sprintf("skipping %v", err), "uri", h.URI)
+		}
+		errs = append(errs, err)
+	}
+	switch {
+	case len(errs) == len(fl):
+		return fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(fl), errors.Join(errs...))
+	case all:
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+// Probe runs f on every host at once, each with a connection of its own bounded by
+// ProbeTime, and returns what each said, in the fleet's order. Once enough says that an
+// answer settles it, it returns without waiting for the others (a stalled host among
+// them); their slots stay empty, with errors saying so.
+func Probe[T any](ctx context.Context, fl Fleet, f func(h *Host, conn *Conn) (T, error), enough func(i int, v T) bool) ([]T, []error) {
+	ctx, cancel := context.WithTimeout(ctx, ProbeTime)
+	defer cancel()
+	type answer struct {
+		i   int
+		v   T
+		err error
+	}
+	answers := make(chan answer, len(fl))
+	for i, h := range fl {
+		go func() {
+			conn, err := h.Connect(ctx)
+			if err != nil {
+				answers <- answer{i: i, err: err}
+				return
+			}
+			defer conn.Close()
+			v, err := f(h, conn)
+			answers <- answer{i, v, err}
+		}()
+	}
+	out, errs := make([]T, len(fl)), make([]error, len(fl))
+	for i := range errs {
+		errs[i] = errors.New("not asked: another host settled it")
+	}
+	for range fl {
+		a := <-answers
+		out[a.i], errs[a.i] = a.v, a.err
+		if a.err == nil && enough != nil && enough(a.i, a.v) {
+			break
+		}
+	}
+	return out, errs
+}
