@@ -147,7 +147,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		Replace: Target{Name: t.Name, Owner: t.Owner}.mine,
 	}
 	if !t.ByHand {
-		req.Process = provision.RunnerOf(os.Getppid()) // GitLab Runner, for gc
+		req.Process = provision.ProcessOf(os.Getppid()) // GitLab Runner, for gc
 	}
 	if e.Settings.CacheDir != "" && !t.ByHand {
 		dir, err := projectCache(e.Settings.CacheDir, t.Owner)

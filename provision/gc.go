@@ -41,9 +41,9 @@ func processStart(pid int) uint64 {
 	return n
 }
 
-// RunnerOf identifies the process pid on this host (for a job: GitLab Runner, which
+// ProcessOf identifies the process pid on this host (for a job: GitLab Runner, which
 // started the stage), so that gc can tell later whether it is gone.
-func RunnerOf(pid int) *meta.Process {
+func ProcessOf(pid int) *meta.Process {
 	r := &meta.Process{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: pid}
 	r.Start = processStart(r.PID)
 	if r.MachineID == "" || r.BootID == "" || r.Start == 0 {

@@ -74,7 +74,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 func (h *Host) warmPlan(src *plan, prof warmProfile, name string) *plan {
 	p := &plan{Request: src.Request, tmplXML: src.tmplXML, tmpl: src.tmpl, prepareID: randomHex(8), helper: prof.Helper, warmImage: name}
 	p.Name = h.Prefix + "warm-" + name[strings.LastIndex(name, "-")+1:]
-	p.Owner, p.Process, p.Replace = meta.Owner{Manual: true}, RunnerOf(os.Getpid()), nil
+	p.Owner, p.Process, p.Replace = meta.Owner{Manual: true}, ProcessOf(os.Getpid()), nil
 	p.Size, p.Cache, p.CacheMount = Size{}, "", ""
 	if !prof.SSHNIC {
 		p.Transport = meta.TransportAgent

@@ -15,11 +15,11 @@ import (
 	"github.com/digitalocean/go-libvirt/socket/dialers"
 )
 
-// Transport is how a libvirt URI is reached: "unix" (this host's socket), "tcp", "tls"
-// or "ssh" (or whatever else its scheme says: For refuses what it does not know). The
-// rule is libvirt's: the part of the scheme after a "+", else tls for a URI with a host
-// and the local socket for one without.
-func Transport(u *url.URL) string {
+// Socket is which socket a libvirt URI is reached over: "unix" (this host's), "tcp",
+// "tls" or "ssh" (or whatever else its scheme says: For refuses what it does not know).
+// The rule is libvirt's: the part of the scheme after a "+", else tls for a URI with a
+// host and the local socket for one without.
+func Socket(u *url.URL) string {
 	if _, t, ok := strings.Cut(u.Scheme, "+"); ok {
 		return t
 	}
@@ -32,14 +32,14 @@ func Transport(u *url.URL) string {
 // IsLocal tells whether the libvirt URI uri names this host's libvirt.
 func IsLocal(uri string) bool {
 	u, err := url.Parse(uri)
-	return err == nil && Transport(u) == "unix"
+	return err == nil && Socket(u) == "unix"
 }
 
 // ReachesHost tells whether a connection to uri can open TCP connections on libvirtd's
 // host (HostDialer): a local libvirt, or one over ssh.
 func ReachesHost(uri string) bool {
 	u, err := url.Parse(uri)
-	return err == nil && (Transport(u) == "unix" || Transport(u) == "ssh")
+	return err == nil && (Socket(u) == "unix" || Socket(u) == "ssh")
 }
 
 // HostDialer is a dialer that also reaches TCP addresses as libvirtd's host sees them.
@@ -71,7 +71,7 @@ var schemes = map[string]func(ctx context.Context, u *url.URL) (socket.Dialer, e
 // (keys, certificates); the dialer's Dial has bounds of its own. Where the transport
 // reaches libvirtd's host (a local socket, ssh), the dialer is a HostDialer too.
 func For(ctx context.Context, u *url.URL) (socket.Dialer, error) {
-	t := Transport(u)
+	t := Socket(u)
 	mk, ok := schemes[t]
 	if !ok {
 		return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", t)
