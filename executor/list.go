@@ -28,7 +28,7 @@ type Listed struct {
 
 // List prints the managed instances: every domain with our metadata, whatever its name.
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
-	var infos []provision.InstanceInfo
+	var infos []provision.Instance
 	seen := map[string]bool{}
 	err := e.hosts().Each(ctx, e.Log, false, func(h *provision.Host) error {
 		in, err := h.List(ctx)

@@ -13,7 +13,6 @@ import (
 type (
 	Conn         = libvirt.Conn
 	Instance     = libvirt.Instance
-	InstanceInfo = libvirt.InstanceInfo
 	TemplateInfo = libvirt.TemplateInfo
 )
 

@@ -145,7 +145,7 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 }
 
 // verdict says why an instance is to go, or "" to keep it.
-func (h *Host) verdict(in libvirt.InstanceInfo, olderThan time.Duration) string {
+func (h *Host) verdict(in libvirt.Instance, olderThan time.Duration) string {
 	m := in.Metadata
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {

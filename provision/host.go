@@ -263,7 +263,7 @@ func (h *Host) teardown(ctx context.Context, name string, allow func(meta.Metada
 }
 
 // List lists every instance of ours, whatever its name or prefix.
-func (h *Host) List(ctx context.Context) ([]libvirt.InstanceInfo, error) {
+func (h *Host) List(ctx context.Context) ([]libvirt.Instance, error) {
 	conn, err := h.Connect(ctx)
 	if err != nil {
 		return nil, err

@@ -161,11 +161,15 @@ func (c *Conn) Metadata(name string) (meta.Metadata, error) {
 	return c.metadata(dom)
 }
 
-// Instance is a managed instance as a later stage finds it.
+// Instance is a managed instance as a later stage (Lookup) or a listing (Instances)
+// finds it. State, CPUs and MemoryKiB are a listing's alone.
 type Instance struct {
-	Name     string
-	UUID     [16]byte // libvirt's, made at define: unique to this instance
-	Metadata meta.Metadata
+	Name      string
+	UUID      [16]byte // libvirt's, made at define: unique to this instance
+	Metadata  meta.Metadata
+	State     string // "running", "paused", "shut off", ...
+	CPUs      int
+	MemoryKiB uint64
 }
 
 // Lookup finds the instance name. It fails with ErrNotManaged for a domain libvirt-gci
@@ -348,14 +352,6 @@ func (c *Conn) deleteVolume(ctx context.Context, v meta.Volume) (bool, error) {
 	return true, nil
 }
 
-// InstanceInfo is an instance as `list` shows it.
-type InstanceInfo struct {
-	Instance
-	State     string // "running", "paused", "shut off", ...
-	CPUs      int
-	MemoryKiB uint64
-}
-
 var stateNames = map[libvirt.DomainState]string{
 	libvirt.DomainNostate: "no state", libvirt.DomainRunning: "running", libvirt.DomainBlocked: "blocked",
 	libvirt.DomainPaused: "paused", libvirt.DomainShutdown: "shutting down", libvirt.DomainShutoff: "shut off",
@@ -364,12 +360,12 @@ var stateNames = map[libvirt.DomainState]string{
 
 // Instances lists every libvirt-gci instance: every domain that carries our metadata,
 // whatever its name. Domains without it are not ours and are not listed.
-func (c *Conn) Instances() ([]InstanceInfo, error) {
+func (c *Conn) Instances() ([]Instance, error) {
 	doms, _, err := c.api.ConnectListAllDomains(1, 0)
 	if err != nil {
 		return nil, fmt.Errorf("list domains: %w", err)
 	}
-	var out []InstanceInfo
+	var out []Instance
 	for _, d := range doms {
 		m, err := c.metadata(d)
 		if errors.Is(err, ErrNotManaged) || HasCode(err, libvirt.ErrNoDomain) {
@@ -389,9 +385,9 @@ func (c *Conn) Instances() ([]InstanceInfo, error) {
 		if name == "" {
 			name = fmt.Sprintf("state %d", state)
 		}
-		out = append(out, InstanceInfo{Instance: Instance{Name: d.Name, UUID: d.UUID, Metadata: m}, State: name, CPUs: int(cpus), MemoryKiB: maxMem})
+		out = append(out, Instance{Name: d.Name, UUID: d.UUID, Metadata: m, State: name, CPUs: int(cpus), MemoryKiB: maxMem})
 	}
-	slices.SortFunc(out, func(a, b InstanceInfo) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b Instance) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
 }
 
