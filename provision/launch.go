@@ -89,23 +89,15 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if err != nil {
 		return err
 	}
-	release, err := h.admitWithin(ctx, conn, p.memKiB)
+	tm, undo, err := h.admitAndMake(ctx, after, conn, s, p)
 	if err != nil {
 		return err
 	}
-	// From here on, a failure leaves something to remove: what this launch made, and
-	// nothing another launch of the same name made meanwhile.
 	defer func() {
 		if err != nil {
-			h.rollback(after, req.Name, p.prepareID)
+			undo()
 		}
 	}()
-	tm, err := s.Make(ctx, conn, p)
-	release()
-	h.warnIfSlow("define", req.Name, tm.Define)
-	if err != nil {
-		return err
-	}
 	p.report(tm)
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
 		return fmt.Errorf("instance %q: %w", req.Name, err)
@@ -182,10 +174,25 @@ func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strateg
 	return nil, errors.New("no launch strategy configured")
 }
 
-// admitWithin admits an instance of memKiB under the host's capacity, waiting for room
-// within the boot timeout.
-func (h *Host) admitWithin(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (func(), error) {
+// admitAndMake admits p's instance under the host's capacity (waiting for room within
+// the boot timeout) and makes it with s. From then on a failure leaves something to
+// remove: undo removes what this launch made, and nothing another launch of the same
+// name made meanwhile, on a connection of its own, within after. admitAndMake undoes a
+// make that fails itself; its caller undoes one whose later steps fail.
+func (h *Host) admitAndMake(ctx, after context.Context, conn *libvirt.Conn, s Strategy, p *plan) (libvirt.Timings, func(), error) {
 	actx, cancel := h.bootTimeout(ctx)
-	defer cancel()
-	return h.admit(actx, conn, memKiB)
+	release, err := h.admit(actx, conn, p.memKiB)
+	cancel()
+	if err != nil {
+		return libvirt.Timings{}, nil, err
+	}
+	undo := func() { h.rollback(after, p.Name, p.prepareID) }
+	tm, err := s.Make(ctx, conn, p)
+	release()
+	h.warnIfSlow("define", p.Name, tm.Define)
+	if err != nil {
+		undo()
+		return tm, nil, err
+	}
+	return tm, undo, nil
 }

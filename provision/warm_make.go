@@ -35,20 +35,15 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 	if _, err := (coldBoot{h}).Plan(ctx, conn, p); err != nil {
 		return err
 	}
-	release, err := h.admitWithin(ctx, conn, p.memKiB)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			h.rollback(after, p.Name, p.prepareID)
-		}
-	}()
-	_, err = conn.Create(ctx, p.spec)
-	release()
+	_, undo, err := h.admitAndMake(ctx, after, conn, coldBoot{h}, p)
 	if err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
+	defer func() {
+		if err != nil {
+			undo()
+		}
+	}()
 	if err := h.quiesce(ctx, conn, p.Name, name); err != nil {
 		return err
 	}

@@ -166,20 +166,34 @@ func (f *Libvirt) start(d libvirt.Domain) error {
 }
 
 func (f *Libvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFlagsValues) error {
-	if err := f.enter("DomainDestroyFlags"); err != nil {
+	return f.stop("DomainDestroyFlags", d)
+}
+
+// stop stops the running domain d (a destroy, or a guest's shutdown): its guest is gone.
+func (f *Libvirt) stop(method string, d libvirt.Domain) error {
+	if err := f.enter(method); err != nil {
 		return err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	fd, err := f.dom(d)
+	fd, err := f.running(d)
 	if err != nil {
 		return err
 	}
-	if !fd.running {
-		return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
-	}
 	fd.running, fd.paused, fd.guest = false, false, nil
 	return nil
+}
+
+// running is the domain d, if it runs; under f.mu.
+func (f *Libvirt) running(d libvirt.Domain) (*domain, error) {
+	fd, err := f.dom(d)
+	if err != nil {
+		return nil, err
+	}
+	if !fd.running {
+		return nil, lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
+	}
+	return fd, nil
 }
 
 func (f *Libvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUndefineFlagsValues) error {

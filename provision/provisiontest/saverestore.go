@@ -133,12 +133,9 @@ func (f *Libvirt) DomainSaveFlags(d libvirt.Domain, path string, _ libvirt.OptSt
 	return f.call("DomainSaveFlags", func() error {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		fd, err := f.dom(d)
+		fd, err := f.running(d)
 		if err != nil {
 			return err
-		}
-		if !fd.running {
-			return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
 		}
 		pool, name, ok := f.volAt(path)
 		if !ok {
@@ -216,20 +213,7 @@ func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.
 }
 
 func (f *Libvirt) DomainShutdownFlags(d libvirt.Domain, _ libvirt.DomainShutdownFlagValues) error {
-	if err := f.enter("DomainShutdownFlags"); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fd, err := f.dom(d)
-	if err != nil {
-		return err
-	}
-	if !fd.running {
-		return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
-	}
-	fd.running, fd.paused, fd.guest = false, false, nil
-	return nil
+	return f.stop("DomainShutdownFlags", d)
 }
 
 // DomainGetBlockInfo says every disk is a 1 GiB file.
