@@ -10,39 +10,26 @@ import (
 	"strings"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Settings are the operator's: from LIBVIRT_GCI_* variables or flags, never from the job.
 type Settings struct {
+	// Config is what the lifecycle takes as it is: pool, prefix, boot timeout, start mode,
+	// base images, the ssh user and secret, host access, capacity limits, max age and the
+	// guest's forwards.
+	provision.Config
 	URI             string
-	Pool            string
 	Templates       []string // glob patterns of domains a job may pick besides the marked templates
 	DefaultTemplate string
-	Prefix          string
-	BootTimeout     time.Duration
-	Transport       string // how stages reach the guest: "agent" or "ssh"
-	Start           string // how instances start: "restore" (from warm images) or "boot"
-	BaseImages      string // a directory or pool of the Python tool's <distro>.qcow2 base images; "": none
-	BaseCPUs        int    // their VMs' size
-	BaseMemory      uint64 // bytes
-	BaseNetwork     string // the libvirt network of their NIC; "": none
-	BaseVirt        string // their domain type: kvm, qemu, or "": kvm where offered
-	SSHUser         string // the guest user jobs run as with the ssh transport
-	SecretFile      string // the host secret instance SSH keys are derived from (0600)
-	// AllowHostAccess lets templates give jobs host devices, host directory shares,
-	// shared writable disks and the like (template.HostAccess). Off by default.
-	AllowHostAccess bool
-	MaxAge          time.Duration // gc removes instances older than this; 0: no limit
-	MaxInstances    int           // running instances with our prefix; 0: no limit
-	MaxMemoryTotal  uint64        // their memory, bytes; 0: no limit
+	Transport       string        // how stages reach the guest: "agent" or "ssh"
 	MaxCPUs         int           // what a job may ask for; 0: it may not
 	MaxMemory       uint64        // bytes
 	MaxDisk         uint64        // bytes
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
 	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
 	CacheDir        string        // host directory of the projects' caches; "": none
-	GuestForwards   []string      // HOST:PORT services the guest reaches through ssh
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }
@@ -87,12 +74,12 @@ func (s Settings) Validate() error {
 			return fmt.Errorf("LIBVIRT_GCI_DEFAULT_TEMPLATE: %w", err)
 		}
 	}
-	if s.BaseImages != "" {
-		if strings.ContainsAny(s.BaseImages, "/") && !filepath.IsAbs(s.BaseImages) {
-			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES %q is invalid; want an absolute directory or the name of a storage pool", s.BaseImages)
+	if s.BaseImages.Source != "" {
+		if strings.ContainsAny(s.BaseImages.Source, "/") && !filepath.IsAbs(s.BaseImages.Source) {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES %q is invalid; want an absolute directory or the name of a storage pool", s.BaseImages.Source)
 		}
-		if s.BaseCPUs < 1 || s.BaseMemory < 64<<20 {
-			return fmt.Errorf("LIBVIRT_GCI_BASE_CPUS %d / LIBVIRT_GCI_BASE_MEMORY %s is too small; want at least 1 CPU and 64M", s.BaseCPUs, FormatSize(s.BaseMemory))
+		if s.BaseImages.CPUs < 1 || s.BaseImages.Memory < 64<<20 {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_CPUS %d / LIBVIRT_GCI_BASE_MEMORY %s is too small; want at least 1 CPU and 64M", s.BaseImages.CPUs, FormatSize(s.BaseImages.Memory))
 		}
 	}
 	if s.BootTimeout <= 0 {
@@ -100,7 +87,7 @@ func (s Settings) Validate() error {
 	}
 	switch s.Transport {
 	case TransportAgent:
-		if len(s.GuestForwards) > 0 {
+		if len(s.Forwards) > 0 {
 			if err := s.checkSSH("LIBVIRT_GCI_GUEST_FORWARDS"); err != nil {
 				return err
 			}

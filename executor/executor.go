@@ -160,13 +160,13 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	if err != nil {
 		return err
 	}
-	h.Helper = e.helper(t)
+	req.Helper = e.helper(t)
 	err = h.Launch(ctx, req)
 	var small *provision.DiskTooSmallError
 	switch {
 	case errors.Is(err, provision.ErrNotOffered):
 		msg := fmt.Sprintf("template %q (from %s) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES", choice.Name, choice.From)
-		if b := e.Settings.BaseImages; b != "" {
+		if b := e.Settings.BaseImages.Source; b != "" {
 			msg += fmt.Sprintf(", and there is no base image %s.qcow2 in %s (LIBVIRT_GCI_BASE_IMAGES)", choice.Name, b)
 		}
 		return &InputError{msg}

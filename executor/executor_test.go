@@ -136,8 +136,8 @@ func TestCheckMachineName(t *testing.T) {
 }
 
 func settings() Settings {
-	return Settings{URI: "qemu:///system", Pool: "default", Templates: []string{"debian-*", "fedora-40"}, Prefix: "gci-", BootTimeout: time.Minute,
-		Transport: TransportAgent, SSHUser: "root", SecretFile: "/etc/libvirt-gci/secret", Start: provision.StartRestore}
+	return Settings{URI: "qemu:///system", Templates: []string{"debian-*", "fedora-40"}, Transport: TransportAgent,
+		Config: provision.Config{Pool: "default", Prefix: "gci-", BootTimeout: time.Minute, SSHUser: "root", SecretFile: "/etc/libvirt-gci/secret", Start: provision.StartRestore}}
 }
 
 func TestSelectTemplate(t *testing.T) {

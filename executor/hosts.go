@@ -18,22 +18,7 @@ func (s Settings) URIs() []string {
 
 // hostAt is the lifecycle of instances on the libvirt at uri, as the settings configure it.
 func (e *Executor) hostAt(uri string) *provision.Host {
-	s := e.Settings
-	return &provision.Host{
-		URI: uri, Dial: e.Dial, Pool: s.Pool, Prefix: s.Prefix,
-		Limits:          provision.Limits{Instances: s.MaxInstances, MemoryTotal: s.MaxMemoryTotal},
-		MaxAge:          s.MaxAge,
-		BootTimeout:     s.BootTimeout,
-		AllowHostAccess: s.AllowHostAccess,
-		SSHUser:         s.SSHUser,
-		SecretFile:      s.SecretFile,
-		Forwards:        s.GuestForwards,
-		Start:           s.Start,
-		BaseImages:      provision.BaseImages{Source: s.BaseImages, CPUs: s.BaseCPUs, Memory: s.BaseMemory, Network: s.BaseNetwork, Virt: s.BaseVirt},
-		Version:         e.Version,
-		Log:             e.Log,
-		Out:             e.Stdout,
-	}
+	return &provision.Host{URI: uri, Dial: e.Dial, Config: e.Settings.Config, Version: e.Version, Log: e.Log, Out: e.Stdout}
 }
 
 // host is the first host of LIBVIRT_GCI_URI: the one the template commands act on.

@@ -49,14 +49,14 @@ func TestPlaceOnTheHostWithRoom(t *testing.T) {
 	a, b := provisiontest.New("default"), provisiontest.New("default")
 	instance(t, a, "gci-busy", "test:///a")
 	e, log := fleet(t, "test:///a test:///down, test:///b", map[string]*provisiontest.Libvirt{"test:///a": a, "test:///b": b})
-	e.Settings.MaxInstances = 1
+	e.Settings.Limits.Instances = 1
 	h, err := e.place(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, "test:///b", h.URI, "a is full")
 	assert.Contains(t, log.String(), "skipping test:///down: connection refused")
 	assert.Contains(t, log.String(), "placed on test:///b (0 instances")
 
-	e.Settings.MaxInstances, e.Settings.MaxMemoryTotal = 0, 4<<30
+	e.Settings.Limits.Instances, e.Settings.Limits.MemoryTotal = 0, 4<<30
 	instance(t, b, "gci-big", "test:///b")
 	instance(t, b, "gci-big2", "test:///b")
 	h, err = e.place(context.Background())

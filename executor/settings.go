@@ -133,26 +133,26 @@ var SettingList = []Setting{
 			return nil
 		}},
 	{Flag: "base-images", Help: "the Python libvirt-gci's base images: a directory (absolute path) or a storage pool of DISTRO.qcow2 files, each a template with a built-in definition",
-		set: text(func(s *Settings) *string { return &s.BaseImages })},
+		set: text(func(s *Settings) *string { return &s.BaseImages.Source })},
 	{Flag: "base-cpus", Default: "2", Help: "CPUs of a base image's VMs",
-		set: count(func(s *Settings) *int { return &s.BaseCPUs })},
+		set: count(func(s *Settings) *int { return &s.BaseImages.CPUs })},
 	{Flag: "base-memory", Default: "2G", Help: "memory of a base image's VMs",
-		set: size(func(s *Settings) *uint64 { return &s.BaseMemory })},
+		set: size(func(s *Settings) *uint64 { return &s.BaseImages.Memory })},
 	{Flag: "base-network", Default: "default", Help: "libvirt network of a base image's VMs' NIC; none: no NIC",
 		set: func(s *Settings, v string) error {
 			if v == "none" {
 				v = ""
 			}
-			s.BaseNetwork = v
+			s.BaseImages.Network = v
 			return nil
 		}},
 	{Flag: "base-virt", Default: "auto", Help: "domain type of a base image's VMs: kvm, qemu (software emulation), or auto (kvm where libvirt offers it)",
 		set: func(s *Settings, v string) error {
 			switch v {
 			case "auto", "":
-				s.BaseVirt = ""
+				s.BaseImages.Virt = ""
 			case "kvm", "qemu":
-				s.BaseVirt = v
+				s.BaseImages.Virt = v
 			default:
 				return fmt.Errorf("want kvm, qemu or auto")
 			}
@@ -167,9 +167,9 @@ var SettingList = []Setting{
 	{Flag: "max-age", Help: "gc removes instances older than this, whoever owns them (say 6h: longer than any job)",
 		set: optDuration(func(s *Settings) *time.Duration { return &s.MaxAge })},
 	{Flag: "max-instances", Help: "running instances (with this prefix) at most; prepare waits for room",
-		set: count(func(s *Settings) *int { return &s.MaxInstances })},
+		set: count(func(s *Settings) *int { return &s.Limits.Instances })},
 	{Flag: "max-memory-total", Help: "memory of the running instances at most, such as 48G; prepare waits for room",
-		set: size(func(s *Settings) *uint64 { return &s.MaxMemoryTotal })},
+		set: size(func(s *Settings) *uint64 { return &s.Limits.MemoryTotal })},
 	{Flag: "max-cpus", Help: "CPUs a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_CPUS)",
 		set: count(func(s *Settings) *int { return &s.MaxCPUs })},
 	{Flag: "max-memory", Help: "memory a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_MEMORY), such as 8G",
@@ -196,13 +196,13 @@ var SettingList = []Setting{
 		}},
 	{Flag: "guest-forwards", Help: "comma-separated HOST:PORT services (your GitLab) the guest reaches at the same address through ssh while a stage runs",
 		set: func(s *Settings, v string) error {
-			s.GuestForwards = nil
+			s.Forwards = nil
 			for _, f := range SplitPatterns(v) {
 				host, port, err := net.SplitHostPort(f)
 				if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 || host == "" || strings.ContainsAny(host, " /") {
 					return fmt.Errorf("%q is not HOST:PORT", f)
 				}
-				s.GuestForwards = append(s.GuestForwards, f)
+				s.Forwards = append(s.Forwards, f)
 			}
 			return nil
 		}},

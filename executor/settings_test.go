@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -42,8 +43,9 @@ func TestSettingsParse(t *testing.T) {
 		require.NoError(t, d.Set(&s, d.DefaultValue()), d.Flag)
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
-	assert.Equal(t, Settings{URI: "qemu:///system", Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Transport: "agent", Start: "restore", BaseCPUs: 2, BaseMemory: 2 << 30, BaseNetwork: "default",
-		SSHUser: "root", SecretFile: defaultSecretFile(), RunnerBinary: "auto", LogFormat: "text"}, s)
+	assert.Equal(t, Settings{URI: "qemu:///system", Transport: "agent", RunnerBinary: "auto", LogFormat: "text",
+		Config: provision.Config{Pool: "default", Prefix: "gci-", BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
+			BaseImages: provision.BaseImages{CPUs: 2, Memory: 2 << 30, Network: "default"}}}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 
 	find := func(flag string) Setting {

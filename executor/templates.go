@@ -159,8 +159,7 @@ func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
 	}
 	// Every host's own image, one after the other.
 	return e.hosts().Each(ctx, e.Log, true, func(h *provision.Host) error {
-		h.Helper = helper
-		_, err := h.Warm(ctx, name, e.Settings.Transport)
+		_, err := h.Warm(ctx, name, e.Settings.Transport, helper)
 		return err
 	})
 }

@@ -15,7 +15,7 @@ import (
 )
 
 func checkHost(f *provisiontest.Libvirt) *Host {
-	return &Host{Pool: "ci", Prefix: "gci-", Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	return &Host{Config: Config{Pool: "ci", Prefix: "gci-"}, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
 

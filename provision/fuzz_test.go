@@ -27,7 +27,7 @@ func FuzzInstanceXML(f *testing.F) {
 		if err != nil {
 			return
 		}
-		h := &Host{Pool: "default"}
+		h := &Host{Config: Config{Pool: "default"}}
 		// What the executor passes on: printable, as ReadIdentity makes it.
 		project = strings.Map(func(r rune) rune {
 			if !unicode.IsPrint(r) {

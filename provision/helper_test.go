@@ -33,11 +33,11 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "gitlab-runner")
 	require.NoError(t, os.WriteFile(bin, []byte(strings.Repeat("runner", 200000)), 0o755))
-	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: time.Minute, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
+	h := &Host{Config: Config{Pool: "ci", Prefix: "gci-", BootTimeout: time.Minute, SecretFile: filepath.Join(dir, "secret")},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	launch := func(name string) {
 		t.Helper()
-		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: meta.TransportAgent}))
+		require.NoError(t, h.Launch(context.Background(), Request{Name: name, Template: "tmpl", Offered: true, Transport: meta.TransportAgent, Helper: bin}))
 	}
 	helperVolumes := func() []string {
 		var vols []string
@@ -110,7 +110,7 @@ func TestHelperWaitIsBounded(t *testing.T) {
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "gitlab-runner")
 	require.NoError(t, os.WriteFile(bin, []byte("runner"), 0o755))
-	h := &Host{Pool: "ci", Prefix: "gci-", BootTimeout: 300 * time.Millisecond, SecretFile: filepath.Join(dir, "secret"), Helper: bin,
+	h := &Host{Config: Config{Pool: "ci", Prefix: "gci-", BootTimeout: 300 * time.Millisecond, SecretFile: filepath.Join(dir, "secret")},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	fi, err := os.Stat(bin)
 	require.NoError(t, err)
@@ -121,7 +121,7 @@ func TestHelperWaitIsBounded(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, ok, "held")
 	start := time.Now()
-	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: meta.TransportAgent})
+	err = h.Launch(context.Background(), Request{Name: "gci-a", Template: "tmpl", Offered: true, Transport: meta.TransportAgent, Helper: bin})
 	assert.ErrorContains(t, err, "boot timeout 300ms (LIBVIRT_GCI_BOOT_TIMEOUT) passed")
 	assert.Less(t, time.Since(start), 5*time.Second)
 	assert.Equal(t, "domain tmpl running=false; volume ci/"+helperPrefix+helperID(fi)+".img.lock", f.State(), "nothing made")

@@ -40,6 +40,16 @@ type Host struct {
 	URI string
 	// Dial connects to libvirt; nil is Connect. Tests give provisiontest's fake here.
 	Dial func(ctx context.Context, uri string) (*libvirt.Conn, error)
+	Config
+	// Version is this tool's: a new version makes new warm images.
+	Version string
+	Log     *slog.Logger
+	Out     io.Writer // what gc --dry-run would remove
+}
+
+// Config is how the operator set up the lifecycle (LIBVIRT_GCI_*), the same for every
+// host: the executor's settings embed it.
+type Config struct {
 	Pool string // the storage pool of the overlays
 	// Prefix names the instances of this configuration: capacity counts them, gc sweeps them.
 	Prefix          string
@@ -51,9 +61,6 @@ type Host struct {
 	// SecretFile is the host secret instances' SSH client keys derive from; the capacity
 	// lock lives beside it.
 	SecretFile string
-	// Helper is the gitlab-runner binary every instance gets, read-only on its PATH; ""
-	// for none.
-	Helper string
 	// Forwards are TCP services (host:port) the guest reaches at 127.0.0.1 and the same
 	// port (a host name resolves to 127.0.0.1 in the guest) while a stage runs, through
 	// its SSH connection (guest.Forwards): then every instance gets ssh access, whatever
@@ -64,10 +71,6 @@ type Host struct {
 	// BaseImages are the Python libvirt-gci's templates (LIBVIRT_GCI_BASE_IMAGES); zero:
 	// none.
 	BaseImages BaseImages
-	// Version is this tool's: a new version makes new warm images.
-	Version string
-	Log     *slog.Logger
-	Out     io.Writer // what gc --dry-run would remove
 }
 
 // Connect connects to the hypervisor.
@@ -115,6 +118,9 @@ type Request struct {
 	// Cache is a host directory the guest gets, writable, at CacheMount (the job's cache
 	// directory); "" for none.
 	Cache, CacheMount string
+	// Helper is the gitlab-runner binary the instance gets, read-only on its PATH; ""
+	// for none.
+	Helper string
 }
 
 // ErrNotOffered: the template is neither marked nor offered by the operator. The same

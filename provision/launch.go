@@ -137,10 +137,10 @@ func (h *Host) begin(ctx context.Context, conn *libvirt.Conn, req Request) (*pla
 			return nil, &DiskTooSmallError{Asked: req.Size.Disk, Have: have}
 		}
 	}
-	if h.Helper != "" {
+	if req.Helper != "" {
 		// Bounded like the other waits: another prepare may be building it.
 		hctx, cancel := h.bootTimeout(ctx)
-		p.helper, err = h.helperVolume(hctx, conn, h.Helper)
+		p.helper, err = h.helperVolume(hctx, conn, req.Helper)
 		cancel()
 		if err != nil {
 			return nil, err

@@ -26,7 +26,7 @@ func readyHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer, boot t
 	t.Helper()
 	_, err := f.DomainDefineXMLFlags(nicTemplate, 0)
 	require.NoError(t, err)
-	return &Host{Pool: "ci", Prefix: "gci-", BootTimeout: boot, SecretFile: filepath.Join(t.TempDir(), "secret"),
+	return &Host{Config: Config{Pool: "ci", Prefix: "gci-", BootTimeout: boot, SecretFile: filepath.Join(t.TempDir(), "secret")},
 		Log: slog.New(slog.NewTextHandler(log, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
 

@@ -222,23 +222,25 @@ func (h *Host) warmBuilding(conn *libvirt.Conn, name string) func() bool {
 	}
 }
 
-// Warm makes the warm image of the template for instances with the transport given, if
-// it has none that is up to date, and says which it is.
-func (h *Host) Warm(ctx context.Context, tmplName, transport string) (string, error) {
+
+// Warm makes the warm image of the template for instances with the transport given and
+// the helper (a gitlab-runner binary; "" for none), if it has none that is up to date,
+// and says which it is.
+func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (string, error) {
 	conn, err := h.Connect(ctx)
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
-	req := Request{Name: "warm", Template: tmplName, Offered: true, Transport: transport}
+	req := Request{Name: "warm", Template: tmplName, Offered: true, Transport: transport, Helper: helper}
 	tx, tmpl, err := h.template(conn, req)
 	if err != nil {
 		return "", err
 	}
 	p := &plan{Request: req, tmplXML: tx, tmpl: tmpl}
-	if h.Helper != "" {
+	if helper != "" {
 		hctx, cancel := h.bootTimeout(ctx)
-		p.helper, err = h.helperVolume(hctx, conn, h.Helper)
+		p.helper, err = h.helperVolume(hctx, conn, helper)
 		cancel()
 		if err != nil {
 			return "", err
