@@ -222,7 +222,6 @@ func (h *Host) warmBuilding(conn *libvirt.Conn, name string) func() bool {
 	}
 }
 
-
 // Warm makes the warm image of the template for instances with the transport given and
 // the helper (a gitlab-runner binary; "" for none), if it has none that is up to date,
 // and says which it is.
