@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 )
 
 var (
@@ -190,7 +191,7 @@ func BenchmarkCleanup(b *testing.B) {
 func BenchmarkRunnerTrivialJob(b *testing.B) {
 	for _, tr := range transports {
 		b.Run(tr, func(b *testing.B) {
-			benchmarkRunnerJob(b, tr, nil, func(*runnerHost) jobSpec { return jobSpec{Script: []string{"true"}} })
+			benchmarkRunnerJob(b, tr, nil, func(*runnerHost) fakegitlab.JobSpec { return fakegitlab.JobSpec{Script: []string{"true"}} })
 		})
 	}
 }
@@ -204,8 +205,8 @@ func BenchmarkRunnerPipelineJob(b *testing.B) {
 			benchmarkRunnerJob(b, tr, func(h *runnerHost) {
 				u, _ := url.Parse(h.gl.URL())
 				h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+b.TempDir())
-			}, func(*runnerHost) jobSpec {
-				return jobSpec{Fetch: true,
+			}, func(*runnerHost) fakegitlab.JobSpec {
+				return fakegitlab.JobSpec{Fetch: true,
 					Script:    []string{`mkdir -p vendor && date >>vendor/log && cp src/greeting.txt out.txt`},
 					Cache:     []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": "pull-push", "when": "on_success"}},
 					Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
@@ -215,14 +216,14 @@ func BenchmarkRunnerPipelineJob(b *testing.B) {
 	}
 }
 
-func benchmarkRunnerJob(b *testing.B, transport string, setup func(*runnerHost), spec func(*runnerHost) jobSpec) {
+func benchmarkRunnerJob(b *testing.B, transport string, setup func(*runnerHost), spec func(*runnerHost) fakegitlab.JobSpec) {
 	h := newRunnerHost(b, transport)
 	if setup != nil {
 		setup(h)
 	}
-	jobs := make([]*fakeJob, b.N)
+	jobs := make([]*fakegitlab.Job, b.N)
 	for i := range jobs {
-		jobs[i] = h.gl.add(spec(h))
+		jobs[i] = h.gl.Add(spec(h))
 	}
 	b.ResetTimer()
 	p := h.runSingle(b.N)
@@ -243,11 +244,11 @@ func benchmarkRunnerJob(b *testing.B, transport string, setup func(*runnerHost),
 		phases[name] += d
 	}
 	for _, j := range jobs {
-		taken, finished := h.gl.times(j)
+		taken, finished := h.gl.Times(j)
 		add("job", finished.Sub(taken))
 		starts := map[string]time.Time{}
 		var first, last time.Time
-		for _, l := range parseTrace(h.gl.Trace(j)) {
+		for _, l := range fakegitlab.ParseTrace(h.gl.Trace(j)) {
 			m := sectionRE.FindStringSubmatch(l.Text)
 			switch {
 			case m == nil:

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 )
 
 // perfSystemd: the systemd Debian guest's rows of the Performance table: prepare by a
@@ -68,9 +70,9 @@ func perfSystemd(b *testing.B, t *perfTable) {
 	// takes the job to its final update.
 	h := newRunnerHost(b, "agent")
 	h.env = append(h.env, "LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl, "LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
-	jobs := make([]*fakeJob, 1+3)
+	jobs := make([]*fakegitlab.Job, 1+3)
 	for i := range jobs {
-		jobs[i] = h.gl.add(jobSpec{Script: []string{"true"}})
+		jobs[i] = h.gl.Add(fakegitlab.JobSpec{Script: []string{"true"}})
 	}
 	p := h.runSingle(len(jobs))
 	var took []time.Duration
@@ -82,7 +84,7 @@ func perfSystemd(b *testing.B, t *perfTable) {
 		if !strings.Contains(trace, "restored ") && i > 0 {
 			b.Fatalf("job %d was not restored:\n%s", i, trace)
 		}
-		taken, finished := h.gl.times(fj)
+		taken, finished := h.gl.Times(fj)
 		if i > 0 {
 			took = append(took, finished.Sub(taken))
 		}

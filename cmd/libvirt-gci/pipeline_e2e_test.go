@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -32,20 +33,20 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	cache := func(policy string) []map[string]any {
 		return []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": policy, "when": "on_success", "untracked": false}}
 	}
-	save := h.gl.add(jobSpec{Cache: cache("push"), Script: []string{
+	save := h.gl.Add(fakegitlab.JobSpec{Cache: cache("push"), Script: []string{
 		`mkdir -p vendor && echo "made by job $CI_JOB_ID in $(cat /proc/sys/kernel/random/boot_id)" >vendor/marker`,
 	}})
-	same := h.gl.add(jobSpec{Cache: cache("pull"), Script: []string{
+	same := h.gl.Add(fakegitlab.JobSpec{Cache: cache("pull"), Script: []string{
 		`echo "found: $(cat vendor/marker 2>/dev/null || echo nothing)"`,
 		`echo "this VM: $(cat /proc/sys/kernel/random/boot_id)"`,
 	}})
-	other := h.gl.add(jobSpec{ProjectID: 43, Cache: cache("pull"), Script: []string{
+	other := h.gl.Add(fakegitlab.JobSpec{ProjectID: 43, Cache: cache("pull"), Script: []string{
 		`echo "found: $(cat vendor/marker 2>/dev/null || echo nothing)"`,
 		`ls -A /cache`,
 	}})
 	p := h.runSingle(3)
 	var traces []string
-	for _, j := range []*fakeJob{save, same, other} {
+	for _, j := range []*fakegitlab.Job{save, same, other} {
 		final, trace := h.finish(j)
 		require.Equal(t, "success", final.State, trace)
 		traces = append(traces, trace)
@@ -55,7 +56,7 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	assert.Contains(t, traces[0], "Saving cache for successful job")
 	assert.Contains(t, traces[0], "Created cache")
 	var found, me string
-	for _, l := range parseTrace(traces[1]) {
+	for _, l := range fakegitlab.ParseTrace(traces[1]) {
 		if v, ok := strings.CutPrefix(l.Text, "found: "); ok {
 			found = v
 		}
@@ -66,7 +67,7 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	assert.Regexp(t, `^made by job \d+ in \S+$`, found, traces[1])
 	require.NotEmpty(t, me, traces[1])
 	assert.NotContains(t, found, me, "the cache was made in another VM")
-	assert.True(t, hasLine(traces[2], "found: nothing"), "project 43 saw project 42's cache:\n%s", traces[2])
+	assert.True(t, fakegitlab.HasLine(traces[2], "found: nothing"), "project 43 saw project 42's cache:\n%s", traces[2])
 
 	// On the host: one directory per project, only project 42's holds an archive.
 	dirs, err := os.ReadDir(cacheDir)
@@ -90,7 +91,7 @@ func TestRunnerArtifactsWithoutHelper(t *testing.T) {
 	t.Parallel()
 	h := newRunnerHost(t, "agent")
 	h.env = append(h.env, "LIBVIRT_GCI_RUNNER_BINARY=none")
-	j := h.gl.add(jobSpec{
+	j := h.gl.Add(fakegitlab.JobSpec{
 		Script:    []string{`echo data >out.txt`},
 		Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
 	})
@@ -117,7 +118,7 @@ func testRunnerPipeline(t *testing.T, h *runnerHost) {
 	u, err := url.Parse(h.gl.URL())
 	require.NoError(t, err)
 	h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host)
-	build := h.gl.add(jobSpec{Fetch: true,
+	build := h.gl.Add(fakegitlab.JobSpec{Fetch: true,
 		Script:    []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`},
 		Artifacts: []map[string]any{{"name": "out", "paths": []string{"out.txt"}, "when": "on_success", "artifact_type": "archive", "artifact_format": "zip"}},
 	})
@@ -127,7 +128,7 @@ func testRunnerPipeline(t *testing.T, h *runnerHost) {
 	require.Equal(t, "success", final.State, trace)
 	assert.Contains(t, trace, "restored "+testTmpl+" into ")
 	assert.Contains(t, trace, "Uploading artifacts")
-	rp := h.gl.gitRepo(t)
+	rp := h.gl.GitRepo(t)
 	zr, err := zip.NewReader(bytes.NewReader(h.gl.Artifacts(build)), int64(len(h.gl.Artifacts(build))))
 	require.NoError(t, err, "the artifacts archive:\n%s", trace)
 	var names []string
@@ -138,12 +139,12 @@ func testRunnerPipeline(t *testing.T, h *runnerHost) {
 	rc, err := zr.File[0].Open()
 	require.NoError(t, err)
 	got, _ := io.ReadAll(rc)
-	assert.Equal(t, rp.content, string(got), "the file from the cloned sources")
+	assert.Equal(t, rp.Content, string(got), "the file from the cloned sources")
 
-	test := h.gl.add(jobSpec{Needs: []*fakeJob{build}, Script: []string{`echo "artifact: $(cat out.txt)"`}})
+	test := h.gl.Add(fakegitlab.JobSpec{Needs: []*fakegitlab.Job{build}, Script: []string{`echo "artifact: $(cat out.txt)"`}})
 	final, trace = h.finish(test)
 	p.wait(t, time.Minute)
 	require.Equal(t, "success", final.State, trace)
-	assert.True(t, hasLine(trace, "artifact: "+strings.TrimSpace(rp.content)), trace)
+	assert.True(t, fakegitlab.HasLine(trace, "artifact: "+strings.TrimSpace(rp.Content)), trace)
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }

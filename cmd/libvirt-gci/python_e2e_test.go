@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -83,17 +84,17 @@ func TestPythonToolsUsers(t *testing.T) {
 	h.env = append(env, "LIBVIRT_GCI_BASE_IMAGES="+dir, "LIBVIRT_GCI_BASE_CPUS=1", "LIBVIRT_GCI_BASE_MEMORY=256M",
 		"LIBVIRT_GCI_BASE_NETWORK=gci-isolated", "LIBVIRT_GCI_BASE_VIRT=qemu") // this host's /dev/kvm cannot run a guest
 
-	ok := h.gl.add(jobSpec{
+	ok := h.gl.Add(fakegitlab.JobSpec{
 		Script:    []string{`echo "distro=$DISTRO on $(cat /proc/cmdline)"`, `ls /sys/class/net | tr '\n' ' '; echo`, `echo "pwd=$PWD"`},
 		Variables: map[string]string{"DISTRO": distro},
 	})
-	missing := h.gl.add(jobSpec{Script: []string{"echo never"}, Variables: map[string]string{"DISTRO": "fedora-34"}})
+	missing := h.gl.Add(fakegitlab.JobSpec{Script: []string{"echo never"}, Variables: map[string]string{"DISTRO": "fedora-34"}})
 	start := time.Now()
 	p := h.runSingle(2)
 	final, trace := h.finish(ok)
 	t.Logf("a job from a base image: %.1f s", time.Since(start).Seconds())
 	assert.Equal(t, "success", final.State, trace)
-	assert.True(t, hasLine(trace, "distro="+distro+" on console=ttyS0 quiet"), trace)
+	assert.True(t, fakegitlab.HasLine(trace, "distro="+distro+" on console=ttyS0 quiet"), trace)
 	assert.Regexp(t, `(?m)eth0 .*lo|enp\S+ .*lo`, trace, "the built-in definition's NIC")
 	assert.Contains(t, trace, "pwd=/home/gitlab-runner/builds/")
 

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -311,7 +312,7 @@ func TestRunnerRemoteQemuSSH(t *testing.T) {
 			h.env[i] = "LIBVIRT_GCI_URI=" + s.uri(s.known)
 		}
 	}
-	j := h.gl.add(jobSpec{Script: []string{`echo "remote job on $(hostname)"`, `gitlab-runner --version | head -1`}})
+	j := h.gl.Add(fakegitlab.JobSpec{Script: []string{`echo "remote job on $(hostname)"`, `gitlab-runner --version | head -1`}})
 	p := h.runSingle(1)
 	final, trace := h.finish(j)
 	p.wait(t, time.Minute)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -72,7 +73,7 @@ func readmeConfig(t testing.TB, url, token, bin string) (config, name string) {
 type runnerHost struct {
 	t      testing.TB
 	l      *libvirt.Libvirt
-	gl     *fakeGitLab
+	gl     *fakegitlab.GitLab
 	bin    string
 	config string
 	name   string
@@ -98,10 +99,10 @@ func overTransports(t *testing.T, f func(t *testing.T, h *runnerHost)) {
 func newRunnerHost(t testing.TB, transport string) *runnerHost {
 	t.Helper()
 	l := lv(t)
-	h := &runnerHost{t: t, l: l, bin: gitlabRunnerBin(t), gl: newFakeGitLab(t)}
+	h := &runnerHost{t: t, l: l, bin: gitlabRunnerBin(t), gl: fakegitlab.New(t)}
 	h.prefix, _ = testPrefix(t)
 	dir := t.TempDir()
-	config, name := readmeConfig(t, h.gl.URL(), h.gl.runnerToken, binPath)
+	config, name := readmeConfig(t, h.gl.URL(), h.gl.RunnerToken, binPath)
 	h.config, h.name = filepath.Join(dir, "config.toml"), name
 	require.NoError(t, os.WriteFile(h.config, []byte(config), 0o600))
 	tmp := filepath.Join(dir, "tmp")
@@ -200,13 +201,13 @@ func (p *runnerProc) wait(t testing.TB, limit time.Duration) {
 }
 
 // finish waits for the job's final state from the runner, and returns it with the trace.
-func (h *runnerHost) finish(j *fakeJob) (jobUpdate, string) {
+func (h *runnerHost) finish(j *fakegitlab.Job) (fakegitlab.Update, string) {
 	h.t.Helper()
-	require.True(h.t, h.gl.wait(j, 6*time.Minute), "job %d not finished; trace so far:\n%s", j.ID, h.gl.Trace(j))
+	require.True(h.t, h.gl.Wait(j, 6*time.Minute), "job %d not finished; trace so far:\n%s", j.ID, h.gl.Trace(j))
 	return h.gl.Final(j), h.gl.Trace(j)
 }
 
-func exitCode(u jobUpdate) int {
+func exitCode(u fakegitlab.Update) int {
 	if u.ExitCode == nil {
 		return -1
 	}
@@ -219,7 +220,7 @@ func TestRunnerJobSucceeds(t *testing.T) {
 }
 
 func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
-	j := h.gl.add(jobSpec{
+	j := h.gl.Add(fakegitlab.JobSpec{
 		Script: []string{
 			`echo "greeting=$GREETING"`,
 			`echo "in $PWD on $(hostname) as $(id -un)"`,
@@ -235,11 +236,11 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	p.wait(t, time.Minute)
 
 	assert.Equal(t, "success", final.State, trace)
-	assert.True(t, hasLine(trace, "greeting=hello from a job variable"), trace)
-	if l := findLine(trace, "to-stderr"); assert.NotNil(t, l) {
+	assert.True(t, fakegitlab.HasLine(trace, "greeting=hello from a job variable"), trace)
+	if l := fakegitlab.FindLine(trace, "to-stderr"); assert.NotNil(t, l) {
 		assert.True(t, l.Stderr, "stderr is kept apart from stdout")
 	}
-	assert.True(t, hasLine(trace, "after_script sees success"))
+	assert.True(t, fakegitlab.HasLine(trace, "after_script sees success"))
 	assert.Contains(t, trace, "Using Custom executor with driver libvirt-gci")
 	assert.Contains(t, trace, "restored "+testTmpl+" into ", "restored from its warm image (LIBVIRT_GCI_START=restore, the default)")
 	assert.Regexp(t, `in /builds/group/hello on \S+ as root`, trace)
@@ -249,7 +250,7 @@ func testRunnerJobSucceeds(t *testing.T, h *runnerHost) {
 	version, err := exec.Command(h.bin, "--version").Output()
 	require.NoError(t, err)
 	first, _, _ := strings.Cut(string(version), "\n")
-	assert.True(t, hasLine(trace, "helper: "+first), "want %q in the guest:\n%s", first, trace)
+	assert.True(t, fakegitlab.HasLine(trace, "helper: "+first), "want %q in the guest:\n%s", first, trace)
 }
 
 func TestRunnerScriptFailure(t *testing.T) {
@@ -258,7 +259,7 @@ func TestRunnerScriptFailure(t *testing.T) {
 }
 
 func testRunnerScriptFailure(t *testing.T, h *runnerHost) {
-	j := h.gl.add(jobSpec{
+	j := h.gl.Add(fakegitlab.JobSpec{
 		Script:      []string{`echo before`, `exit 7`, `echo never`},
 		AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`},
 	})
@@ -269,9 +270,9 @@ func testRunnerScriptFailure(t *testing.T, h *runnerHost) {
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Equal(t, "script_failure", final.FailureReason)
 	assert.Equal(t, 7, exitCode(final))
-	assert.True(t, hasLine(trace, "before"))
-	assert.False(t, hasLine(trace, "never"), "the script went on after exit 7")
-	assert.True(t, hasLine(trace, "after_script sees failed"))
+	assert.True(t, fakegitlab.HasLine(trace, "before"))
+	assert.False(t, fakegitlab.HasLine(trace, "never"), "the script went on after exit 7")
+	assert.True(t, fakegitlab.HasLine(trace, "after_script sees failed"))
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }
 
@@ -283,7 +284,7 @@ func TestRunnerDisallowedTemplate(t *testing.T) {
 }
 
 func testRunnerDisallowedTemplate(t *testing.T, h *runnerHost) {
-	j := h.gl.add(jobSpec{Script: []string{`echo never`}, Variables: map[string]string{"DISTRO": "windows-11"}})
+	j := h.gl.Add(fakegitlab.JobSpec{Script: []string{`echo never`}, Variables: map[string]string{"DISTRO": "windows-11"}})
 	p := h.runSingle(1)
 	final, trace := h.finish(j)
 	p.wait(t, time.Minute)
@@ -292,7 +293,7 @@ func testRunnerDisallowedTemplate(t *testing.T, h *runnerHost) {
 	assert.Equal(t, "runner_system_failure", final.FailureReason)
 	msg := `template "windows-11" (from CUSTOM_ENV_DISTRO) is not offered on this runner`
 	assert.Equal(t, 3, strings.Count(trace, msg), "prepare tried three times:\n%s", trace)
-	assert.False(t, hasLine(trace, "never"))
+	assert.False(t, fakegitlab.HasLine(trace, "never"))
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }
 
@@ -309,8 +310,8 @@ func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	requireFastLibvirt(t, h.l)
 	h.warm(testTmpl) // the job's 20 s are for a restore, not for making the warm image too
 	const timeout = 20
-	job := h.gl.add(jobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
-	script := h.gl.add(jobSpec{
+	job := h.gl.Add(fakegitlab.JobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
+	script := h.gl.Add(fakegitlab.JobSpec{
 		Script:      []string{`echo started`, `sleep 613`},
 		AfterScript: []string{sleepersCheck},
 		Variables:   map[string]string{"RUNNER_SCRIPT_TIMEOUT": "8s"},
@@ -320,16 +321,16 @@ func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	final, trace := h.finish(job)
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Equal(t, "job_execution_timeout", final.FailureReason)
-	require.True(t, hasLine(trace, "started"), "the %d s job timeout hit before the script started: prepare took too long; is libvirt slow?\n%s", timeout, trace)
-	taken, finished := h.gl.times(job)
+	require.True(t, fakegitlab.HasLine(trace, "started"), "the %d s job timeout hit before the script started: prepare took too long; is libvirt slow?\n%s", timeout, trace)
+	taken, finished := h.gl.Times(job)
 	took := finished.Sub(taken)
 	assert.Less(t, took, (timeout+20)*time.Second, "the job took %s for a %d s timeout", took, timeout)
 
 	final, trace = h.finish(script)
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Equal(t, "job_execution_timeout", final.FailureReason)
-	assert.True(t, hasLine(trace, "started"))
-	assert.True(t, hasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
+	assert.True(t, fakegitlab.HasLine(trace, "started"))
+	assert.True(t, fakegitlab.HasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
 	p.wait(t, time.Minute)
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }
@@ -345,15 +346,15 @@ func TestRunnerCancel(t *testing.T) {
 				requireFastLibvirt(t, h.l)
 				// The runner hears of a cancel in the answer to its next trace upload, so the
 				// script keeps printing (else that is the keep-alive, every 30 s).
-				j := h.gl.add(jobSpec{
+				j := h.gl.Add(fakegitlab.JobSpec{
 					Script:      []string{`echo started`, `sleep 613 & while sleep 0.5; do echo tick; done`},
 					AfterScript: []string{`echo "after_script sees $CI_JOB_STATUS"`, sleepersCheck},
 				})
 				p := h.runSingle(1)
-				require.Eventually(t, func() bool { return hasLine(h.gl.Trace(j), "started") },
+				require.Eventually(t, func() bool { return fakegitlab.HasLine(h.gl.Trace(j), "started") },
 					3*time.Minute, 100*time.Millisecond, "the script never started:\n%s", h.gl.Trace(j))
 				sent := time.Now()
-				h.gl.cancel(j, status)
+				h.gl.Cancel(j, status)
 				p.wait(t, 2*time.Minute)
 				took := time.Since(sent)
 				t.Logf("the runner was done %.1f s after the cancel", took.Seconds())
@@ -363,8 +364,8 @@ func TestRunnerCancel(t *testing.T) {
 				assert.Equal(t, "failed", final.State, trace)
 				assert.Equal(t, "job_canceled", final.FailureReason)
 				if status == "canceling" {
-					assert.True(t, hasLine(trace, "after_script sees canceled"))
-					assert.True(t, hasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
+					assert.True(t, fakegitlab.HasLine(trace, "after_script sees canceled"))
+					assert.True(t, fakegitlab.HasLine(trace, "sleepers=0"), "the script's processes are gone:\n%s", trace)
 				}
 				assert.Empty(t, leftovers(t, h.l, h.prefix))
 			})
@@ -381,8 +382,8 @@ func TestRunnerTwoJobsAtOnce(t *testing.T) { overTransports(t, testRunnerTwoJobs
 func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	requireFastLibvirt(t, h.l)
 	script := []string{`echo "job $WHO: $CI_JOB_ID on $CI_RUNNER_SHORT_TOKEN/$CI_CONCURRENT_ID"`, `sleep 10`, `echo "done $WHO in $(cat /proc/sys/kernel/random/boot_id)"`}
-	a := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "a"}})
-	b := h.gl.add(jobSpec{Script: script, Variables: map[string]string{"WHO": "b",
+	a := h.gl.Add(fakegitlab.JobSpec{Script: script, Variables: map[string]string{"WHO": "a"}})
+	b := h.gl.Add(fakegitlab.JobSpec{Script: script, Variables: map[string]string{"WHO": "b",
 		"CI_JOB_ID": fmt.Sprint(a.ID), "CI_PROJECT_PATH": "group/hello", "CI_PROJECT_ID": "42"}})
 	p := h.start("run", "-c", h.config, "--working-directory", filepath.Dir(h.config))
 
@@ -401,9 +402,9 @@ func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 		}
 		most = max(most, n)
 		select {
-		case <-a.done:
+		case <-a.Done():
 			select {
-			case <-b.done:
+			case <-b.Done():
 				done = true
 			default:
 			}
@@ -416,7 +417,7 @@ func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	p.wait(t, time.Minute)
 
 	boots := map[string]bool{}
-	for who, j := range map[string]*fakeJob{"a": a, "b": b} {
+	for who, j := range map[string]*fakegitlab.Job{"a": a, "b": b} {
 		final, trace := h.gl.Final(j), h.gl.Trace(j)
 		assert.Equal(t, "success", final.State, trace)
 		m := regexp.MustCompile(`\bdone ` + who + ` in ([0-9a-f-]{36})`).FindStringSubmatch(trace)
@@ -427,8 +428,8 @@ func testRunnerTwoJobsAtOnce(t *testing.T, h *runnerHost) {
 	assert.Len(t, boots, 2, "each job ran in a VM of its own")
 	assert.Equal(t, 2, most, "both jobs' VMs ran at the same time")
 	assert.Len(t, seen, 2, "one VM per job: %v", seen)
-	aTaken, aFinished := h.gl.times(a)
-	bTaken, bFinished := h.gl.times(b)
+	aTaken, aFinished := h.gl.Times(a)
+	bTaken, bFinished := h.gl.Times(b)
 	assert.True(t, aTaken.Before(bFinished) && bTaken.Before(aFinished), "the jobs overlapped")
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }

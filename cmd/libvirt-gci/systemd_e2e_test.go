@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -161,7 +162,7 @@ func TestSystemdRunnerPipeline(t *testing.T) {
 			require.NoError(t, err)
 			h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+t.TempDir(),
 				"LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl, "LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
-			job := h.gl.add(jobSpec{Fetch: true,
+			job := h.gl.Add(fakegitlab.JobSpec{Fetch: true,
 				Script: []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`, `mkdir -p vendor && hostname >vendor/marker`,
 					`echo "first-stage-addr=$(ip -4 -o addr show scope global | awk '$4 ~ /^10\.213\.214\./ {print $4}')"`},
 				Cache:     []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": "push", "when": "on_success", "untracked": false}},

@@ -1,8 +1,7 @@
-package main
-
-// A small fake of GitLab's job API, enough for a real gitlab-runner to fetch jobs, stream
+// Package fakegitlab is a small fake of GitLab's job API, enough for a real gitlab-runner to fetch jobs, stream
 // their traces and report how they ended. It listens on 127.0.0.1 only and is strict the way
 // GitLab is: wrong tokens get 403 and a trace chunk at the wrong offset gets 416.
+package fakegitlab
 
 import (
 	"crypto/rand"
@@ -21,28 +20,28 @@ import (
 	"time"
 )
 
-type fakeGitLab struct {
+type GitLab struct {
 	t           testing.TB
 	srv         *httptest.Server
-	runnerToken string
+	RunnerToken string
 
 	mu          sync.Mutex
-	queue       []*fakeJob
-	jobs        map[int64]*fakeJob
+	queue       []*Job
+	jobs        map[int64]*Job
 	problems    []string // protocol violations by the runner
-	repo        *repo    // the project's repository, once a job fetches it
+	repo        *Repository    // the project's repository, once a job fetches it
 	gitRequests int
 }
 
-// fakeJob is one job on the fake GitLab: what the runner is given and what it reported.
-type fakeJob struct {
+// Job is one job on the fake GitLab: what the runner is given and what it reported.
+type Job struct {
 	ID      int64
 	Token   string
 	Payload map[string]any
 
 	trace     []byte
 	artifacts []byte // the archive it uploaded
-	updates   []jobUpdate
+	updates   []Update
 	remote    string // Job-Status sent back: "" (running), "canceling" or "canceled"
 	taken     time.Time
 	finished  time.Time
@@ -50,8 +49,8 @@ type fakeJob struct {
 	closeOnce sync.Once
 }
 
-// jobUpdate is the body of PUT /api/v4/jobs/:id.
-type jobUpdate struct {
+// Update is the body of PUT /api/v4/jobs/:id.
+type Update struct {
 	State         string `json:"state"`
 	FailureReason string `json:"failure_reason"`
 	ExitCode      *int   `json:"exit_code"`
@@ -61,8 +60,8 @@ type jobUpdate struct {
 	} `json:"output"`
 }
 
-func newFakeGitLab(t testing.TB) *fakeGitLab {
-	g := &fakeGitLab{t: t, runnerToken: "glrt-fake-" + strings.ToLower(rand.Text()), jobs: map[int64]*fakeJob{}}
+func New(t testing.TB) *GitLab {
+	g := &GitLab{t: t, RunnerToken: "glrt-fake-" + strings.ToLower(rand.Text()), jobs: map[int64]*Job{}}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("fake GitLab: %v", err)
@@ -80,10 +79,13 @@ func newFakeGitLab(t testing.TB) *fakeGitLab {
 	return g
 }
 
-func (g *fakeGitLab) URL() string { return g.srv.URL }
+func (g *GitLab) URL() string { return g.srv.URL }
 
-// jobSpec is what a test asks for; add turns it into the JSON GitLab would send.
-type jobSpec struct {
+// Done is closed once the job's final state is reported.
+func (j *Job) Done() <-chan struct{} { return j.done }
+
+// JobSpec is what a test asks for; add turns it into the JSON GitLab would send.
+type JobSpec struct {
 	Script      []string
 	AfterScript []string
 	Variables   map[string]string
@@ -94,7 +96,7 @@ type jobSpec struct {
 	// Fetch clones the project (GIT_STRATEGY fetch) instead of none.
 	Fetch bool
 	// Needs are earlier jobs whose artifacts this one downloads.
-	Needs []*fakeJob
+	Needs []*Job
 }
 
 var jobIDs struct {
@@ -104,7 +106,7 @@ var jobIDs struct {
 
 // add queues a job and returns it. Job IDs are unique across tests and runs, as instance
 // names contain them.
-func (g *fakeGitLab) add(s jobSpec) *fakeJob {
+func (g *GitLab) Add(s JobSpec) *Job {
 	jobIDs.Lock()
 	id := time.Now().UnixMilli() % 1e10 * 10
 	if id <= jobIDs.last {
@@ -129,7 +131,7 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	}
 	gitInfo := map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)}
 	if s.Fetch {
-		rp := g.gitRepo(g.t)
+		rp := g.GitRepo(g.t)
 		vars = append(vars, map[string]any{"key": "GIT_STRATEGY", "value": "fetch", "public": true})
 		gitInfo["sha"], gitInfo["ref_type"], gitInfo["depth"] = rp.sha, "branch", 0
 		gitInfo["refspecs"] = []string{"+refs/heads/*:refs/remotes/origin/*"}
@@ -151,7 +153,7 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 	if len(s.AfterScript) > 0 {
 		steps = append(steps, map[string]any{"name": "after_script", "script": s.AfterScript, "timeout": s.Timeout, "when": "always"})
 	}
-	j := &fakeJob{ID: id, Token: token, done: make(chan struct{}), Payload: map[string]any{
+	j := &Job{ID: id, Token: token, done: make(chan struct{}), Payload: map[string]any{
 		"id":           id,
 		"token":        token,
 		"job_info":     map[string]any{"name": "test", "stage": "test", "project_id": s.ProjectID, "project_name": "hello", "project_full_path": "group/hello", "instance_uuid": "fake-gitlab"},
@@ -176,13 +178,13 @@ func (g *fakeGitLab) add(s jobSpec) *fakeJob {
 
 // cancel makes GitLab answer the runner's next trace or update call with Job-Status
 // "canceling" (a graceful cancel: after_script still runs) or "canceled" (abort).
-func (g *fakeGitLab) cancel(j *fakeJob, status string) {
+func (g *GitLab) Cancel(j *Job, status string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	j.remote = status
 }
 
-func (g *fakeGitLab) problem(format string, args ...any) {
+func (g *GitLab) problem(format string, args ...any) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.problems = append(g.problems, fmt.Sprintf(format, args...))
@@ -194,7 +196,7 @@ var (
 	rangeHdr  = regexp.MustCompile(`^(\d+)-(\d+)$`)
 )
 
-func (g *fakeGitLab) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (g *GitLab) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case strings.HasPrefix(r.URL.Path, "/group/hello.git/"):
 		g.serveGit(w, r)
@@ -224,11 +226,11 @@ func (g *fakeGitLab) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (g *fakeGitLab) request(w http.ResponseWriter, body []byte) {
+func (g *GitLab) request(w http.ResponseWriter, body []byte) {
 	var req struct {
 		Token string `json:"token"`
 	}
-	if json.Unmarshal(body, &req) != nil || req.Token != g.runnerToken {
+	if json.Unmarshal(body, &req) != nil || req.Token != g.RunnerToken {
 		g.problem("job request with a wrong runner token")
 		w.WriteHeader(http.StatusForbidden)
 		return
@@ -249,7 +251,7 @@ func (g *fakeGitLab) request(w http.ResponseWriter, body []byte) {
 }
 
 // job finds the job of a request and checks its job token; nil means answered already.
-func (g *fakeGitLab) job(w http.ResponseWriter, r *http.Request, id string, token string) *fakeJob {
+func (g *GitLab) job(w http.ResponseWriter, r *http.Request, id string, token string) *Job {
 	n, _ := strconv.ParseInt(id, 10, 64)
 	g.mu.Lock()
 	j := g.jobs[n]
@@ -267,9 +269,9 @@ func (g *fakeGitLab) job(w http.ResponseWriter, r *http.Request, id string, toke
 	return j
 }
 
-func (g *fakeGitLab) update(w http.ResponseWriter, r *http.Request, id string, body []byte) {
+func (g *GitLab) update(w http.ResponseWriter, r *http.Request, id string, body []byte) {
 	var u struct {
-		jobUpdate
+		Update
 		Token string `json:"token"`
 	}
 	if err := json.Unmarshal(body, &u); err != nil {
@@ -282,7 +284,7 @@ func (g *fakeGitLab) update(w http.ResponseWriter, r *http.Request, id string, b
 		return
 	}
 	g.mu.Lock()
-	j.updates = append(j.updates, u.jobUpdate)
+	j.updates = append(j.updates, u.Update)
 	remote := j.remote
 	final := u.State == "success" || u.State == "failed"
 	if final && j.finished.IsZero() {
@@ -304,7 +306,7 @@ func (g *fakeGitLab) update(w http.ResponseWriter, r *http.Request, id string, b
 	}
 }
 
-func (g *fakeGitLab) patchTrace(w http.ResponseWriter, r *http.Request, id string, body []byte) {
+func (g *GitLab) patchTrace(w http.ResponseWriter, r *http.Request, id string, body []byte) {
 	j := g.job(w, r, id, r.Header.Get("Job-Token"))
 	if j == nil {
 		return
@@ -334,31 +336,31 @@ func (g *fakeGitLab) patchTrace(w http.ResponseWriter, r *http.Request, id strin
 }
 
 // Trace is the job's log as GitLab has it so far.
-func (g *fakeGitLab) Trace(j *fakeJob) string {
+func (g *GitLab) Trace(j *Job) string {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return string(j.trace)
 }
 
 // Final is the job's last state update.
-func (g *fakeGitLab) Final(j *fakeJob) jobUpdate {
+func (g *GitLab) Final(j *Job) Update {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if len(j.updates) == 0 {
-		return jobUpdate{}
+		return Update{}
 	}
 	return j.updates[len(j.updates)-1]
 }
 
 // times is when the runner took the job and when it reported it finished.
-func (g *fakeGitLab) times(j *fakeJob) (taken, finished time.Time) {
+func (g *GitLab) Times(j *Job) (taken, finished time.Time) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return j.taken, j.finished
 }
 
 // wait blocks until the runner reported the job finished (or it was aborted).
-func (g *fakeGitLab) wait(j *fakeJob, limit time.Duration) bool {
+func (g *GitLab) Wait(j *Job, limit time.Duration) bool {
 	select {
 	case <-j.done:
 		return true
@@ -367,9 +369,9 @@ func (g *fakeGitLab) wait(j *fakeJob, limit time.Duration) bool {
 	}
 }
 
-// traceLine is one line of a job log: GitLab Runner prefixes each with a timestamp, a
+// TraceLine is one line of a job log: GitLab Runner prefixes each with a timestamp, a
 // stream number and O or E (stdout or stderr), and "+" when it continues the previous one.
-type traceLine struct {
+type TraceLine struct {
 	At     time.Time
 	Stderr bool
 	Text   string
@@ -377,9 +379,9 @@ type traceLine struct {
 
 var traceLineRE = regexp.MustCompile(`^(\S+) [0-9a-f]{2}([OE])\+? ?(.*)$`)
 
-// parseTrace splits a job log into lines, without the runner's ANSI colours.
-func parseTrace(trace string) []traceLine {
-	var lines []traceLine
+// ParseTrace splits a job log into lines, without the runner's ANSI colours.
+func ParseTrace(trace string) []TraceLine {
+	var lines []TraceLine
 	ansi := regexp.MustCompile(`\x1b\[[0-9;]*[A-Za-z]`)
 	for _, l := range strings.Split(trace, "\n") {
 		m := traceLineRE.FindStringSubmatch(l)
@@ -390,14 +392,14 @@ func parseTrace(trace string) []traceLine {
 		if err != nil {
 			continue
 		}
-		lines = append(lines, traceLine{At: at, Stderr: m[2] == "E", Text: ansi.ReplaceAllString(m[3], "")})
+		lines = append(lines, TraceLine{At: at, Stderr: m[2] == "E", Text: ansi.ReplaceAllString(m[3], "")})
 	}
 	return lines
 }
 
-// findLine is the job log's first line that is exactly text, or nil.
-func findLine(trace, text string) *traceLine {
-	for _, l := range parseTrace(trace) {
+// FindLine is the job log's first line that is exactly text, or nil.
+func FindLine(trace, text string) *TraceLine {
+	for _, l := range ParseTrace(trace) {
 		if l.Text == text {
 			return &l
 		}
@@ -405,4 +407,4 @@ func findLine(trace, text string) *traceLine {
 	return nil
 }
 
-func hasLine(trace, text string) bool { return findLine(trace, text) != nil }
+func HasLine(trace, text string) bool { return FindLine(trace, text) != nil }

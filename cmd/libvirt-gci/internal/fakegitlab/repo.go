@@ -1,4 +1,4 @@
-package main
+package fakegitlab
 
 // The fake GitLab's project repository (git's smart HTTP protocol, served by
 // git http-backend) and job artifacts (GitLab's job artifacts API: upload with the job's
@@ -22,14 +22,14 @@ import (
 var artifactsPath = regexp.MustCompile(`^/api/v4/jobs/(\d+)/artifacts$`)
 
 // repo is the project group/hello: a bare repository with one commit, made on first use.
-type repo struct {
+type Repository struct {
 	root    string // GIT_PROJECT_ROOT
 	sha     string // the commit of main
-	content string // src/greeting.txt in it
+	Content string // src/greeting.txt in it
 }
 
 // gitRepo makes the project's repository, once.
-func (g *fakeGitLab) gitRepo(t testing.TB) *repo {
+func (g *GitLab) GitRepo(t testing.TB) *Repository {
 	t.Helper()
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -38,7 +38,7 @@ func (g *fakeGitLab) gitRepo(t testing.TB) *repo {
 	}
 	root := t.TempDir()
 	work := filepath.Join(root, "work")
-	r := &repo{root: root, content: "hello from the repository " + strings.ToLower(rand.Text()) + "\n"}
+	r := &Repository{root: root, Content: "hello from the repository " + strings.ToLower(rand.Text()) + "\n"}
 	git := func(dir string, args ...string) string {
 		cmd := exec.Command("git", args...)
 		cmd.Dir = dir
@@ -52,7 +52,7 @@ func (g *fakeGitLab) gitRepo(t testing.TB) *repo {
 	if err := os.MkdirAll(filepath.Join(work, "src"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(work, "src", "greeting.txt"), []byte(r.content), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(work, "src", "greeting.txt"), []byte(r.Content), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	git(work, "init", "-q", "-b", "main")
@@ -68,7 +68,7 @@ func (g *fakeGitLab) gitRepo(t testing.TB) *repo {
 }
 
 // serveGit answers git's smart HTTP protocol for the project, with git http-backend.
-func (g *fakeGitLab) serveGit(w http.ResponseWriter, r *http.Request) {
+func (g *GitLab) serveGit(w http.ResponseWriter, r *http.Request) {
 	g.mu.Lock()
 	rp := g.repo
 	g.mu.Unlock()
@@ -87,7 +87,7 @@ func (g *fakeGitLab) serveGit(w http.ResponseWriter, r *http.Request) {
 }
 
 // uploadArtifacts takes POST /api/v4/jobs/:id/artifacts (multipart, field "file").
-func (g *fakeGitLab) uploadArtifacts(w http.ResponseWriter, r *http.Request, id string) {
+func (g *GitLab) uploadArtifacts(w http.ResponseWriter, r *http.Request, id string) {
 	j := g.job(w, r, id, r.Header.Get("Job-Token"))
 	if j == nil {
 		return
@@ -113,7 +113,7 @@ func (g *fakeGitLab) uploadArtifacts(w http.ResponseWriter, r *http.Request, id 
 
 // downloadArtifacts answers GET /api/v4/jobs/:id/artifacts for a job whose token is that
 // of any job of the project (a later job downloads with its own).
-func (g *fakeGitLab) downloadArtifacts(w http.ResponseWriter, r *http.Request, id string) {
+func (g *GitLab) downloadArtifacts(w http.ResponseWriter, r *http.Request, id string) {
 	n, _ := strconv.ParseInt(id, 10, 64)
 	token := r.Header.Get("Job-Token")
 	g.mu.Lock()
@@ -141,7 +141,7 @@ func (g *fakeGitLab) downloadArtifacts(w http.ResponseWriter, r *http.Request, i
 }
 
 // Artifacts is the archive the job uploaded, if any.
-func (g *fakeGitLab) Artifacts(j *fakeJob) []byte {
+func (g *GitLab) Artifacts(j *Job) []byte {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return j.artifacts
