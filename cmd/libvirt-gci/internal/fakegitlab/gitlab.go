@@ -1,5 +1,6 @@
-// Package fakegitlab is a small fake of GitLab's job API, enough for a real gitlab-runner to fetch jobs, stream
-// their traces and report how they ended. It listens on 127.0.0.1 only and is strict the way
+// Package fakegitlab is a small fake of GitLab's job API, enough for a real
+// gitlab-runner to fetch jobs, clone the project, stream their traces, move artifacts
+// and report how the jobs ended. It listens on 127.0.0.1 only and is strict the way
 // GitLab is: wrong tokens get 403 and a trace chunk at the wrong offset gets 416.
 package fakegitlab
 
@@ -28,8 +29,8 @@ type GitLab struct {
 	mu          sync.Mutex
 	queue       []*Job
 	jobs        map[int64]*Job
-	problems    []string // protocol violations by the runner
-	repo        *Repository    // the project's repository, once a job fetches it
+	problems    []string    // protocol violations by the runner
+	repo        *Repository // the project's repository, once a job fetches it
 	gitRequests int
 }
 
