@@ -25,6 +25,17 @@ func restoreHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer) *Hos
 	return h
 }
 
+// firstRestore launches gci-a on a new fake, which makes the warm image, and returns
+// the fake, the log, the host and the image's name.
+func firstRestore(t *testing.T) (*provisiontest.Libvirt, *bytes.Buffer, *Host, string) {
+	t.Helper()
+	f := provisiontest.New("ci")
+	log := &bytes.Buffer{}
+	h := restoreHost(t, f, log)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	return f, log, h, completeWarm(t, f)
+}
+
 // completeWarm is the name of the one complete warm image in f's pool ci.
 func completeWarm(t *testing.T, f *provisiontest.Libvirt) string {
 	t.Helper()
@@ -39,11 +50,7 @@ func completeWarm(t *testing.T, f *provisiontest.Libvirt) string {
 // of the save image gone and no longer in its metadata, and a new machine-id.
 func TestLaunchRestoresFromTheWarmImage(t *testing.T) {
 	t.Parallel()
-	f := provisiontest.New("ci")
-	var log bytes.Buffer
-	h := restoreHost(t, f, &log)
-	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
-	warm := completeWarm(t, f)
+	f, log, h, warm := firstRestore(t)
 	assert.Contains(t, log.String(), "made the warm image "+warm+" of tmpl")
 	assert.Contains(t, log.String(), "restored tmpl into gci-a from "+warm)
 	assert.NotContains(t, log.String(), "booting")
@@ -120,11 +127,7 @@ func TestRestoreFailureAtEachCall(t *testing.T) {
 // A save image the tool cannot read boots the instance, and says why.
 func TestRestoreUnreadableImageBoots(t *testing.T) {
 	t.Parallel()
-	f := provisiontest.New("ci")
-	var log bytes.Buffer
-	h := restoreHost(t, f, &log)
-	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
-	warm := completeWarm(t, f)
+	f, log, h, warm := firstRestore(t)
 	vol := golibvirt.StorageVol{Pool: "ci", Name: warm + ".save"}
 	require.NoError(t, f.StorageVolUpload(vol, bytes.NewReader(make([]byte, 16)), 0, 16, 0)) // no magic
 	log.Reset()
