@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
@@ -64,7 +63,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	}
 
 	// Built by one process at a time; the others wait, and find it made.
-	unlock, _, err := h.poolLock(ctx, conn, name, true, nil)
+	unlock, _, err := conn.PoolLock(ctx, h.Log, h.Pool, name, true, nil)
 	if err != nil {
 		return "", err
 	}
@@ -87,8 +86,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	if err := uploadVolume(conn, pool, name, img); err != nil {
 		return "", err
 	}
-	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", done)
-	if _, err := conn.API().StorageVolCreateXML(pool, x, 0); err != nil {
+	if _, err := conn.CreateVolume(pool, done, 0, 0); err != nil {
 		return "", fmt.Errorf("gitlab-runner helper: mark %s whole: %w", name, err)
 	}
 	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
@@ -111,11 +109,10 @@ func removeOldHelpers(conn *libvirt.Conn, pool golibvirt.StoragePool, keep strin
 	}, func(name, v string) bool { return v == name })
 }
 
-// helperID names a version of the binary: its device, inode, size and times, which any
-// upgrade changes (hashing 60 MB at every prepare would cost more than a tenth of a second).
+// helperID names a version of the binary by its file identity, which any upgrade
+// changes (hashing 60 MB at every prepare would cost more than a tenth of a second).
 func helperID(fi os.FileInfo) string {
-	st := fi.Sys().(*syscall.Stat_t)
-	sum := sha256.Sum256(fmt.Appendf(nil, "%d/%d/%d/%d/%d", st.Dev, st.Ino, st.Size, st.Mtim.Nano(), st.Ctim.Nano()))
+	sum := sha256.Sum256([]byte(fileIdentity(fi)))
 	return hex.EncodeToString(sum[:6])
 }
 
@@ -191,10 +188,9 @@ func uploadVolume(conn *libvirt.Conn, pool golibvirt.StoragePool, name, img stri
 	if err != nil {
 		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
-	x := fmt.Sprintf("<volume><name>%s</name><capacity unit='bytes'>%d</capacity><target><format type='raw'/><permissions><mode>0644</mode></permissions></target></volume>", name, fi.Size())
-	v, err := conn.API().StorageVolCreateXML(pool, x, 0)
+	v, err := conn.CreateVolume(pool, name, uint64(fi.Size()), 0o644)
 	if err != nil {
-		return fmt.Errorf("gitlab-runner helper: create volume %s: %w", name, err)
+		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
 	if err := conn.API().StorageVolUpload(v, f, 0, uint64(fi.Size()), 0); err != nil {
 		return fmt.Errorf("gitlab-runner helper: upload %s: %w", name, err)

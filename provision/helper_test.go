@@ -114,10 +114,10 @@ func TestHelperWaitIsBounded(t *testing.T) {
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	fi, err := os.Stat(bin)
 	require.NoError(t, err)
-	unlock, ok, err := h.poolLock(context.Background(), libvirt.NewConn(f), helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
+	unlock, ok, err := libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
 	require.NoError(t, err)
 	require.True(t, ok)
-	_, ok, err = h.poolLock(context.Background(), libvirt.NewConn(f), helperPrefix+helperID(fi)+".img", false, nil)
+	_, ok, err = libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil)
 	require.NoError(t, err)
 	assert.False(t, ok, "held")
 	start := time.Now()
