@@ -30,36 +30,39 @@ func (f *Libvirt) dom(d libvirt.Domain) (*domain, error) {
 	return fd, nil
 }
 
-func (f *Libvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlags) (string, error) {
-	if err := f.enter("DomainGetXMLDesc"); err != nil {
-		return "", err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fd, err := f.dom(d)
-	if err != nil {
-		return "", err
-	}
-	return fd.xml, nil
+func (f *Libvirt) DomainGetXMLDesc(d libvirt.Domain, _ libvirt.DomainXMLFlags) (x string, err error) {
+	err = f.withDom("DomainGetXMLDesc", d, func(fd *domain) error { x = fd.xml; return nil })
+	return x, err
 }
 
-func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (int32, int32, error) {
-	if err := f.enter("DomainGetState"); err != nil {
-		return 0, 0, err
+// withDom runs op on the domain d under f.mu, unless a failure is injected for method
+// or there is no such domain.
+func (f *Libvirt) withDom(method string, d libvirt.Domain, op func(fd *domain) error) error {
+	if err := f.enter(method); err != nil {
+		return err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	fd, err := f.dom(d)
 	if err != nil {
-		return 0, 0, err
+		return err
 	}
-	switch {
-	case fd.running && fd.paused:
-		return int32(libvirt.DomainPaused), 1, nil
-	case fd.running:
-		return int32(libvirt.DomainRunning), 1, nil
-	}
-	return int32(libvirt.DomainShutoff), 0, nil
+	return op(fd)
+}
+
+func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (state, reason int32, err error) {
+	err = f.withDom("DomainGetState", d, func(fd *domain) error {
+		switch {
+		case fd.running && fd.paused:
+			state, reason = int32(libvirt.DomainPaused), 1
+		case fd.running:
+			state, reason = int32(libvirt.DomainRunning), 1
+		default:
+			state = int32(libvirt.DomainShutoff)
+		}
+		return nil
+	})
+	return state, reason, err
 }
 
 func (f *Libvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt.OptString, _ libvirt.DomainModificationImpact) (string, error) {
@@ -171,17 +174,13 @@ func (f *Libvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFl
 
 // stop stops the running domain d (a destroy, or a guest's shutdown): its guest is gone.
 func (f *Libvirt) stop(method string, d libvirt.Domain) error {
-	if err := f.enter(method); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fd, err := f.running(d)
-	if err != nil {
-		return err
-	}
-	fd.running, fd.paused, fd.guest = false, false, nil
-	return nil
+	return f.withDom(method, d, func(fd *domain) error {
+		if !fd.running {
+			return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
+		}
+		fd.running, fd.paused, fd.guest = false, false, nil
+		return nil
+	})
 }
 
 // running is the domain d, if it runs; under f.mu.
@@ -197,20 +196,13 @@ func (f *Libvirt) running(d libvirt.Domain) (*domain, error) {
 }
 
 func (f *Libvirt) DomainUndefineFlags(d libvirt.Domain, _ libvirt.DomainUndefineFlagsValues) error {
-	if err := f.enter("DomainUndefineFlags"); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	fd, err := f.dom(d)
-	if err != nil {
-		return err
-	}
-	if fd.running {
-		return lverr(libvirt.ErrOperationInvalid, "cannot undefine a running domain in this fake")
-	}
-	delete(f.domains, d.Name)
-	return nil
+	return f.withDom("DomainUndefineFlags", d, func(fd *domain) error {
+		if fd.running {
+			return lverr(libvirt.ErrOperationInvalid, "cannot undefine a running domain in this fake")
+		}
+		delete(f.domains, d.Name)
+		return nil
+	})
 }
 
 func (f *Libvirt) DomainSetMetadata(d libvirt.Domain, typ int32, metadata, key, uri libvirt.OptString, _ libvirt.DomainModificationImpact) error {

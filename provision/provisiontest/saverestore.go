@@ -197,19 +197,13 @@ func (f *Libvirt) Content(pool, name string) []byte {
 }
 
 func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.DomainDeviceModifyFlags) error {
-	if err := f.enter("DomainUpdateDeviceFlags"); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if _, err := f.dom(d); err != nil {
-		return err
-	}
-	var iface libvirtxml.DomainInterface
-	if err := iface.Unmarshal(x); err != nil {
-		return lverr(libvirt.ErrXMLError, "%v", err)
-	}
-	return nil
+	return f.withDom("DomainUpdateDeviceFlags", d, func(*domain) error {
+		var iface libvirtxml.DomainInterface
+		if err := iface.Unmarshal(x); err != nil {
+			return lverr(libvirt.ErrXMLError, "%v", err)
+		}
+		return nil
+	})
 }
 
 func (f *Libvirt) DomainShutdownFlags(d libvirt.Domain, _ libvirt.DomainShutdownFlagValues) error {
