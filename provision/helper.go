@@ -56,10 +56,21 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	if err != nil {
 		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
 	}
-	if _, err := conn.API().StorageVolLookupByName(pool, done); err == nil {
-		return name, nil
-	} else if !libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
-		return "", fmt.Errorf("gitlab-runner helper volume: %w", err)
+	// Whole: its mark and the image are there (an operator may have deleted the image).
+	whole := func() (bool, error) {
+		for _, v := range []string{done, name} {
+			_, err := conn.API().StorageVolLookupByName(pool, v)
+			if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
+				return false, nil
+			}
+			if err != nil {
+				return false, fmt.Errorf("gitlab-runner helper volume: %w", err)
+			}
+		}
+		return true, nil
+	}
+	if ok, err := whole(); ok || err != nil {
+		return name, err
 	}
 
 	// Built by one process at a time; the others wait, and find it made.
@@ -68,8 +79,8 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 		return "", err
 	}
 	defer unlock()
-	if _, err := conn.API().StorageVolLookupByName(pool, done); err == nil {
-		return name, nil
+	if ok, err := whole(); ok || err != nil {
+		return name, err
 	}
 	start := time.Now()
 	img, err := buildHelperImage(ctx, f, fi.Size())
@@ -77,11 +88,9 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 		return "", err
 	}
 	defer os.Remove(img)
-	// A half-made volume of an earlier try goes first.
-	if v, err := conn.API().StorageVolLookupByName(pool, name); err == nil {
-		if err := conn.API().StorageVolDelete(v, 0); err != nil {
-			return "", fmt.Errorf("gitlab-runner helper: remove a half-made %s: %w", name, err)
-		}
+	// What an earlier try left (a half-made image, or a mark whose image went) goes first.
+	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name || v == done }); err != nil {
+		return "", fmt.Errorf("gitlab-runner helper: remove what an earlier try left: %w", err)
 	}
 	if err := uploadVolume(conn, pool, name, img); err != nil {
 		return "", err

@@ -59,6 +59,15 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 	}
 	assert.Equal(t, 1, uploads, "built once, for both instances")
 	vols := helperVolumes()
+
+	// An image whose mark is there but which is gone (an operator's vol-delete, say) is
+	// made again, not attached in vain.
+	img := strings.TrimSuffix(strings.TrimPrefix(vols[0], "volume ci/"), ".done")
+	require.NoError(t, f.StorageVolDelete(golibvirt.StorageVol{Pool: "ci", Name: img}, 0))
+	launch("gci-e")
+	assert.Equal(t, vols, helperVolumes(), "made again: %s", f.State())
+	_, err = libvirt.NewConn(f).Teardown(t.Context(), "gci-e", nil)
+	require.NoError(t, err)
 	require.NotEmpty(t, vols, f.State())
 	for _, name := range []string{"gci-a", "gci-b"} {
 		x, err := f.DomainGetXMLDesc(mustLookup(t, f, name), 0)
