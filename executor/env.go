@@ -54,7 +54,7 @@ func (s Settings) Validate() error {
 		if err != nil || u.Scheme == "" {
 			return fmt.Errorf("LIBVIRT_GCI_URI %q is not a URI; want one such as qemu:///system or qemu+ssh://user@host/system", uri)
 		}
-		if s.CacheDir != "" && u.Host != "" {
+		if s.CacheDir != "" && !provision.IsLocal(uri) {
 			return fmt.Errorf("LIBVIRT_GCI_CACHE_DIR is a directory on this host, which the remote libvirt %s cannot share with its guests; unset it (GitLab's distributed cache works everywhere)", uri)
 		}
 	}
@@ -113,7 +113,7 @@ func (s Settings) checkSSH(what string) error {
 	for _, uri := range s.URIs() {
 		// A guest's SSH port is forwarded on its host's 127.0.0.1: reached directly on a
 		// local libvirt, through the SSH connection on qemu+ssh.
-		if u, err := url.Parse(uri); err == nil && u.Host != "" && !strings.HasSuffix(u.Scheme, "+ssh") {
+		if !provision.ReachesHost(uri) {
 			return fmt.Errorf("%s cannot reach guests on the libvirt %s: their SSH ports are forwarded on that host's 127.0.0.1, which only a qemu+ssh:// connection reaches; use qemu+ssh://, or LIBVIRT_GCI_TRANSPORT=agent", what, uri)
 		}
 	}

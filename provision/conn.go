@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 )
 
 // What front ends (the executor, the command) see of the libvirt room: a connection to
@@ -30,3 +31,10 @@ func Connect(ctx context.Context, uri string) (*Conn, error) { return libvirt.Co
 
 // NewConn is a Conn over a as it is (provisiontest's fake, say).
 func NewConn(a libvirt.API) *Conn { return libvirt.NewConn(a) }
+
+// ReachesHost tells whether a connection to the libvirt URI uri reaches TCP addresses on
+// libvirtd's host, as guests' forwarded SSH ports want (dial.ReachesHost).
+func ReachesHost(uri string) bool { return dial.ReachesHost(uri) }
+
+// IsLocal tells whether the libvirt URI uri names this host's libvirt (dial.IsLocal).
+func IsLocal(uri string) bool { return dial.IsLocal(uri) }

@@ -3,9 +3,10 @@ package libvirt
 import (
 	"fmt"
 	"io/fs"
-	"net/url"
 	"os"
 	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 )
 
 // SlowCall is how long a libvirt call that normally takes milliseconds (a lookup, a
@@ -21,8 +22,7 @@ const kvmDevice = "/dev/kvm"
 // from what the last probe saw, as when /dev/kvm lacks the kvm group that udev gives it.
 func SlowHint(uri string) string {
 	const generic = "libvirtd is probably probing QEMU again on every call (its log says why, with log filter 1:qemu.qemu_capabilities) or is overloaded; see \"Slow libvirt\" in README.rst"
-	u, err := url.Parse(uri)
-	if err != nil || u.Host != "" {
+	if !dial.IsLocal(uri) {
 		return generic // a remote libvirtd: its host's /dev/kvm is not ours to see
 	}
 	fi, err := os.Stat(kvmDevice)
