@@ -2,7 +2,6 @@ package executor
 
 import (
 	"fmt"
-	"net/url"
 	"path"
 	"path/filepath"
 	"regexp"
@@ -50,9 +49,8 @@ func (s Settings) Validate() error {
 		return fmt.Errorf("LIBVIRT_GCI_URI is empty; want a libvirt URI such as qemu:///system, or several separated by spaces")
 	}
 	for _, uri := range s.URIs() {
-		u, err := url.Parse(uri)
-		if err != nil || u.Scheme == "" {
-			return fmt.Errorf("LIBVIRT_GCI_URI %q is not a URI; want one such as qemu:///system or qemu+ssh://user@host/system", uri)
+		if err := provision.CheckURI(uri); err != nil {
+			return fmt.Errorf("LIBVIRT_GCI_URI %w", err)
 		}
 		if s.CacheDir != "" && !provision.IsLocal(uri) {
 			return fmt.Errorf("LIBVIRT_GCI_CACHE_DIR is a directory on this host, which the remote libvirt %s cannot share with its guests; unset it (GitLab's distributed cache works everywhere)", uri)

@@ -110,7 +110,7 @@ func boolean(f func(*Settings) *bool) func(*Settings, string) error {
 
 // SettingList is every operator setting. Validate checks how they go together.
 var SettingList = []Setting{
-	{Flag: "uri", Default: "qemu:///system", Help: "libvirt connection URI: the local one, or qemu+ssh:// (keyfile=, known_hosts= checked strictly), +tcp, +tls; several, space-separated: each job goes to the one with most room",
+	{Flag: "uri", Default: "qemu:///system", Help: "libvirt connection URI: the local one, or qemu+ssh:// (keyfile=, known_hosts= checked strictly) or qemu+tls:// (qemu+tcp is refused: no authentication); several, space-separated: each job goes to the one with most room",
 		set: text(func(s *Settings) *string { return &s.URI })},
 	{Flag: "pool", Default: "default", Help: "storage pool that receives instance overlays",
 		set: text(func(s *Settings) *string { return &s.Pool })},

@@ -38,3 +38,6 @@ func ReachesHost(uri string) bool { return dial.ReachesHost(uri) }
 
 // IsLocal tells whether the libvirt URI uri names this host's libvirt (dial.IsLocal).
 func IsLocal(uri string) bool { return dial.IsLocal(uri) }
+
+// CheckURI refuses a libvirt URI this tool does not speak or will not (dial.Check).
+func CheckURI(uri string) error { return dial.Check(uri) }

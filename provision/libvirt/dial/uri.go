@@ -1,11 +1,12 @@
 // Package dial turns a libvirt URI into the socket a go-libvirt client talks over: the
-// local socket or tcp (go-libvirt's dialers), ssh and tls (ours: known_hosts checked
+// local socket (go-libvirt's dialer), ssh and tls (ours: known_hosts checked
 // strictly, no helper programs). It is also the one place that says what a URI's
 // transport is, and so whether the libvirt it names is this host's.
 package dial
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -47,6 +48,28 @@ type HostDialer interface {
 	DialHost(ctx context.Context, addr string) (net.Conn, error)
 }
 
+// ErrPlainTCP refuses qemu+tcp: go-libvirt authenticates only with "none" (or polkit on
+// the local socket), so a libvirtd listening on tcp is one anybody who reaches its port
+// drives as root (a guest on the hypervisor's NAT network does, through its gateway), and
+// job scripts and tokens would cross the network in clear.
+var ErrPlainTCP = errors.New("qemu+tcp:// is refused: it is a libvirtd without authentication or encryption, which any guest that reaches the host's port drives as root; use qemu+ssh:// (keyfile=, known_hosts=) or qemu+tls://")
+
+// Check refuses a URI whose transport this tool does not speak, or will not (qemu+tcp).
+func Check(uri string) error {
+	u, err := url.Parse(uri)
+	if err != nil || u.Scheme == "" {
+		return fmt.Errorf("%q is not a URI; want one such as qemu:///system or qemu+ssh://user@host/system", uri)
+	}
+	t := Socket(u)
+	if t == "tcp" {
+		return fmt.Errorf("%s: %w", uri, ErrPlainTCP)
+	}
+	if _, ok := schemes[t]; !ok {
+		return fmt.Errorf("%s: transport %q is not supported; want a local socket (qemu:///system), qemu+ssh:// or qemu+tls://", uri, t)
+	}
+	return nil
+}
+
 // schemes are the transports this tool speaks, each to the dialer of a URI.
 var schemes = map[string]func(ctx context.Context, u *url.URL) (socket.Dialer, error){
 	"unix": func(_ context.Context, u *url.URL) (socket.Dialer, error) {
@@ -56,13 +79,6 @@ var schemes = map[string]func(ctx context.Context, u *url.URL) (socket.Dialer, e
 		}
 		return local{dialers.NewLocal(opts...)}, nil
 	},
-	"tcp": func(_ context.Context, u *url.URL) (socket.Dialer, error) {
-		var opts []dialers.RemoteOption
-		if p := u.Port(); p != "" {
-			opts = append(opts, dialers.UsePort(p))
-		}
-		return dialers.NewRemote(u.Hostname(), opts...), nil
-	},
 	"tls": func(ctx context.Context, u *url.URL) (socket.Dialer, error) { return newTLSDialer(ctx, u) },
 	"ssh": func(ctx context.Context, u *url.URL) (socket.Dialer, error) { return newSSHDialer(ctx, u) },
 }
@@ -71,12 +87,10 @@ var schemes = map[string]func(ctx context.Context, u *url.URL) (socket.Dialer, e
 // (keys, certificates); the dialer's Dial has bounds of its own. Where the transport
 // reaches libvirtd's host (a local socket, ssh), the dialer is a HostDialer too.
 func For(ctx context.Context, u *url.URL) (socket.Dialer, error) {
-	t := Socket(u)
-	mk, ok := schemes[t]
-	if !ok {
-		return nil, fmt.Errorf("transport %q is not supported; want a local socket (qemu:///system), qemu+ssh://, qemu+tcp:// or qemu+tls://", t)
+	if err := Check(u.String()); err != nil {
+		return nil, err
 	}
-	return mk(ctx, u)
+	return schemes[Socket(u)](ctx, u)
 }
 
 // local is go-libvirt's local dialer, and this host's TCP dialer.

@@ -24,7 +24,7 @@ func TestIsLocal(t *testing.T) {
 func TestFor(t *testing.T) {
 	t.Parallel()
 	for uri, hostDialer := range map[string]bool{"qemu:///system": true, "test:///default": true, "qemu:///session?socket=/x": true,
-		"qemu+unix:///system": true, "qemu+tcp://h/system": false} {
+		"qemu+unix:///system": true} {
 		u, err := url.Parse(uri)
 		require.NoError(t, err)
 		d, err := For(context.Background(), u)
@@ -45,4 +45,22 @@ func TestFor(t *testing.T) {
 		_, err := For(context.Background(), u)
 		assert.ErrorContains(t, err, "is not supported; want", uri)
 	}
+}
+
+// qemu+tcp is a libvirtd without authentication: refused, pointing to ssh or tls, both
+// when settings are read and when a connection is dialled.
+func TestPlainTCPRefused(t *testing.T) {
+	for _, uri := range []string{"qemu+tcp://192.168.122.1/system", "qemu+tcp://h:16509/system?x=1"} {
+		err := Check(uri)
+		require.ErrorIs(t, err, ErrPlainTCP, uri)
+		require.Contains(t, err.Error(), "qemu+ssh://")
+		require.Contains(t, err.Error(), uri)
+		u, _ := url.Parse(uri)
+		_, err = For(context.Background(), u)
+		require.ErrorIs(t, err, ErrPlainTCP)
+	}
+	for _, uri := range []string{"qemu:///system", "qemu+ssh://u@h/system", "qemu+tls://h/system", "qemu://h/system"} {
+		require.NoError(t, Check(uri), uri)
+	}
+	require.ErrorContains(t, Check("qemu+foo://h/system"), `transport "foo" is not supported`)
 }
