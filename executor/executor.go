@@ -4,8 +4,6 @@ package executor
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -38,23 +35,6 @@ type Executor struct {
 	Log     *slog.Logger
 	Stdout  io.Writer
 	Stderr  io.Writer
-}
-
-var digits = regexp.MustCompile(`^[0-9]{1,20}$`)
-
-// projectCache is the project's own cache directory under root (LIBVIRT_GCI_CACHE_DIR),
-// made if missing: named by the project's id and its GitLab instance, as the runner's job
-// response says (never by a job variable), so that no project reaches another's.
-func projectCache(root string, o meta.Owner) (string, error) {
-	if !digits.MatchString(o.ProjectID) {
-		return "", fmt.Errorf("project id %q in the job response is not a number; no cache directory for it", o.ProjectID)
-	}
-	sum := sha256.Sum256([]byte(o.Server))
-	dir := filepath.Join(root, "project-"+o.ProjectID+"-"+hex.EncodeToString(sum[:4]))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", fmt.Errorf("cache directory: %w", err)
-	}
-	return dir, nil
 }
 
 // helper is the gitlab-runner binary to give the instance (LIBVIRT_GCI_RUNNER_BINARY),
@@ -89,6 +69,9 @@ type Target struct {
 	Name   string
 	Owner  meta.Owner
 	ByHand bool // named with --machine by the operator: any instance of ours will do
+	// Protected: the job runs for a protected ref (git_info.protected in the job
+	// response; false where GitLab does not say). Its cache is kept apart.
+	Protected bool
 }
 
 // TargetFor derives the instance from --machine, or else from the job response GitLab
@@ -103,15 +86,15 @@ func (e *Executor) TargetFor(machine, responseFile string) (Target, error) {
 	if responseFile == "" {
 		return Target{}, &InputError{"no instance given: use --machine NAME, or run under GitLab Runner (JOB_RESPONSE_FILE is not set)"}
 	}
-	owner, err := ReadIdentity(responseFile)
+	id, err := ReadIdentity(responseFile)
 	if err != nil {
 		return Target{}, err
 	}
-	name, err := InstanceName(e.Settings.Prefix, owner)
+	name, err := InstanceName(e.Settings.Prefix, id.Owner)
 	if err != nil {
 		return Target{}, err
 	}
-	return Target{Name: name, Owner: owner}, nil
+	return Target{Name: name, Owner: id.Owner, Protected: id.Protected}, nil
 }
 
 // mine refuses an instance that belongs to someone else. The operator (--machine) may
@@ -150,7 +133,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		req.Process = provision.ProcessOf(os.Getppid()) // GitLab Runner, for gc
 	}
 	if e.Settings.CacheDir != "" && !t.ByHand {
-		dir, err := projectCache(e.Settings.CacheDir, t.Owner)
+		dir, err := projectCache(e.Settings.CacheDir, t.Owner, t.Protected)
 		if err != nil {
 			return err
 		}
@@ -228,6 +211,14 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 		time.AfterFunc(provision.AfterCancel, func() { cancel(context.Cause(ctx)) })
 	})
 	defer stop()
+	if e.Settings.CacheDir != "" && !t.ByHand {
+		// The job may have changed its share's root (chmod 777 /cache): it gets ours back.
+		defer func() {
+			if _, err := projectCache(e.Settings.CacheDir, t.Owner, t.Protected); err != nil {
+				e.Log.Warn(err.Error())
+			}
+		}()
+	}
 	h, err := e.locate(lctx, t.Name)
 	if err != nil {
 		return err

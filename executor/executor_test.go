@@ -91,15 +91,29 @@ func TestReadIdentity(t *testing.T) {
 		require.NoError(t, os.WriteFile(p, []byte(s), 0o600))
 		return p
 	}
-	o, err := ReadIdentity(write(`{"id": 4242, "token": "glcbt-SECRET", "job_info": {"project_id": 77, "project_full_path": "Group/My Project",
+	id, err := ReadIdentity(write(`{"id": 4242, "token": "glcbt-SECRET", "job_info": {"project_id": 77, "project_full_path": "Group/My Project",
 		"instance_uuid": "", "project_name": "My Project"}, "git_info": {"repo_url": "https://gitlab-ci-token:glcbt-SECRET@gitlab.example.com:8443/group/p.git"},
 		"runner_info": {"uuid": "r-uuid", "timeout": 3600}, "variables": [{"key": "CI_JOB_ID", "value": "1"}, {"key": "CI_PROJECT_ID", "value": "1"}]}`))
 	require.NoError(t, err)
-	assert.Equal(t, meta.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, o,
+	assert.Equal(t, meta.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, id.Owner,
 		"from the response's own fields, never its variables; the repo URL's credentials dropped")
-	o, err = ReadIdentity(write(`{"id": 1, "job_info": {"project_id": 2, "project_name": "p", "instance_uuid": "inst-uuid"}}`))
+	assert.False(t, id.Protected, "GitLab did not say: unprotected")
+	id, err = ReadIdentity(write(`{"id": 1, "job_info": {"project_id": 2, "project_name": "p", "instance_uuid": "inst-uuid"}}`))
 	require.NoError(t, err)
-	assert.Equal(t, meta.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, o)
+	assert.Equal(t, meta.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, id.Owner)
+
+	// Protected only where the response's git_info says so; no variable makes a job so.
+	for body, want := range map[string]bool{
+		`{"id": 1, "job_info": {"project_id": 2}, "git_info": {"protected": true}}`:                                                  true,
+		`{"id": 1, "job_info": {"project_id": 2}, "git_info": {"protected": false}}`:                                                 false,
+		`{"id": 1, "job_info": {"project_id": 2}, "git_info": {"protected": null}}`:                                                  false,
+		`{"id": 1, "job_info": {"project_id": 2}, "variables": [{"key": "CI_COMMIT_REF_PROTECTED", "value": "true"}]}`:               false,
+		`{"id": 1, "job_info": {"project_id": 2}, "git_info": {}, "variables": [{"key": "LIBVIRT_GCI_PROTECTED", "value": "true"}]}`: false,
+	} {
+		id, err := ReadIdentity(write(body))
+		require.NoError(t, err, body)
+		assert.Equal(t, want, id.Protected, body)
+	}
 
 	for _, tc := range []struct{ body, want string }{
 		{`{"job_info": {"project_id": 2}}`, "has no job id"},
@@ -269,29 +283,4 @@ func TestTargetMine(t *testing.T) {
 		assert.ErrorContains(t, err, "leaving it alone")
 	}
 	assert.NoError(t, Target{Name: "x", ByHand: true}.mine(meta.Metadata{Owner: owner("2", "")}), "the operator may act on any")
-}
-
-// Each project's cache directory is its own: by project id and GitLab instance, from the
-// job response; an id that is not a number gets none.
-func TestProjectCache(t *testing.T) {
-	t.Parallel()
-	root := t.TempDir()
-	a, err := projectCache(root, meta.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "1"})
-	require.NoError(t, err)
-	again, err := projectCache(root, meta.Owner{Server: "https://gitlab.example.com", ProjectID: "42", JobID: "2", Project: "renamed"})
-	require.NoError(t, err)
-	assert.Equal(t, a, again, "the same project, whatever the job")
-	for _, o := range []meta.Owner{{Server: "https://gitlab.example.com", ProjectID: "43"}, {Server: "https://other.example.com", ProjectID: "42"}} {
-		b, err := projectCache(root, o)
-		require.NoError(t, err)
-		assert.NotEqual(t, a, b, "%+v", o)
-	}
-	fi, err := os.Stat(a)
-	require.NoError(t, err)
-	assert.True(t, fi.IsDir())
-	assert.Equal(t, filepath.Dir(a), root)
-	for _, bad := range []string{"../42", "", "4 2", "42/.."} {
-		_, err := projectCache(root, meta.Owner{ProjectID: bad})
-		assert.ErrorContains(t, err, "is not a number", bad)
-	}
 }

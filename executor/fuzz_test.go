@@ -15,7 +15,8 @@ func FuzzIdentityAndName(f *testing.F) {
 	f.Add([]byte(`{"id": 4242, "job_info": {"project_id": 77, "project_full_path": "Group/My Project", "instance_uuid": "u"}, "runner_info": {"uuid": "r"}}`), "gci-", "1")
 	f.Add([]byte(`{"id": 1, "job_info": {"project_id": 2, "project_name": "<x y='1'>&"}, "git_info": {"repo_url": "https://user:tok@h:1/p"}}`), "a", "12")
 	f.Fuzz(func(t *testing.T, response []byte, prefix, otherJob string) {
-		o, err := parseIdentity(response)
+		id, err := parseIdentity(response)
+		o := id.Owner
 		if err != nil {
 			if strings.Contains(err.Error(), "\n") {
 				t.Fatalf("error of more than one line: %q", err)

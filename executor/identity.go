@@ -31,40 +31,48 @@ type jobResponse struct {
 		InstanceUUID    string `json:"instance_uuid"`
 	} `json:"job_info"`
 	GitInfo struct {
-		RepoURL string `json:"repo_url"`
+		RepoURL   string `json:"repo_url"`
+		Protected *bool  `json:"protected"` // GitLab 18.3 and later
 	} `json:"git_info"`
 	RunnerInfo struct {
 		UUID string `json:"uuid"`
 	} `json:"runner_info"`
 }
 
+// Identity is what the job response says of the job: whose it is, and whether it runs
+// for a protected ref.
+type Identity struct {
+	Owner     meta.Owner
+	Protected bool // false where GitLab does not say (before 18.3): never from a variable
+}
+
 // ReadIdentity reads whose job this is from the job response GitLab Runner wrote.
-func ReadIdentity(path string) (meta.Owner, error) {
+func ReadIdentity(path string) (Identity, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE: %w", err)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE: %w", err)
 	}
 	defer f.Close()
 	b, err := io.ReadAll(io.LimitReader(f, maxResponseSize+1))
 	if err != nil {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s: %w", path, err)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE %s: %w", path, err)
 	}
 	if len(b) > maxResponseSize {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE %s is larger than %d MiB", path, maxResponseSize>>20)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE %s is larger than %d MiB", path, maxResponseSize>>20)
 	}
 	return parseIdentity(b)
 }
 
-func parseIdentity(b []byte) (meta.Owner, error) {
+func parseIdentity(b []byte) (Identity, error) {
 	var r jobResponse
 	if err := json.Unmarshal(b, &r); err != nil {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE is not a job response: %w", err)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE is not a job response: %w", err)
 	}
 	if r.ID <= 0 {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no job id (id is %d)", r.ID)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE has no job id (id is %d)", r.ID)
 	}
 	if r.JobInfo.ProjectID <= 0 {
-		return meta.Owner{}, fmt.Errorf("JOB_RESPONSE_FILE has no project id (job_info.project_id is %d)", r.JobInfo.ProjectID)
+		return Identity{}, fmt.Errorf("JOB_RESPONSE_FILE has no project id (job_info.project_id is %d)", r.JobInfo.ProjectID)
 	}
 	o := meta.Owner{
 		Server:    serverOf(r.JobInfo.InstanceUUID, r.GitInfo.RepoURL),
@@ -76,7 +84,7 @@ func parseIdentity(b []byte) (meta.Owner, error) {
 	if o.Project == "" {
 		o.Project = printable(r.JobInfo.ProjectName, 255)
 	}
-	return o, nil
+	return Identity{Owner: o, Protected: r.GitInfo.Protected != nil && *r.GitInfo.Protected}, nil
 }
 
 // serverOf names the GitLab instance: its UUID, or else the scheme and host of the

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -81,7 +82,77 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	})
 	assert.Len(t, dirs, 2, "a directory per project")
 	require.Len(t, archives, 1, "one cache archive")
-	assert.Contains(t, archives[0], string(os.PathSeparator)+"project-42-")
+	assert.Contains(t, archives[0], string(os.PathSeparator)+"p-42-")
+	assert.Contains(t, archives[0], "/unprotected/", "GitLab did not say the job is protected")
+	assert.Empty(t, leftovers(t, h.l, h.prefix))
+}
+
+// What a job writes through its cache stays out of reach of the host's users and of the
+// project's protected jobs (issue 24): a job, root in its guest, plants a setuid shell,
+// a symlink to / and a poisoned cache for the protected pipeline, and makes its share
+// world-writable. After it, an unprivileged host user reaches none of it, the share's
+// root is 0700 again, and the next protected job of the project finds its own, empty,
+// cache. Then that protected job's cache is not what the next unprotected job sees.
+func TestRunnerCacheTrust(t *testing.T) {
+	t.Parallel()
+	overTransports(t, testRunnerCacheTrust)
+}
+
+func testRunnerCacheTrust(t *testing.T, h *runnerHost) {
+	base := t.TempDir()
+	require.NoError(t, os.Chmod(base, 0o755)) // as /var/cache is: the tool's directories must close it
+	cacheDir := filepath.Join(base, "cache")
+	require.NoError(t, os.Mkdir(cacheDir, 0o755))
+	h.env = append(h.env, "LIBVIRT_GCI_CACHE_DIR="+cacheDir)
+	yes, no := true, false
+	cache := func(policy string) []map[string]any {
+		return []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": policy, "when": "on_success", "untracked": false}}
+	}
+	attack := h.gl.Add(fakegitlab.JobSpec{Protected: &no, Cache: cache("push"), Script: []string{
+		`mkdir -p vendor && echo poisoned >vendor/marker`,
+		`cp /bin/sh /cache/sh && chmod 4755 /cache/sh && ls -l /cache/sh`,
+		`ln -s / /cache/rootlink && chmod 777 /cache`,
+		`for d in /cache/*/; do mkdir -p "${d}deps-protected" && echo poisoned >"${d}deps-protected/planted"; done; ls -R /cache | head -20`,
+	}})
+	protected := h.gl.Add(fakegitlab.JobSpec{Protected: &yes, Cache: cache("pull-push"), Script: []string{
+		`echo "found: $(cat vendor/marker 2>/dev/null || echo nothing)"`,
+		`echo "planted: $(find /cache -name planted -o -name sh -o -name rootlink | wc -l)"`,
+		`mkdir -p vendor && echo secret >vendor/marker`,
+	}})
+	after := h.gl.Add(fakegitlab.JobSpec{Protected: &no, Cache: cache("pull"), Script: []string{
+		`echo "found: $(cat vendor/marker 2>/dev/null || echo nothing)"`,
+	}})
+	p := h.runSingle(3)
+	var traces []string
+	for _, j := range []*fakegitlab.Job{attack, protected, after} {
+		final, trace := h.finish(j)
+		require.Equal(t, "success", final.State, trace)
+		traces = append(traces, trace)
+	}
+	p.wait(t, time.Minute)
+	assert.Regexp(t, `-rwsr-xr-x .* /cache/sh`, traces[0], "the job is root in its guest and made its setuid shell")
+	assert.True(t, fakegitlab.HasLine(traces[1], "found: nothing"), "the protected job saw the unprotected one's cache:\n%s", traces[1])
+	assert.True(t, fakegitlab.HasLine(traces[1], "planted: 0"), traces[1])
+	assert.True(t, fakegitlab.HasLine(traces[2], "found: poisoned"), "an unprotected job sees its own kind's cache, not the protected one's:\n%s", traces[2])
+
+	// On the host: the setuid shell is there, but below directories only root enters.
+	var setuid []string
+	_ = filepath.WalkDir(cacheDir, func(p string, d os.DirEntry, err error) error {
+		if fi, err2 := d.Info(); err == nil && err2 == nil && fi.Mode()&os.ModeSetuid != 0 {
+			setuid = append(setuid, p)
+		}
+		return nil
+	})
+	require.Len(t, setuid, 1, "the planted shell")
+	for _, p := range []string{setuid[0], filepath.Join(filepath.Dir(setuid[0]), "rootlink", "etc", "shadow")} {
+		out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-e", p).CombinedOutput()
+		assert.Error(t, err, "an unprivileged host user reaches %s: %s", p, out)
+	}
+	for _, d := range []string{filepath.Dir(setuid[0]), filepath.Dir(filepath.Dir(setuid[0]))} {
+		fi, err := os.Lstat(d)
+		require.NoError(t, err)
+		assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm(), "%s: the share's root and its project directory keep the tool's mode", d)
+	}
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }
 

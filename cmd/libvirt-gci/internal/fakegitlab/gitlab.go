@@ -98,6 +98,8 @@ type JobSpec struct {
 	Fetch bool
 	// Needs are earlier jobs whose artifacts this one downloads.
 	Needs []*Job
+	// Protected is git_info.protected (GitLab 18.3+): nil leaves it out.
+	Protected *bool
 }
 
 var jobIDs struct {
@@ -131,6 +133,9 @@ func (g *GitLab) Add(s JobSpec) *Job {
 		{"key": "CI_SERVER_URL", "value": g.URL(), "public": true},
 	}
 	gitInfo := map[string]any{"repo_url": g.URL() + "/group/hello.git", "ref": "main", "sha": strings.Repeat("a", 40), "before_sha": strings.Repeat("0", 40)}
+	if s.Protected != nil {
+		gitInfo["protected"] = *s.Protected
+	}
 	if s.Fetch {
 		rp := g.GitRepo(g.t)
 		vars = append(vars, map[string]any{"key": "GIT_STRATEGY", "value": "fetch", "public": true})
