@@ -50,7 +50,13 @@ func (t *Template) HostAccess() []string {
 	for _, iface := range d.Interfaces {
 		if s := iface.Source; s != nil && (s.Direct != nil || s.Hostdev != nil || s.Ethernet != nil || s.VHostUser != nil ||
 			s.Server != nil || s.Client != nil || s.MCast != nil || s.UDP != nil || s.VDPA != nil) {
-			out = append(out, "an <interface> on host network plumbing (only network, bridge and user interfaces are isolated)")
+			out = append(out, "an <interface> on host network plumbing (only network and bridge interfaces are isolated)")
+		}
+		if s := iface.Source; s != nil && s.User != nil {
+			// SLIRP maps its gateway (10.0.2.2) to the host's 127.0.0.1: a job would reach
+			// host-local services and other instances' forwarded ports. libvirt has no
+			// restrict=on for it, and a restricted one reaches nothing anyway.
+			out = append(out, "an <interface type='user'> (QEMU's user network reaches the host's 127.0.0.1 as its gateway; use a libvirt network)")
 		}
 	}
 	for _, ch := range d.Channels {

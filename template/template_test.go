@@ -96,7 +96,8 @@ func TestRenderGolden(t *testing.T) {
 func TestRenderIsolatesDevicesGolden(t *testing.T) {
 	t.Parallel()
 	tmpl := readTemplate(t, "devices")
-	assert.Empty(t, tmpl.HostAccess())
+	assert.Equal(t, []string{"an <interface type='user'> (QEMU's user network reaches the host's 127.0.0.1 as its gateway; use a libvirt network)"}, tmpl.HostAccess(),
+		"a user NIC reaches the host's loopback (issue 24): rendered when the operator allows it")
 	got, err := tmpl.Render(Instance{Name: "gci-1-x", Overlays: map[string]Overlay{"vda": {Pool: "ci", Volume: "gci-1-x-vda.qcow2"}}})
 	require.NoError(t, err)
 	golden := filepath.Join(goldenDir, "devices.instance.xml")
@@ -133,6 +134,22 @@ func TestRenderIsolatesDevicesGolden(t *testing.T) {
 	assert.Equal(t, "yes", d.VSock.CID.Auto)
 }
 
+// No instance's memory is merged with another's by KSM (issue 24): clones of one
+// template, of any project, would share pages, a side channel between jobs. With a
+// cache share too (virtiofs wants the memory shared with its daemon, not merged).
+func TestRenderNoSharePages(t *testing.T) {
+	t.Parallel()
+	for _, shares := range [][]Share{nil, {{Source: "/c", Tag: "gci-cache"}}} {
+		got, err := readTemplate(t, "full").Render(Instance{Name: "gci-1-x", Shares: shares,
+			Overlays: map[string]Overlay{"vda": {Pool: "ci", Volume: "a.qcow2"}, "vdb": {Pool: "ci", Volume: "b.qcow2"}}})
+		require.NoError(t, err)
+		var dom libvirtxml.Domain
+		require.NoError(t, dom.Unmarshal(got))
+		require.NotNil(t, dom.MemoryBacking)
+		assert.NotNil(t, dom.MemoryBacking.MemoryNosharepages, got)
+	}
+}
+
 // Devices that reach the host's hardware or files, or other guests, are named, so that
 // prepare can refuse the template.
 func TestHostAccess(t *testing.T) {
@@ -144,7 +161,7 @@ func TestHostAccess(t *testing.T) {
 		"a writable <shareable/> disk (vdb)",
 		"a <shmem> (memory shared with other domains)",
 		`an <input type="passthrough"> (a host input device)`,
-		"an <interface> on host network plumbing (only network, bridge and user interfaces are isolated)",
+		"an <interface> on host network plumbing (only network and bridge interfaces are isolated)",
 		"a <channel> to a host file, device or port",
 	}, readTemplate(t, "hostaccess").HostAccess())
 }

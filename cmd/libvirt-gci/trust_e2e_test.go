@@ -231,6 +231,21 @@ func TestHostAccessRefused(t *testing.T) {
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
 }
 
+// A template's user-mode NIC would reach the host's 127.0.0.1 through its gateway
+// (10.0.2.2), where host-local services and other instances' forwarded ports listen:
+// prepare refuses it unless the operator allows host access (issue 24). (Prepare's own
+// user-mode NIC, restricted, reaches nothing: TestSSHGuestHasNoRouteOut.)
+func TestUserNICRefused(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	name := "tiny-usernic-" + j.jobID
+	j.defineTemplate(name, `</devices>`, `<interface type='user'><model type='virtio'/></interface></devices>`)
+	r := j.stage("prepare")
+	assert.Equal(t, 2, r.code, r.stderr)
+	assert.Contains(t, r.stderr, fmt.Sprintf(`template %q has an <interface type='user'> (QEMU's user network reaches the host's 127.0.0.1 as its gateway; use a libvirt network)`, name))
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+}
+
 // The job token and a masked variable, which the runner hands the tool in the job
 // response, its environment and the stage scripts, appear nowhere the tool writes:
 // its output, the domain's XML (live and inactive) or its metadata.
