@@ -523,9 +523,6 @@ type Setup struct {
 type Identity struct {
 	MachineID string      // 32 hex digits
 	MACs      [][2]string // each NIC's MAC address: the warm image's, and the clone's
-	// Reseeded is set by Setup: whether the guest's RNG was reseeded (else the host's
-	// randomness was only mixed in, and the kernel reseeds on its own schedule).
-	Reseeded bool
 }
 
 // Share is a virtiofs share, mounted by its tag on Dir.
@@ -569,11 +566,14 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("set up the guest: %w", err)
 	}
+	if strings.Contains(out, "gci-rng: cannot reseed") {
+		return nil, fmt.Errorf("set up the guest: %w", ErrCannotReseed)
+	}
 	if st.Code != 0 || st.Signal != 0 {
 		return nil, fmt.Errorf("set up the guest: %s: %s", st, strings.TrimSpace(out))
 	}
-	if s.Identity != nil {
-		s.Identity.Reseeded = strings.Contains(out, "gci-rng: reseeded")
+	if s.Identity != nil && !strings.Contains(out, "gci-rng: reseeded") {
+		return nil, fmt.Errorf("set up the guest: %w", ErrCannotReseed)
 	}
 	if s.SSH == nil {
 		return nil, nil
@@ -596,14 +596,26 @@ func (a *Agent) ReloadSSHD(ctx context.Context) error {
 // systems, drops its page cache and zeroes most of its free memory (the kernel zeroes
 // the pages dd's buffer faults in): QEMU saves a zero page in a few bytes, so a memory
 // image holds what the guest uses, not what it once read.
-const quiesce = `sync
+const quiesce = `if [ -d /sys/bus/acpi/drivers/vmgenid ] || command -v perl >/dev/null 2>&1 || command -v python3 >/dev/null 2>&1; then
+  echo "gci-rng: can reseed"
+else
+  echo "gci-rng: cannot reseed"
+fi
+sync
 if command -v systemctl >/dev/null 2>&1; then timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true; fi
 echo 3 >/proc/sys/vm/drop_caches
 f=$(sed -n 's/^MemFree: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
 if [ -n "$f" ]; then dd if=/dev/zero of=/dev/null bs=$((f * 9 / 10))K count=1 2>/dev/null || true; fi
 sync`
 
-// Quiesce readies a guest for a memory image (a warm image's save).
+// ErrCannotReseed: the guest has no way to reseed its kernel's RNG at once (no vmgenid
+// driver, perl or python3 for the RNDRESEEDCRNG ioctl). Clones restored from its memory
+// image would make keys from the randomness they share until the kernel reseeds on its
+// own schedule, so such a guest is not restored.
+var ErrCannotReseed = errors.New("the guest cannot reseed its RNG at once (no vmgenid driver, perl or python3): clones restored from its memory would share its randomness")
+
+// Quiesce readies a guest for a memory image (a warm image's save). It refuses a guest
+// whose clones could not reseed their RNG (ErrCannotReseed).
 func (a *Agent) Quiesce(ctx context.Context) error {
 	st, out, err := a.execWait(ctx, "/bin/sh", "-c", quiesce)
 	if err != nil {
@@ -611,6 +623,9 @@ func (a *Agent) Quiesce(ctx context.Context) error {
 	}
 	if st.Code != 0 || st.Signal != 0 {
 		return fmt.Errorf("quiesce the guest: %s: %s", st, strings.TrimSpace(out))
+	}
+	if !strings.Contains(out, "gci-rng: can reseed") {
+		return ErrCannotReseed
 	}
 	return nil
 }

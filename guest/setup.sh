@@ -7,7 +7,8 @@
 #     since the epoch), fresh host randomness (SEED) mixed into the kernel's pool and the
 #     RNG reseeded from it (by the kernel itself where it has the VM generation ID driver,
 #     as libvirt gives a restored VM a new one; else by the RNDRESEEDCRNG ioctl, through
-#     perl or python3; it prints which), its own machine-id (journald's files follow it,
+#     perl or python3; where it can do neither it stops, exit 3, before anything
+#     makes keys), its own machine-id (journald's files follow it,
 #     so that journalctl shows this boot's log), and each NIC's MAC address changed from
 #     the warm image's to its own (MACS: OLD=NEW ...);
 #   - every clone gets the host name HOSTNAME (kernel, /etc/hostname, /etc/hosts);
@@ -42,7 +43,9 @@ if [ -n "$now" ]; then
     python3 -c 'import fcntl; fcntl.ioctl(open("/dev/urandom", "wb"), 0x5207)' 2>/dev/null; then
     echo "gci-rng: reseeded"
   else
-    echo "gci-rng: mixed"
+    # No reseed, no clone: its keys would come from randomness other clones share.
+    echo "gci-rng: cannot reseed" >&2
+    exit 3
   fi
 fi
 if [ -n "$hn" ]; then

@@ -200,11 +200,7 @@ func (h *Host) guestSetup(p *plan, access *sshAccess) guest.Setup {
 func (h *Host) setupSummary(p *plan, setup guest.Setup) []string {
 	did := []string{"host name " + p.Name, "its own SSH host key"}
 	if id := setup.Identity; id != nil {
-		rng := "its RNG reseeded"
-		if !id.Reseeded {
-			rng = "host randomness mixed into its RNG (no perl or python3 to reseed it at once)"
-		}
-		did = append(did, fmt.Sprintf("its own clock, %s, machine-id and %d MAC addresses", rng, len(id.MACs)))
+		did = append(did, fmt.Sprintf("its own clock, its RNG reseeded, machine-id and %d MAC addresses", len(id.MACs)))
 	}
 	if setup.Helper != nil {
 		did = append(did, "gitlab-runner helper on its PATH")

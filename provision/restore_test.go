@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
@@ -148,6 +149,42 @@ func TestRestoreMisfitsBoot(t *testing.T) {
 	require.NoError(t, h.Launch(context.Background(), req))
 	assert.Contains(t, log.String(), "booting gci-a: a restored VM has its warm image's size, and the job asks for 2 CPUs")
 	assert.NotContains(t, f.State(), "warm", "no warm image made for it")
+}
+
+// A guest that cannot reseed its RNG at once is never restored (issue 24): its clones
+// would make their keys from randomness they share. Making its warm image finds that out
+// before the save, marks the image as one never to be made, and the instance boots; the
+// next launch boots at once, with the same reason, making nothing.
+func TestNoReseedNoRestore(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	f.NoReseed()
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	assert.Contains(t, log.String(), "booting gci-a: the guest cannot reseed its RNG at once (no vmgenid driver, perl or python3)")
+	assert.Contains(t, log.String(), "cloned tmpl into gci-a")
+	assert.NotContains(t, f.State(), ".save", "no memory image of it kept")
+	assert.NotContains(t, f.State(), ".done")
+	assert.Regexp(t, `volume ci/libvirt-gci-warm-[0-9a-f-]+\.norestore`, f.State())
+
+	log.Reset()
+	before := countCalls(f, "DomainSave")
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	assert.Contains(t, log.String(), "booting gci-b: the guest cannot reseed its RNG at once")
+	assert.NotContains(t, log.String(), "warm image")
+	assert.Equal(t, before, countCalls(f, "DomainSave"), "no second try at the warm image")
+}
+
+// A restored clone whose guest set-up cannot reseed (a warm image made before the check)
+// stops before anything makes its keys, and prepare fails rather than going on.
+func TestSetupRefusesWithoutReseed(t *testing.T) {
+	t.Parallel()
+	f, _, h, _ := firstRestore(t)
+	f.NoReseed()
+	err := h.Launch(context.Background(), launchReq("gci-b"))
+	require.ErrorIs(t, err, guest.ErrCannotReseed)
+	assert.NotContains(t, strings.Join(nonWarm(f), "; "), "gci-b", "nothing of it left")
 }
 
 func countCalls(f *provisiontest.Libvirt, method string) int {

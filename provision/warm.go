@@ -14,6 +14,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 	"github.com/libvirt-gci/libvirt-gci/template"
@@ -184,6 +185,9 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 	if err != nil { // a disk whose changes cannot be told: no image could be trusted
 		return nil, err.Error(), nil
 	}
+	if why := h.noRestore(conn, name); why != "" {
+		return nil, why, nil
+	}
 	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
 		return wi, "", err
 	}
@@ -200,6 +204,9 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 		return wi, "", err
 	}
 	if err := h.makeWarm(ctx, conn, p, prof, name); err != nil {
+		if errors.Is(err, guest.ErrCannotReseed) && ctx.Err() == nil {
+			return nil, guest.ErrCannotReseed.Error(), h.markNoRestore(conn, name)
+		}
 		return nil, "", err
 	}
 	wi, err := h.openWarm(ctx, conn, name, tmpl.Name)
@@ -266,6 +273,36 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (st
 	return name, h.makeWarm(ctx, conn, p, prof, name)
 }
 
+// noRestoreMark is the volume that says the warm image name is never to be made: its
+// guest cannot reseed its RNG (guest.ErrCannotReseed). It goes with its family's old
+// images.
+func noRestoreMark(name string) string { return name + ".norestore" }
+
+// noRestore says why instances of the warm image name are booted, not restored: its
+// mark; "" if it has none.
+func (h *Host) noRestore(conn *libvirt.Conn, name string) string {
+	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	if err != nil {
+		return ""
+	}
+	if _, err := conn.API().StorageVolLookupByName(pool, noRestoreMark(name)); err != nil {
+		return ""
+	}
+	return guest.ErrCannotReseed.Error()
+}
+
+// markNoRestore marks the warm image name as one never to be made.
+func (h *Host) markNoRestore(conn *libvirt.Conn, name string) error {
+	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	if err != nil {
+		return fmt.Errorf("storage pool %q: %w", h.Pool, err)
+	}
+	if _, err := conn.CreateVolume(pool, noRestoreMark(name), 0, 0); err != nil {
+		return fmt.Errorf("warm image %s: mark it never to be made: %w", name, err)
+	}
+	return nil
+}
+
 // notSavedError: the template's instance booted, but could not be saved (a device QEMU
 // cannot migrate, say): its instances can still be booted.
 type notSavedError struct{ err error }
@@ -277,6 +314,12 @@ func (e *notSavedError) Unwrap() error { return e.err }
 // domain uses (a restored instance's disks stand on its image's). It says how many.
 func (h *Host) removeOldWarm(conn *libvirt.Conn, pool golibvirt.StoragePool, keep string) (int, error) {
 	family := keep[:strings.LastIndex(keep, "-")+1]
+	if err := conn.DeleteVolumes(pool, func(v string) bool {
+		base, ok := strings.CutSuffix(v, ".norestore")
+		return ok && strings.HasPrefix(base, family) && base != keep
+	}); err != nil {
+		return 0, err
+	}
 	return conn.RemoveUnused(pool, func(v string) (string, bool) {
 		base, ok := strings.CutSuffix(v, ".done")
 		return base, ok && strings.HasPrefix(base, family) && base != keep

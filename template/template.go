@@ -199,6 +199,13 @@ func (t *Template) Render(inst Instance) (string, error) {
 	if inst.Warm {
 		dom.GenID = &libvirtxml.DomainGenID{}
 	}
+	// Clones of a template hold much the same memory, which KSM would merge across
+	// instances, and so across projects: a job that times its writes learns which pages
+	// another job's VM holds. No instance's memory is merged.
+	if dom.MemoryBacking == nil {
+		dom.MemoryBacking = &libvirtxml.DomainMemoryBacking{}
+	}
+	dom.MemoryBacking.MemoryNosharepages = &libvirtxml.DomainMemoryNosharepages{}
 	if dom.OS != nil && dom.OS.NVRam != nil {
 		dom.OS.NVRam.NVRam = ""
 		dom.OS.NVRam.Source = nil

@@ -291,8 +291,12 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 			}
 		}
 	case a.Path == "/bin/sh" && len(a.Arg) == 19 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
-		p.code, p.outData = setUp(fd, g, a.Arg)
+		p.code, p.outData = setUp(fd, g, a.Arg, f.noReseed)
 	case a.Path == "/bin/sh" && len(a.Arg) == 2 && strings.Contains(a.Arg[1], "drop_caches"): // quiesce, before a save
+		p.outData = "gci-rng: can reseed\n"
+		if f.noReseed {
+			p.outData = "gci-rng: cannot reseed\n"
+		}
 	case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 		g.dirs[a.Arg[2]] = true
 	case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
@@ -396,8 +400,15 @@ func hasSerial(domainXML, serial string) bool {
 // setUp is prepare's guest set-up (setup.sh, with its arguments arg): it mounts the
 // cache share and the helper's disk where the domain has them, finds the ssh NIC, and
 // prints a new host key where one is asked for. It returns the exit code and output.
-func setUp(fd *domain, g *guest, arg []string) (int, string) {
+func setUp(fd *domain, g *guest, arg []string, noReseed bool) (int, string) {
 	mac, serial, dir, name, user, tag, mnt := arg[3], arg[5], arg[6], arg[7], arg[8], arg[10], arg[11]
+	rng := ""
+	if arg[13] != "" { // a restored clone's identity: its RNG first
+		if noReseed {
+			return 3, "gci-rng: cannot reseed\n"
+		}
+		rng = "gci-rng: reseeded\n"
+	}
 	if tag != "" {
 		if !strings.Contains(fd.xml, "<target dir=\""+tag+"\"") {
 			return 32, "mount: " + mnt + ": wrong fs type, bad option, bad superblock on " + tag + "\n"
@@ -417,7 +428,7 @@ func setUp(fd *domain, g *guest, arg []string) (int, string) {
 	if user != "" || arg[18] != "" {
 		pub, _, _ := ed25519.GenerateKey(rand.Reader)
 		k, _ := ssh.NewPublicKey(pub)
-		return 0, string(ssh.MarshalAuthorizedKey(k))
+		return 0, rng + string(ssh.MarshalAuthorizedKey(k))
 	}
-	return 0, ""
+	return 0, rng
 }

@@ -46,7 +46,8 @@ type Libvirt struct {
 	// the guests' NICs that have no address.
 	system, failed string
 	noAddress      map[string]bool
-	macs           int // MAC addresses given out
+	macs           int  // MAC addresses given out
+	noReseed       bool // the guests have no way to reseed their RNG at once
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.
@@ -61,6 +62,14 @@ type domain struct {
 	running bool
 	paused  bool
 	guest   *guest // while it runs
+}
+
+// NoReseed makes the guests ones that cannot reseed their RNG at once (no vmgenid
+// driver, perl or python3).
+func (f *Libvirt) NoReseed() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.noReseed = true
 }
 
 func New(pools ...string) *Libvirt {
