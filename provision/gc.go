@@ -53,7 +53,17 @@ func ProcessOf(pid int) *meta.Process {
 }
 
 // orphaned says why no cleanup stage will come for an instance, or "".
-func orphaned(r *meta.Process) string {
+func orphaned(m meta.Metadata) string {
+	if m.ReadyAt == "" {
+		if why := gone(m.Prepare, "its prepare"); why != "" {
+			return why + " before the instance was ready"
+		}
+	}
+	return gone(m.Process, "the runner that prepared it")
+}
+
+// gone says why the process r (who, for the message) will do nothing more, or "".
+func gone(r *meta.Process, who string) string {
 	if r == nil || r.MachineID != readTrimmed(machineIDFile) {
 		return "" // made by hand, or by a runner on another host: not ours to judge
 	}
@@ -61,7 +71,7 @@ func orphaned(r *meta.Process) string {
 		return "the host rebooted after its prepare"
 	}
 	if processStart(r.PID) != r.Start {
-		return fmt.Sprintf("the runner that prepared it (pid %d) is gone", r.PID)
+		return fmt.Sprintf("%s (pid %d) is gone", who, r.PID)
 	}
 	return ""
 }
@@ -168,5 +178,5 @@ func (h *Host) verdict(in libvirt.Instance, olderThan time.Duration) string {
 			return fmt.Sprintf("it is shut off and %s old, older than the boot timeout %s", age.Round(time.Second), h.BootTimeout)
 		}
 	}
-	return orphaned(m.Process)
+	return orphaned(m)
 }

@@ -1,11 +1,16 @@
 package provision
 
 import (
+	"bytes"
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -17,21 +22,78 @@ func TestOrphaned(t *testing.T) {
 	}
 	me := &meta.Process{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getpid(), Start: processStart(os.Getpid())}
 	require.NotZero(t, me.Start)
-	assert.Empty(t, orphaned(me), "a live process")
-	assert.Empty(t, orphaned(nil), "made by hand: age alone decides")
+	assert.Empty(t, gone(me, "the runner"), "a live process")
+	assert.Empty(t, gone(nil, "the runner"), "made by hand: age alone decides")
 
 	cmd := exec.Command("true")
 	require.NoError(t, cmd.Run())
-	gone := *me
-	gone.PID = cmd.Process.Pid
-	assert.Contains(t, orphaned(&gone), "is gone")
+	dead := *me
+	dead.PID = cmd.Process.Pid
+	assert.Contains(t, gone(&dead, "the runner"), "is gone")
 	reused := *me
 	reused.Start++
-	assert.Contains(t, orphaned(&reused), "is gone", "a PID taken by another process")
+	assert.Contains(t, gone(&reused, "the runner"), "is gone", "a PID taken by another process")
 	rebooted := *me
 	rebooted.BootID = "another-boot"
-	assert.Equal(t, "the host rebooted after its prepare", orphaned(&rebooted))
-	elsewhere := gone
+	assert.Equal(t, "the host rebooted after its prepare", gone(&rebooted, "the runner"))
+	elsewhere := dead
 	elsewhere.MachineID = "another-host"
-	assert.Empty(t, orphaned(&elsewhere), "another host's runner is not ours to judge")
+	assert.Empty(t, gone(&elsewhere, "the runner"), "another host's runner is not ours to judge")
+}
+
+// An instance whose prepare died before it was ready (kill -9; a define that landed
+// after its cleanup looked) is an orphan, whatever its runner does; once ready, only
+// its runner's end makes it one (issue 24).
+func TestOrphanedPrepare(t *testing.T) {
+	t.Parallel()
+	if _, err := os.Stat(machineIDFile); err != nil {
+		t.Skip("no /etc/machine-id")
+	}
+	me := &meta.Process{MachineID: readTrimmed(machineIDFile), BootID: readTrimmed(bootIDFile), PID: os.Getpid(), Start: processStart(os.Getpid())}
+	cmd := exec.Command("true")
+	require.NoError(t, cmd.Run())
+	dead := *me
+	dead.PID = cmd.Process.Pid
+
+	m := meta.Metadata{Process: me, Prepare: &dead}
+	assert.Equal(t, fmt.Sprintf("its prepare (pid %d) is gone before the instance was ready", dead.PID), orphaned(m), "the runner lives on")
+	m.ReadyAt = "2026-12-05T10:00:00Z"
+	assert.Empty(t, orphaned(m), "ready: its runner's cleanup will come")
+	m = meta.Metadata{Process: me, Prepare: me}
+	assert.Empty(t, orphaned(m), "a prepare at work")
+	m = meta.Metadata{Prepare: &dead}
+	assert.NotEmpty(t, orphaned(m), "by hand (no runner) too")
+	m = meta.Metadata{Process: &dead, Prepare: me, ReadyAt: "x"}
+	assert.Contains(t, orphaned(m), "the runner that prepared it")
+}
+
+// A launch marks its instance ready last, and gc keeps such an instance while its runner
+// lives; an instance left unready by a prepare that died goes at the next sweep.
+func TestLaunchMarksReady(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	req := launchReq("gci-a")
+	req.Process = ProcessOf(os.Getpid())
+	require.NoError(t, h.Launch(context.Background(), req))
+	conn := NewConn(f)
+	in, err := conn.Lookup("gci-a")
+	require.NoError(t, err)
+	assert.NotEmpty(t, in.Metadata.ReadyAt)
+	require.NotNil(t, in.Metadata.Prepare)
+	assert.Equal(t, os.Getpid(), in.Metadata.Prepare.PID)
+
+	// gci-a's prepare died before ready: as if the mark had never been written.
+	cmd := exec.Command("true")
+	require.NoError(t, cmd.Run())
+	m := in.Metadata
+	m.ReadyAt, m.Prepare.PID = "", cmd.Process.Pid
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	sw, err := h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Removed)
+	assert.Contains(t, log.String(), "its prepare (pid")
+	_, err = conn.Lookup("gci-a")
+	assert.ErrorIs(t, err, ErrNoInstance)
 }

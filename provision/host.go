@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
 	"time"
 
@@ -197,6 +198,7 @@ func (h *Host) newMetadata(req Request, tmpl, prepareID string) meta.Metadata {
 		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
 		Process:   req.Process,
+		Prepare:   ProcessOf(os.Getpid()),
 		URI:       h.URI,
 	}
 }

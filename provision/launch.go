@@ -102,7 +102,21 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
 		return fmt.Errorf("instance %q: %w", req.Name, err)
 	}
-	return nil
+	return h.markReady(conn, p)
+}
+
+// markReady records in p's instance's metadata that its prepare made it ready: from
+// then on only its runner's end, or its age, makes it an orphan.
+func (h *Host) markReady(conn *libvirt.Conn, p *plan) error {
+	in, err := conn.Lookup(p.Name)
+	if err != nil {
+		return fmt.Errorf("instance %q: %w", p.Name, err)
+	}
+	if in.Metadata.PrepareID != p.prepareID {
+		return fmt.Errorf("instance %q was replaced meanwhile", p.Name)
+	}
+	in.Metadata.ReadyAt = time.Now().UTC().Format(time.RFC3339)
+	return conn.SetMetadata(p.Name, in.Metadata)
 }
 
 // begin takes the steps every strategy needs first: orphans of crashed runners swept
