@@ -149,8 +149,9 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 	switch {
 	case errors.Is(err, provision.ErrNotOffered):
 		msg := fmt.Sprintf("template %q (from %s) is not offered on this runner: no template of that name is marked (libvirt-gci template mark) or matched by LIBVIRT_GCI_TEMPLATES", choice.Name, choice.From)
-		if b := e.Settings.BaseImages.Source; b != "" {
-			msg += fmt.Sprintf(", and there is no base image %s.qcow2 in %s (LIBVIRT_GCI_BASE_IMAGES)", choice.Name, b)
+		if e.Settings.BaseImages.Source != "" {
+			// The job's log does not learn the host's directory.
+			msg += fmt.Sprintf(", and there is no base image %s.qcow2 in LIBVIRT_GCI_BASE_IMAGES", choice.Name)
 		}
 		return &InputError{msg}
 	case errors.As(err, &small):

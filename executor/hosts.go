@@ -50,7 +50,7 @@ func (e *Executor) place(ctx context.Context) (*provision.Host, error) {
 			if ctx.Err() != nil {
 				return nil, context.Cause(ctx)
 			}
-			e.Log.Warn(fmt.Sprintf("skipping %s: %v", h.URI, errs[i]), "uri", h.URI)
+			e.Log.Warn(fmt.Sprintf("skipping %s: %v", provision.PublicURI(h.URI), errs[i]), "uri", provision.PublicURI(h.URI))
 			continue
 		}
 		if best < 0 || rooms[i].Better(rooms[best]) {
@@ -60,7 +60,7 @@ func (e *Executor) place(ctx context.Context) (*provision.Host, error) {
 	if best < 0 {
 		return nil, fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(errs...))
 	}
-	e.Log.Info(fmt.Sprintf("placed on %s (%s) in %d ms", hs[best].URI, rooms[best], time.Since(start).Milliseconds()), "uri", hs[best].URI)
+	e.Log.Info(fmt.Sprintf("placed on %s (%s) in %d ms", provision.PublicURI(hs[best].URI), rooms[best], time.Since(start).Milliseconds()), "uri", provision.PublicURI(hs[best].URI))
 	return hs[best], nil
 }
 
@@ -86,7 +86,7 @@ func (e *Executor) locate(ctx context.Context, name string) (*provision.Host, er
 		case found[i] != nil && (at == nil || found[i].Metadata.URI == h.URI):
 			at = h
 		case errs[i] != nil && !errors.Is(errs[i], provision.ErrNoInstance) && !errors.Is(errs[i], provision.ErrNotManaged):
-			down = append(down, fmt.Errorf("%s: %w", h.URI, errs[i]))
+			down = append(down, fmt.Errorf("%s: %w", provision.PublicURI(h.URI), errs[i]))
 		}
 	}
 	if at != nil {

@@ -49,7 +49,7 @@ func (h *Host) baseImageXML(conn *libvirt.Conn, name string) (string, error) {
 		return "", err
 	}
 	if path == "" {
-		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in %s)", name, libvirt.ErrNoTemplate, name, b.Source)
+		return "", fmt.Errorf("template %q: %w (no domain has that name, nor is there a base image %s.qcow2 in LIBVIRT_GCI_BASE_IMAGES)", name, libvirt.ErrNoTemplate, name)
 	}
 	kernel, err := b.find(conn, local, name+kernelSuffix)
 	if err != nil {

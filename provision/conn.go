@@ -41,3 +41,6 @@ func IsLocal(uri string) bool { return dial.IsLocal(uri) }
 
 // CheckURI refuses a libvirt URI this tool does not speak or will not (dial.Check).
 func CheckURI(uri string) error { return dial.Check(uri) }
+
+// PublicURI is a libvirt URI as a job's log may show it (dial.Public).
+func PublicURI(uri string) string { return dial.Public(uri) }

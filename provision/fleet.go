@@ -32,9 +32,9 @@ func (fl Fleet) Each(ctx context.Context, log *slog.Logger, all bool, f func(h *
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
 		}
-		err = fmt.Errorf("%s: %w", h.URI, err)
+		err = fmt.Errorf("%s: %w", PublicURI(h.URI), err)
 		if !all {
-			log.Warn(fmt.Sprintf("skipping %v", err), "uri", h.URI)
+			log.Warn(fmt.Sprintf("skipping %v", err), "uri", PublicURI(h.URI))
 		}
 		errs = append(errs, err)
 	}

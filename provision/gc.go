@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -149,7 +150,13 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 			continue
 		}
 		sw.Removed++
-		h.Log.Info(fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
+		// A launch's sweep runs in some job's log, which is not the place for other
+		// projects' instances: their names go to --debug only (sweep counts them).
+		level := slog.LevelInfo
+		if !deadline.IsZero() {
+			level = slog.LevelDebug
+		}
+		h.Log.Log(ctx, level, fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
 	}
 	return sw, errors.Join(errs...)
 }

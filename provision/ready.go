@@ -206,7 +206,7 @@ func (h *Host) setupSummary(p *plan, setup guest.Setup) []string {
 		did = append(did, "gitlab-runner helper on its PATH")
 	}
 	if setup.Share != nil {
-		did = append(did, fmt.Sprintf("cache %s at %s over virtiofs", p.Cache, p.CacheMount))
+		did = append(did, fmt.Sprintf("its cache at %s over virtiofs", p.CacheMount))
 	}
 	if setup.SSH != nil {
 		did = append(did, "its NIC and user key for ssh")

@@ -102,7 +102,8 @@ func TestPythonToolsUsers(t *testing.T) {
 	p.wait(t, time.Minute)
 	assert.Equal(t, "failed", final.State, trace)
 	assert.Contains(t, trace, `template "fedora-34" (from CUSTOM_ENV_DISTRO) is not offered on this runner`)
-	assert.Contains(t, trace, "no base image fedora-34.qcow2 in "+dir)
+	assert.Contains(t, trace, "no base image fedora-34.qcow2 in LIBVIRT_GCI_BASE_IMAGES")
+	assert.NotContains(t, trace, dir, "the job's log does not learn the host's directory")
 	assert.Empty(t, leftovers(t, h.l, h.prefix))
 }
 

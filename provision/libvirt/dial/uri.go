@@ -43,6 +43,20 @@ func ReachesHost(uri string) bool {
 	return err == nil && (Socket(u) == "unix" || Socket(u) == "ssh")
 }
 
+// Public is uri as a job's log may show it: its scheme, user, host and path, without
+// its query (key, known_hosts and PKI paths, sockets: the host's own business).
+func Public(uri string) string {
+	u, err := url.Parse(uri)
+	if err != nil {
+		return "(a libvirt URI)"
+	}
+	u.RawQuery, u.Fragment = "", ""
+	if u.User != nil {
+		u.User = url.User(u.User.Username())
+	}
+	return u.String()
+}
+
 // HostDialer is a dialer that also reaches TCP addresses as libvirtd's host sees them.
 type HostDialer interface {
 	DialHost(ctx context.Context, addr string) (net.Conn, error)

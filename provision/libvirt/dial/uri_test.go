@@ -64,3 +64,17 @@ func TestPlainTCPRefused(t *testing.T) {
 	}
 	require.ErrorContains(t, Check("qemu+foo://h/system"), `transport "foo" is not supported`)
 }
+
+// What a job's log may show of a URI: no key, known_hosts or PKI paths, no password.
+func TestPublic(t *testing.T) {
+	t.Parallel()
+	for uri, want := range map[string]string{
+		"qemu:///system": "qemu:///system",
+		"qemu+ssh://ci@hv1:2222/system?keyfile=/root/.ssh/id&known_hosts=/etc/gci/kh": "qemu+ssh://ci@hv1:2222/system",
+		"qemu+tls://hv2/system?pkipath=/etc/pki/gci":                                  "qemu+tls://hv2/system",
+		"qemu+ssh://u:secret@h/system":                                                "qemu+ssh://u@h/system",
+		"qemu:///session?socket=/run/user/1000/libvirt/virtqemud-sock":                "qemu:///session",
+	} {
+		assert.Equal(t, want, Public(uri), uri)
+	}
+}
