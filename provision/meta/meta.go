@@ -39,12 +39,12 @@ type Metadata struct {
 	PrepareID string   `xml:"prepare-id"` // random, one per prepare: a rollback removes only its own
 	CreatedAt string   `xml:"created-at"` // RFC 3339
 	Volumes   []Volume `xml:"volume"`
-	Process   *Process `xml:"runner,omitempty"`     // the process that ran prepare, for gc
+	Process   *Process `xml:"runner,omitempty"` // the process that ran prepare, for gc
 	// Prepare is the prepare process itself, and ReadyAt (RFC 3339) when it had the
 	// instance ready: an instance whose prepare died before that (kill -9, a define that
 	// landed after its cleanup looked) will never be used, whatever its runner does.
-	Prepare *Process `xml:"prepare,omitempty"`
-	ReadyAt string   `xml:"ready-at,omitempty"`
+	Prepare   *Process `xml:"prepare,omitempty"`
+	ReadyAt   string   `xml:"ready-at,omitempty"`
 	FailedAt  string   `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
 	KeepUntil string   `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
 	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH, or its forwards are
