@@ -227,15 +227,19 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 	// LIBVIRT_GCI_KEEP_FAILED keeps the instance of a failed job; by hand, cleanup
 	// --machine removes it.
 	if e.Settings.KeepFailed > 0 && !t.ByHand {
-		until, err := h.Keep(ctx, t.Name, t.mine, e.Settings.KeepFailed)
+		until, why, err := h.Keep(ctx, t.Name, t.mine, e.Settings.KeepFailed)
 		if err != nil {
 			return err
 		}
+		if why != "" {
+			e.Log.Info(fmt.Sprintf("not keeping %s after the failed job: %s", t.Name, why))
+		}
 		if !until.IsZero() {
 			keep := until.Format(time.RFC3339)
-			e.Log.Info(fmt.Sprintf("kept %s after the failed job, until %s (LIBVIRT_GCI_KEEP_FAILED): reach it with `libvirt-gci run --machine %s SCRIPT` "+
-				"or `virsh console %s`; `libvirt-gci cleanup --machine %s` removes it, gc does after that time",
-				t.Name, keep, t.Name, t.Name, t.Name), "name", t.Name, "keep_until", keep)
+			e.Log.Info(fmt.Sprintf("kept %s after the failed job until %s (LIBVIRT_GCI_KEEP_FAILED): stopped, without its cache and network; "+
+				"its disks are the job's work, and the job's code is not to be trusted: look at them read-only (guestfish --ro -d %s), "+
+				"and do not start it where it could reach anything; `libvirt-gci cleanup --machine %s` removes it, gc does after that time",
+				t.Name, keep, t.Name, t.Name), "name", t.Name, "keep_until", keep)
 			return nil
 		}
 	}

@@ -176,8 +176,12 @@ var SettingList = []Setting{
 		set: size(func(s *Settings) *uint64 { return &s.MaxMemory })},
 	{Flag: "max-disk", Help: "first-disk size a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_DISK), such as 50G",
 		set: size(func(s *Settings) *uint64 { return &s.MaxDisk })},
-	{Flag: "keep-failed", Help: "cleanup keeps the VM of a failed job this long (say 2h), for a look; gc removes it afterwards",
+	{Flag: "keep-failed", Help: "cleanup keeps the VM of a failed job this long (say 2h), stopped and without its cache and network, for a look at its disks; gc removes it afterwards, or at LIBVIRT_GCI_MAX_AGE",
 		set: optDuration(func(s *Settings) *time.Duration { return &s.KeepFailed })},
+	{Flag: "keep-failed-max", Default: "4", Help: "failed jobs' VMs kept at most, in all (stopped: they count apart from running instances); past it, a failed job's VM is removed as ever",
+		set: count(func(s *Settings) *int { return &s.Limits.Kept })},
+	{Flag: "keep-failed-per-project", Default: "1", Help: "failed jobs' VMs kept at most per project",
+		set: count(func(s *Settings) *int { return &s.Limits.KeptPerProject })},
 	{Flag: "runner-binary", Default: "auto", Help: "gitlab-runner put on every guest's PATH (artifacts, caches): auto (the one driving the job), a path, or none",
 		set: func(s *Settings, v string) error {
 			if v != "auto" && v != "none" && !filepath.IsAbs(v) {

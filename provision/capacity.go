@@ -21,6 +21,9 @@ import (
 type Limits struct {
 	Instances   int    // LIBVIRT_GCI_MAX_INSTANCES
 	MemoryTotal uint64 // LIBVIRT_GCI_MAX_MEMORY_TOTAL, bytes
+	// Kept bounds the failed jobs' VMs kept (LIBVIRT_GCI_KEEP_FAILED), in all and per
+	// project: they are counted apart from the running instances.
+	Kept, KeptPerProject int
 }
 
 // Size is what an instance is given instead of its template's; zero fields keep the

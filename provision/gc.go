@@ -164,19 +164,23 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 // verdict says why an instance is to go, or "" to keep it.
 func (h *Host) verdict(in libvirt.Instance, olderThan time.Duration) string {
 	m := in.Metadata
+	created, cerr := time.Parse(time.RFC3339, m.CreatedAt)
+	age := time.Since(created)
+	switch {
+	case cerr != nil:
+	case olderThan > 0 && age > olderThan:
+		return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
+	case h.MaxAge > 0 && age > h.MaxAge: // kept or not
+		return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), h.MaxAge)
+	}
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {
 			return "kept after its failed job until " + m.KeepUntil + ", which has passed"
 		}
-		return "" // kept after a failed job: its time alone decides
+		return "" // kept after a failed job: its time decides, under MAX_AGE
 	}
-	if created, err := time.Parse(time.RFC3339, m.CreatedAt); err == nil {
-		age := time.Since(created)
+	if cerr == nil {
 		switch {
-		case olderThan > 0 && age > olderThan:
-			return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
-		case h.MaxAge > 0 && age > h.MaxAge:
-			return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), h.MaxAge)
 		case in.State == "shut off" && h.BootTimeout > 0 && age > h.BootTimeout:
 			// A launch starts its instance milliseconds after the define. One still shut
 			// off this long after is a define that landed after its prepare was killed

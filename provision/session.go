@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -183,25 +184,63 @@ func (s *Session) Close() error {
 }
 
 // Keep keeps the instance name for d instead of removing it, if a script failed in it
-// (MarkFailed) and allow agrees; gc removes it afterwards. It says until when, or zero
-// if it did not keep it: then the caller removes it as usual.
-func (h *Host) Keep(ctx context.Context, name string, allow func(meta.Metadata) error, d time.Duration) (time.Time, error) {
+// (MarkFailed), allow agrees and the bounds on kept VMs (Limits.Kept, KeptPerProject)
+// leave room; gc removes it afterwards, or once it is LIBVIRT_GCI_MAX_AGE old. A kept VM
+// is stopped, its disks kept for a look, and its definition loses its cache share and
+// its network (Conn.Disarm): a job must not outlive its timeout. Keep says until when,
+// or zero and why not: then the caller removes it as usual.
+func (h *Host) Keep(ctx context.Context, name string, allow func(meta.Metadata) error, d time.Duration) (time.Time, string, error) {
 	after, cancel := lingering(ctx, AfterCancel)
 	defer cancel()
 	conn, err := h.Connect(after)
 	if err != nil {
-		return time.Time{}, err
+		return time.Time{}, "", err
 	}
 	defer conn.Close()
 	inst, err := conn.Lookup(name)
 	if err != nil || (allow != nil && allow(inst.Metadata) != nil) || inst.Metadata.FailedAt == "" {
-		return time.Time{}, nil // the removal says what is wrong, if anything
+		return time.Time{}, "", nil // the removal says what is wrong, if anything
+	}
+	if why, err := h.keptFull(conn, inst.Metadata.Owner); err != nil || why != "" {
+		return time.Time{}, why, err
 	}
 	until := time.Now().Add(d).UTC().Truncate(time.Second)
+	if created, err := time.Parse(time.RFC3339, inst.Metadata.CreatedAt); err == nil && h.MaxAge > 0 && created.Add(h.MaxAge).Before(until) {
+		until = created.Add(h.MaxAge).UTC().Truncate(time.Second) // never past LIBVIRT_GCI_MAX_AGE
+	}
 	m := inst.Metadata
 	m.KeepUntil = until.Format(time.RFC3339)
 	if err := conn.SetMetadata(name, m); err != nil {
-		return time.Time{}, err
+		return time.Time{}, "", err
 	}
-	return until, nil
+	if err := conn.Disarm(name); err != nil {
+		return time.Time{}, "", err
+	}
+	return until, "", nil
+}
+
+// keptFull says why one more kept VM of owner's project does not fit, or "".
+func (h *Host) keptFull(conn *libvirt.Conn, owner meta.Owner) (string, error) {
+	list, err := conn.Instances()
+	if err != nil {
+		return "", err
+	}
+	all, mine := 0, 0
+	for _, in := range list {
+		if !strings.HasPrefix(in.Name, h.Prefix) || in.Metadata.KeepUntil == "" {
+			continue
+		}
+		all++
+		if o := in.Metadata.Owner; o.Server == owner.Server && o.ProjectID == owner.ProjectID && !o.Manual {
+			mine++
+		}
+	}
+	l := h.Limits
+	switch {
+	case l.KeptPerProject > 0 && mine >= l.KeptPerProject:
+		return fmt.Sprintf("%d of %d kept VMs of this project (LIBVIRT_GCI_KEEP_FAILED_PER_PROJECT)", mine, l.KeptPerProject), nil
+	case l.Kept > 0 && all >= l.Kept:
+		return fmt.Sprintf("%d of %d kept VMs in all (LIBVIRT_GCI_KEEP_FAILED_MAX)", all, l.Kept), nil
+	}
+	return "", nil
 }

@@ -256,34 +256,70 @@ func TestCapacity(t *testing.T) {
 	assert.Empty(t, leftovers(t, first.l, first.prefix))
 }
 
-// With LIBVIRT_GCI_KEEP_FAILED, cleanup keeps the VM of a failed job, says how to reach
-// it, and gc removes it once its time has passed. A job that succeeded is removed.
+// With LIBVIRT_GCI_KEEP_FAILED, cleanup keeps the VM of a failed job, and gc removes it
+// once its time has passed. A kept VM cannot act (issue 24): what the job left running
+// stops with it, its definition has no network left, and it does not count against
+// MAX_INSTANCES; a second failed job of the project is not kept (one per project by
+// default). A job that succeeded is removed.
 func TestKeepFailed(t *testing.T) {
 	t.Parallel()
 	j := newJob(t)
-	j.env["LIBVIRT_GCI_KEEP_FAILED"] = "4s"
+	j.env["LIBVIRT_GCI_KEEP_FAILED"] = "15s"
+	j.env["LIBVIRT_GCI_MAX_INSTANCES"] = "1"
 	j.prepare()
 	name := j.instance()
-	r := j.run("build_script", "echo failing; exit 3")
+	r := j.run("build_script", "(while :; do date >>/root/alive; sleep 1; done) </dev/null >/dev/null 2>&1 &\necho failing; exit 3")
 	require.Equal(t, 1, r.code, r.stderr)
 	r = j.run("after_script", "true")
 	require.Equal(t, 0, r.code, r.stderr)
 	r = j.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
-	assert.Contains(t, r.stderr, "kept "+name+" after the failed job, until ")
-	assert.Contains(t, r.stderr, "libvirt-gci run --machine "+name+" SCRIPT")
-	r = j.stage("run", "--machine", name, j.script("look.sh", "echo looking around"))
-	assert.Equal(t, 0, r.code, r.stderr)
-	assert.Equal(t, "looking around\n", r.stdout)
+	assert.Contains(t, r.stderr, "kept "+name+" after the failed job until ")
+	assert.Contains(t, r.stderr, "stopped, without its cache and network")
+	assert.Contains(t, r.stderr, "look at them read-only")
+	assert.NotContains(t, r.stderr, "virsh console")
+	dom, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	state, _, err := j.l.DomainGetState(dom, 0)
+	require.NoError(t, err)
+	assert.Equal(t, int32(libvirt.DomainShutoff), state, "the job's background loop no longer runs")
+	x, err := j.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	assert.NotRegexp(t, `<link state=["']up`, x)
+	assert.NotContains(t, x, "<filesystem")
+	r = j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	_, err = j.l.DomainLookupByName(name)
+	require.NoError(t, err, "gc removed a kept VM before its time: %s", r.stderr)
 
-	r = j.stage("gc")
+	// MAX_INSTANCES is 1 and the kept VM holds none of it: the next job prepares at once;
+	// it fails too, and is not kept.
+	next := newJob(t)
+	next.prefix, next.env["LIBVIRT_GCI_PREFIX"] = j.prefix, j.prefix
+	next.env["LIBVIRT_GCI_KEEP_FAILED"] = "6s"
+	next.env["LIBVIRT_GCI_MAX_INSTANCES"] = "1"
+	next.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "2m"
+	next.prepare()
+	r = next.run("build_script", "exit 3")
+	require.Equal(t, 1, r.code, r.stderr)
+	r = next.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
-	_, err := j.l.DomainLookupByName(name)
-	require.NoError(t, err, "gc removed a kept VM before its time")
-	time.Sleep(5 * time.Second)
-	r = j.stage("gc")
-	require.Equal(t, 0, r.code, r.stderr)
-	assert.Contains(t, r.stderr, "gc: removed "+name+": kept after its failed job until ")
+	assert.Contains(t, r.stderr, "not keeping "+next.instance()+" after the failed job: 1 of 1 kept VMs of this project (LIBVIRT_GCI_KEEP_FAILED_PER_PROJECT)")
+	_, err = j.l.DomainLookupByName(next.instance())
+	assert.Error(t, err, "removed")
+
+	// gc removes it once its time has passed, not before.
+	for start := time.Now(); ; {
+		r = j.stage("gc")
+		require.Equal(t, 0, r.code, r.stderr)
+		if strings.Contains(r.stderr, "gc: removed "+name+": kept after its failed job until ") {
+			break
+		}
+		_, err = j.l.DomainLookupByName(name)
+		require.NoError(t, err, "gc removed a kept VM before its time: %s", r.stderr)
+		require.Less(t, time.Since(start), time.Minute, "gc kept it past its time")
+		time.Sleep(time.Second)
+	}
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
 
 	// A job that succeeds is removed at cleanup as ever.

@@ -10,7 +10,6 @@ package main
 
 import (
 	"bytes"
-	"fmt"
 	"net/url"
 	"os/exec"
 	"sync"
@@ -228,8 +227,8 @@ echo "hostkey=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)"`))
 	require.Equal(t, 0, j.stage("cleanup").code)
 }
 
-// Keep-failed on the systemd guest: the failed job's VM stays, reachable by hand, and
-// goes with cleanup --machine.
+// Keep-failed on the systemd guest: the failed job's VM stays, stopped (the service the
+// job started is not running), its disks kept; cleanup --machine removes it.
 func TestSystemdKeepFailed(t *testing.T) {
 	t.Parallel()
 	j := newSystemdJob(t, "agent")
@@ -237,17 +236,24 @@ func TestSystemdKeepFailed(t *testing.T) {
 	j.warm()
 	j.prepare()
 	name := j.instance()
-	r := j.run("build_script", `echo failing on purpose; exit 3`)
+	r := j.run("build_script", `systemd-run --unit=gci-lingers sh -c 'while :; do date >>/root/alive; sleep 1; done'
+echo failing on purpose; exit 3`)
 	require.Equal(t, 1, r.code, r.stderr)
 	c := j.stage("cleanup")
 	require.Equal(t, 0, c.code, c.stderr)
-	assert.Contains(t, c.stderr, "libvirt-gci run --machine "+name)
-	m := j.stage("run", "--machine", name, j.script("poke.sh", `echo "kept: $(hostname) $(systemctl is-system-running)"`))
-	require.Equal(t, 0, m.code, m.stderr)
-	assert.Contains(t, m.stdout, fmt.Sprintf("kept: %s running", name))
+	assert.Contains(t, c.stderr, "kept "+name+" after the failed job until ")
+	dom, err := j.l.DomainLookupByName(name)
+	require.NoError(t, err)
+	state, _, err := j.l.DomainGetState(dom, 0)
+	require.NoError(t, err)
+	assert.Equal(t, int32(libvirt.DomainShutoff), state, "the unit the job left no longer runs")
+	x, err := j.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	assert.NotRegexp(t, `<link state=["']up`, x)
+	assert.Contains(t, x, "<disk", "its disks stay, for a look")
 	d := j.stage("cleanup", "--machine", name)
 	require.Equal(t, 0, d.code, d.stderr)
-	_, err := j.l.DomainLookupByName(name)
+	_, err = j.l.DomainLookupByName(name)
 	assert.Error(t, err, "cleanup --machine removed it")
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
 }

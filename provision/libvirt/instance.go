@@ -407,3 +407,39 @@ func (c *Conn) BackingCapacity(path string) (capacity uint64, known bool, err er
 	}
 	return capacity, true, nil
 }
+
+// Disarm stops the instance name at once (its disks and definition stay, for a look) and
+// takes from its definition what would reach out if it were started again: its shares
+// (the cache) go, its NICs' links are down. What a job left running in it stops; its
+// memory no longer counts.
+func (c *Conn) Disarm(name string) error {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	if err := c.api.DomainDestroyFlags(dom, libvirt.DomainDestroyDefault); err != nil && !HasCode(err, libvirt.ErrOperationInvalid) {
+		return fmt.Errorf("stop %q: %w", name, err)
+	}
+	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	if d.Devices != nil {
+		d.Devices.Filesystems = nil
+		for i := range d.Devices.Interfaces {
+			d.Devices.Interfaces[i].Link = &libvirtxml.DomainInterfaceLink{State: "down"}
+		}
+	}
+	d.QEMUCommandline = nil // the ssh NIC and its forward
+	if x, err = d.Marshal(); err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	if _, err := c.api.DomainDefineXMLFlags(x, 0); err != nil {
+		return fmt.Errorf("redefine %q without its cache and network: %w", name, err)
+	}
+	return nil
+}

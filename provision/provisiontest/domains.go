@@ -110,8 +110,15 @@ func (f *Libvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain,
 	if err := dom.Unmarshal(x); err != nil {
 		return libvirt.Domain{}, lverr(libvirt.ErrXMLError, "%v", err)
 	}
-	if _, ok := f.domains[dom.Name]; ok {
-		return libvirt.Domain{}, lverr(libvirt.ErrOperationFailed, "domain '%s' already exists", dom.Name)
+	if old, ok := f.domains[dom.Name]; ok {
+		// As libvirt does, a definition of the same domain (its UUID) replaces the
+		// inactive one: here, of a domain that is not running only.
+		var was libvirtxml.Domain
+		if old.running || was.Unmarshal(old.xml) != nil || was.UUID != dom.UUID {
+			return libvirt.Domain{}, lverr(libvirt.ErrOperationFailed, "domain '%s' already exists", dom.Name)
+		}
+		old.xml = x
+		return libvirt.Domain{Name: dom.Name}, nil
 	}
 	// As libvirt does, each NIC without a MAC address gets one.
 	if dom.Devices != nil {
