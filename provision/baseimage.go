@@ -43,6 +43,9 @@ const (
 // baseImageXML is the domain definition of the base image name, or ErrNoTemplate.
 func (h *Host) baseImageXML(conn *libvirt.Conn, name string) (string, error) {
 	b := h.BaseImages
+	if err := h.checkBaseImages(conn); err != nil {
+		return "", err
+	}
 	local := dial.IsLocal(h.URI)
 	path, err := b.find(conn, local, name+".qcow2")
 	if err != nil {
@@ -182,21 +185,40 @@ func (b BaseImages) domainXML(name, disk, kernel, initrd, cmdline, virt string) 
 // DISTRO of each DISTRO.qcow2. A directory on a remote libvirt is listed only if a pool
 // has it.
 func (h *Host) BaseImageNames(conn *libvirt.Conn) ([]string, error) {
+	files, err := h.baseFiles(conn, false)
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, f := range files {
+		if n, ok := strings.CutSuffix(f.name, ".qcow2"); ok {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// baseFile is a file where the base images are: its name, and with paths its path on
+// the libvirt host.
+type baseFile struct{ name, path string }
+
+// baseFiles lists the files where the base images are (none for a directory on a remote
+// libvirt), with their paths if paths is set.
+func (h *Host) baseFiles(conn *libvirt.Conn, paths bool) ([]baseFile, error) {
 	b := h.BaseImages
-	var files []string
+	var files []baseFile
 	switch {
 	case b.Source == "":
-		return nil, nil
 	case b.IsDir() && dial.IsLocal(h.URI):
 		entries, err := os.ReadDir(b.Source)
 		if err != nil {
 			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)
 		}
 		for _, e := range entries {
-			files = append(files, e.Name())
+			files = append(files, baseFile{e.Name(), filepath.Join(b.Source, e.Name())})
 		}
 	case b.IsDir():
-		return nil, nil
 	default:
 		pool, err := conn.API().StoragePoolLookupByName(b.Source)
 		if err != nil {
@@ -207,15 +229,63 @@ func (h *Host) BaseImageNames(conn *libvirt.Conn) ([]string, error) {
 			return nil, fmt.Errorf("list pool %q: %w", b.Source, err)
 		}
 		for _, v := range vols {
-			files = append(files, v.Name)
+			f := baseFile{name: v.Name}
+			if paths {
+				if f.path, err = conn.API().StorageVolGetPath(v); err != nil {
+					return nil, fmt.Errorf("base image %s in pool %s: %w", v.Name, b.Source, err)
+				}
+			}
+			files = append(files, f)
 		}
 	}
-	var names []string
+	return files, nil
+}
+
+// checkBaseImages refuses base images that share their directory or pool with other
+// disks: there every NAME.qcow2 is a template any job may clone, so the instance pool
+// (its overlays, warm images and helper disks), our own volumes, and any defined
+// domain's disk must not be there. The error names the file, not its directory.
+func (h *Host) checkBaseImages(conn *libvirt.Conn) error {
+	b := h.BaseImages
+	const own = "; base images need a directory or pool of their own, where every NAME.qcow2 is a template any job may clone"
+	if !b.IsDir() && b.Source == h.Pool {
+		return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q is the instance pool (LIBVIRT_GCI_POOL)%s", b.Source, own)
+	}
+	files, err := h.baseFiles(conn, true)
+	if err != nil {
+		return err
+	}
+	at := map[string]string{}
 	for _, f := range files {
-		if n, ok := strings.CutSuffix(f, ".qcow2"); ok {
-			names = append(names, n)
+		if strings.HasPrefix(f.name, h.Prefix) || strings.HasPrefix(f.name, "libvirt-gci-") {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, a volume of libvirt-gci's own%s", f.name, own)
+		}
+		if v, err := conn.API().StorageVolLookupByPath(f.path); err == nil && v.Pool == h.Pool {
+			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, in the instance pool %q (LIBVIRT_GCI_POOL)%s", f.name, h.Pool, own)
+		}
+		at[f.path] = f.name
+	}
+	doms, _, err := conn.API().ConnectListAllDomains(1, 0)
+	if err != nil {
+		return fmt.Errorf("list domains: %w", err)
+	}
+	for _, d := range doms {
+		x, err := conn.API().DomainGetXMLDesc(d, golibvirt.DomainXMLInactive)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		var dom libvirtxml.Domain
+		if dom.Unmarshal(x) != nil || dom.Devices == nil {
+			continue
+		}
+		for _, disk := range dom.Devices.Disks {
+			if disk.Source == nil || disk.Source.File == nil {
+				continue
+			}
+			if name, ok := at[disk.Source.File.File]; ok {
+				return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, a disk of the domain %q%s", name, d.Name, own)
+			}
 		}
 	}
-	slices.Sort(names)
-	return names, nil
+	return nil
 }
