@@ -53,6 +53,30 @@ func ProcessOf(pid int) *meta.Process {
 	return r
 }
 
+// lockHolder is this process, as a pool lock's holder: its identity and a token of
+// this taking (so that neither a reused PID nor another lock of this process matches).
+func lockHolder() libvirt.LockHolder {
+	p := ProcessOf(os.Getpid())
+	if p == nil {
+		return libvirt.LockHolder{}
+	}
+	return libvirt.LockHolder{
+		ID:   fmt.Sprintf("libvirt-gci lock %s %s %d %d %s", p.MachineID, p.BootID, p.PID, p.Start, randomHex(8)),
+		Gone: lockHolderGone,
+	}
+}
+
+// lockHolderGone tells from a lock's holder ID whether its process is certainly gone: a
+// process of this host that died, or of one of its earlier boots.
+func lockHolderGone(id string) bool {
+	var p meta.Process
+	var token string
+	if n, _ := fmt.Sscanf(id, "libvirt-gci lock %s %s %d %d %s", &p.MachineID, &p.BootID, &p.PID, &p.Start, &token); n != 5 {
+		return false
+	}
+	return gone(&p, "its holder") != ""
+}
+
 // orphaned says why no cleanup stage will come for an instance, or "".
 func orphaned(m meta.Metadata) string {
 	if m.ReadyAt == "" {

@@ -74,7 +74,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	}
 
 	// Built by one process at a time; the others wait, and find it made.
-	unlock, _, err := conn.PoolLock(ctx, h.Log, h.Pool, name, true, nil)
+	unlock, _, err := conn.PoolLock(ctx, h.Log, h.Pool, name, true, nil, lockHolder())
 	if err != nil {
 		return "", err
 	}

@@ -57,7 +57,7 @@ func TestLaunchGivesTheHelper(t *testing.T) {
 			uploads++
 		}
 	}
-	assert.Equal(t, 1, uploads, "built once, for both instances")
+	assert.Equal(t, 2, uploads, "built once, for both instances: its lock's holder, and the image")
 	vols := helperVolumes()
 
 	// An image whose mark is there but which is gone (an operator's vol-delete, say) is
@@ -123,10 +123,10 @@ func TestHelperWaitIsBounded(t *testing.T) {
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 	fi, err := os.Stat(bin)
 	require.NoError(t, err)
-	unlock, ok, err := libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil) // another prepare, building
+	unlock, ok, err := libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil, libvirt.LockHolder{}) // another prepare, building
 	require.NoError(t, err)
 	require.True(t, ok)
-	_, ok, err = libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil)
+	_, ok, err = libvirt.NewConn(f).PoolLock(context.Background(), h.Log, h.Pool, helperPrefix+helperID(fi)+".img", false, nil, libvirt.LockHolder{})
 	require.NoError(t, err)
 	assert.False(t, ok, "held")
 	start := time.Now()

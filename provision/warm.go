@@ -192,7 +192,7 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 		return wi, "", err
 	}
 	// Made by one process at a time; a prepare that finds another making it boots.
-	unlock, ok, err := conn.PoolLock(ctx, h.Log, h.Pool, name, false, h.warmBuilding(conn, name))
+	unlock, ok, err := conn.PoolLock(ctx, h.Log, h.Pool, name, false, h.warmBuilding(conn, name), lockHolder())
 	if err != nil {
 		return nil, "", err
 	}
@@ -259,7 +259,7 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (st
 	}
 	bctx, cancel := h.bootTimeout(ctx)
 	defer cancel()
-	unlock, _, err := conn.PoolLock(bctx, h.Log, h.Pool, name, true, h.warmBuilding(conn, name))
+	unlock, _, err := conn.PoolLock(bctx, h.Log, h.Pool, name, true, h.warmBuilding(conn, name), lockHolder())
 	if err != nil {
 		return "", err
 	}

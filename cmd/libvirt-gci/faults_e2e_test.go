@@ -61,15 +61,65 @@ func TestFaultPrepareKilled(t *testing.T) {
 				time.Sleep(2 * time.Second)
 				if left := leftovers(t, j.l, j.prefix); len(left) > 0 {
 					t.Logf("a define landed after the cleanup: %v", left)
-					time.Sleep(4 * time.Second)
 					r = j.stage("gc")
 					assert.Equal(t, 0, r.code, r.stderr)
-					assert.Contains(t, r.stderr, "it is shut off and")
+					assert.Contains(t, r.stderr, "before the instance was ready")
 				}
 			}
 			assert.Empty(t, leftovers(t, j.l, j.prefix), "prepare output:\n%s", s.out.String())
 		})
 	}
+}
+
+// A prepare killed (SIGKILL) before its instance was ready leaves an instance no cleanup
+// may come for (the define lands after the cleanup looked; or the runner is gone before
+// it runs one): gc removes it at once, though the runner (here, the test) lives on, and
+// says why (issue 24). Before, it kept it until LIBVIRT_GCI_MAX_AGE, forever unset.
+func TestFaultKilledPrepareIsAnOrphan(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.warm()
+	s := j.start("prepare")
+	s.waitFor("restored ")
+	_ = s.cmd.Process.Kill()
+	_, _ = s.wait(time.Minute)
+	require.NotEmpty(t, leftovers(t, j.l, j.prefix), "the killed prepare's instance")
+	r := j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Regexp(t, `gc: removed \S+: its prepare \(pid \d+\) is gone before the instance was ready`, r.stderr)
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
+}
+
+// A prepare killed while it makes a template's warm image leaves the image's lock and
+// its half-made domain: the next prepare sweeps the domain, takes the lock at once (its
+// holder is gone) and makes the image, instead of booting cold for two minutes.
+func TestFaultWarmBuilderKilled(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.defineTemplate("tiny-warmkill-" + j.jobID)
+	s := j.start("prepare")
+	require.Eventually(t, func() bool {
+		for _, l := range leftovers(t, j.l, j.prefix) {
+			if strings.Contains(l, "domain "+j.prefix+"warm-") {
+				return true
+			}
+		}
+		return false
+	}, 2*time.Minute, 50*time.Millisecond, "no warm image being made: %s", s.out.String())
+	_ = s.cmd.Process.Kill()
+	_, _ = s.wait(time.Minute)
+
+	next := newJob(t)
+	next.prefix, next.env["LIBVIRT_GCI_PREFIX"] = j.prefix, j.prefix
+	next.env["CUSTOM_ENV_DISTRO"] = j.env["CUSTOM_ENV_DISTRO"]
+	r := next.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "swept 1 orphaned instances")
+	assert.Regexp(t, `removed the lock libvirt-gci-warm-\S+\.lock: its holder is gone`, r.stderr)
+	assert.Contains(t, r.stderr, "made the warm image")
+	assert.NotContains(t, r.stderr, "another prepare is making the warm image")
+	require.Equal(t, 0, next.stage("cleanup").code)
+	assert.Empty(t, leftovers(t, j.l, j.prefix))
 }
 
 // run killed with SIGKILL mid-script, then cleanup; and the guest that powers itself off

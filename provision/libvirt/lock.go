@@ -25,29 +25,49 @@ const lockStaleAfter = 2 * time.Minute
 // unlockTime bounds the removal of a lock after a cancel.
 const unlockTime = 4 * time.Second
 
-// PoolLock takes the pool lock name in the pool poolName. With wait, it tries until ctx
-// ends; without, it returns ok false at once if another holds it. alive tells whether
-// its holder still works (a lock older than lockStaleAfter whose holder does not is
-// removed, and log says so); nil: only the age counts.
-func (c *Conn) PoolLock(ctx context.Context, log *slog.Logger, poolName, name string, wait bool, alive func() bool) (unlock func(), ok bool, err error) {
+// LockHolder is who takes a pool lock: ID, written into the lock (unique to this
+// taking: a process's identity and a random token), and Gone, which tells from the ID a
+// lock carries whether its holder is certainly gone (a process of this host that has
+// died). Either may be zero: then only the lock's age and alive count.
+type LockHolder struct {
+	ID   string
+	Gone func(id string) bool
+}
+
+// lockSize is the size of a lock volume: room for its holder's ID.
+const lockSize = 512
+
+// PoolLock takes the pool lock name in the pool poolName for holder. With wait, it tries
+// until ctx ends; without, it returns ok false at once if another holds it. A lock whose
+// holder is gone (holder.Gone) is removed at once; one older than lockStaleAfter whose
+// holder does not work (alive; nil: only the age counts) too; log says so. unlock
+// removes the lock only while it is still this holder's.
+func (c *Conn) PoolLock(ctx context.Context, log *slog.Logger, poolName, name string, wait bool, alive func() bool, holder LockHolder) (unlock func(), ok bool, err error) {
 	pool, err := c.api.StoragePoolLookupByName(poolName)
 	if err != nil {
 		return nil, false, fmt.Errorf("storage pool %q: %w", poolName, err)
 	}
-	x, err := volumeXML(name+".lock", 0, 0)
+	x, err := volumeXML(name+".lock", lockSize, 0)
 	if err != nil {
 		return nil, false, err
 	}
 	for {
 		v, err := c.api.StorageVolCreateXML(pool, x, 0)
 		if err == nil {
-			return func() { c.poolUnlock(log, v) }, true, nil
+			if holder.ID != "" {
+				if err := c.upload(ctx, v, []byte(holder.ID+"\n")); err != nil {
+					log.Debug(fmt.Sprintf("lock %s: could not write its holder: %v", name, err))
+				}
+			}
+			return func() { c.poolUnlock(log, v, holder.ID) }, true, nil
 		}
 		if !HasCode(err, libvirt.ErrStorageVolExist) {
 			return nil, false, fmt.Errorf("lock %s in pool %q: %w", name, poolName, err)
 		}
-		if c.staleLock(pool, name, alive) {
-			log.Warn(fmt.Sprintf("removed the lock %s.lock, left by a process that is gone", name))
+		if why := c.staleLock(ctx, pool, name, alive, holder.Gone); why != "" {
+			if why != goneMeanwhile {
+				log.Warn(fmt.Sprintf("removed the lock %s.lock: %s", name, why))
+			}
 			continue
 		}
 		if !wait {
@@ -61,44 +81,81 @@ func (c *Conn) PoolLock(ctx context.Context, log *slog.Logger, poolName, name st
 	}
 }
 
-// poolUnlock deletes the lock volume, on a new connection if c is gone (a cancel).
-func (c *Conn) poolUnlock(log *slog.Logger, v libvirt.StorageVol) {
-	if err := c.api.StorageVolDelete(v, 0); err == nil || HasCode(err, libvirt.ErrNoStorageVol) {
-		return
+// lockHolderOf reads the holder's ID from the lock volume v; "" if it has none (an older
+// tool's lock, or one whose holder has not written it yet).
+func (c *Conn) lockHolderOf(ctx context.Context, v libvirt.StorageVol) string {
+	b, err := c.readLocal(v, lockSize)
+	if err != nil {
+		if b, err = c.readPrefix(ctx, v, lockSize); err != nil {
+			return ""
+		}
 	}
+	return strings.TrimSpace(strings.TrimRight(string(b), "\x00"))
+}
+
+// poolUnlock deletes the lock volume, on a new connection if c is gone (a cancel), if
+// it is still id's: a holder taken for gone (a process that waited past lockStaleAfter)
+// must not delete the lock of the process that took its place.
+func (c *Conn) poolUnlock(log *slog.Logger, v libvirt.StorageVol, id string) {
 	ctx, cancel := context.WithTimeout(context.Background(), unlockTime)
 	defer cancel()
-	side, err := c.redial(ctx)
-	if err != nil {
-		log.Warn(fmt.Sprintf("could not remove the lock %s: %v; it goes once stale", v.Name, err))
-		return
+	conn := c
+	if _, _, _, err := c.api.StorageVolGetInfo(v); err != nil && !HasCode(err, libvirt.ErrNoStorageVol) {
+		side, err := c.redial(ctx)
+		if err != nil {
+			log.Warn(fmt.Sprintf("could not remove the lock %s: %v; it goes once stale", v.Name, err))
+			return
+		}
+		defer side.Close()
+		conn = side
 	}
-	defer side.Close()
-	if err := side.api.StorageVolDelete(v, 0); err != nil && !HasCode(err, libvirt.ErrNoStorageVol) {
+	if id != "" {
+		if got := conn.lockHolderOf(ctx, v); got != "" && got != id {
+			log.Warn(fmt.Sprintf("the lock %s is no longer ours (another process took it for stale); leaving it", v.Name))
+			return
+		}
+	}
+	if err := conn.api.StorageVolDelete(v, 0); err != nil && !HasCode(err, libvirt.ErrNoStorageVol) {
 		log.Warn(fmt.Sprintf("could not remove the lock %s: %v; it goes once stale", v.Name, err))
 	}
 }
 
-// staleLock tells whether the lock name is older than lockStaleAfter with its holder
-// not alive, and if so removes it.
-func (c *Conn) staleLock(pool libvirt.StoragePool, name string, alive func() bool) bool {
+// goneMeanwhile: the lock went before staleLock looked at it.
+const goneMeanwhile = "gone meanwhile"
+
+// staleLock says why the lock name is stale, and removes it, or says "": its holder is
+// gone (gone), or it is older than lockStaleAfter with its holder not alive.
+func (c *Conn) staleLock(ctx context.Context, pool libvirt.StoragePool, name string, alive func() bool, gone func(string) bool) string {
 	v, err := c.api.StorageVolLookupByName(pool, name+".lock")
 	if err != nil {
-		return HasCode(err, libvirt.ErrNoStorageVol) // gone meanwhile: try again
+		if HasCode(err, libvirt.ErrNoStorageVol) {
+			return goneMeanwhile // try again
+		}
+		return ""
 	}
-	x, err := c.api.StorageVolGetXMLDesc(v, 0)
-	if err != nil {
-		return false
+	why := ""
+	if id := c.lockHolderOf(ctx, v); id != "" && gone != nil && gone(id) {
+		why = "its holder is gone"
 	}
-	var vol libvirtxml.StorageVolume
-	if vol.Unmarshal(x) != nil || vol.Target == nil || vol.Target.Timestamps == nil {
-		return false
-	}
-	sec, _, _ := strings.Cut(vol.Target.Timestamps.Ctime, ".")
-	made, err := strconv.ParseInt(sec, 10, 64)
-	if err != nil || time.Since(time.Unix(made, 0)) < lockStaleAfter || (alive != nil && alive()) {
-		return false
+	if why == "" {
+		x, err := c.api.StorageVolGetXMLDesc(v, 0)
+		if err != nil {
+			return ""
+		}
+		var vol libvirtxml.StorageVolume
+		if vol.Unmarshal(x) != nil || vol.Target == nil || vol.Target.Timestamps == nil {
+			return ""
+		}
+		sec, _, _ := strings.Cut(vol.Target.Timestamps.Ctime, ".")
+		made, err := strconv.ParseInt(sec, 10, 64)
+		if err != nil || time.Since(time.Unix(made, 0)) < lockStaleAfter || (alive != nil && alive()) {
+			return ""
+		}
+		why = fmt.Sprintf("older than %s, left by a process that is gone", lockStaleAfter)
 	}
 	err = c.api.StorageVolDelete(v, 0)
-	return err == nil || HasCode(err, libvirt.ErrNoStorageVol)
+	if err == nil || HasCode(err, libvirt.ErrNoStorageVol) {
+		return why
+	}
+	return ""
 }
