@@ -23,8 +23,15 @@ type Forwards struct {
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	conns   map[net.Conn]bool
+	open    int // the guest's connections open now
 	stopped bool
 }
+
+// MaxForwardConns bounds the connections a guest has open through its forwards at once:
+// each holds a socket and two goroutines on the runner host, and a job must not exhaust
+// them (or the service behind) for the other jobs. Past it, the guest's connection is
+// closed at once, as a refused one.
+const MaxForwardConns = 64
 
 // Forward opens the forwards over a connection of its own; Close ends them.
 func (s *SSH) Forward(ctx context.Context, targets []string) (*Forwards, error) {
@@ -62,14 +69,19 @@ func (f *Forwards) serve(ln net.Listener, target string) {
 		if err != nil {
 			return
 		}
-		if !f.track(in, true) {
+		ok, stopped := f.admit(in)
+		if stopped {
 			in.Close()
 			return
+		}
+		if !ok {
+			in.Close()
+			continue
 		}
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			defer f.track(in, false)
+			defer f.release(in)
 			defer in.Close()
 			out, err := net.DialTimeout("tcp", target, 30*time.Second)
 			if err != nil {
@@ -94,6 +106,30 @@ func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 	}
+}
+
+// admit tracks the guest's connection in, unless the forwards are stopped or it has
+// MaxForwardConns open already.
+func (f *Forwards) admit(in net.Conn) (ok, stopped bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.stopped {
+		return false, true
+	}
+	if f.open >= MaxForwardConns {
+		return false, false
+	}
+	f.open++
+	f.conns[in] = true
+	return true, false
+}
+
+// release ends admit's tracking of in.
+func (f *Forwards) release(in net.Conn) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.open--
+	delete(f.conns, in)
 }
 
 func (f *Forwards) track(c net.Conn, add bool) bool {
@@ -121,7 +157,10 @@ func (f *Forwards) Close() error {
 	for _, ln := range f.lns {
 		ln.Close()
 	}
-	err := f.c.Close()
+	var err error
+	if f.c != nil {
+		err = f.c.Close()
+	}
 	f.wg.Wait()
 	return err
 }
