@@ -1,6 +1,7 @@
 package executor
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -115,4 +116,24 @@ func projectCache(root string, o meta.Owner, protected bool) (string, error) {
 		}
 	}
 	return share, nil
+}
+
+// cacheShare is the share t's job gets as its cache (projectCache), mounted as a file
+// system of its own (mountShare), its root 0700.
+func (e *Executor) cacheShare(ctx context.Context, t Target) (string, error) {
+	dir, err := projectCache(e.Settings.CacheDir, t.Owner, t.Protected)
+	if err != nil {
+		return "", err
+	}
+	m := e.Mounter
+	if m == nil {
+		m = loopMounter{}
+	}
+	if err := mountShare(ctx, m, dir, e.Settings.CacheSize); err != nil {
+		return "", err
+	}
+	if err := ownDir(dir); err != nil { // the file system's root, now
+		return "", fmt.Errorf("cache directory: %w", err)
+	}
+	return dir, nil
 }

@@ -29,6 +29,7 @@ type Settings struct {
 	KeepFailed      time.Duration // cleanup keeps a failed job's VM this long; 0: not at all
 	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
 	CacheDir        string        // host directory of the projects' caches; "": none
+	CacheSize       uint64        // bytes: the file system of each project's cache share
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }

@@ -32,6 +32,9 @@ type Executor struct {
 	// provisiontest's fake here.
 	Dial    func(ctx context.Context, uri string) (*provision.Conn, error)
 	Version string
+	// Mounter mounts the cache shares' file systems; nil is the host's (mkfs.ext4 and
+	// mount -o loop). Tests give a fake.
+	Mounter Mounter
 	Log     *slog.Logger
 	Stdout  io.Writer
 	Stderr  io.Writer
@@ -133,7 +136,7 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		req.Process = provision.ProcessOf(os.Getppid()) // GitLab Runner, for gc
 	}
 	if e.Settings.CacheDir != "" && !t.ByHand {
-		dir, err := projectCache(e.Settings.CacheDir, t.Owner, t.Protected)
+		dir, err := e.cacheShare(ctx, t)
 		if err != nil {
 			return err
 		}

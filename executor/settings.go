@@ -190,12 +190,21 @@ var SettingList = []Setting{
 			s.RunnerBinary = v
 			return nil
 		}},
-	{Flag: "cache-dir", Help: "host directory of job caches: each project's own subdirectory is its VMs' /cache (virtiofs); none: caches die with the VM",
+	{Flag: "cache-dir", Help: "host directory of job caches (the runner must run as root): each project gets a file system of its own there, mounted nosuid,nodev, shared at /cache (virtiofs) with its jobs, protected apart; unset: caches die with the VM",
 		set: func(s *Settings, v string) error {
 			if v != "" && !filepath.IsAbs(v) {
 				return fmt.Errorf("want an absolute path")
 			}
 			s.CacheDir = v
+			return nil
+		}},
+	{Flag: "cache-size", Default: "10G", Help: "size of each project's cache (a file system of its own, for its protected jobs and another for the others); a full cache fails that project's cache archiving",
+		set: func(s *Settings, v string) error {
+			n, err := ParseSize(v)
+			if err != nil || n < 16<<20 {
+				return fmt.Errorf("want a size of 16M or more, such as 10G")
+			}
+			s.CacheSize = n
 			return nil
 		}},
 	{Flag: "guest-forwards", Help: "comma-separated HOST:PORT services (your GitLab) the guest reaches at the same address through ssh while a stage runs",

@@ -204,7 +204,7 @@ func BenchmarkRunnerPipelineJob(b *testing.B) {
 		b.Run(tr, func(b *testing.B) {
 			benchmarkRunnerJob(b, tr, func(h *runnerHost) {
 				u, _ := url.Parse(h.gl.URL())
-				h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+b.TempDir())
+				h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+cacheDir(b))
 			}, func(*runnerHost) fakegitlab.JobSpec {
 				return fakegitlab.JobSpec{Fetch: true,
 					Script:    []string{`mkdir -p vendor && date >>vendor/log && cp src/greeting.txt out.txt`},

@@ -346,3 +346,37 @@ func assertNothingLeft(t testing.TB, l *libvirt.Libvirt, prefix string) {
 	t.Helper()
 	assert.Empty(t, leftovers(t, l, prefix), "instances or volumes left behind")
 }
+
+// cacheDir is a LIBVIRT_GCI_CACHE_DIR for the test, in a directory others may enter (as
+// /var/cache is). The shares' file systems that prepare mounts there are unmounted when
+// the test ends.
+func cacheDir(t testing.TB) string {
+	t.Helper()
+	base := t.TempDir()
+	require.NoError(t, os.Chmod(base, 0o755))
+	dir := filepath.Join(base, "cache")
+	require.NoError(t, os.Mkdir(dir, 0o755))
+	t.Cleanup(func() {
+		for _, m := range mountsBelow(t, dir) {
+			if out, err := exec.Command("umount", "--lazy", m).CombinedOutput(); err != nil {
+				t.Errorf("umount %s: %v: %s", m, err, out)
+			}
+		}
+	})
+	return dir
+}
+
+// mountsBelow are the mount points below dir, with their options.
+func mountsBelow(t testing.TB, dir string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	require.NoError(t, err)
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 5 && strings.HasPrefix(f[4], dir+"/") {
+			out[f[4]] = f[5]
+		}
+	}
+	return out
+}

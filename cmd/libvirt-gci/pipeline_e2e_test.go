@@ -29,7 +29,7 @@ func TestRunnerCachePerProject(t *testing.T) {
 }
 
 func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
-	cacheDir := t.TempDir()
+	cacheDir := cacheDir(t)
 	h.env = append(h.env, "LIBVIRT_GCI_CACHE_DIR="+cacheDir)
 	cache := func(policy string) []map[string]any {
 		return []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": policy, "when": "on_success", "untracked": false}}
@@ -99,11 +99,8 @@ func TestRunnerCacheTrust(t *testing.T) {
 }
 
 func testRunnerCacheTrust(t *testing.T, h *runnerHost) {
-	base := t.TempDir()
-	require.NoError(t, os.Chmod(base, 0o755)) // as /var/cache is: the tool's directories must close it
-	cacheDir := filepath.Join(base, "cache")
-	require.NoError(t, os.Mkdir(cacheDir, 0o755))
-	h.env = append(h.env, "LIBVIRT_GCI_CACHE_DIR="+cacheDir)
+	cacheDir := cacheDir(t) // others may enter it: the tool's directories must close it
+	h.env = append(h.env, "LIBVIRT_GCI_CACHE_DIR="+cacheDir, "LIBVIRT_GCI_CACHE_SIZE=64M")
 	yes, no := true, false
 	cache := func(policy string) []map[string]any {
 		return []map[string]any{{"key": "deps", "paths": []string{"vendor/"}, "policy": policy, "when": "on_success", "untracked": false}}
@@ -112,6 +109,7 @@ func testRunnerCacheTrust(t *testing.T, h *runnerHost) {
 		`mkdir -p vendor && echo poisoned >vendor/marker`,
 		`cp /bin/sh /cache/sh && chmod 4755 /cache/sh && ls -l /cache/sh`,
 		`ln -s / /cache/rootlink && chmod 777 /cache`,
+		`dd if=/dev/zero of=/cache/fill bs=1M count=100 2>&1 | grep -o "No space left on device" | head -1; rm -f /cache/fill`,
 		`for d in /cache/*/; do mkdir -p "${d}deps-protected" && echo poisoned >"${d}deps-protected/planted"; done; ls -R /cache | head -20`,
 	}})
 	protected := h.gl.Add(fakegitlab.JobSpec{Protected: &yes, Cache: cache("pull-push"), Script: []string{
@@ -144,6 +142,13 @@ func testRunnerCacheTrust(t *testing.T, h *runnerHost) {
 		return nil
 	})
 	require.Len(t, setuid, 1, "the planted shell")
+	assert.True(t, fakegitlab.HasLine(traces[0], "No space left on device"), "the project's cache has its size (64M):\n%s", traces[0])
+	mounts := mountsBelow(t, cacheDir)
+	require.Len(t, mounts, 2, "a file system per share: %v", mounts)
+	for m, opts := range mounts {
+		assert.Contains(t, opts, "nosuid", m)
+		assert.Contains(t, opts, "nodev", m)
+	}
 	for _, p := range []string{setuid[0], filepath.Join(filepath.Dir(setuid[0]), "rootlink", "etc", "shadow")} {
 		out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-e", p).CombinedOutput()
 		assert.Error(t, err, "an unprivileged host user reaches %s: %s", p, out)

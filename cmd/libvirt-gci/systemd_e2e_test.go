@@ -159,7 +159,7 @@ func TestSystemdRunnerPipeline(t *testing.T) {
 			h := newRunnerHost(t, tr)
 			u, err := url.Parse(h.gl.URL())
 			require.NoError(t, err)
-			h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+t.TempDir(),
+			h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+cacheDir(t),
 				"LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl, "LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
 			job := h.gl.Add(fakegitlab.JobSpec{Fetch: true,
 				Script: []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`, `mkdir -p vendor && hostname >vendor/marker`,
