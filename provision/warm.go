@@ -6,7 +6,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -116,11 +118,15 @@ func (h *Host) diskIdentity(conn *libvirt.Conn, path string) (string, error) {
 		}
 	}
 	if !dial.IsLocal(h.URI) {
-		return "", fmt.Errorf("template disk %s is in no storage pool of the remote libvirt, so a warm image could not tell when it changed (put it in a pool for warm images)", path)
+		// The file's name only: this says why a job boots, in the job's log.
+		return "", fmt.Errorf("template disk %s is in no storage pool of the remote libvirt, so a warm image could not tell when it changed (put it in a pool for warm images)", filepath.Base(path))
 	}
 	fi, err := os.Stat(path)
+	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+		return "", fmt.Errorf("template disk %s: %w", filepath.Base(path), pe.Err)
+	}
 	if err != nil {
-		return "", fmt.Errorf("template disk: %w", err)
+		return "", fmt.Errorf("template disk %s: %w", filepath.Base(path), err)
 	}
 	return "file/" + fileIdentity(fi), nil
 }
