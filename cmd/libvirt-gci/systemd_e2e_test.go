@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"net/url"
 	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -159,7 +160,8 @@ func TestSystemdRunnerPipeline(t *testing.T) {
 			h := newRunnerHost(t, tr)
 			u, err := url.Parse(h.gl.URL())
 			require.NoError(t, err)
-			h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+cacheDir(t),
+			caches := cacheDir(t)
+			h.env = append(h.env, "LIBVIRT_GCI_GUEST_FORWARDS="+u.Host, "LIBVIRT_GCI_CACHE_DIR="+caches,
 				"LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl, "LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
 			job := h.gl.Add(fakegitlab.JobSpec{Fetch: true,
 				Script: []string{`cp src/greeting.txt out.txt`, `git log --oneline | head -1`, `mkdir -p vendor && hostname >vendor/marker`,
@@ -173,6 +175,10 @@ func TestSystemdRunnerPipeline(t *testing.T) {
 			p.wait(t, time.Minute)
 			assert.Contains(t, trace, "systemd running after")
 			assert.Contains(t, trace, "Created cache")
+			for m, opts := range mountsBelow(t, caches) { // the share: a file system of its own
+				assert.True(t, strings.HasSuffix(m, "/unprotected"), m)
+				assert.Contains(t, opts, "nosuid,nodev", m)
+			}
 			assert.Contains(t, trace, "Uploading artifacts")
 			assert.Regexp(t, `first-stage-addr=10\.213\.214\.\d+/24`, trace)
 			assert.NotEmpty(t, h.gl.Artifacts(job))
