@@ -146,7 +146,7 @@ func Connect(ctx context.Context, uri string) (*Conn, error) {
 	}
 	c, err := connect(ctx, &droppable{Dialer: d}, libvirt.RemoteURI(u))
 	if err != nil {
-		return nil, fmt.Errorf("connect to libvirt at %s: %w", uri, err)
+		return nil, fmt.Errorf("connect to libvirt at %s: %w", dial.Public(uri), err)
 	}
 	if hd, ok := d.(dial.HostDialer); ok {
 		c.dialHost = hd.DialHost
