@@ -357,7 +357,7 @@ func cacheDir(t testing.TB) string {
 	dir := filepath.Join(base, "cache")
 	require.NoError(t, os.Mkdir(dir, 0o755))
 	t.Cleanup(func() {
-		for _, m := range mountsBelow(t, dir) {
+		for m := range mountsBelow(t, dir) {
 			if out, err := exec.Command("umount", "--lazy", m).CombinedOutput(); err != nil {
 				t.Errorf("umount %s: %v: %s", m, err, out)
 			}
