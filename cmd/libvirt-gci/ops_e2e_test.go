@@ -256,6 +256,24 @@ func TestCapacity(t *testing.T) {
 	assert.Empty(t, leftovers(t, first.l, first.prefix))
 }
 
+// assertDisarmed checks that the kept VM name can no longer act (why: what stopped), and
+// returns its definition: shut off, and, were it started again, no cache share, no ssh
+// NIC (a forward to the host's 127.0.0.1) and every NIC's link down.
+func assertDisarmed(t *testing.T, l *libvirt.Libvirt, name, why string) string {
+	t.Helper()
+	dom, err := l.DomainLookupByName(name)
+	require.NoError(t, err)
+	state, _, err := l.DomainGetState(dom, 0)
+	require.NoError(t, err)
+	assert.Equal(t, int32(libvirt.DomainShutoff), state, why)
+	x, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	assert.Equal(t, strings.Count(x, "<interface "), len(regexp.MustCompile(`<link state=["']down["']`).FindAllString(x, -1)), "every NIC's link down:\n%s", x)
+	assert.NotContains(t, x, "<filesystem")
+	assert.NotContains(t, x, "hostfwd")
+	return x
+}
+
 // With LIBVIRT_GCI_KEEP_FAILED, cleanup keeps the VM of a failed job, and gc removes it
 // once its time has passed. A kept VM cannot act (issue 24): what the job left running
 // stops with it, its definition has no network left, and it does not count against
@@ -278,18 +296,10 @@ func TestKeepFailed(t *testing.T) {
 	assert.Contains(t, r.stderr, "stopped, without its cache and network")
 	assert.Contains(t, r.stderr, "look at them read-only")
 	assert.NotContains(t, r.stderr, "virsh console")
-	dom, err := j.l.DomainLookupByName(name)
-	require.NoError(t, err)
-	state, _, err := j.l.DomainGetState(dom, 0)
-	require.NoError(t, err)
-	assert.Equal(t, int32(libvirt.DomainShutoff), state, "the job's background loop no longer runs")
-	x, err := j.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
-	require.NoError(t, err)
-	assert.NotRegexp(t, `<link state=["']up`, x)
-	assert.NotContains(t, x, "<filesystem")
+	assertDisarmed(t, j.l, name, "the job's background loop no longer runs")
 	r = j.stage("gc")
 	require.Equal(t, 0, r.code, r.stderr)
-	_, err = j.l.DomainLookupByName(name)
+	_, err := j.l.DomainLookupByName(name)
 	require.NoError(t, err, "gc removed a kept VM before its time: %s", r.stderr)
 
 	// MAX_INSTANCES is 1 and the kept VM holds none of it: the next job prepares at once;

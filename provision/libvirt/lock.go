@@ -37,6 +37,9 @@ type LockHolder struct {
 // lockSize is the size of a lock volume: room for its holder's ID.
 const lockSize = 512
 
+// holderReadEvery is how often a waiting PoolLock reads a remote lock's holder.
+const holderReadEvery = 5 * time.Second
+
 // PoolLock takes the pool lock name in the pool poolName for holder. With wait, it tries
 // until ctx ends; without, it returns ok false at once if another holds it. A lock whose
 // holder is gone (holder.Gone) is removed at once; one older than lockStaleAfter whose
@@ -51,6 +54,7 @@ func (c *Conn) PoolLock(ctx context.Context, log *slog.Logger, poolName, name st
 	if err != nil {
 		return nil, false, err
 	}
+	var nextRead time.Time // a remote lock's holder is read through a stream: not at every try
 	for {
 		v, err := c.api.StorageVolCreateXML(pool, x, 0)
 		if err == nil {
@@ -64,7 +68,13 @@ func (c *Conn) PoolLock(ctx context.Context, log *slog.Logger, poolName, name st
 		if !HasCode(err, libvirt.ErrStorageVolExist) {
 			return nil, false, fmt.Errorf("lock %s in pool %q: %w", name, poolName, err)
 		}
-		if why := c.staleLock(ctx, pool, name, alive, holder.Gone); why != "" {
+		gone := holder.Gone
+		if !c.local && time.Now().Before(nextRead) {
+			gone = nil
+		} else if !c.local {
+			nextRead = time.Now().Add(holderReadEvery)
+		}
+		if why := c.staleLock(ctx, pool, name, alive, gone); why != "" {
 			if why != goneMeanwhile {
 				log.Warn(fmt.Sprintf("removed the lock %s.lock: %s", name, why))
 			}
@@ -134,8 +144,10 @@ func (c *Conn) staleLock(ctx context.Context, pool libvirt.StoragePool, name str
 		return ""
 	}
 	why := ""
-	if id := c.lockHolderOf(ctx, v); id != "" && gone != nil && gone(id) {
-		why = "its holder is gone"
+	if gone != nil {
+		if id := c.lockHolderOf(ctx, v); id != "" && gone(id) {
+			why = "its holder is gone"
+		}
 	}
 	if why == "" {
 		x, err := c.api.StorageVolGetXMLDesc(v, 0)
