@@ -38,6 +38,10 @@ type Executor struct {
 	Log     *slog.Logger
 	Stdout  io.Writer
 	Stderr  io.Writer
+	// Detach starts, in a process of its own that outlives this one, `finish NAME
+	// PREPARE_ID` (Finish): a job's cleanup returns once its instance is paused for good
+	// and leaves the rest of the removal to it. nil: cleanup removes the instance itself.
+	Detach func(name, prepareID string) error
 }
 
 // helper is the gitlab-runner binary to give the instance (LIBVIRT_GCI_RUNNER_BINARY),
@@ -246,11 +250,43 @@ func (e *Executor) Cleanup(ctx context.Context, t Target) error {
 			return nil
 		}
 	}
+	if e.Detach != nil && !t.ByHand && ctx.Err() == nil {
+		// The job's VM can no longer run once paused: the job ends there, and a process
+		// of its own removes the VM (gc, if that process never does).
+		start := time.Now()
+		id, err := h.End(ctx, t.Name, t.mine)
+		if err != nil && ctx.Err() != nil {
+			return err // cancelled, and End had its time after the cancel: no second try
+		}
+		if err == nil && id != "" {
+			if err = e.Detach(t.Name, id); err == nil {
+				e.Log.Info(fmt.Sprintf("stopped %s in %d ms; its removal goes on without the job", t.Name, time.Since(start).Milliseconds()),
+					"name", t.Name, "end_ms", time.Since(start).Milliseconds())
+				return nil
+			}
+			e.Log.Warn(fmt.Sprintf("could not leave the removal of %s to a process of its own (%v); removing it now", t.Name, err))
+		}
+		// Otherwise (no such instance, not ours, libvirt down) the removal says what is
+		// wrong, if anything.
+	}
 	err = h.Remove(ctx, t.Name, t.mine)
 	if errors.Is(err, provision.ErrNotManaged) {
 		return fmt.Errorf("domain %q was not created by libvirt-gci; refusing to remove it", t.Name)
 	}
 	return err
+}
+
+// Finish removes the instance name a job's cleanup paused and left to this process
+// (Detach), if it is still that instance (its prepare ID).
+func (e *Executor) Finish(ctx context.Context, name, prepareID string) error {
+	if err := CheckMachineName(name); err != nil {
+		return err
+	}
+	h, err := e.locate(ctx, name)
+	if err != nil {
+		return err
+	}
+	return h.Finish(ctx, name, prepareID)
 }
 
 // GC removes orphaned instances with our prefix (provision.Host.GC).

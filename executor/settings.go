@@ -182,6 +182,8 @@ var SettingList = []Setting{
 		set: count(func(s *Settings) *int { return &s.Limits.Kept })},
 	{Flag: "keep-failed-per-project", Default: "1", Help: "failed jobs' VMs kept at most per project",
 		set: count(func(s *Settings) *int { return &s.Limits.KeptPerProject })},
+	{Flag: "warm-sizes", Default: "4", Help: "warm images per template for the sizes jobs ask for (CPUs and memory), each made on a job's first ask; a job asking for another size boots (0: every sized job boots)",
+		set: count(func(s *Settings) *int { return &s.Limits.WarmSizes })},
 	{Flag: "runner-binary", Default: "auto", Help: "gitlab-runner put on every guest's PATH (artifacts, caches): auto (the one driving the job), a path, or none",
 		set: func(s *Settings, v string) error {
 			if v != "auto" && v != "none" && !filepath.IsAbs(v) {
@@ -278,4 +280,61 @@ func defaultSecretFile() string {
 		return ""
 	}
 	return filepath.Join(dir, "libvirt-gci", "secret")
+}
+
+// EnvironmentFile is the operator's settings file the package installs as
+// /etc/default/libvirt-gci: every setting, commented out at its default, with its help.
+// GitLab Runner's service (through the package's drop-in) and the gc timer's read it,
+// so that the stages and gc see the same settings.
+func EnvironmentFile() string {
+	var b strings.Builder
+	b.WriteString(`# libvirt-gci's settings: the operator's, never a job's. gitlab-runner.service (through
+# the drop-in gitlab-runner.service.d/libvirt-gci.conf) and libvirt-gci-gc.service read
+# this file, so that the stages, gc and the metrics see the same settings. Set one by
+# removing its '#'; then restart gitlab-runner between jobs, and check the host with
+#   libvirt-gci doctor
+# (run it with these settings: set -a; . /etc/default/libvirt-gci; set +a).
+#
+# A value with spaces goes in double quotes. See libvirt-gci(1) and README.rst.
+
+# Where libvirt-gci-gc.service writes libvirt-gci metrics after each gc, for
+# node_exporter's textfile collector (unset: no metrics file).
+#LIBVIRT_GCI_METRICS_FILE=/var/lib/prometheus/node-exporter/libvirt-gci.prom
+`)
+	for _, d := range SettingList {
+		b.WriteString("\n")
+		for _, line := range wrap(d.Help, 86) {
+			b.WriteString("# " + line + "\n")
+		}
+		def := d.Default
+		switch {
+		case d.Bool:
+			def = "false"
+		case d.Compute != nil: // a path of the service user's: the file names none
+			b.WriteString("# (default: " + d.Default + ", of the user the service runs as)\n")
+			def = ""
+		}
+		if strings.ContainsAny(def, " \t") {
+			def = `"` + def + `"`
+		}
+		fmt.Fprintf(&b, "#%s=%s\n", d.Env(), def)
+	}
+	return b.String()
+}
+
+// wrap breaks s into lines of at most width bytes, at spaces.
+func wrap(s string, width int) []string {
+	var lines []string
+	line := ""
+	for _, w := range strings.Fields(s) {
+		if line != "" && len(line)+1+len(w) > width {
+			lines = append(lines, line)
+			line = ""
+		}
+		if line != "" {
+			line += " "
+		}
+		line += w
+	}
+	return append(lines, line)
 }

@@ -3,6 +3,7 @@ package executor
 import (
 	"flag"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -44,7 +45,7 @@ func TestSettingsParse(t *testing.T) {
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
 	assert.Equal(t, Settings{URI: "qemu:///system", Transport: "agent", RunnerBinary: "auto", LogFormat: "text", CacheSize: 10 << 30,
-		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1}, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
+		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1, WarmSizes: 4}, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
 			BaseImages: provision.BaseImages{CPUs: 2, Memory: 2 << 30, Network: "default"}}}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 
@@ -108,5 +109,28 @@ func TestJobSize(t *testing.T) {
 		var ie *InputError
 		require.ErrorAs(t, err, &ie, "%+v", job)
 		assert.Contains(t, err.Error(), want)
+	}
+}
+
+// The package's settings file names every setting once, commented out, at a value its
+// setting accepts: uncommenting a line never breaks the runner.
+func TestEnvironmentFile(t *testing.T) {
+	t.Parallel()
+	f := EnvironmentFile()
+	for _, d := range SettingList {
+		re := regexp.MustCompile(`(?m)^#` + d.Env() + `=(.*)$`)
+		m := re.FindAllStringSubmatch(f, -1)
+		require.Len(t, m, 1, d.Env())
+		v := strings.Trim(m[0][1], `"`)
+		if d.Compute != nil {
+			assert.Empty(t, v, "%s: a per-user default is not written", d.Env())
+			continue
+		}
+		var s Settings
+		assert.NoError(t, d.Set(&s, v), "%s=%s", d.Env(), v)
+	}
+	for _, l := range strings.Split(f, "\n") {
+		assert.True(t, l == "" || strings.HasPrefix(l, "#"), "nothing is set by default: %q", l)
+		assert.LessOrEqual(t, len(l), 100, "%q", l)
 	}
 }

@@ -147,19 +147,10 @@ func (e *Executor) WarmTemplate(ctx context.Context, name string) error {
 	if err := checkTemplateName(name); err != nil {
 		return err
 	}
-	helper := ""
-	switch e.Settings.RunnerBinary {
-	case "none":
-	case "auto":
-		if p, err := exec.LookPath("gitlab-runner"); err == nil {
-			helper = p
-		}
-	default:
-		helper = e.Settings.RunnerBinary
-	}
+	helper, _ := e.Settings.hostRunnerBinary()
 	// Every host's own image, one after the other.
 	return e.hosts().Each(ctx, e.Log, true, func(h *provision.Host) error {
-		_, err := h.Warm(ctx, name, e.Settings.Transport, helper)
+		_, err := h.Warm(ctx, name, e.Settings.Transport, helper, e.Settings.CacheDir != "")
 		return err
 	})
 }
@@ -207,4 +198,17 @@ func (e *Executor) MakeTemplate(ctx context.Context, name string) error {
 		return err
 	}
 	return e.host().MakeTemplate(ctx, name)
+}
+
+// hostRunnerBinary is the gitlab-runner outside a job that LIBVIRT_GCI_RUNNER_BINARY
+// names: auto is the one on PATH (as the runner's service has it), "" for none; err
+// says why auto found none.
+func (s Settings) hostRunnerBinary() (string, error) {
+	switch s.RunnerBinary {
+	case "none":
+		return "", nil
+	case "auto":
+		return exec.LookPath("gitlab-runner")
+	}
+	return s.RunnerBinary, nil
 }

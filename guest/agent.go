@@ -50,24 +50,34 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
 }
 
-// runWrapper is run by /bin/sh as `sh -c runWrapper gci SCRIPT OUT ERR`, in a session of
-// its own (started by setsid, where the guest has it: the whole process group can be
-// killed). It sends the job's output to the two files the host reads as they grow, runs
-// the script with bash, and once bash has ended exits with its status while rm, in the
-// background, removes the script, which carries the job's secrets, and the output files
-// (the host still holds them open): under software emulation each program started costs
-// tens of milliseconds, and the stage need not wait for that one. The agent's own PATH
-// may lack /usr/local/bin (as under a minimal init); the
-// script gets it, as over ssh or from systemd, for the gitlab-runner helper, and the
-// helper's own directory first.
-const runWrapper = `exec >>"$2" 2>>"$3" </dev/null
+// runWrapper is run by bash as `bash -c runWrapper SCRIPT OUT ERR`: the one
+// program a stage starts (under software emulation each program started costs tens of
+// milliseconds, far more than the agent's round trips; a stage once started setsid, sh
+// and bash). It sends the job's output to the two files the host reads as they grow,
+// reads the script (a builtin, no subshell) and empties its file (it carries the job's
+// secrets), and runs the script in a subshell of its own process group (set -m, off
+// again inside it and once it is started): a script's `kill 0` kills the script, not
+// the guest agent, and the host kills the group by the ID the wrapper writes to
+// ERR.pgid. It then exits with the script's status, while rm, in the background,
+// removes the files (the host still holds the output files open). The agent's own PATH
+// may lack /usr/local/bin (as under a minimal init); the script gets it, as over ssh or
+// from systemd, for the gitlab-runner helper, and the helper's own directory first.
+// The script sees what bash running a script file shows (as over ssh): $0 its path, no
+// arguments.
+const runWrapper = `exec >>"$1" 2>>"$2" </dev/null
 case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH ;; esac
 if [ -d ` + HelperDir + ` ]; then PATH=` + HelperDir + `:$PATH; fi
 export PATH
-bash "$1"
-rc=$?
-rm -f "$1" "$2" "$3" &
-exit $rc`
+IFS= read -r -d '' __gci_script <"$0"
+: >"$0"
+set -m
+(set +m; set --; eval "unset __gci_script; $__gci_script") &
+set +m
+echo "$!" >"$2.pgid"
+wait "$!"
+__gci_rc=$?
+rm -f "$0" "$1" "$2" "$2.pgid" &
+exit "$__gci_rc"`
 
 // Agent reaches a guest through the QEMU guest agent, via libvirt.
 type Agent struct {
@@ -333,12 +343,7 @@ func (a *Agent) startScript(ctx context.Context, script []byte) (*scriptRun, err
 		r.handles = append(r.handles, h)
 	}
 	r.hOut, r.hErr = r.handles[0], r.handles[1]
-	args := []string{"/bin/sh", "-c", runWrapper, "gci", r.script, r.outF, r.errF}
-	pid, err := a.exec(ctx, false, "setsid", args...)
-	var agentErr *AgentError
-	if errors.As(err, &agentErr) { // no setsid in this guest: the script stays in the agent's session
-		pid, err = a.exec(ctx, false, args[0], args[1:]...)
-	}
+	pid, err := a.exec(ctx, false, "bash", "-c", runWrapper, r.script, r.outF, r.errF)
 	if err != nil {
 		return fail(fmt.Errorf("start script: %w", err))
 	}
@@ -351,7 +356,7 @@ func (a *Agent) startScript(ctx context.Context, script []byte) (*scriptRun, err
 func (r *scriptRun) removeFiles(ctx context.Context) {
 	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
-	_, _, _ = r.a.execWait(cctx, "/bin/rm", "-f", r.script, r.outF, r.errF)
+	_, _, _ = r.a.execWait(cctx, "/bin/rm", "-f", r.script, r.outF, r.errF, r.errF+".pgid")
 }
 
 func (r *scriptRun) closeHandles(ctx context.Context) {
@@ -368,7 +373,7 @@ func (r *scriptRun) closeHandles(ctx context.Context) {
 func (r *scriptRun) interrupted(ctx context.Context, stdout, stderr io.Writer) (ExitStatus, error) {
 	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
-	r.a.kill(cctx, r.pid)
+	r.a.kill(cctx, r.pid, r.errF+".pgid")
 	_, _ = r.a.drain(cctx, r.hOut, stdout)
 	_, _ = r.a.drain(cctx, r.hErr, stderr)
 	r.removeFiles(ctx)
@@ -454,12 +459,16 @@ func pausedFor(since time.Time, err error) error {
 	return fmt.Errorf("the guest has been paused for %s: %w", time.Since(since).Round(time.Second), err)
 }
 
-// kill ends the script's process group: SIGTERM, then SIGKILL if it is still there
-// after killGrace.
-func (a *Agent) kill(ctx context.Context, pid int) {
+// kill ends the script's process group (runWrapper wrote its ID to pgidFile): SIGTERM,
+// then SIGKILL, to the wrapper too, if it is still there after killGrace.
+func (a *Agent) kill(ctx context.Context, pid int, pgidFile string) {
 	for _, sig := range []string{"TERM", "KILL"} {
 		p := strconv.Itoa(pid)
-		_, _, _ = a.execWait(ctx, "/bin/sh", "-c", `kill -`+sig+` -"$0" 2>/dev/null || kill -`+sig+` "$0" 2>/dev/null; true`, p)
+		// The script's group; the wrapper only if it has not started the script yet, or
+		// at last: it ends once the script's subshell has.
+		_, _, _ = a.execWait(ctx, "/bin/sh", "-c", `g=; read -r g <"$1" 2>/dev/null || true
+if [ -n "$g" ]; then kill -`+sig+` -"$g" 2>/dev/null; fi
+if [ -z "$g" ] || [ "$2" = KILL ]; then kill -`+sig+` "$0" 2>/dev/null; fi; true`, p, pgidFile, sig)
 		deadline := time.Now().Add(killGrace)
 		for time.Now().Before(deadline) {
 			st, err := a.execStatus(ctx, pid)

@@ -18,7 +18,7 @@
 #     guest's own network configuration did with it (most configure only their first);
 #   - it mounts the read-only disk whose serial is SERIAL on DIR and links DIR/NAME into
 #     /usr/local/bin;
-#   - it mounts the virtiofs share TAG on MOUNT;
+#   - it mounts the virtiofs share TAG on MOUNT (waiting for a share attached just now);
 #   - it makes each of the host names HOSTS (space-separated) resolve to 127.0.0.1;
 #   - it authorizes the instance's client key KEY for USER;
 #   - with USER or HOSTKEYS, where the guest has sshd, it replaces the host keys cloned
@@ -94,7 +94,15 @@ if [ -n "$systemd" ] && [ -n "$restart" ]; then
 fi
 for h in $hosts; do printf '127.0.0.1 %s\n' "$h" >>/etc/hosts; done
 if [ -n "$tag" ]; then
-  mount -t virtiofs -o X-mount.mkdir "$tag" "$mnt" 2>/dev/null || { mkdir -p "$mnt" && mount -t virtiofs "$tag" "$mnt"; }
+  [ -d "$mnt" ] || mkdir -p "$mnt"
+  # A restored clone's share was attached after its restore: the guest's kernel finds
+  # the device a moment later. Tried for up to 10 s.
+  i=0
+  until mount -t virtiofs "$tag" "$mnt" 2>/dev/null; do
+    i=$((i + 1))
+    [ "$i" -lt 100 ] || { echo "no virtiofs share $tag in the guest" >&2; exit 4; }
+    sleep 0.1
+  done
 fi
 if [ -n "$mac" ]; then
   dev=

@@ -110,7 +110,11 @@ func (s *SSH) WaitReady(ctx context.Context) error {
 		if err == nil {
 			return nil
 		}
-		last = err
+		// An attempt the end of ctx cut short says less than the one before it (a
+		// refused host key, a refused login): keep that one to report.
+		if last == nil || ctx.Err() == nil {
+			last = err
+		}
 		var hk *HostKeyError
 		if errors.As(err, &hk) && s.Rekey != nil && time.Since(rekeyed) > time.Second {
 			rekeyed = time.Now()

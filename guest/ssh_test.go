@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -195,6 +196,59 @@ func TestSSHHostKeyPinned(t *testing.T) {
 	stranger := &SSH{Addr: good.Addr, User: "root", Key: newSigner(t), HostKey: host.PublicKey()}
 	_, err = stranger.Run(context.Background(), []byte("true"), &bytes.Buffer{}, &bytes.Buffer{})
 	assert.ErrorContains(t, err, "unable to authenticate")
+}
+
+// When the wait ends in the middle of an attempt, the error still names what the
+// attempts before it found, not only the deadline.
+func TestSSHWaitReadyKeepsTheTellingError(t *testing.T) {
+	t.Parallel()
+	host, impostor, client := newSigner(t), newSigner(t), newSigner(t)
+	real := testServer(t, impostor, client.PublicKey())
+	// The first connection reaches a server with another host key; every later one
+	// is accepted and never answered, so the deadline ends the wait inside an attempt.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	var held []net.Conn
+	var mu sync.Mutex
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		for n := 0; ; n++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if n > 0 {
+				mu.Lock()
+				held = append(held, c)
+				mu.Unlock()
+				continue
+			}
+			go func() {
+				defer c.Close()
+				up, err := net.Dial("tcp", real)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go func() { _, _ = io.Copy(up, c) }()
+				_, _ = io.Copy(c, up)
+			}()
+		}
+	}()
+	s := &SSH{Addr: ln.Addr().String(), User: "root", Key: client, HostKey: host.PublicKey()}
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	err = s.WaitReady(ctx)
+	assert.ErrorIs(t, err, ErrNotReady)
+	assert.ErrorContains(t, err, "host key mismatch")
+	assert.ErrorContains(t, err, "deadline exceeded", "and why the wait ended")
 }
 
 func TestSSHStatus(t *testing.T) {

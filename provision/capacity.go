@@ -24,6 +24,9 @@ type Limits struct {
 	// Kept bounds the failed jobs' VMs kept (LIBVIRT_GCI_KEEP_FAILED), in all and per
 	// project: they are counted apart from the running instances.
 	Kept, KeptPerProject int
+	// WarmSizes bounds the warm images per template and profile for sizes jobs ask
+	// for (LIBVIRT_GCI_WARM_SIZES): a job asking for yet another size boots.
+	WarmSizes int
 }
 
 // Size is what an instance is given instead of its template's; zero fields keep the
@@ -93,20 +96,39 @@ func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (re
 	}
 }
 
+// counts says whether the instance in counts against the Limits: one of ours that is
+// neither shut off nor ending (its job is over, it is paused, and its finisher frees its
+// memory within a second: the next job need not wait for that).
+func (h *Host) counts(in libvirt.Instance) bool {
+	return strings.HasPrefix(in.Name, h.Prefix) && in.State != "shut off" && in.Metadata.EndingAt == ""
+}
+
+// Usage is the instances and their memory that count against the capacity limits.
+type Usage struct {
+	Instances   int
+	MemoryBytes uint64
+}
+
+// usage is what of list counts against the Limits.
+func (h *Host) usage(list []libvirt.Instance) Usage {
+	var u Usage
+	for _, in := range list {
+		if h.counts(in) {
+			u.Instances++
+			u.MemoryBytes += in.MemoryKiB * 1024
+		}
+	}
+	return u
+}
+
 // full says why one more instance of memKiB does not fit now, or "".
 func (h *Host) full(conn *libvirt.Conn, memKiB uint64) (string, error) {
 	list, err := conn.Instances()
 	if err != nil {
 		return "", err
 	}
-	n, mem := 0, uint64(0)
-	for _, in := range list {
-		if !strings.HasPrefix(in.Name, h.Prefix) || in.State == "shut off" {
-			continue
-		}
-		n++
-		mem += in.MemoryKiB * 1024
-	}
+	u := h.usage(list)
+	n, mem := u.Instances, u.MemoryBytes
 	l := h.Limits
 	switch {
 	case l.Instances > 0 && n+1 > l.Instances:
@@ -185,15 +207,9 @@ func (h *Host) Headroom(conn *libvirt.Conn) (Headroom, error) {
 	if err != nil {
 		return Headroom{}, err
 	}
-	var r Headroom
-	var mem uint64
-	for _, in := range list {
-		if !strings.HasPrefix(in.Name, h.Prefix) || in.State == "shut off" {
-			continue
-		}
-		r.Instances++
-		mem += in.MemoryKiB * 1024
-	}
+	u := h.usage(list)
+	r := Headroom{Instances: u.Instances}
+	mem := u.MemoryBytes
 	l := h.Limits
 	r.Fits = l.Instances == 0 || r.Instances < l.Instances
 	if l.MemoryTotal > 0 {

@@ -116,17 +116,17 @@ func (h *Host) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (Sw
 		return Sweep{}, err
 	}
 	defer conn.Close()
-	return h.gc(ctx, conn, dryRun, olderThan, time.Time{})
+	return h.gc(ctx, conn, dryRun, olderThan, 0)
 }
 
-// sweepTime bounds the sweep every launch makes first.
-const sweepTime = 2 * time.Second
+// sweepTime bounds the removals of the sweep every launch makes first (a var for tests).
+var sweepTime = 2 * time.Second
 
 // sweep is gc's work done by a launch, within sweepTime. Its failures are warnings;
 // the launch goes on unless it was cancelled meanwhile.
 func (h *Host) sweep(ctx context.Context, conn *libvirt.Conn) error {
 	start := time.Now()
-	sw, err := h.gc(ctx, conn, false, 0, start.Add(sweepTime))
+	sw, err := h.gc(ctx, conn, false, 0, sweepTime)
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("sweeping orphans: %w", err)
 	}
@@ -140,12 +140,20 @@ func (h *Host) sweep(ctx context.Context, conn *libvirt.Conn) error {
 	return nil
 }
 
-// gc is GC on conn; with a deadline, it starts no removal after it.
-func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderThan time.Duration, deadline time.Time) (Sweep, error) {
+// gc is GC on conn. With a budget (a launch's sweep), it starts no removal once the
+// budget, counted from the end of the listing, is spent, but it always makes one: on a
+// busy host the listing alone may take longer, and a sweep that never removes anything
+// would leave every orphan to the operator's gc.
+func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderThan, budget time.Duration) (Sweep, error) {
 	var sw Sweep
 	list, err := conn.Instances()
 	if err != nil {
 		return sw, err
+	}
+	var deadline time.Time
+	tried := 0
+	if budget > 0 {
+		deadline = time.Now().Add(budget)
 	}
 	var errs []error
 	for _, in := range list {
@@ -153,7 +161,7 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 			continue // another runner configuration's
 		}
 		why := h.verdict(in, olderThan)
-		if why == "" || (!deadline.IsZero() && time.Now().After(deadline)) {
+		if why == "" || (!deadline.IsZero() && tried > 0 && time.Now().After(deadline)) {
 			sw.Kept++
 			continue
 		}
@@ -163,6 +171,7 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 			continue
 		}
 		// Only the instance that was listed: not a new one of the same name.
+		tried++
 		_, err := conn.Teardown(ctx, in.Name, func(m meta.Metadata) error {
 			if m.PrepareID != in.Metadata.PrepareID {
 				return fmt.Errorf("instance %q was replaced meanwhile; leaving it alone", in.Name)
@@ -196,6 +205,9 @@ func (h *Host) verdict(in libvirt.Instance, olderThan time.Duration) string {
 		return fmt.Sprintf("it is %s old, older than --older-than %s", age.Round(time.Second), olderThan)
 	case h.MaxAge > 0 && age > h.MaxAge: // kept or not
 		return fmt.Sprintf("it is %s old, older than LIBVIRT_GCI_MAX_AGE %s", age.Round(time.Second), h.MaxAge)
+	}
+	if ended, why := ending(m, time.Now()); ended {
+		return why
 	}
 	if until, err := time.Parse(time.RFC3339, m.KeepUntil); err == nil {
 		if time.Now().After(until) {

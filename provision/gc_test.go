@@ -110,3 +110,95 @@ func TestLaunchMarksReady(t *testing.T) {
 	assert.Equal(t, 1, sw.Removed)
 	assert.Contains(t, log.String(), fmt.Sprintf("gc: removed gci-b: its prepare (pid %d) is gone before the instance was ready", cmd.Process.Pid))
 }
+
+// A launch's sweep is bounded, but always removes one orphan even when its budget was
+// spent before it began (a busy host, a slow listing): orphans go one launch at a time.
+func TestSweepAlwaysRemovesOne(t *testing.T) {
+	old := sweepTime
+	sweepTime = time.Nanosecond
+	t.Cleanup(func() { sweepTime = old })
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	conn := NewConn(f)
+	dead := exec.Command("true")
+	require.NoError(t, dead.Run())
+	for _, name := range []string{"gci-a", "gci-b"} {
+		req := launchReq(name)
+		req.Process = ProcessOf(os.Getpid())
+		require.NoError(t, h.Launch(context.Background(), req))
+	}
+	for _, name := range []string{"gci-a", "gci-b"} {
+		in, err := conn.Lookup(name)
+		require.NoError(t, err)
+		m := in.Metadata
+		m.Process.PID = dead.Process.Pid // its runner died
+		require.NoError(t, conn.SetMetadata(name, m))
+	}
+	left := func() (n int) {
+		for _, name := range []string{"gci-a", "gci-b"} {
+			if _, err := conn.Lookup(name); err == nil {
+				n++
+			}
+		}
+		return n
+	}
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-c")))
+	assert.Equal(t, 1, left(), "one orphan removed, the other left to the next sweep")
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-d")))
+	assert.Equal(t, 0, left())
+}
+
+// An instance its cleanup ended is its finisher's for a while, even if its runner is
+// gone meanwhile; gc removes it once that while is over (the finisher never ran).
+func TestGCEnding(t *testing.T) {
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	req := launchReq("gci-a")
+	req.Process = ProcessOf(os.Getpid())
+	require.NoError(t, h.Launch(context.Background(), req))
+	id, err := h.End(context.Background(), "gci-a", nil)
+	require.NoError(t, err)
+	require.NotEmpty(t, id)
+
+	conn := NewConn(f)
+	in, err := conn.Lookup("gci-a")
+	require.NoError(t, err)
+	m := in.Metadata
+	dead := exec.Command("true")
+	require.NoError(t, dead.Run())
+	m.Process.PID = dead.Process.Pid
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	sw, err := h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 0, sw.Removed, "its finisher is at work")
+
+	m.EndingAt = time.Now().Add(-endingGrace - time.Second).UTC().Format(time.RFC3339)
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	sw, err = h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Removed)
+	assert.Contains(t, log.String(), "its removal did not finish")
+	id, err = h.End(context.Background(), "gci-a", nil)
+	assert.NoError(t, err)
+	assert.Empty(t, id, "no such instance")
+}
+
+// An instance its cleanup ended does not count against the limits: the next job need
+// not wait the moment its finisher takes.
+func TestEndingDoesNotCount(t *testing.T) {
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.Limits = Limits{Instances: 1}
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	assert.Error(t, h.Launch(ctx, launchReq("gci-b")), "1 of 1 instances in use")
+	_, err := h.End(context.Background(), "gci-a", nil)
+	require.NoError(t, err)
+	ctx, cancel = context.WithTimeout(context.Background(), 500*time.Millisecond) // under the 1 s poll
+	defer cancel()
+	require.NoError(t, h.Launch(ctx, launchReq("gci-b")))
+}

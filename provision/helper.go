@@ -37,20 +37,12 @@ const (
 // helperVolume returns the volume that holds the helper binary at path, building it first
 // if this binary has none yet.
 func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string) (string, error) {
-	f, err := os.Open(path)
+	f, fi, err := openHelper(path)
 	if err != nil {
-		return "", fmt.Errorf("gitlab-runner helper: %w", err)
+		return "", err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return "", fmt.Errorf("gitlab-runner helper: %w", err)
-	}
-	if !fi.Mode().IsRegular() {
-		return "", fmt.Errorf("gitlab-runner helper %s is not a regular file", path)
-	}
-	id := helperID(fi)
-	name := helperPrefix + id + ".img"
+	name := helperPrefix + helperID(fi) + ".img"
 	done := name + ".done" // made once the image is whole
 	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
 	if err != nil {
@@ -108,6 +100,34 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 		h.Log.Info(fmt.Sprintf("removed %d old gitlab-runner helper disks", n))
 	}
 	return name, nil
+}
+
+// openHelper opens the gitlab-runner binary at path, which must be a regular file.
+func openHelper(path string) (*os.File, os.FileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("gitlab-runner helper: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, nil, fmt.Errorf("gitlab-runner helper %s is not a regular file", path)
+	}
+	return f, fi, nil
+}
+
+// helperVolumeName is the name of the helper volume of the binary at path (made or not).
+func helperVolumeName(path string) (string, error) {
+	f, fi, err := openHelper(path)
+	if err != nil {
+		return "", err
+	}
+	f.Close()
+	return helperPrefix + helperID(fi) + ".img", nil
 }
 
 // removeOldHelpers deletes the helper volumes (and their marks) in pool other than keep

@@ -60,8 +60,13 @@ type plan struct {
 	// (makeWarm): its volumes are named by the image, and extra lists its save volume.
 	warmImage string
 	extra     []meta.Volume
-	spec      libvirt.Spec
-	memKiB    uint64
+	// shareMemory: the guest's memory is shared even without a share (a warm image's
+	// whose instances get their cache share after the restore); attach is that share's
+	// device XML, attached once the instance is restored.
+	shareMemory bool
+	attach      string
+	spec        libvirt.Spec
+	memKiB      uint64
 	// identity makes a restored instance's guest its own; links are the MAC addresses of
 	// its NICs whose link comes up once it has.
 	identity *guest.Identity
@@ -102,12 +107,13 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
 		return fmt.Errorf("instance %q: %w", req.Name, err)
 	}
-	return h.markReady(conn, p)
+	return h.markReady(conn, p, time.Since(begin))
 }
 
 // markReady records in p's instance's metadata that its prepare made it ready: from
-// then on only its runner's end, or its age, makes it an orphan.
-func (h *Host) markReady(conn *libvirt.Conn, p *plan) error {
+// then on only its runner's end, or its age, makes it an orphan. It records how long
+// the launch took, too.
+func (h *Host) markReady(conn *libvirt.Conn, p *plan, took time.Duration) error {
 	in, err := conn.Lookup(p.Name)
 	if err != nil {
 		return fmt.Errorf("instance %q: %w", p.Name, err)
@@ -116,6 +122,7 @@ func (h *Host) markReady(conn *libvirt.Conn, p *plan) error {
 		return fmt.Errorf("instance %q was replaced meanwhile", p.Name)
 	}
 	in.Metadata.ReadyAt = time.Now().UTC().Format(time.RFC3339)
+	in.Metadata.PrepareMS = max(1, took.Milliseconds())
 	return conn.SetMetadata(p.Name, in.Metadata)
 }
 

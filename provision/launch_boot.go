@@ -48,7 +48,7 @@ func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*misfit, er
 	if err != nil {
 		return nil, err
 	}
-	inst := template.Instance{Name: p.Name, Overlays: overlays, Metadata: md, CPUs: p.Size.CPUs, MemoryKiB: p.Size.Memory / 1024, Warm: p.warmImage != ""}
+	inst := template.Instance{Name: p.Name, Overlays: overlays, Metadata: md, CPUs: p.Size.CPUs, MemoryKiB: p.Size.Memory / 1024, Warm: p.warmImage != "", SharedMemory: p.shareMemory}
 	if p.helper != "" {
 		inst.ReadOnly = []template.ReadOnlyDisk{{Pool: h.Pool, Volume: p.helper, Serial: HelperSerial}}
 	}

@@ -23,9 +23,11 @@ type restore struct{ h *Host }
 func (restore) Name() string  { return StartRestore }
 func (restore) Doing() string { return "restoring" }
 
-// Plan finds (or makes) the warm image for p's instance and lays the instance out on it.
-// It does not fit a request that a restored VM cannot serve (a size, a cache share), nor
-// one whose template's image cannot be made or read.
+// Plan finds (or makes) the warm image for p's instance and lays the instance out on it:
+// a warm image per size (CPUs and memory) asked, and one whose memory can be shared for
+// a cache share, attached after the restore; a larger disk grows after the restore. It
+// does not fit a request whose template's image cannot be made or read, nor a size past
+// LIBVIRT_GCI_WARM_SIZES.
 func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit, error) {
 	h := r.h
 	wctx, cancel := h.bootTimeout(ctx)
@@ -45,6 +47,11 @@ func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit
 		return nil, err
 	}
 	p.memKiB = wi.MemKiB
+	if p.Cache != "" {
+		if p.attach, err = template.ShareXML(template.Share{Source: p.Cache, Tag: CacheTag}); err != nil {
+			return nil, err
+		}
+	}
 	p.identity = &guest.Identity{MachineID: randomHex(16)}
 	for _, m := range macs {
 		p.identity.MACs = append(p.identity.MACs, [2]string{m.Old, m.New})
@@ -102,14 +109,36 @@ func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.
 	return macs, err
 }
 
-// Make defines the domain, creates its overlays and restores the copy of the save image.
+// Make defines the domain, creates its overlays and restores the save image, then
+// attaches the cache share (QEMU 7.2 cannot save a virtiofs device; the warm image's
+// memory is shared for it, and the guest mounts it once it appears: guest.Setup).
 func (restore) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
-	return conn.Restore(ctx, p.spec)
+	tm, err := conn.Restore(ctx, p.spec)
+	if err == nil && p.attach != "" {
+		err = conn.Attach(ctx, p.Name, "the cache share", p.attach, &tm.Attach)
+	}
+	if err == nil && p.Size.Disk > 0 {
+		err = conn.Grow(ctx, p.Name, p.tmpl.Disks[0].Target, p.Size.Disk, &tm.Grow)
+	}
+	return tm, err
 }
 
 func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
-	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, memory image copy %d ms, restore %d ms)",
-		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Image.Milliseconds(), tm.Start.Milliseconds()),
+	image := fmt.Sprintf("memory image copy %d ms", tm.Image.Milliseconds())
+	if tm.Streamed {
+		image = "memory image read in place, no copy"
+	}
+	if p.attach != "" {
+		image += fmt.Sprintf(", cache share attached in %d ms", tm.Attach.Milliseconds())
+	}
+	if p.Size.Disk > 0 {
+		image += fmt.Sprintf(", disk grown in %d ms", tm.Grow.Milliseconds())
+	}
+	if p.Size != (Size{}) {
+		image += " (" + p.Size.String() + ")"
+	}
+	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, restore %d ms, %s)",
+		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image),
 		"template", p.Template, "name", p.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
-		"image_ms", tm.Image.Milliseconds(), "restore_ms", tm.Start.Milliseconds())
+		"image_ms", tm.Image.Milliseconds(), "streamed", tm.Streamed, "restore_ms", tm.Start.Milliseconds())
 }

@@ -138,17 +138,46 @@ func TestRestoreUnreadableImageBoots(t *testing.T) {
 	assert.Contains(t, log.String(), "cloned tmpl into gci-b")
 }
 
-// A request a restored VM cannot serve boots, and the line says why.
-func TestRestoreMisfitsBoot(t *testing.T) {
+// A job that asks for a size is restored too (issue 25): from a warm image of that
+// CPUs and memory, made on its first ask, and its disk grown after the restore. Past
+// LIBVIRT_GCI_WARM_SIZES other sizes of the template, or with none allowed, it boots
+// and says why.
+func TestRestoreSized(t *testing.T) {
 	t.Parallel()
 	f := provisiontest.New("ci")
 	var log bytes.Buffer
 	h := restoreHost(t, f, &log)
-	req := launchReq("gci-a")
-	req.Size = Size{CPUs: 2}
-	require.NoError(t, h.Launch(context.Background(), req))
-	assert.Contains(t, log.String(), "booting gci-a: a restored VM has its warm image's size, and the job asks for 2 CPUs")
-	assert.NotContains(t, f.State(), "warm", "no warm image made for it")
+	h.Limits.WarmSizes = 2
+	sized := func(name string, cpus int) Request {
+		r := launchReq(name)
+		r.Size = Size{CPUs: cpus, Memory: 512 << 20, Disk: 20 << 30}
+		return r
+	}
+	require.NoError(t, h.Launch(context.Background(), sized("gci-a", 2)))
+	require.NoError(t, h.Launch(context.Background(), sized("gci-b", 2)))
+	assert.Equal(t, 1, strings.Count(log.String(), "made the warm image"), log.String())
+	assert.Regexp(t, `restored tmpl into gci-b from libvirt-gci-warm-[0-9a-f]+s[0-9a-f]+-[0-9a-f]+ .*disk grown in \d+ ms \(2 CPUs`, log.String())
+	assert.NotContains(t, log.String(), "booting")
+	xb := domainXML(t, f, "gci-b")
+	assert.Regexp(t, `<vcpu[^>]*>2</vcpu>`, xb)
+	assert.Regexp(t, `<memory unit=["']KiB["']>524288</memory>`, xb)
+	assert.Equal(t, uint64(20<<30), f.BlockSize("gci-b", "vda"))
+
+	require.NoError(t, h.Launch(context.Background(), sized("gci-c", 3)))
+	assert.Equal(t, 2, strings.Count(log.String(), "made the warm image"))
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), sized("gci-d", 4)))
+	assert.Contains(t, log.String(), "booting gci-d: tmpl has warm images for 2 other sizes already (LIBVIRT_GCI_WARM_SIZES=2)")
+	assert.Regexp(t, `<vcpu[^>]*>4</vcpu>`, domainXML(t, f, "gci-d"), "booted at its size")
+
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-e")))
+	assert.Contains(t, log.String(), "restored tmpl into gci-e", "the plain image is not one of the sized")
+
+	h.Limits.WarmSizes = 0
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), sized("gci-f", 2)))
+	assert.Contains(t, log.String(), "booting gci-f: no warm images for sizes jobs ask for (LIBVIRT_GCI_WARM_SIZES=0)")
 }
 
 // A guest that cannot reseed its RNG at once is never restored (issue 24): its clones
@@ -215,4 +244,44 @@ func domainXML(t *testing.T, f *provisiontest.Libvirt, name string) string {
 	x, err := f.DomainGetXMLDesc(golibvirt.Domain{Name: name}, 0)
 	require.NoError(t, err)
 	return x
+}
+
+// A job with a cache share is restored too (issue 25): its warm image's memory is shared
+// (memfd), as virtiofs needs, and the share is attached after the restore. The image is
+// not the plain one's; a failed attach leaves nothing but the warm images.
+func TestRestoreWithCacheShare(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := restoreHost(t, f, &log)
+	cached := func(name string) Request {
+		r := launchReq(name)
+		r.Cache, r.CacheMount = "/srv/cache/p-1/unprotected", "/cache"
+		return r
+	}
+	require.NoError(t, h.Launch(context.Background(), cached("gci-a")))
+	require.NoError(t, h.Launch(context.Background(), cached("gci-b")))
+	assert.Contains(t, log.String(), "restored tmpl into gci-b")
+	assert.Regexp(t, `cache share attached in \d+ ms`, log.String())
+	assert.Contains(t, log.String(), "its cache at /cache over virtiofs")
+	assert.NotContains(t, log.String(), "booting")
+	xb := domainXML(t, f, "gci-b")
+	assert.Regexp(t, `<source type=["']memfd["']`, xb)
+	assert.Regexp(t, `<access mode=["']shared["']`, xb)
+	assert.Regexp(t, `(?s)<filesystem .*virtiofs.*/srv/cache/p-1/unprotected.*gci-cache`, xb)
+	cacheWarm := completeWarm(t, f)
+
+	// A job without a cache gets the plain image, made apart.
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-c")))
+	assert.NotRegexp(t, `<filesystem`, domainXML(t, f, "gci-c"))
+	assert.NotContains(t, domainXML(t, f, "gci-c"), "memfd")
+	assert.Equal(t, 2, strings.Count(f.State(), ".done"), "two warm images: %s", f.State())
+	assert.Contains(t, f.State(), cacheWarm+".done", "the cache image stays")
+
+	f.FailNth("DomainAttachDeviceFlags", countCalls(f, "DomainAttachDeviceFlags")+1, golibvirt.Error{Code: uint32(golibvirt.ErrInternalError), Message: "injected fault"})
+	require.ErrorContains(t, h.Launch(context.Background(), cached("gci-d")), "injected fault")
+	for _, name := range []string{"gci-a", "gci-b", "gci-c"} {
+		require.NoError(t, h.Remove(context.Background(), name, nil))
+	}
+	assert.Equal(t, []string{"domain tmpl running=false"}, nonWarm(f), "only the warm images stay")
 }

@@ -36,3 +36,20 @@ func FormatSize(b uint64) string {
 	}
 	return strconv.FormatUint(b, 10)
 }
+
+// HumanSize is b for people, rounded: "235.4 GiB", "512 MiB".
+func HumanSize(b uint64) string {
+	for _, u := range []struct {
+		s     string
+		shift uint
+	}{{"TiB", 40}, {"GiB", 30}, {"MiB", 20}, {"KiB", 10}} {
+		if b >= 1<<u.shift {
+			v := fmt.Sprintf("%.1f", float64(b)/float64(uint64(1)<<u.shift))
+			if len(v) > 4 || strings.HasSuffix(v, ".0") { // 100 and more, or whole
+				v = v[:len(v)-2]
+			}
+			return v + " " + u.s
+		}
+	}
+	return fmt.Sprintf("%d bytes", b)
+}

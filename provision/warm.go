@@ -40,6 +40,33 @@ const (
 type warmProfile struct {
 	SSHNIC bool   // the NIC of the ssh transport and the forwards
 	Helper string // the gitlab-runner helper's volume; "" for none
+	// Shares: the guest's memory is shared, as the cache share (virtiofs) needs, which
+	// each instance gets after its restore.
+	Shares bool
+	// CPUs and Memory (bytes) a job asked for instead of the template's; 0 keeps them.
+	CPUs   int
+	Memory uint64
+}
+
+func (p warmProfile) sized() bool { return p.CPUs > 0 || p.Memory > 0 }
+
+// unsized is the profile with the template's own size: the base of a sized one's family.
+func (p warmProfile) unsized() warmProfile {
+	p.CPUs, p.Memory = 0, 0
+	return p
+}
+
+// String is what of the profile names its images (nothing for the plain one's new
+// fields: an upgrade keeps their names).
+func (p warmProfile) String() string {
+	s := fmt.Sprintf("%t\x00%s", p.SSHNIC, p.Helper)
+	if p.Shares {
+		s += "\x00shares"
+	}
+	if p.sized() {
+		s += fmt.Sprintf("\x00size=%d/%d", p.CPUs, p.Memory)
+	}
+	return s
 }
 
 // WarmImage is a template's warm image, complete (its mark volume exists).
@@ -57,10 +84,16 @@ type WarmImage struct {
 const warmPrefix = "libvirt-gci-warm-"
 
 // warmFamily names the warm images of one template and profile: a new image of the
-// family replaces the older ones.
+// family replaces the older ones. A sized profile's family name is the unsized one's,
+// then "s" and its own hash: the sized images of a template can be counted.
 func (h *Host) warmFamily(tmplName string, p warmProfile) string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%t\x00%s", tmplName, p.SSHNIC, p.Helper))
-	return warmPrefix + hex.EncodeToString(sum[:4])
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%s", tmplName, p.unsized()))
+	name := warmPrefix + hex.EncodeToString(sum[:4])
+	if p.sized() {
+		sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%s", tmplName, p))
+		name += "s" + hex.EncodeToString(sum[:3])
+	}
+	return name
 }
 
 // warmName is the name of the warm image of the template, as it is now (its XML, the
@@ -68,7 +101,7 @@ func (h *Host) warmFamily(tmplName string, p warmProfile) string {
 // names another image, so a stale one is never used.
 func (h *Host) warmName(conn *libvirt.Conn, tmplXML string, tmpl *template.Template, p warmProfile) (string, error) {
 	s := sha256.New()
-	fmt.Fprintf(s, "%s\x00%s\x00%s\x00%t\x00%s\x00", h.Version, toolIdentity(), tmplXML, p.SSHNIC, p.Helper)
+	fmt.Fprintf(s, "%s\x00%s\x00%s\x00%s\x00", h.Version, toolIdentity(), tmplXML, p)
 	for _, d := range tmpl.Disks {
 		id, err := h.diskIdentity(conn, d.Path)
 		if err != nil {
@@ -179,14 +212,11 @@ func (h *Host) openWarm(ctx context.Context, conn *libvirt.Conn, name, tmplName 
 // warmFor returns the warm image for the instance p plans, making it first if there is
 // none; or nil, and why, where the instance is to be booted instead.
 func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmImage, string, error) {
-	if p.Size != (Size{}) {
-		return nil, "a restored VM has its warm image's size, and the job asks for " + p.Size.String(), nil
-	}
-	if p.Cache != "" {
-		return nil, "a cache share (virtiofs) cannot be restored by this QEMU", nil
-	}
 	tmpl := p.tmpl
-	prof := warmProfile{SSHNIC: h.needsSSH(p.Request), Helper: p.helper}
+	prof := warmProfile{SSHNIC: h.needsSSH(p.Request), Helper: p.helper, Shares: p.Cache != "", CPUs: p.Size.CPUs, Memory: p.Size.Memory}
+	if prof.sized() && h.Limits.WarmSizes <= 0 {
+		return nil, "no warm images for sizes jobs ask for (LIBVIRT_GCI_WARM_SIZES=0)", nil
+	}
 	name, err := h.warmName(conn, p.tmplXML, tmpl, prof)
 	if err != nil { // a disk whose changes cannot be told: no image could be trusted
 		return nil, err.Error(), nil
@@ -196,6 +226,11 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 	}
 	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
 		return wi, "", err
+	}
+	if prof.sized() {
+		if why, err := h.warmSizesFull(conn, tmpl.Name, prof); why != "" || err != nil {
+			return nil, why, err
+		}
 	}
 	// Made by one process at a time; a prepare that finds another making it boots.
 	unlock, ok, err := conn.PoolLock(ctx, h.Log, h.Pool, name, false, h.warmBuilding(conn, name), lockHolder())
@@ -236,9 +271,9 @@ func (h *Host) warmBuilding(conn *libvirt.Conn, name string) func() bool {
 }
 
 // Warm makes the warm image of the template for instances with the transport given and
-// the helper (a gitlab-runner binary; "" for none), if it has none that is up to date,
-// and says which it is.
-func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (string, error) {
+// the helper (a gitlab-runner binary; "" for none), and with the memory a cache share
+// needs (shares), if it has none that is up to date, and says which it is.
+func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string, shares bool) (string, error) {
 	conn, err := h.Connect(ctx)
 	if err != nil {
 		return "", err
@@ -258,7 +293,7 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (st
 			return "", err
 		}
 	}
-	prof := warmProfile{SSHNIC: h.needsSSH(req), Helper: p.helper}
+	prof := warmProfile{SSHNIC: h.needsSSH(req), Helper: p.helper, Shares: shares}
 	name, err := h.warmName(conn, tx, tmpl, prof)
 	if err != nil {
 		return "", err
@@ -277,6 +312,34 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string) (st
 		return name, nil
 	}
 	return name, h.makeWarm(ctx, conn, p, prof, name)
+}
+
+// warmSizesFull says why no warm image is made for the sized profile prof of the
+// template: the template has Limits.WarmSizes sized images of other sizes already; ""
+// if there is room.
+func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfile) (string, error) {
+	max := h.Limits.WarmSizes
+	family := h.warmFamily(tmplName, prof)
+	sizedPrefix := h.warmFamily(tmplName, prof.unsized()) + "s"
+	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	if err != nil {
+		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+	}
+	vols, _, err := conn.API().StoragePoolListAllVolumes(pool, 1, 0)
+	if err != nil {
+		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+	}
+	others := map[string]bool{}
+	for _, v := range vols {
+		base, ok := strings.CutSuffix(v.Name, ".done")
+		if ok && strings.HasPrefix(base, sizedPrefix) && !strings.HasPrefix(base, family+"-") {
+			others[base[:strings.LastIndex(base, "-")]] = true
+		}
+	}
+	if len(others) >= max {
+		return fmt.Sprintf("%s has warm images for %d other sizes already (LIBVIRT_GCI_WARM_SIZES=%d)", tmplName, len(others), max), nil
+	}
+	return "", nil
 }
 
 // noRestoreMark is the volume that says the warm image name is never to be made: its

@@ -67,10 +67,10 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 // job's), this process's (if it dies, the next prepare's sweep, or gc, removes it as an
 // orphan), with the devices of prof and its save volume listed in its metadata.
 func (h *Host) warmPlan(src *plan, prof warmProfile, name string) *plan {
-	p := &plan{Request: src.Request, tmplXML: src.tmplXML, tmpl: src.tmpl, prepareID: randomHex(8), helper: prof.Helper, warmImage: name}
+	p := &plan{Request: src.Request, tmplXML: src.tmplXML, tmpl: src.tmpl, prepareID: randomHex(8), helper: prof.Helper, warmImage: name, shareMemory: prof.Shares}
 	p.Name = h.Prefix + "warm-" + name[strings.LastIndex(name, "-")+1:]
 	p.Owner, p.Process, p.Replace = meta.Owner{Manual: true}, ProcessOf(os.Getpid()), nil
-	p.Size, p.Cache, p.CacheMount = Size{}, "", ""
+	p.Size, p.Cache, p.CacheMount = Size{CPUs: prof.CPUs, Memory: prof.Memory}, "", ""
 	if !prof.SSHNIC {
 		p.Transport = meta.TransportAgent
 	}

@@ -103,6 +103,9 @@ type Instance struct {
 	ReadOnly []ReadOnlyDisk
 	// Shares are host directories the instance gets (virtiofs), writable.
 	Shares []Share
+	// SharedMemory: the guest's memory is shared (memfd), as virtiofs needs, even without
+	// Shares: a warm image whose instances get their share after the restore (ShareXML).
+	SharedMemory bool
 	// Warm: the instance is a warm image's (Restored): its NICs start with the link
 	// down, so that no clone of it is ever on a network with its MAC address, and it gets
 	// a VM generation ID, which guest kernels that know it reseed their RNG from.
@@ -229,7 +232,7 @@ func (t *Template) Render(inst Instance) (string, error) {
 	if err := addReadOnly(&dom, inst.ReadOnly); err != nil {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
-	if err := addShares(&dom, inst.Shares); err != nil {
+	if err := addShares(&dom, inst.Shares, inst.SharedMemory); err != nil {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
 	if len(inst.QEMUArgs) > 0 {
@@ -333,8 +336,8 @@ func addReadOnly(dom *libvirtxml.Domain, disks []ReadOnlyDisk) error {
 
 // addShares shares the directories over virtiofs, whose daemon needs the guest's memory
 // shared (memfd).
-func addShares(dom *libvirtxml.Domain, shares []Share) error {
-	if len(shares) == 0 {
+func addShares(dom *libvirtxml.Domain, shares []Share, sharedMemory bool) error {
+	if len(shares) == 0 && !sharedMemory {
 		return nil
 	}
 	mb := dom.MemoryBacking
@@ -351,14 +354,30 @@ func addShares(dom *libvirtxml.Domain, shares []Share) error {
 		dom.Devices = &libvirtxml.DomainDeviceList{}
 	}
 	for _, sh := range shares {
-		dom.Devices.Filesystems = append(dom.Devices.Filesystems, libvirtxml.DomainFilesystem{
-			AccessMode: "passthrough",
-			Driver:     &libvirtxml.DomainFilesystemDriver{Type: "virtiofs"},
-			Source:     &libvirtxml.DomainFilesystemSource{Mount: &libvirtxml.DomainFilesystemSourceMount{Dir: sh.Source}},
-			Target:     &libvirtxml.DomainFilesystemTarget{Dir: sh.Tag},
-		})
+		dom.Devices.Filesystems = append(dom.Devices.Filesystems, shareDevice(sh))
 	}
 	return nil
+}
+
+func shareDevice(sh Share) libvirtxml.DomainFilesystem {
+	return libvirtxml.DomainFilesystem{
+		AccessMode: "passthrough",
+		Driver:     &libvirtxml.DomainFilesystemDriver{Type: "virtiofs"},
+		Source:     &libvirtxml.DomainFilesystemSource{Mount: &libvirtxml.DomainFilesystemSourceMount{Dir: sh.Source}},
+		Target:     &libvirtxml.DomainFilesystemTarget{Dir: sh.Tag},
+	}
+}
+
+// ShareXML is the device XML of the share sh, to attach to a running instance whose
+// memory is shared (Instance.SharedMemory): QEMU 7.2 cannot save a virtiofs device, so
+// a restored instance gets its share after its restore.
+func ShareXML(sh Share) (string, error) {
+	d := shareDevice(sh)
+	x, err := d.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("share %s: %w", sh.Tag, err)
+	}
+	return x, nil
 }
 
 // FreePCISlot is a slot on PCI bus 0 that none of the template's devices uses, for a

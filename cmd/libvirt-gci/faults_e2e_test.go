@@ -229,3 +229,53 @@ func TestFaultLibvirtdRestarts(t *testing.T) {
 		})
 	}
 }
+
+// A prepare with a cache share and a disk size of its own, SIGTERMed at moments from
+// the restore to the share's attach and the disk's growth: it rolls back, or finishes
+// (then cleanup removes the instance); nothing is left either way, virtiofsd included.
+func TestCancelRestoreWithShareAndSize(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_CACHE_DIR"] = cacheDir(t)
+	j.env["LIBVIRT_GCI_MAX_DISK"] = "4G"
+	j.env["CUSTOM_ENV_LIBVIRT_GCI_DISK"] = "3G"
+	r := j.stage("prepare") // makes the warm image of this profile
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Regexp(t, `cache share attached in \d+ ms, disk grown in \d+ ms`, r.stderr)
+	require.Equal(t, 0, j.stage("cleanup").code)
+	outcomes := map[string]int{}
+	j.env["LIBVIRT_GCI_DEBUG"] = "true"
+	for _, after := range []time.Duration{300 * time.Millisecond, 800 * time.Millisecond, 1300 * time.Millisecond, 1800 * time.Millisecond, 2300 * time.Millisecond, 2450 * time.Millisecond, 2600 * time.Millisecond, 2800 * time.Millisecond, 4000 * time.Millisecond} {
+		finished(t, j.l, j.prefix)
+		s := j.start("prepare")
+		s.sent = time.Now()
+		time.Sleep(after)
+		require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM))
+		code, took := s.wait(time.Minute)
+		lines := strings.Split(strings.TrimSpace(s.out.String()), "\n")
+		t.Logf("SIGTERM %s after the start: exit %d, last said: %s", after, code, lines[len(lines)-1])
+		assert.Less(t, took, 10*time.Second, "prepare exited %s after SIGTERM", took)
+		if code == 0 {
+			outcomes["done"]++
+		} else {
+			outcomes["cancelled"]++
+			// Where libvirtd did not answer within the grace after the cancel (a busy
+			// host), prepare says the outcome is unknown and leaves the rest to the
+			// runner's cleanup, which follows a failed prepare; otherwise its rollback
+			// removed everything.
+			if !strings.Contains(s.out.String(), "outcome unknown") {
+				assert.Empty(t, leftovers(t, j.l, j.prefix), "the rollback after %s left something:\n%s", after, s.out.String())
+			} else {
+				outcomes["outcome unknown"]++
+			}
+		}
+		r := j.stage("cleanup")
+		assert.Equal(t, 0, r.code, r.stderr)
+		assert.Empty(t, leftovers(t, j.l, j.prefix), "after %s:\n%s", after, s.out.String())
+		if out, err := exec.Command("pgrep", "-af", j.instance()).Output(); err == nil {
+			t.Errorf("processes of %s left after %s:\n%s", j.instance(), after, out)
+		}
+	}
+	t.Logf("outcomes: %v", outcomes)
+	assert.NotZero(t, outcomes["cancelled"], "no SIGTERM landed in the prepare")
+}

@@ -309,9 +309,11 @@ for f in /run/libvirt-gci/* "${TMPDIR:-/tmp}"/libvirt-gci.*; do
   case "$f" in "$selfdir"|"$0"|"$0".pid|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
 done`
 
-// leftovers lists domains and volumes whose names start with prefix.
+// leftovers lists domains and volumes whose names start with prefix, once the removals
+// that jobs' cleanups left to finishers are over (a bounded wait).
 func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
 	t.Helper()
+	finished(t, l, prefix)
 	var left []string
 	doms, _, err := l.ConnectListAllDomains(1, 0)
 	require.NoError(t, err)
@@ -340,6 +342,29 @@ func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
 		left = append(left, "file "+f)
 	}
 	return left
+}
+
+// finished waits, a minute at most, until no instance whose name starts with prefix is
+// marked ending (a job's cleanup paused it and left its removal to a finisher).
+func finished(t testing.TB, l *libvirt.Libvirt, prefix string) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		doms, _, err := l.ConnectListAllDomains(1, 0)
+		require.NoError(t, err)
+		ending := ""
+		for _, d := range doms {
+			if x, err := l.DomainGetXMLDesc(d, 0); err == nil && strings.HasPrefix(d.Name, prefix) && strings.Contains(x, "ending-at>") {
+				ending = d.Name
+			}
+		}
+		if ending == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("the finisher of %s did not remove it in a minute", ending)
+			return
+		}
+	}
 }
 
 func assertNothingLeft(t testing.TB, l *libvirt.Libvirt, prefix string) {

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -74,9 +75,17 @@ echo artifact > out.txt`)
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, r.stdout, "files left in the guest's script directory")
 
+	// The job ends once its VM can no longer run: paused, or gone already; a finisher of
+	// its own removes it.
 	r = j.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
-	assert.Contains(t, r.stderr, "removed "+name)
+	assert.Contains(t, r.stderr, "stopped "+name)
+	if dom, err := j.l.DomainLookupByName(name); err == nil {
+		if st, _, err := j.l.DomainGetState(dom, 0); err == nil {
+			assert.NotEqual(t, int32(libvirt.DomainRunning), st, "the job's VM runs on after its cleanup")
+		}
+	}
+	assert.Empty(t, leftovers(t, j.l, name), "its finisher did not remove it")
 }
 
 func TestBuildScriptFailureRunsAfterScript(t *testing.T) {

@@ -252,7 +252,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					if err != nil {
 						return err
 					}
+					if !t.ByHand {
+						exec.Detach = detacher(c)
+					}
 					return exec.Cleanup(c.Context, t)
+				},
+			},
+			{
+				Name:      "finish",
+				Usage:     "remove the instance a job's cleanup paused (started by cleanup)",
+				ArgsUsage: "NAME PREPARE_ID",
+				Hidden:    true,
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 2 {
+						return &executor.InputError{Msg: "finish wants NAME PREPARE_ID"}
+					}
+					return exec.Finish(c.Context, c.Args().Get(0), c.Args().Get(1))
 				},
 			},
 		},

@@ -188,6 +188,10 @@ func BenchmarkPerformance(b *testing.B) {
 		perfStages(b, &t, tr, peak)
 	}
 
+	// 3b. A trivial job through the real runner, beside the no-VM runner and the raw floors.
+	perfJobs(b, &t, "tiny guest", testTmpl)
+	perfVariants(b, &t, "tiny guest", newJob(b), map[string]string{"CUSTOM_ENV_LIBVIRT_GCI_CPUS": "2", "CUSTOM_ENV_LIBVIRT_GCI_MEMORY": "384M"}, nil)
+
 	// 4. A stage on a hypervisor reached over qemu+ssh, against the same VM's local stage.
 	for _, tr := range transports {
 		perfRemote(b, &t, tr)
@@ -259,7 +263,16 @@ func perfConcurrent(b *testing.B, t *perfTable, n int) {
 		jobs[i] = newJobOver(b, "agent")
 		jobs[i].env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
 	}
+	// One alone first: what one clone costs the host.
 	before := memAvailable()
+	if r := jobs[0].stage("prepare"); r.code != 0 {
+		b.Fatal(r.stderr)
+	}
+	one := before - memAvailable()
+	jobs[0].stage("cleanup")
+	finished(b, jobs[0].l, jobs[0].prefix)
+	time.Sleep(time.Second) // QEMU's memory back to the host
+	before = memAvailable()
 	var wg sync.WaitGroup
 	var failed, restored int
 	var mu sync.Mutex
@@ -285,8 +298,12 @@ func perfConcurrent(b *testing.B, t *perfTable, n int) {
 	for _, j := range jobs {
 		j.stage("cleanup")
 	}
+	for _, j := range jobs {
+		finished(b, j.l, j.prefix)
+	}
 	t.add(fmt.Sprintf("%d prepares at once (restored %d, failed %d)", n, restored, failed), ms(wall), "", "", "0 failures")
-	t.add(fmt.Sprintf("  host memory used by the %d", n), fmt.Sprintf("%d MiB", used>>20), "", "", "")
+	t.add(fmt.Sprintf("  host memory used by the %d", n), fmt.Sprintf("%d MiB", used>>20), fmt.Sprintf("one clone %d MiB", one>>20),
+		fmt.Sprintf("%.1f", float64(used)/float64(max(one, 1))), "≤ 3 where memory sharing is possible")
 }
 
 // perfStages measures an empty stage and 100 MB of output over transport, each beside

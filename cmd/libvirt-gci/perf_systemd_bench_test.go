@@ -3,11 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
-	"strings"
 	"testing"
 	"time"
-
-	"github.com/libvirt-gci/libvirt-gci/cmd/libvirt-gci/internal/fakegitlab"
 )
 
 // perfSystemd: the systemd Debian guest's rows of the Performance table: prepare by a
@@ -65,32 +62,14 @@ func perfSystemd(b *testing.B, t *perfTable) {
 		t.add("systemd guest: empty stage over "+tr, ms(median(stage)), "", "", "")
 	}
 
-	// A trivial job through the real runner: the first makes the warm image of the
-	// runner's profile (its helper disk), the others are timed from the moment the runner
-	// takes the job to its final update.
-	h := newRunnerHost(b, "agent")
-	h.env = append(h.env, "LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl, "LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
-	jobs := make([]*fakegitlab.Job, 1+3)
-	for i := range jobs {
-		jobs[i] = h.gl.Add(fakegitlab.JobSpec{Script: []string{"true"}})
-	}
-	p := h.runSingle(len(jobs))
-	var took []time.Duration
-	for i, fj := range jobs {
-		final, trace := h.finish(fj)
-		if final.State != "success" {
-			b.Fatalf("job failed: %+v\n%s", final, trace)
-		}
-		if !strings.Contains(trace, "restored ") && i > 0 {
-			b.Fatalf("job %d was not restored:\n%s", i, trace)
-		}
-		taken, finished := h.gl.Times(fj)
-		if i > 0 {
-			took = append(took, finished.Sub(taken))
-		}
-	}
-	p.wait(b, time.Minute)
-	t.add("systemd guest: trivial job, real runner", ms(median(took)), "", "", "")
+	// Prepare with a cache, with a size, and of a 4 GiB guest, beside a plain restore.
+	perfVariants(b, t, "systemd guest", newSystemdJob(b, "agent"),
+		map[string]string{"CUSTOM_ENV_LIBVIRT_GCI_CPUS": "2", "CUSTOM_ENV_LIBVIRT_GCI_MEMORY": "1536M"},
+		map[string]string{"CUSTOM_ENV_LIBVIRT_GCI_MEMORY": "4G"})
+
+	// A trivial job through the real runner, beside the no-VM runner and the raw floors.
+	perfJobs(b, t, "systemd guest", testSystemdTmpl, "LIBVIRT_GCI_TEMPLATES=tiny-*,"+testSystemdTmpl,
+		"LIBVIRT_GCI_DEFAULT_TEMPLATE="+testSystemdTmpl, "LIBVIRT_GCI_BOOT_TIMEOUT=5m")
 }
 
 // BenchmarkPerformanceSystemd prints the systemd guest's rows of the Performance table

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -45,6 +46,7 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 		`echo "found: $(cat vendor/marker 2>/dev/null || echo nothing)"`,
 		`ls -A /cache`,
 	}})
+	h.warm(testTmpl) // with the share's profile: no job boots while another test makes it
 	p := h.runSingle(3)
 	var traces []string
 	for _, j := range []*fakegitlab.Job{save, same, other} {
@@ -54,6 +56,11 @@ func testRunnerCachePerProject(t *testing.T, h *runnerHost) {
 	}
 	p.wait(t, time.Minute)
 
+	// Restored, the share attached after (issue 25): every job.
+	restored := regexp.MustCompile(`restored \S+ into \S+ from \S+ in \d+ ms .*cache share attached in \d+ ms`)
+	for _, tr := range traces {
+		assert.Regexp(t, restored, tr)
+	}
 	assert.Contains(t, traces[0], "Saving cache for successful job")
 	assert.Contains(t, traces[0], "Created cache")
 	var found, me string

@@ -46,11 +46,18 @@ func readmeConfig(t testing.TB, url, token, bin string) (config, name string) {
 	t.Helper()
 	readme, err := os.ReadFile("../../README.rst")
 	require.NoError(t, err)
-	blocks := regexp.MustCompile(`(?m)^\.\. code-block:: toml\n\n((?:(?:   .*)?\n)+)`).FindAllStringSubmatch(string(readme), -1)
+	// The block may be indented (in a list item): its lines are indented deeper.
+	blocks := regexp.MustCompile(`(?m)^( *)\.\. code-block:: toml\n\n((?:(?: {3,}.*)?\n)+)`).FindAllStringSubmatch(string(readme), -1)
 	require.Len(t, blocks, 1, "README.rst must have exactly one toml block, the runner's config.toml")
+	indent := len(blocks[0][1]) + 3
 	var lines []string
-	for _, l := range strings.Split(blocks[0][1], "\n") {
-		lines = append(lines, strings.TrimPrefix(l, "   "))
+	for _, l := range strings.Split(blocks[0][2], "\n") {
+		if len(l) >= indent && strings.TrimSpace(l[:indent]) == "" {
+			l = l[indent:]
+		} else {
+			require.Empty(t, strings.TrimSpace(l), "README's toml block ends where its indentation does")
+		}
+		lines = append(lines, l)
 	}
 	config = strings.Join(lines, "\n")
 
@@ -62,8 +69,8 @@ func readmeConfig(t testing.TB, url, token, bin string) (config, name string) {
 	}
 	replace(`(?m)^\s*url = ".*"$`, fmt.Sprintf("url = %q", url))
 	replace(`(?m)^\s*token = ".*"$`, fmt.Sprintf("token = %q", token))
-	require.Equal(t, 4, strings.Count(config, `"/usr/local/bin/libvirt-gci"`), "README's config.toml calls libvirt-gci for the four stages")
-	config = strings.ReplaceAll(config, `"/usr/local/bin/libvirt-gci"`, fmt.Sprintf("%q", bin))
+	require.Equal(t, 4, strings.Count(config, `"/usr/bin/libvirt-gci"`), "README's config.toml calls libvirt-gci for the four stages")
+	config = strings.ReplaceAll(config, `"/usr/bin/libvirt-gci"`, fmt.Sprintf("%q", bin))
 	m := regexp.MustCompile(`(?m)^\s*name = "(.+)"$`).FindStringSubmatch(config)
 	require.NotNil(t, m, "README's config.toml has no runner name")
 	return config, m[1]

@@ -150,8 +150,8 @@ func TestSystemdColdBoot(t *testing.T) {
 }
 
 // The real gitlab-runner runs a pipeline job on the systemd guest over each transport:
-// its sources cloned in the guest, a cache saved, artifacts uploaded. (A cache share is
-// booted, not restored.)
+// its sources cloned in the guest, a cache saved, artifacts uploaded. The VM is restored,
+// its cache share attached after the restore.
 func TestSystemdRunnerPipeline(t *testing.T) {
 	t.Parallel()
 	for _, tr := range transports {
@@ -174,6 +174,8 @@ func TestSystemdRunnerPipeline(t *testing.T) {
 			require.Equal(t, "success", final.State, trace)
 			p.wait(t, time.Minute)
 			assert.Contains(t, trace, "systemd running after")
+			// (Both transports want the one warm image: the one not making it may boot.)
+			assert.Regexp(t, `restored \S+ into \S+ from \S+ in \d+ ms .*cache share attached in \d+ ms|another prepare is making the warm image`, trace)
 			assert.Contains(t, trace, "Created cache")
 			for m, opts := range mountsBelow(t, caches) { // the share: a file system of its own
 				assert.True(t, strings.HasSuffix(m, "/unprotected"), m)

@@ -39,14 +39,18 @@ type Domains interface {
 	DomainCreate(dom libvirt.Domain) error
 	DomainShutdownFlags(dom libvirt.Domain, flags libvirt.DomainShutdownFlagValues) error
 	DomainDestroyFlags(dom libvirt.Domain, flags libvirt.DomainDestroyFlagsValues) error
+	DomainSuspend(dom libvirt.Domain) error
 	DomainUndefineFlags(dom libvirt.Domain, flags libvirt.DomainUndefineFlagsValues) error
 	DomainUpdateDeviceFlags(dom libvirt.Domain, xml string, flags libvirt.DomainDeviceModifyFlags) error
+	DomainAttachDeviceFlags(dom libvirt.Domain, xml string, flags uint32) error
+	DomainBlockResize(dom libvirt.Domain, disk string, size uint64, flags libvirt.DomainBlockResizeFlags) error
 	ConnectListAllDomains(needResults int32, flags libvirt.ConnectListAllDomainsFlags) ([]libvirt.Domain, uint32, error)
 }
 
 // Storage makes, finds and deletes pools' volumes.
 type Storage interface {
 	StoragePoolLookupByName(name string) (libvirt.StoragePool, error)
+	StoragePoolGetInfo(pool libvirt.StoragePool) (rState uint8, rCapacity uint64, rAllocation uint64, rAvailable uint64, err error)
 	StoragePoolListAllVolumes(pool libvirt.StoragePool, needResults int32, flags uint32) ([]libvirt.StorageVol, uint32, error)
 	StorageVolCreateXML(pool libvirt.StoragePool, xml string, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
 	StorageVolCreateXMLFrom(pool libvirt.StoragePool, xml string, clone libvirt.StorageVol, flags libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error)
@@ -74,6 +78,7 @@ type SaveRestore interface {
 type Node interface {
 	ConnectGetCapabilities() (string, error)
 	NodeGetFreeMemory() (uint64, error)
+	NodeGetInfo() (rModel [32]int8, rMemory uint64, rCpus int32, rMhz int32, rNodes int32, rSockets int32, rCores int32, rThreads int32, err error)
 }
 
 // QEMU passes commands to a domain's QEMU monitor and guest agent.

@@ -50,6 +50,9 @@ type Spec struct {
 type Timings struct {
 	Define, Clone, Start time.Duration
 	Image                time.Duration // a restore's own copy of the memory image (Start: the restore)
+	Streamed             bool          // the restore read the shared memory image through a pipe: no copy
+	Attach               time.Duration // devices attached after a restore
+	Grow                 time.Duration // the disk grown after a restore
 }
 
 // Create defines the domain, creates its overlay volumes and starts it, in that order: the
@@ -195,6 +198,10 @@ func (c *Conn) SetMetadata(name string, m meta.Metadata) error {
 	if err != nil {
 		return fmt.Errorf("look up instance %q: %w", name, err)
 	}
+	return c.setMetadata(dom, m)
+}
+
+func (c *Conn) setMetadata(dom libvirt.Domain, m meta.Metadata) error {
 	x, err := m.MarshalPlain()
 	if err != nil {
 		return err
@@ -202,9 +209,36 @@ func (c *Conn) SetMetadata(name string, m meta.Metadata) error {
 	err = c.api.DomainSetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{x}, libvirt.OptString{meta.Prefix},
 		libvirt.OptString{meta.NS}, libvirt.DomainAffectLive|libvirt.DomainAffectConfig)
 	if err != nil {
-		return fmt.Errorf("set metadata of %q: %w", name, err)
+		return fmt.Errorf("set metadata of %q: %w", dom.Name, err)
 	}
 	return nil
+}
+
+// owned looks up the instance name, reads its metadata and asks allow (nil: anyone's)
+// whether the caller may act on it; ok is false, with no error, when it is not there
+// (or was removed meanwhile, as by a cleanup's finisher): nothing to do. doing names
+// the action, for errors.
+func (c *Conn) owned(name, doing string, allow func(meta.Metadata) error) (dom libvirt.Domain, m meta.Metadata, ok bool, err error) {
+	dom, err = c.api.DomainLookupByName(name)
+	if HasCode(err, libvirt.ErrNoDomain) {
+		return dom, m, false, nil
+	}
+	if err != nil {
+		return dom, m, false, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	m, err = c.metadata(dom)
+	if HasCode(err, libvirt.ErrNoDomain) {
+		return dom, m, false, nil
+	}
+	if err != nil {
+		return dom, m, false, fmt.Errorf("%s %q: %w", doing, name, err)
+	}
+	if allow != nil {
+		if err := allow(m); err != nil {
+			return dom, m, false, err
+		}
+	}
+	return dom, m, true, nil
 }
 
 // monitorHMP is VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP (libvirt-qemu.h), which go-libvirt lacks.
@@ -266,21 +300,9 @@ type Removed struct {
 // ctx bounds its wait for a volume libvirtd is still creating.
 func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metadata) error) (Removed, error) {
 	var r Removed
-	dom, err := c.api.DomainLookupByName(name)
-	if HasCode(err, libvirt.ErrNoDomain) {
-		return r, nil
-	}
-	if err != nil {
-		return r, fmt.Errorf("look up instance %q: %w", name, err)
-	}
-	im, err := c.metadata(dom)
-	if err != nil {
-		return r, fmt.Errorf("tear down %q: %w", name, err)
-	}
-	if allow != nil {
-		if err := allow(im); err != nil {
-			return r, err
-		}
+	dom, im, ok, err := c.owned(name, "tear down", allow)
+	if !ok {
+		return r, err
 	}
 	err = c.api.DomainDestroyFlags(dom, libvirt.DomainDestroyDefault)
 	switch {
@@ -313,6 +335,24 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metada
 	}
 	r.Domain = true
 	return r, nil
+}
+
+// End marks the instance name ending (at now) and pauses it, if allow agrees; it returns
+// its prepare ID, or "" if there is no such domain. An instance that is not running
+// (shut off, crashed) is marked only.
+func (c *Conn) End(name string, allow func(meta.Metadata) error, now time.Time) (string, error) {
+	dom, m, ok, err := c.owned(name, "end", allow)
+	if !ok {
+		return "", err
+	}
+	m.EndingAt = now.UTC().Format(time.RFC3339)
+	if err := c.setMetadata(dom, m); err != nil {
+		return "", err
+	}
+	if err := c.api.DomainSuspend(dom); err != nil && !HasCode(err, libvirt.ErrOperationInvalid) {
+		return "", fmt.Errorf("pause %q: %w", name, err)
+	}
+	return m.PrepareID, nil
 }
 
 // volumeBusyTime bounds how long deleteVolume waits for a volume libvirtd is still

@@ -43,11 +43,17 @@ type Metadata struct {
 	// Prepare is the prepare process itself, and ReadyAt (RFC 3339) when it had the
 	// instance ready: an instance whose prepare died before that (kill -9, a define that
 	// landed after its cleanup looked) will never be used, whatever its runner does.
-	Prepare   *Process `xml:"prepare,omitempty"`
-	ReadyAt   string   `xml:"ready-at,omitempty"`
-	FailedAt  string   `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
-	KeepUntil string   `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
-	SSH       *SSH     `xml:"ssh,omitempty"`        // set when the instance is reached over SSH, or its forwards are
+	Prepare *Process `xml:"prepare,omitempty"`
+	ReadyAt string   `xml:"ready-at,omitempty"`
+	// PrepareMS is how long its prepare took, from its start to the ready guest (for
+	// `metrics`).
+	PrepareMS int64  `xml:"prepare-ms,omitempty"`
+	FailedAt  string `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
+	KeepUntil string `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
+	// EndingAt (RFC 3339): its job's cleanup paused it for good and left its removal to a
+	// process of its own (Host.End); gc removes it if that has not happened in a while.
+	EndingAt string `xml:"ending-at,omitempty"`
+	SSH      *SSH   `xml:"ssh,omitempty"` // set when the instance is reached over SSH, or its forwards are
 	// Transport is how stages reach the guest: TransportAgent, TransportSSH, or "" (the
 	// agent, or ssh where SSH is set: instances made before this field).
 	Transport string `xml:"transport,omitempty"`
@@ -94,6 +100,27 @@ const (
 	TransportAgent = "agent"
 	TransportSSH   = "ssh"
 )
+
+// An instance's phase in its job's life, from its metadata alone.
+const (
+	PhasePreparing = "preparing" // its prepare has not made it ready (or died before)
+	PhaseReady     = "ready"     // its job's stages may run
+	PhaseKept      = "kept"      // stopped after its job failed, kept to be looked at
+	PhaseEnding    = "ending"    // its job's cleanup paused it; its finisher removes it
+)
+
+// Phase is where the instance is in its job's life.
+func (m Metadata) Phase() string {
+	switch {
+	case m.EndingAt != "":
+		return PhaseEnding
+	case m.KeepUntil != "":
+		return PhaseKept
+	case m.ReadyAt == "":
+		return PhasePreparing
+	}
+	return PhaseReady
+}
 
 // StageTransport is how stages reach the instance: TransportSSH where its launch set up
 // ssh for them, else TransportAgent (ssh access may be there for the forwards alone).

@@ -259,13 +259,10 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 	pid := g.next
 	p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
 	g.procs[pid] = p
-	if a.Path == "setsid" && len(a.Arg) > 0 { // a session of its own
-		a.Path, a.Arg = a.Arg[0], a.Arg[1:]
-	}
 	switch {
-	case a.Path == "/bin/sh" && len(a.Arg) == 6 && strings.Contains(a.Arg[1], `bash "$1"`): // a job script and its two output files
-		script := a.Arg[3]
-		p.out, p.err = a.Arg[4], a.Arg[5]
+	case a.Path == "bash" && len(a.Arg) == 5 && strings.Contains(a.Arg[1], `read -r -d '' __gci_script`): // a job script and its two output files
+		script := a.Arg[2]
+		p.out, p.err = a.Arg[3], a.Arg[4]
 		if b := g.files[script]; b != nil {
 			p.Script = b.String()
 		}
@@ -299,7 +296,7 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 		}
 	case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 		g.dirs[a.Arg[2]] = true
-	case a.Path == "/bin/sh" && strings.HasPrefix(a.Arg[1], "kill -") && len(a.Arg) == 3:
+	case a.Path == "/bin/sh" && len(a.Arg) == 5 && strings.Contains(a.Arg[1], "kill -"): // the script's group, by the wrapper's pid
 		var target int
 		fmt.Sscan(a.Arg[2], &target)
 		if tp := g.procs[target]; tp != nil {

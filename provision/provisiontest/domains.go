@@ -179,6 +179,18 @@ func (f *Libvirt) DomainDestroyFlags(d libvirt.Domain, _ libvirt.DomainDestroyFl
 	return f.stop("DomainDestroyFlags", d)
 }
 
+// DomainSuspend pauses the running domain d: its guest keeps its state, its agent does
+// not answer.
+func (f *Libvirt) DomainSuspend(d libvirt.Domain) error {
+	return f.withDom("DomainSuspend", d, func(fd *domain) error {
+		if !fd.running {
+			return lverr(libvirt.ErrOperationInvalid, "Requested operation is not valid: domain is not running")
+		}
+		fd.paused = true
+		return nil
+	})
+}
+
 // stop stops the running domain d (a destroy, or a guest's shutdown): its guest is gone.
 func (f *Libvirt) stop(method string, d libvirt.Domain) error {
 	return f.withDom(method, d, func(fd *domain) error {
@@ -296,7 +308,10 @@ func (f *Libvirt) DomainGetInfo(d libvirt.Domain) (uint8, uint64, uint64, uint16
 		return 0, 0, 0, 0, 0, err
 	}
 	state := uint8(libvirt.DomainShutoff)
-	if fd.running {
+	switch {
+	case fd.running && fd.paused:
+		state = uint8(libvirt.DomainPaused)
+	case fd.running:
 		state = uint8(libvirt.DomainRunning)
 	}
 	var mem uint64

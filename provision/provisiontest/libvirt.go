@@ -46,8 +46,9 @@ type Libvirt struct {
 	// the guests' NICs that have no address.
 	system, failed string
 	noAddress      map[string]bool
-	macs           int  // MAC addresses given out
-	noReseed       bool // the guests have no way to reseed their RNG at once
+	macs           int               // MAC addresses given out
+	noReseed       bool              // the guests have no way to reseed their RNG at once
+	blockSizes     map[string]uint64 // DomainBlockResize's, by domain/disk
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.

@@ -206,6 +206,62 @@ func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.
 	})
 }
 
+// DomainAttachDeviceFlags attaches a virtiofs share to a running domain whose memory is
+// shared, as QEMU needs; it refuses other devices.
+func (f *Libvirt) DomainAttachDeviceFlags(d libvirt.Domain, x string, _ uint32) error {
+	return f.withDom("DomainAttachDeviceFlags", d, func(fd *domain) error {
+		var fs libvirtxml.DomainFilesystem
+		if err := fs.Unmarshal(x); err != nil || fs.Driver == nil || fs.Driver.Type != "virtiofs" {
+			return lverr(libvirt.ErrOperationUnsupported, "the fake attaches virtiofs shares only: %s", x)
+		}
+		if !fd.running {
+			return lverr(libvirt.ErrOperationInvalid, "domain is not running")
+		}
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(fd.xml); err != nil {
+			return lverr(libvirt.ErrXMLError, "%v", err)
+		}
+		if mb := dom.MemoryBacking; mb == nil || mb.MemoryAccess == nil || mb.MemoryAccess.Mode != "shared" {
+			return lverr(libvirt.ErrConfigUnsupported, "unsupported configuration: 'virtiofs' requires shared memory")
+		}
+		if dom.Devices == nil {
+			dom.Devices = &libvirtxml.DomainDeviceList{}
+		}
+		dom.Devices.Filesystems = append(dom.Devices.Filesystems, fs)
+		nx, err := dom.Marshal()
+		if err != nil {
+			return lverr(libvirt.ErrXMLError, "%v", err)
+		}
+		fd.xml = nx
+		return nil
+	})
+}
+
+// DomainBlockResize grows a running domain's disk: the size is kept per domain and disk
+// (BlockSize says it).
+func (f *Libvirt) DomainBlockResize(d libvirt.Domain, disk string, size uint64, _ libvirt.DomainBlockResizeFlags) error {
+	return f.withDom("DomainBlockResize", d, func(fd *domain) error {
+		if !fd.running {
+			return lverr(libvirt.ErrOperationInvalid, "domain is not running")
+		}
+		if !strings.Contains(fd.xml, "dev=\""+disk+"\"") && !strings.Contains(fd.xml, "dev='"+disk+"'") {
+			return lverr(libvirt.ErrInvalidArg, "invalid argument: disk '%s' was not found in the domain config", disk)
+		}
+		if f.blockSizes == nil {
+			f.blockSizes = map[string]uint64{}
+		}
+		f.blockSizes[d.Name+"/"+disk] = size
+		return nil
+	})
+}
+
+// BlockSize is the size DomainBlockResize gave the disk of the domain name; 0 if none.
+func (f *Libvirt) BlockSize(name, disk string) uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.blockSizes[name+"/"+disk]
+}
+
 func (f *Libvirt) DomainShutdownFlags(d libvirt.Domain, _ libvirt.DomainShutdownFlagValues) error {
 	return f.stop("DomainShutdownFlags", d)
 }
@@ -224,6 +280,14 @@ func (f *Libvirt) ConnectGetCapabilities() (string, error) {
 		return "", err
 	}
 	return `<capabilities><host><cpu><arch>x86_64</arch></cpu></host><guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/></arch></guest></capabilities>`, nil
+}
+
+// NodeGetInfo says the host has 32 GiB of memory and 8 CPUs.
+func (f *Libvirt) NodeGetInfo() ([32]int8, uint64, int32, int32, int32, int32, int32, int32, error) {
+	if err := f.enter("NodeGetInfo"); err != nil {
+		return [32]int8{}, 0, 0, 0, 0, 0, 0, 0, err
+	}
+	return [32]int8{}, 32 << 20, 8, 2000, 1, 1, 8, 1, nil
 }
 
 // NodeGetFreeMemory says the host has 16 GiB free.

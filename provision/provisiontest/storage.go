@@ -152,3 +152,25 @@ func (f *Libvirt) RemovePool(pool string) {
 	defer f.mu.Unlock()
 	delete(f.pools, pool)
 }
+
+// PoolCapacity is the size every fake pool reports.
+const PoolCapacity = 100 << 30
+
+// StoragePoolGetInfo says every pool is running, of PoolCapacity bytes, with its volumes'
+// content allocated.
+func (f *Libvirt) StoragePoolGetInfo(p libvirt.StoragePool) (uint8, uint64, uint64, uint64, error) {
+	if err := f.enter("StoragePoolGetInfo"); err != nil {
+		return 0, 0, 0, 0, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	vols, ok := f.pools[p.Name]
+	if !ok {
+		return 0, 0, 0, 0, lverr(libvirt.ErrNoStoragePool, "Storage pool not found: no storage pool with matching name '%s'", p.Name)
+	}
+	var used uint64
+	for n := range vols {
+		used += uint64(len(f.data[p.Name+"/"+n]))
+	}
+	return uint8(libvirt.StoragePoolRunning), PoolCapacity, used, PoolCapacity - used, nil
+}
