@@ -26,15 +26,26 @@ type Listed struct {
 	Host      string     `json:"host,omitempty"` // the libvirt URI it was placed by
 }
 
+// firstSeen tells, instance by instance, whether it is the first time it sees one: two
+// URIs of LIBVIRT_GCI_URI may reach one libvirt, and its instances count once.
+func firstSeen() func(provision.Instance) bool {
+	seen := map[string]bool{}
+	return func(in provision.Instance) bool {
+		k := in.Name + "\x00" + in.Metadata.PrepareID
+		first := !seen[k]
+		seen[k] = true
+		return first
+	}
+}
+
 // List prints the managed instances: every domain with our metadata, whatever its name.
 func (e *Executor) List(ctx context.Context, asJSON bool) error {
 	var infos []provision.Instance
-	seen := map[string]bool{}
+	first := firstSeen()
 	err := e.hosts().Each(ctx, e.Log, false, func(h *provision.Host) error {
 		in, err := h.List(ctx)
-		for _, i := range in { // two URIs may reach one libvirt
-			if k := i.Name + "\x00" + i.Metadata.PrepareID; !seen[k] {
-				seen[k] = true
+		for _, i := range in {
+			if first(i) {
 				infos = append(infos, i)
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 )
 
@@ -52,7 +53,7 @@ func (fl Fleet) Each(ctx context.Context, log *slog.Logger, all bool, f func(h *
 // answer settles it, it returns without waiting for the others (a stalled host among
 // them); their slots stay empty, with errors saying so.
 func Probe[T any](ctx context.Context, fl Fleet, f func(h *Host, conn *Conn) (T, error), enough func(i int, v T) bool) ([]T, []error) {
-	ctx, cancel := context.WithTimeout(ctx, ProbeTime)
+	ctx, cancel := context.WithTimeoutCause(ctx, ProbeTime, fmt.Errorf("no answer within %s", ProbeTime))
 	defer cancel()
 	type answer struct {
 		i   int
@@ -69,6 +70,9 @@ func Probe[T any](ctx context.Context, fl Fleet, f func(h *Host, conn *Conn) (T,
 			}
 			defer conn.Close()
 			v, err := f(h, conn)
+			if err != nil && ctx.Err() != nil && !strings.Contains(err.Error(), context.Cause(ctx).Error()) {
+				err = fmt.Errorf("%w (%v)", err, context.Cause(ctx)) // why the call was cut short
+			}
 			answers <- answer{i, v, err}
 		}()
 	}

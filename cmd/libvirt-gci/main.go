@@ -80,15 +80,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	machineFlag := &cli.StringFlag{Name: "machine", Usage: "instance `NAME` (by hand; under GitLab Runner it is derived from the job)"}
 
 	app := &cli.App{
-		Name:      "libvirt-gci",
-		Usage:     "GitLab Runner custom executor: every job in a fresh, throwaway libvirt VM",
+		Name:  "libvirt-gci",
+		Usage: "GitLab Runner custom executor: every job in a fresh, throwaway libvirt VM",
+		Description: "GitLab Runner's config_exec, prepare_exec, run_exec and cleanup_exec call it (config, prepare, run SCRIPT STAGE, cleanup); " +
+			"each job runs in a VM cloned from a template and removed when the job ends. " +
+			"The global options are the operator's settings: each is also read from its environment variable " +
+			"(--max-instances is LIBVIRT_GCI_MAX_INSTANCES, --uri is LIBVIRT_GCI_URI; --help names each), never from a job's variables. " +
+			"The package keeps them in /etc/default/libvirt-gci, which gitlab-runner.service and libvirt-gci-gc.service read. " +
+			"Check a host with libvirt-gci doctor; see README.rst for the whole story.",
 		Version:   versionString(),
 		Writer:    stderr,
 		ErrWriter: stderr,
 		// Errors are reported and mapped to exit codes below, in one place.
 		ExitErrHandler: func(*cli.Context, error) {},
 		Flags:          settingFlags(),
-		Before:         setup,
+		// --generate-bash-completion lists commands and flags for the completion script.
+		EnableBashCompletion: true,
+		Before:               setup,
 		Commands: []*cli.Command{
 			{
 				Name:  "config",
@@ -168,6 +176,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				Usage:  "list the managed instances (found by libvirt-gci's metadata, whatever their names)",
 				Flags:  []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 				Action: func(c *cli.Context) error { return exec.List(c.Context, c.Bool("json")) },
+			},
+			{
+				Name:  "doctor",
+				Usage: "check this host for jobs with the runner's settings, one line per check, each problem with its fix; exit 2 if any",
+				Flags: []cli.Flag{
+					&cli.BoolFlag{Name: "boot", Usage: "boot a throwaway clone of each template offered, and say how long it took"},
+					&cli.BoolFlag{Name: "json", Usage: "print JSON: a list of {check, status (ok, note, problem), detail, fix}"},
+				},
+				Action: func(c *cli.Context) error { return exec.Doctor(c.Context, c.Bool("boot"), c.Bool("json")) },
+			},
+			{
+				Name:   "metrics",
+				Usage:  "write Prometheus metrics: instances, warm images, capacity, the pool (for node_exporter's textfile collector)",
+				Flags:  []cli.Flag{&cli.StringFlag{Name: "output", Usage: "write to `FILE` (whole, then renamed into place; name it *.prom) instead of stdout"}},
+				Action: func(c *cli.Context) error { return exec.Metrics(c.Context, c.String("output")) },
 			},
 			{
 				Name:  "gc",
@@ -273,6 +296,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		},
 	}
 
+	app.Commands = append(app.Commands, docCommands(app, stdout)...)
 	err := app.RunContext(ctx, args)
 	if cause := context.Cause(ctx); err != nil && cause != nil && !strings.Contains(err.Error(), cause.Error()) {
 		err = fmt.Errorf("%w (%v)", err, cause) // why a call in flight was interrupted

@@ -5,12 +5,15 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -60,6 +63,7 @@ func TestList(t *testing.T) {
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stdout, j.instance())
 	assert.Contains(t, r.stdout, "job "+j.jobID+" of project 77 on e2e-gitlab")
+	checkMetrics(t, j)
 	r = j.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
 }
@@ -168,6 +172,7 @@ func TestJobSize(t *testing.T) {
 	require.Equal(t, 0, r.code, r.stderr)
 	t.Cleanup(func() { j.stage("cleanup") })
 	assert.Contains(t, r.stderr, "(2 CPUs, 384M memory, 3G disk)")
+	assert.Regexp(t, `restored \S+ into \S+ from libvirt-gci-warm-[0-9a-f]+s[0-9a-f]+-\S+ in \d+ ms .*disk grown in \d+ ms`, r.stderr, "a warm image of its size (issue 25)")
 	r = j.run("build_script", `echo "cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo) disk=$(( $(cat /sys/block/vda/size) * 512 ))"`)
 	require.Equal(t, 0, r.code, r.stderr)
 	var cpus, memKB, disk int64
@@ -224,7 +229,10 @@ func TestCapacity(t *testing.T) {
 				return
 			case <-time.After(20 * time.Millisecond):
 			}
-			doms, _, err := first.l.ConnectListAllDomains(1, libvirt.ConnectListDomainsActive)
+			// Running ones: a job's cleanup pauses its VM for good and leaves the rest to a
+			// finisher; such an ending VM does not count (its CPUs are stopped, its memory
+			// freed within the second).
+			doms, _, err := first.l.ConnectListAllDomains(1, libvirt.ConnectListDomainsRunning)
 			if err != nil {
 				continue
 			}
@@ -315,6 +323,7 @@ func TestKeepFailed(t *testing.T) {
 	r = next.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stderr, "not keeping "+next.instance()+" after the failed job: 1 of 1 kept VMs of this project (LIBVIRT_GCI_KEEP_FAILED_PER_PROJECT)")
+	finished(t, j.l, next.instance())
 	_, err = j.l.DomainLookupByName(next.instance())
 	assert.Error(t, err, "removed")
 
@@ -341,4 +350,63 @@ func TestKeepFailed(t *testing.T) {
 	r = ok.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, leftovers(t, ok.l, ok.prefix))
+}
+
+// checkMetrics holds `metrics` to `list --json` on the real libvirt: its output parses
+// with Prometheus's own parser, its instances add up to those listed and are the same
+// ones, and j's instance has its prepare's time. Other tests make and remove instances
+// meanwhile: it compares when a list before and one after the metrics agree.
+func checkMetrics(t *testing.T, j *gitlabJob) {
+	t.Helper()
+	names := func() []string {
+		r := j.stage("list", "--json")
+		require.Equal(t, 0, r.code, r.stderr)
+		var list []struct{ Name string }
+		require.NoError(t, json.Unmarshal([]byte(r.stdout), &list), r.stdout)
+		var out []string
+		for _, l := range list {
+			out = append(out, l.Name)
+		}
+		slices.Sort(out)
+		return out
+	}
+	for try := 0; ; try++ {
+		before := names()
+		r := j.stage("metrics")
+		require.Equal(t, 0, r.code, r.stderr)
+		after := names()
+		if !slices.Equal(before, after) && try < 20 {
+			continue
+		}
+		require.True(t, slices.Equal(before, after), "the instances never held still for a list, metrics and a list")
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		mfs, err := p.TextToMetricFamilies(strings.NewReader(r.stdout))
+		require.NoError(t, err, r.stdout)
+		n := 0.0
+		for _, m := range mfs["libvirt_gci_instances"].GetMetric() {
+			n += m.GetGauge().GetValue()
+		}
+		assert.Equal(t, float64(len(before)), n, "instances in metrics and in list --json:\n%s", r.stdout)
+		var aged []string
+		for _, m := range mfs["libvirt_gci_instance_age_seconds"].GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "instance" {
+					aged = append(aged, l.GetValue())
+				}
+			}
+		}
+		slices.Sort(aged)
+		assert.Equal(t, before, aged)
+		prepared := false
+		for _, m := range mfs["libvirt_gci_instance_prepare_seconds"].GetMetric() {
+			for _, l := range m.GetLabel() {
+				prepared = prepared || (l.GetName() == "instance" && l.GetValue() == j.instance() && m.GetGauge().GetValue() > 0)
+			}
+		}
+		assert.True(t, prepared, "%s has its prepare's time", j.instance())
+		up := mfs["libvirt_gci_up"].GetMetric()
+		require.Len(t, up, 1)
+		assert.Equal(t, 1.0, up[0].GetGauge().GetValue())
+		return
+	}
 }

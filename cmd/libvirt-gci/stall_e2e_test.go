@@ -446,3 +446,30 @@ func (s *started) wait(bound time.Duration) (int, time.Duration) {
 		return -1, 0
 	}
 }
+
+// The operator's commands that the gc timer and a person run, doctor and metrics, end
+// within their bound when libvirtd accepts a connection and never answers: doctor says
+// so as a problem, metrics writes the host as down; both exit non-zero.
+func TestOperatorCommandsWithSilentLibvirtd(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	j.env["LIBVIRT_GCI_URI"] = silentLibvirtd(t)
+	j.env["LIBVIRT_GCI_RUNNER_BINARY"] = "none"
+	for _, c := range []struct {
+		args  []string
+		wants []string
+	}{
+		{[]string{"doctor"}, []string{"PROBLEM libvirt at qemu:///system: no answer within 15s; fix: "}},
+		{[]string{"metrics"}, []string{"libvirt_gci_up{host=\"qemu:///system\"} 0", "metrics: qemu:///system: ", "(no answer within 15s)"}},
+	} {
+		start := time.Now()
+		r := j.stage(c.args...)
+		took := time.Since(start)
+		assert.Equal(t, 2, r.code, "%v: %s%s", c.args, r.stdout, r.stderr)
+		assert.Less(t, took, 25*time.Second, "%v ends within its bound", c.args)
+		for _, want := range c.wants {
+			assert.Contains(t, r.stdout+r.stderr, want, c.args)
+		}
+		t.Logf("%v: exit %d after %.1f s:\n%s%s", c.args, r.code, took.Seconds(), r.stdout, r.stderr)
+	}
+}

@@ -33,8 +33,19 @@ func SlowHint(uri string) string {
 }
 
 func kvmHint(mode fs.FileMode, dev, generic string) string {
-	if mode&fs.ModeCharDevice == 0 || mode.Perm()&0o060 == 0o060 {
-		return generic
+	if h := kvmModeHint(mode, dev); h != "" {
+		return h
+	}
+	return generic
+}
+
+// KVMModeHint says what to do when /dev/kvm, of mode, keeps QEMU from using KVM and so
+// makes libvirtd probe QEMU again on every call; "" when its mode is fine.
+func KVMModeHint(mode fs.FileMode) string { return kvmModeHint(mode, kvmDevice) }
+
+func kvmModeHint(mode fs.FileMode, dev string) string {
+	if mode&fs.ModeCharDevice == 0 || mode.Perm()&0o060 == 0o060 || mode.Perm()&0o006 == 0o006 {
+		return ""
 	}
 	return fmt.Sprintf("%s is mode %s, so QEMU (run as another user) cannot use KVM and libvirtd probes QEMU again on every call; "+
 		"give it the mode udev would (chgrp kvm %s && chmod 0660 %s); see \"Slow libvirt\" in README.rst", dev, mode.Perm(), dev, dev)

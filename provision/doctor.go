@@ -1,0 +1,431 @@
+package provision
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/libvirt-gci/libvirt-gci/guest"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
+	"github.com/libvirt-gci/libvirt-gci/template"
+)
+
+// Doctor's findings: each is one line, ok, a note (worth knowing, not in the way), or a
+// problem with its fix.
+const (
+	FindingOK      = "ok"
+	FindingNote    = "note"
+	FindingProblem = "problem"
+)
+
+// Finding is one line of `doctor`.
+type Finding struct {
+	Check  string `json:"check"`
+	Status string `json:"status"`
+	Detail string `json:"detail,omitempty"` // what was found
+	Fix    string `json:"fix,omitempty"`    // what to do about a problem, or a note
+}
+
+// DoctorRequest is what the host's checks need of the operator's settings.
+type DoctorRequest struct {
+	Offered   func(name string, marked bool) bool // whether jobs may clone the template name
+	Boot      bool                                // boot a throwaway clone of each template
+	Transport string
+	Helper    string // the gitlab-runner helper's path; "" for none
+	Shares    bool   // a cache share is set: warm images share the guest's memory
+	MaxCPUs   int    // the most CPUs a job may ask for; 0: the template's
+	MaxMemory uint64 // bytes; 0: the template's
+}
+
+// Doctor checks the host for jobs, without changing anything of the jobs' (a define
+// probe comes and goes): libvirt reachable and fast, KVM, the instance pool and its room,
+// each template offered, its warm image, and the capacity settings against the host.
+//
+// Each part is bounded: the checks by ProbeTime, each clone's boot by BootTimeout; a
+// libvirtd that stops answering is a problem found, not a doctor that hangs.
+func (h *Host) Doctor(ctx context.Context, req DoctorRequest) []Finding {
+	out, good := h.doctorChecks(ctx, req)
+	if req.Boot {
+		for i, t := range good {
+			bctx, cancel := context.WithTimeout(ctx, h.BootTimeout+teardownTime)
+			took, err := h.TryBoot(bctx, t.name, req.Transport)
+			cancel()
+			if err != nil {
+				out = append(out, Finding{Check: "a clone of " + t.name + " boots", Status: FindingProblem, Detail: err.Error(),
+					Fix: "libvirt-gci template check --boot " + t.name + " says more; see Templates in README.rst"})
+				continue
+			}
+			good[i].boot = took
+			out = append(out, Finding{Check: "a clone of " + t.name + " boots", Status: FindingOK, Detail: fmt.Sprintf("to a ready guest in %.1f s", took.Seconds())})
+		}
+	}
+	if h.Start != StartRestore || len(good) == 0 {
+		return out
+	}
+	wctx, cancel := context.WithTimeoutCause(ctx, ProbeTime, fmt.Errorf("no answer within %s", ProbeTime))
+	defer cancel()
+	conn, err := h.Connect(wctx)
+	if err != nil {
+		return append(out, Finding{Check: "warm images", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"})
+	}
+	defer conn.Close()
+	for _, t := range good {
+		out = append(out, h.doctorWarm(wctx, conn, t.name, req, t.boot))
+	}
+	return out
+}
+
+// doctorChecks are the host's checks but the boots and the warm images, bounded by
+// ProbeTime; it returns the templates that passed theirs.
+func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, []doctorTemplate) {
+	var out []Finding
+	add := func(check, status, detail, fix string) {
+		out = append(out, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
+	}
+	where := PublicURI(h.URI)
+	ctx, cancel := context.WithTimeoutCause(ctx, ProbeTime, fmt.Errorf("no answer within %s", ProbeTime))
+	defer cancel()
+	start := time.Now()
+	conn, err := h.Connect(ctx)
+	if err != nil {
+		add("libvirt at "+where, FindingProblem, err.Error(), "start libvirtd (systemctl start libvirtd) or correct LIBVIRT_GCI_URI")
+		return out, nil
+	}
+	defer conn.Close()
+	add("libvirt at "+where, FindingOK, fmt.Sprintf("answered in %d ms", time.Since(start).Milliseconds()), "")
+
+	// A libvirtd that stops answering is said once, in place of what it answered so far,
+	// not as a problem of every check.
+	at := len(out) - 1
+	stalled := func() bool {
+		if ctx.Err() == nil {
+			return false
+		}
+		out = append(out[:at], Finding{Check: "libvirt at " + where, Status: FindingProblem, Detail: context.Cause(ctx).Error(),
+			Fix: "check libvirtd (is it stopped, or overloaded?) and its log"})
+		return true
+	}
+	took, err := h.probeDefine(conn)
+	switch {
+	case stalled():
+		return out, nil
+	case err != nil:
+		add("a define and undefine", FindingProblem, err.Error(), "libvirtd must be able to define domains for this user: check its log")
+	case took >= libvirt.SlowCall:
+		add("a define and undefine", FindingProblem, fmt.Sprintf("took %.1f s; want milliseconds", took.Seconds()), libvirt.SlowHint(h.URI))
+	default:
+		add("a define and undefine", FindingOK, fmt.Sprintf("%d ms", took.Milliseconds()), "")
+	}
+	if out = append(out, h.doctorKVM(conn)...); stalled() {
+		return out, nil
+	}
+	templates, tmplFindings := h.doctorTemplates(ctx, conn, req)
+	if out = append(out, h.doctorPool(conn, templates)...); stalled() {
+		return out, nil
+	}
+	if out = append(append(out, tmplFindings...), h.doctorCapacity(conn, templates, req)...); stalled() {
+		return out, nil
+	}
+	return out, templates
+}
+
+// probeDefine defines and undefines a throwaway domain, as prepare's define does, and
+// says how long that took: a healthy libvirtd takes milliseconds.
+func (h *Host) probeDefine(conn *libvirt.Conn) (time.Duration, error) {
+	name := "libvirt-gci-doctor-" + randomHex(4)
+	x := fmt.Sprintf("<domain type='qemu'><name>%s</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>", name)
+	start := time.Now()
+	dom, err := conn.API().DomainDefineXMLFlags(x, 0)
+	if err != nil {
+		return 0, fmt.Errorf("define %s: %w", name, err)
+	}
+	if err := conn.API().DomainUndefineFlags(dom, 0); err != nil {
+		return 0, fmt.Errorf("undefine %s (remove it: virsh undefine %s): %w", name, name, err)
+	}
+	return time.Since(start), nil
+}
+
+// doctorKVM says whether libvirt offers KVM, and whether /dev/kvm has the mode that
+// keeps libvirtd from probing QEMU again on every call (a local host only).
+func (h *Host) doctorKVM(conn *libvirt.Conn) []Finding {
+	caps, err := conn.API().ConnectGetCapabilities()
+	if err != nil {
+		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: fmt.Sprintf("capabilities: %v", err), Fix: "check libvirtd's log"}}
+	}
+	var c struct {
+		Guests []struct {
+			Domains []struct {
+				Type string `xml:"type,attr"`
+			} `xml:"arch>domain"`
+		} `xml:"guest"`
+	}
+	_ = xml.Unmarshal([]byte(caps), &c)
+	kvm := false
+	for _, g := range c.Guests {
+		for _, d := range g.Domains {
+			kvm = kvm || d.Type == "kvm"
+		}
+	}
+	var out []Finding
+	if dial.IsLocal(h.URI) {
+		if fi, err := os.Stat("/dev/kvm"); err == nil {
+			if hint := libvirt.KVMModeHint(fi.Mode()); hint != "" {
+				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingProblem, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm()), Fix: hint})
+			} else {
+				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingOK, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm())})
+			}
+		}
+	}
+	if kvm {
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it"}}, out...)
+	}
+	return append([]Finding{{Check: "KVM", Status: FindingNote, Detail: "libvirt does not offer it: guests run under software emulation, many times slower",
+		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...)
+}
+
+// doctorTemplate is a template doctor found offered, and what it needs of the host.
+type doctorTemplate struct {
+	name      string
+	memKiB    uint64
+	diskBytes uint64        // what its writable disks can grow to, where libvirt knows
+	boot      time.Duration // a clone's boot to a ready guest, where doctor --boot measured it
+}
+
+// doctorTemplates checks each template jobs may clone (CheckTemplate).
+func (h *Host) doctorTemplates(ctx context.Context, conn *libvirt.Conn, req DoctorRequest) ([]doctorTemplate, []Finding) {
+	var out []Finding
+	list, err := conn.Templates()
+	if err != nil {
+		return nil, []Finding{{Check: "templates", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}
+	}
+	var names []string
+	for _, t := range list {
+		if req.Offered(t.Name, t.Marked) {
+			names = append(names, t.Name)
+		}
+	}
+	if bases, err := h.BaseImageNames(conn); err == nil {
+		names = append(names, bases...)
+	}
+	if len(names) == 0 {
+		return nil, []Finding{{Check: "templates", Status: FindingProblem, Detail: "jobs may clone no domain",
+			Fix: "libvirt-gci template mark NAME (a shut-off VM with the guest agent), or list it in LIBVIRT_GCI_TEMPLATES"}}
+	}
+	var good []doctorTemplate
+	for _, name := range names {
+		checks, err := h.CheckTemplate(ctx, name, true)
+		if err != nil {
+			out = append(out, Finding{Check: "template " + name, Status: FindingProblem, Detail: err.Error(), Fix: "libvirt-gci template check " + name})
+			continue
+		}
+		var failed, fixes []string
+		for _, c := range checks {
+			if !c.OK {
+				failed = append(failed, c.What)
+				fixes = append(fixes, c.Hint)
+			}
+		}
+		if len(failed) > 0 {
+			out = append(out, Finding{Check: "template " + name, Status: FindingProblem, Detail: "checks failed: " + strings.Join(failed, "; "), Fix: strings.Join(fixes, "; ")})
+			continue
+		}
+		t := doctorTemplate{name: name}
+		if tx, _, err := conn.TemplateXML(name); err == nil {
+			if tmpl, err := template.Parse(tx); err == nil {
+				t.memKiB = tmpl.MemoryKiB()
+				for _, d := range tmpl.Disks {
+					if c, ok, err := conn.BackingCapacity(d.Path); err == nil && ok {
+						t.diskBytes += c
+					}
+				}
+			}
+		}
+		good = append(good, t)
+		out = append(out, Finding{Check: "template " + name, Status: FindingOK, Detail: fmt.Sprintf("%d checks pass", len(checks))})
+	}
+	return good, out
+}
+
+// doctorWarm says whether the template's warm image is there, or how long the first job
+// of it will wait for it to be made.
+func (h *Host) doctorWarm(ctx context.Context, conn *libvirt.Conn, name string, req DoctorRequest, boot time.Duration) Finding {
+	check := "warm image of " + name
+	wreq := Request{Name: "warm", Template: name, Offered: true, Transport: req.Transport}
+	tx, tmpl, err := h.template(conn, wreq)
+	if err != nil {
+		return Finding{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "libvirt-gci template check " + name}
+	}
+	prof := warmProfile{SSHNIC: h.needsSSH(wreq), Shares: req.Shares}
+	if req.Helper != "" {
+		if prof.Helper, err = helperVolumeName(req.Helper); err != nil {
+			return Finding{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "set LIBVIRT_GCI_RUNNER_BINARY to a gitlab-runner binary, or none"}
+		}
+	}
+	wname, err := h.warmName(conn, tx, tmpl, prof)
+	if err != nil {
+		return Finding{Check: check, Status: FindingNote, Detail: "none can be made: " + err.Error() + "; its jobs boot"}
+	}
+	if why := h.noRestore(conn, wname); why != "" {
+		return Finding{Check: check, Status: FindingNote, Detail: "its jobs boot: " + why}
+	}
+	wi, err := h.openWarm(ctx, conn, wname, name)
+	if err != nil {
+		return Finding{Check: check, Status: FindingNote, Detail: err.Error() + "; its jobs boot until it is made again", Fix: "libvirt-gci template warm " + name}
+	}
+	if wi != nil {
+		return Finding{Check: check, Status: FindingOK, Detail: wname + " is up to date"}
+	}
+	wait := "a cold boot (doctor --boot measures it) and a save"
+	if boot > 0 {
+		wait = fmt.Sprintf("about %.0f s: a cold boot (%.1f s here) and a save", boot.Seconds()*1.3+1, boot.Seconds())
+	}
+	return Finding{Check: check, Status: FindingNote, Detail: "not made yet: the first job of " + name + " waits " + wait,
+		Fix: "make it now: libvirt-gci template warm " + name}
+}
+
+// doctorPool checks the instance pool: there, active, and with room for a job's disks
+// to grow to their full size on the largest template.
+func (h *Host) doctorPool(conn *libvirt.Conn, templates []doctorTemplate) []Finding {
+	check := "instance pool " + h.Pool
+	info, _, err := h.poolInfo(conn)
+	switch {
+	case err != nil:
+		return []Finding{{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}
+	case !info.Found:
+		return []Finding{{Check: check, Status: FindingProblem, Detail: "no such storage pool (LIBVIRT_GCI_POOL)",
+			Fix: fmt.Sprintf("virsh pool-define-as %[1]s dir --target /var/lib/libvirt/images/%[1]s && virsh pool-build %[1]s && virsh pool-start %[1]s && virsh pool-autostart %[1]s", h.Pool)}}
+	}
+	capacity, avail := info.Capacity, info.Available
+	if !info.Active {
+		return []Finding{{Check: check, Status: FindingProblem, Detail: "not active",
+			Fix: fmt.Sprintf("virsh pool-start %[1]s && virsh pool-autostart %[1]s", h.Pool)}}
+	}
+	var largest doctorTemplate
+	for _, t := range templates {
+		if t.diskBytes > largest.diskBytes {
+			largest = t
+		}
+	}
+	detail := fmt.Sprintf("active, %s free of %s", HumanSize(avail), HumanSize(capacity))
+	if largest.diskBytes > avail {
+		return []Finding{{Check: check, Status: FindingProblem,
+			Detail: fmt.Sprintf("%s; a job on %s can grow its disks to %s", detail, largest.name, HumanSize(largest.diskBytes)),
+			Fix:    "free space where the pool lives, or put the pool on a larger file system"}}
+	}
+	if largest.diskBytes > 0 {
+		detail += fmt.Sprintf("; a job's disks grow to %s at most (%s)", HumanSize(largest.diskBytes), largest.name)
+	}
+	return []Finding{{Check: check, Status: FindingOK, Detail: detail}}
+}
+
+// doctorCapacity holds the capacity settings to the host's memory and CPUs.
+func (h *Host) doctorCapacity(conn *libvirt.Conn, templates []doctorTemplate, req DoctorRequest) []Finding {
+	_, memKiB, cpus, _, _, _, _, _, err := conn.API().NodeGetInfo()
+	if err != nil {
+		return []Finding{{Check: "capacity", Status: FindingProblem, Detail: fmt.Sprintf("host info: %v", err), Fix: "check libvirtd's log"}}
+	}
+	hostMem := memKiB * 1024
+	var out []Finding
+	add := func(check, status, detail, fix string) {
+		out = append(out, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
+	}
+	l := h.Limits
+	var smallest uint64
+	for _, t := range templates {
+		if smallest == 0 || t.memKiB*1024 < smallest {
+			smallest = t.memKiB * 1024
+		}
+	}
+	switch {
+	case l.MemoryTotal > hostMem:
+		add("capacity", FindingProblem, fmt.Sprintf("LIBVIRT_GCI_MAX_MEMORY_TOTAL %s is more than the host's memory, %s", HumanSize(l.MemoryTotal), HumanSize(hostMem)),
+			"set it below the host's memory, leaving room for the host itself")
+	case l.MemoryTotal == 0 && l.Instances > 0 && smallest > 0 && uint64(l.Instances)*smallest > hostMem:
+		add("capacity", FindingProblem, fmt.Sprintf("LIBVIRT_GCI_MAX_INSTANCES=%d instances of even the smallest template (%s) need %s; the host has %s",
+			l.Instances, HumanSize(smallest), HumanSize(uint64(l.Instances)*smallest), HumanSize(hostMem)),
+			"lower LIBVIRT_GCI_MAX_INSTANCES, or set LIBVIRT_GCI_MAX_MEMORY_TOTAL")
+	case l.MemoryTotal == 0 && l.Instances == 0:
+		add("capacity", FindingNote, fmt.Sprintf("no limit: as many jobs start as the runner's concurrent and limit allow (host: %s, %d CPUs)", HumanSize(hostMem), cpus),
+			"set LIBVIRT_GCI_MAX_INSTANCES or LIBVIRT_GCI_MAX_MEMORY_TOTAL")
+	default:
+		add("capacity", FindingOK, fmt.Sprintf("limits fit the host (%s, %d CPUs)", HumanSize(hostMem), cpus), "")
+	}
+	if req.MaxMemory > hostMem {
+		add("job sizes", FindingProblem, fmt.Sprintf("LIBVIRT_GCI_MAX_MEMORY %s is more than the host's memory, %s", HumanSize(req.MaxMemory), HumanSize(hostMem)), "lower it")
+	}
+	if req.MaxCPUs > int(cpus) {
+		add("job sizes", FindingProblem, fmt.Sprintf("LIBVIRT_GCI_MAX_CPUS=%d is more than the host's %d CPUs", req.MaxCPUs, cpus), "lower it")
+	}
+	return out
+}
+
+// DoctorSecret checks the secret file the instances' ssh keys come from: missing is
+// fine (the first prepare makes it), but one that others could read or plant is not.
+func DoctorSecret(path string) Finding {
+	const check = "secret file (LIBVIRT_GCI_SECRET_FILE)"
+	_, err := guest.LoadSecret(path, false)
+	switch {
+	case err == nil:
+		return Finding{Check: check, Status: FindingOK, Detail: path + ": this user's, mode 0600"}
+	case errors.Is(err, fs.ErrNotExist):
+		return Finding{Check: check, Status: FindingOK, Detail: path + " is not there yet: the first prepare makes it (0600)"}
+	}
+	return Finding{Check: check, Status: FindingProblem, Detail: err.Error(),
+		Fix: fmt.Sprintf("chown %d %s && chmod 0600 %s", os.Geteuid(), path, path)}
+}
+
+// DoctorHelperTools checks for what puts the gitlab-runner helper on a disk for the
+// guests (mkfs.ext4), as prepare finds it; nothing when it is there.
+func DoctorHelperTools() []Finding {
+	if _, err := findTool("mkfs.ext4"); err != nil {
+		return []Finding{{Check: "mkfs.ext4 (puts gitlab-runner on a disk for the guests)", Status: FindingProblem,
+			Detail: err.Error(), Fix: "apt install e2fsprogs"}}
+	}
+	return nil
+}
+
+// vhostUserDirs are where QEMU's vhost-user descriptors say which virtiofsd to run, in
+// the order libvirt reads them.
+var vhostUserDirs = []string{"/etc/qemu/vhost-user", "/usr/share/qemu/vhost-user"}
+
+// DoctorVirtiofsd checks that libvirt on uri finds a virtiofsd for the cache share: a
+// vhost-user descriptor of type fs whose binary is there. On a remote host, that host's.
+func DoctorVirtiofsd(uri string) Finding {
+	check := "virtiofsd (LIBVIRT_GCI_CACHE_DIR is set)"
+	if !dial.IsLocal(uri) {
+		return Finding{Check: check, Status: FindingNote, Detail: "on " + PublicURI(uri) + ": not checked from here",
+			Fix: "install virtiofsd there (Debian 12: qemu-system-common has /usr/lib/qemu/virtiofsd)"}
+	}
+	var seen []string
+	for _, dir := range vhostUserDirs {
+		files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			var d struct{ Type, Binary string }
+			if json.Unmarshal(b, &d) != nil || d.Type != "fs" {
+				continue
+			}
+			if fi, err := os.Stat(d.Binary); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+				return Finding{Check: check, Status: FindingOK, Detail: d.Binary + " (" + f + ")"}
+			}
+			seen = append(seen, fmt.Sprintf("%s names %s, which is not there", f, d.Binary))
+		}
+	}
+	detail := "no vhost-user descriptor of type fs in " + strings.Join(vhostUserDirs, " or ")
+	if len(seen) > 0 {
+		detail = strings.Join(seen, "; ")
+	}
+	return Finding{Check: check, Status: FindingProblem, Detail: detail,
+		Fix: "apt install qemu-system-common (QEMU 7.2's virtiofsd) or the virtiofsd package"}
+}
