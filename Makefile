@@ -7,7 +7,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 SOURCES  := $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 
-.PHONY: all build demo test unit lint bench fuzz soak testenv testrunner clean
+.PHONY: all build demo test unit lint bench fuzz soak testenv testrunner install deb clean
 
 all: build
 
@@ -15,6 +15,21 @@ build: $(BIN)
 
 $(BIN): $(SOURCES)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/libvirt-gci
+
+# Install the binary, its man page and bash completion, the gc service and timer, the
+# drop-in giving gitlab-runner.service /etc/default/libvirt-gci, and that file (unless
+# there is one). `make deb` packages the same.
+PREFIX  ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+install: $(BIN)
+	scripts/install.sh $(BIN) "$(DESTDIR)" $(PREFIX) $(UNITDIR)
+
+# A Debian package (dpkg-deb) in bin/: its version grows with every commit, so that a
+# newer build upgrades an older one.
+DEB_VERSION ?= 0.$(shell git rev-list --count HEAD 2>/dev/null || echo 0)+g$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+deb:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w -X main.version=$(DEB_VERSION)' -o bin/deb/libvirt-gci ./cmd/libvirt-gci
+	scripts/deb.sh bin/deb/libvirt-gci bin $(DEB_VERSION)
 
 testenv:
 	scripts/testenv.sh setup
