@@ -26,6 +26,7 @@ func readyHost(t *testing.T, f *provisiontest.Libvirt, log *bytes.Buffer, boot t
 	t.Helper()
 	_, err := f.DomainDefineXMLFlags(nicTemplate, 0)
 	require.NoError(t, err)
+	f.AddNetwork(provisiontest.DHCPNetwork("ci-net", 64))
 	return &Host{Config: Config{Pool: "ci", Prefix: "gci-", BootTimeout: boot, SecretFile: filepath.Join(t.TempDir(), "secret")},
 		Log: slog.New(slog.NewTextHandler(log, nil)), Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
@@ -44,7 +45,7 @@ func TestLaunchWaitsForSystemdAndAddresses(t *testing.T) {
 	f.SetSystem("running")
 	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
 	assert.Contains(t, log.String(), "systemd running after")
-	assert.Regexp(t, `network ready after [0-9.]+ s more: eth0 192\.0\.2\.10/24 on network ci-net`, log.String())
+	assert.Regexp(t, `network ready after [0-9.]+ s more: eth0 10\.9\.8\.[0-9]+/24 on network ci-net`, log.String())
 	assert.Contains(t, log.String(), "host name gci-a", "a cold boot gets the instance's host name too")
 }
 

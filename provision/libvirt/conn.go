@@ -95,6 +95,7 @@ type API interface {
 	SaveRestore
 	Node
 	QEMU
+	Networks
 }
 
 // CancelGrace bounds how long a cancelled Conn waits for the answer to a call that

@@ -53,6 +53,8 @@ type Timings struct {
 	Streamed             bool          // the restore read the shared memory image through a pipe: no copy
 	Attach               time.Duration // devices attached after a restore
 	Grow                 time.Duration // the disk grown after a restore
+	Reserve              time.Duration // its addresses reserved on its networks
+	Addresses            []Reservation // what Reserve gave it
 }
 
 // Create defines the domain, creates its overlay volumes and starts it, in that order: the
@@ -106,7 +108,11 @@ func (c *Conn) defineWithOverlays(ctx context.Context, spec Spec, t *Timings) (l
 			return dom, err
 		}
 	}
-	return dom, nil
+	// Its addresses, before anything runs that asks for one.
+	start := time.Now()
+	addrs, err := c.Reserve(ctx, dom, spec.Name)
+	t.Reserve, t.Addresses = time.Since(start), addrs
+	return dom, err
 }
 
 // step runs one call of the making of the instance name that creates something,
@@ -316,6 +322,18 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metada
 	}
 
 	var errs []error
+	// What it holds on its networks, read from its definition: kept until that is given
+	// back, so that a later Teardown still knows it.
+	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if HasCode(err, libvirt.ErrNoDomain) {
+		return r, nil
+	}
+	if err != nil {
+		return r, fmt.Errorf("definition of %q: %w", name, err)
+	}
+	if err := c.Unreserve(name, x); err != nil {
+		errs = append(errs, err)
+	}
 	for _, v := range im.Volumes {
 		deleted, err := c.deleteVolume(ctx, v)
 		if err != nil {

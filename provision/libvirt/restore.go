@@ -171,6 +171,13 @@ func (c *Conn) Undefine(name string) error {
 	if err != nil {
 		return fmt.Errorf("look up %q: %w", name, err)
 	}
+	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	if err := c.Unreserve(name, x); err != nil {
+		return err
+	}
 	if err := c.api.DomainUndefineFlags(dom, libvirt.DomainUndefineManagedSave); err != nil {
 		return fmt.Errorf("undefine %q: %w", name, err)
 	}

@@ -373,7 +373,11 @@ func (f *Libvirt) interfaces(x string) []map[string]any {
 		mac := strings.ToLower(iface.MAC.Address)
 		ips := []map[string]any{{"ip-address-type": "ipv6", "ip-address": "fe80::5054:ff:fe00:1", "prefix": 64}}
 		if !f.noAddress[mac] {
-			ips = append(ips, map[string]any{"ip-address-type": "ipv4", "ip-address": fmt.Sprintf("192.0.2.%d", 10+i), "prefix": 24})
+			addr := fmt.Sprintf("192.0.2.%d", 10+i)
+			if r := f.reserved(mac); r != "" {
+				addr = r // what the network's dnsmasq hands it
+			}
+			ips = append(ips, map[string]any{"ip-address-type": "ipv4", "ip-address": addr, "prefix": 24})
 		}
 		out = append(out, map[string]any{"name": fmt.Sprintf("eth%d", i), "hardware-address": mac, "ip-addresses": ips})
 	}

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
 )
 
 // Template is a template domain to define in the fake: "tmpl", with one qcow2 disk
@@ -49,6 +50,7 @@ type Libvirt struct {
 	macs           int               // MAC addresses given out
 	noReseed       bool              // the guests have no way to reseed their RNG at once
 	blockSizes     map[string]uint64 // DomainBlockResize's, by domain/disk
+	networks       map[string]*libvirtxml.Network
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.
@@ -211,6 +213,16 @@ func (f *Libvirt) State() string {
 		}
 		for v := range vols {
 			parts = append(parts, "volume "+p+"/"+v)
+		}
+	}
+	for n, net := range f.networks {
+		for _, ip := range net.IPs {
+			if ip.DHCP == nil {
+				continue
+			}
+			for _, h := range ip.DHCP.Hosts {
+				parts = append(parts, "host "+n+"/"+h.MAC+" "+h.IP)
+			}
 		}
 	}
 	slices.Sort(parts)

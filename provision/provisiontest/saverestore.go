@@ -197,12 +197,24 @@ func (f *Libvirt) Content(pool, name string) []byte {
 }
 
 func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.DomainDeviceModifyFlags) error {
-	return f.withDom("DomainUpdateDeviceFlags", d, func(*domain) error {
+	return f.withDom("DomainUpdateDeviceFlags", d, func(fd *domain) error {
 		var iface libvirtxml.DomainInterface
 		if err := iface.Unmarshal(x); err != nil {
 			return lverr(libvirt.ErrXMLError, "%v", err)
 		}
-		return nil
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(fd.xml); err != nil || dom.Devices == nil || iface.MAC == nil {
+			return lverr(libvirt.ErrOperationFailed, "no such NIC")
+		}
+		for i, o := range dom.Devices.Interfaces {
+			if o.MAC != nil && strings.EqualFold(o.MAC.Address, iface.MAC.Address) {
+				dom.Devices.Interfaces[i].Link = iface.Link // the link, as the updates here change
+				out, err := dom.Marshal()
+				fd.xml = out
+				return err
+			}
+		}
+		return lverr(libvirt.ErrOperationFailed, "no NIC with the MAC address %s", iface.MAC.Address)
 	})
 }
 

@@ -1,0 +1,91 @@
+package provision
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
+)
+
+// Each NIC on a libvirt network with DHCP gets an address of its own before it runs (a
+// live host entry named after the instance), booted or restored, and the guest has that
+// address; the teardown gives it back.
+func TestLaunchReservesItsAddress(t *testing.T) {
+	t.Parallel()
+	for _, start := range []string{StartBoot, StartRestore} {
+		t.Run(start, func(t *testing.T) {
+			t.Parallel()
+			f := provisiontest.New("ci")
+			var log bytes.Buffer
+			h := readyHost(t, f, &log, time.Minute)
+			h.Start = start
+			require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+			hosts := f.Hosts("ci-net")
+			require.Len(t, hosts, 1, "the warm image's own entry went with its domain")
+			mac, ip, name := splitHost(t, hosts[0])
+			assert.Equal(t, "gci-a", name)
+			assert.Contains(t, domainXML(t, f, "gci-a"), mac)
+			assert.Contains(t, log.String(), "eth0 "+ip+"/24 on network ci-net")
+
+			require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+			assert.Empty(t, f.Hosts("ci-net"))
+			assert.NotContains(t, f.State(), "host ")
+		})
+	}
+}
+
+func splitHost(t *testing.T, h string) (mac, ip, name string) {
+	t.Helper()
+	f := strings.Fields(h)
+	require.Len(t, f, 3, h)
+	return f[0], f[1], f[2]
+}
+
+// A range with no address left fails the launch at once, saying so, and leaves nothing;
+// an address given back serves the next instance.
+func TestLaunchFullRange(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.AddNetwork(provisiontest.DHCPNetwork("ci-net", 2))
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	hosts := f.Hosts("ci-net")
+	require.Len(t, hosts, 2)
+	_, ipA, _ := splitHost(t, hosts[0])
+	_, ipB, _ := splitHost(t, hosts[1])
+	assert.NotEqual(t, ipA, ipB)
+
+	err := h.Launch(context.Background(), launchReq("gci-c"))
+	require.ErrorContains(t, err, `network "ci-net" has no free address for gci-c: every address of its DHCP range is leased or reserved (2 host entries, 2 leases)`)
+	assert.NotContains(t, f.State(), "gci-c")
+
+	require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-c")))
+	hosts = f.Hosts("ci-net")
+	require.Len(t, hosts, 2)
+	_, ipC, name := splitHost(t, hosts[1])
+	assert.Equal(t, "gci-c", name)
+	assert.Equal(t, ipA, ipC, "gci-a's address, given back")
+}
+
+// An address another prepare reserved between the look and the entry (libvirt refuses a
+// second entry with it) is passed over for another.
+func TestLaunchReserveRace(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.FailNth("NetworkUpdateCompat", 1, golibvirt.Error{Code: uint32(golibvirt.ErrOperationInvalid), Message: "there is an existing dhcp host entry"})
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	assert.Len(t, f.Hosts("ci-net"), 1)
+	assert.Equal(t, 2, countCalls(f, "NetworkUpdateCompat"))
+}
