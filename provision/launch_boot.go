@@ -3,6 +3,7 @@ package provision
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
@@ -84,8 +85,22 @@ func (b coldBoot) report(p *plan, tm libvirt.Timings) {
 	if p.Size != (Size{}) {
 		sized = " (" + p.Size.String() + ")"
 	}
-	b.h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms), started in %d ms",
-		p.Template, p.Name, sized, (tm.Define+tm.Clone).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds()),
+	b.h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms%s), started in %d ms",
+		p.Template, p.Name, sized, (tm.Define+tm.Clone+tm.Reserve).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), reserved(tm), tm.Start.Milliseconds()),
 		"template", p.Template, "name", p.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
+		"reserve_ms", tm.Reserve.Milliseconds(),
 		"cpus", p.Size.CPUs, "memory", p.Size.Memory, "disk", p.Size.Disk)
+}
+
+// reserved says, for a launch's line, which addresses its NICs were given on their
+// networks (libvirt.Reserve), and how long that took; "" where none were.
+func reserved(tm libvirt.Timings) string {
+	if len(tm.Addresses) == 0 {
+		return ""
+	}
+	var on []string
+	for _, a := range tm.Addresses {
+		on = append(on, a.IP+" on "+a.Network)
+	}
+	return fmt.Sprintf(", address %s reserved in %d ms", strings.Join(on, ", "), tm.Reserve.Milliseconds())
 }

@@ -137,8 +137,8 @@ func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
 	if p.Size != (Size{}) {
 		image += " (" + p.Size.String() + ")"
 	}
-	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, restore %d ms, %s)",
-		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image),
+	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, restore %d ms, %s%s)",
+		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image, reserved(tm)),
 		"template", p.Template, "name", p.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
-		"image_ms", tm.Image.Milliseconds(), "streamed", tm.Streamed, "restore_ms", tm.Start.Milliseconds())
+		"image_ms", tm.Image.Milliseconds(), "streamed", tm.Streamed, "restore_ms", tm.Start.Milliseconds(), "reserve_ms", tm.Reserve.Milliseconds())
 }

@@ -309,8 +309,9 @@ for f in /run/libvirt-gci/* "${TMPDIR:-/tmp}"/libvirt-gci.*; do
   case "$f" in "$selfdir"|"$0"|"$0".pid|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
 done`
 
-// leftovers lists domains and volumes whose names start with prefix, once the removals
-// that jobs' cleanups left to finishers are over (a bounded wait).
+// leftovers lists domains, volumes and what networks hold (host entries, leases) whose
+// names start with prefix, once the removals that jobs' cleanups left to finishers are
+// over (a bounded wait).
 func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
 	t.Helper()
 	finished(t, l, prefix)
@@ -340,6 +341,14 @@ func leftovers(t testing.TB, l *libvirt.Libvirt, prefix string) []string {
 	require.NoError(t, err)
 	for _, f := range files {
 		left = append(left, "file "+f)
+	}
+	// And what libvirt's networks hold for them: host entries, leases.
+	nets, _, err := l.ConnectListAllNetworks(1, libvirt.ConnectListNetworksActive)
+	require.NoError(t, err)
+	for _, n := range nets {
+		for _, h := range networkHolds(t, l, n.Name, prefix) {
+			left = append(left, "network "+n.Name+": "+h)
+		}
 	}
 	return left
 }

@@ -70,6 +70,10 @@ func (c *Conn) Create(ctx context.Context, spec Spec) (Timings, error) {
 	if err != nil {
 		return t, err
 	}
+	// Its addresses, before the guest asks for one.
+	if err := c.reserveTimed(ctx, dom, spec, &t); err != nil {
+		return t, err
+	}
 	err = c.step(ctx, spec.Name, fmt.Sprintf("start %q", spec.Name), &t.Start, func() error { return c.api.DomainCreate(dom) })
 	return t, err
 }
@@ -108,11 +112,15 @@ func (c *Conn) defineWithOverlays(ctx context.Context, spec Spec, t *Timings) (l
 			return dom, err
 		}
 	}
-	// Its addresses, before anything runs that asks for one.
+	return dom, nil
+}
+
+// reserveTimed reserves the addresses of dom's NICs (Reserve), timed in t.
+func (c *Conn) reserveTimed(ctx context.Context, dom libvirt.Domain, spec Spec, t *Timings) error {
 	start := time.Now()
 	addrs, err := c.Reserve(ctx, dom, spec.Name)
 	t.Reserve, t.Addresses = time.Since(start), addrs
-	return dom, err
+	return err
 }
 
 // step runs one call of the making of the instance name that creates something,

@@ -149,7 +149,7 @@ func (c *Conn) Reserve(ctx context.Context, dom libvirt.Domain, name string) ([]
 	}
 	var out []Reservation
 	for _, nic := range nics {
-		r, err := c.reserve(ctx, name, nic)
+		r, err := c.reserveNIC(ctx, name, nic)
 		if err != nil {
 			return out, err
 		}
@@ -160,11 +160,11 @@ func (c *Conn) Reserve(ctx context.Context, dom libvirt.Domain, name string) ([]
 	return out, nil
 }
 
-// reserveTries bounds how often reserve takes another address after libvirt refused
+// reserveTries bounds how often reserveNIC takes another address after libvirt refused
 // one another prepare had just taken.
 const reserveTries = 8
 
-func (c *Conn) reserve(ctx context.Context, name string, nic Reservation) (*Reservation, error) {
+func (c *Conn) reserveNIC(ctx context.Context, name string, nic Reservation) (*Reservation, error) {
 	var last error
 	for range reserveTries {
 		n, s, err := c.scope(nic.Network)

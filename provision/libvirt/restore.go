@@ -48,14 +48,26 @@ func (c *Conn) Restore(ctx context.Context, spec Spec) (Timings, error) {
 	if err != nil {
 		return t, fmt.Errorf("restore %q: %w", spec.Name, err)
 	}
-	if _, err := c.defineWithOverlays(ctx, spec, &t); err != nil {
+	dom, err := c.defineWithOverlays(ctx, spec, &t)
+	if err != nil {
 		return t, err
 	}
+	// Its addresses while libvirt restores it (a network update takes libvirtd as long as
+	// a small restore): its NICs' links stay down until its guest has its own MAC
+	// addresses, after this.
+	var rt Timings
+	reserved := make(chan error, 1)
+	go func() { reserved <- c.reserveTimed(ctx, dom, spec, &rt) }()
 	if f := c.openWarmFile(spec.Warm); f != nil {
 		defer f.Close()
 		err = c.restorePiped(ctx, spec, header, f, &t)
 	} else {
 		err = c.restoreCopy(ctx, spec, header, &t)
+	}
+	rerr := <-reserved
+	t.Reserve, t.Addresses = rt.Reserve, rt.Addresses
+	if err == nil {
+		err = rerr
 	}
 	if err == nil && spec.Restored != nil {
 		err = c.SetMetadata(spec.Name, *spec.Restored)
