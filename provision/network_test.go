@@ -3,6 +3,7 @@ package provision
 import (
 	"bytes"
 	"context"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -33,6 +34,12 @@ func TestLaunchReservesItsAddress(t *testing.T) {
 			assert.Equal(t, "gci-a", name)
 			assert.Contains(t, domainXML(t, f, "gci-a"), mac)
 			assert.Contains(t, log.String(), "eth0 "+ip+"/24 on network ci-net")
+			assert.Contains(t, log.String(), "address "+ip+" on ci-net reserved in")
+			x := domainXML(t, f, "gci-a")
+			assert.Regexp(t, `<filterref filter="libvirt-gci-job-1">\s*<parameter name="IP" value="`+regexp.QuoteMeta(ip)+`"></parameter>\s*`+
+				`<parameter name="GATEWAY" value="10.9.8.1"></parameter>\s*<parameter name="SUBNET" value="10.9.8.0"></parameter>\s*<parameter name="PREFIX" value="24">`, x,
+				"its NIC is held to its own address")
+			assert.Equal(t, 1, strings.Count(x, "<filterref"))
 
 			require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
 			assert.Empty(t, f.Hosts("ci-net"))

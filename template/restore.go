@@ -79,6 +79,9 @@ func Restored(saveXML string, c Clone, newMAC func() string) (string, []MACChang
 			iface.MAC.Address = ch.New
 			iface.Target = nil
 			iface.Link = &libvirtxml.DomainInterfaceLink{State: "down"}
+			// The warm image's filter holds it to the warm image's address: the clone's
+			// comes with its link (provision/libvirt's LinksUp).
+			iface.FilterRef = nil
 		}
 	}
 	if dom.QEMUCommandline != nil {

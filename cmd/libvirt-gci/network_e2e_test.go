@@ -9,6 +9,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -195,4 +197,150 @@ func TestNetworkEightClones(t *testing.T) {
 		seen[addr] = i
 	}
 	assert.Len(t, seen, 8)
+}
+
+// listen is a stage script that leaves a listener running in the guest (a unit of its
+// own, past the stage's end): whatever reaches its TCP and UDP port 7777 is written,
+// with where it came from, to /run/heard.
+const listen = `: >/run/heard
+systemd-run --quiet --unit=gci-listen perl -MIO::Socket::INET -MIO::Select -e '
+$| = 1;
+open(my $h, ">>", "/run/heard") or die; $h->autoflush(1);
+my $t = IO::Socket::INET->new(LocalPort => 7777, Listen => 5, ReuseAddr => 1) or die "tcp: $!";
+my $u = IO::Socket::INET->new(LocalPort => 7777, Proto => "udp") or die "udp: $!";
+my $s = IO::Select->new($t, $u);
+while (1) { for my $r ($s->can_read) {
+  if ($r == $t) { my $c = $t->accept; print $h "tcp from ", $c->peerhost, "\n"; close $c }
+  else { my $m; my $from = $u->recv($m, 1500); my ($p, $a) = sockaddr_in($from); print $h "udp from ", inet_ntoa($a), " ($m)\n" }
+} }'
+for i in $(seq 50); do ss -lun | grep -q ':7777 ' && ss -ltn | grep -q ':7777 ' && exit 0; sleep 0.1; done
+echo "the listener did not start" >&2; exit 1`
+
+// probe is a root job's attempts, as a stage script: $1 the neighbour's address, $2 its
+// MAC address, $3 the gateway, $4 the host's port there. What reaches the gateway's
+// port is the host's to tell; what reaches the neighbour, its /run/heard. It prints
+// "dns <address>" for the gateway's answer to gw.gci.test.
+const probe = `nb=$1 nbmac=$2 gw=$3 hport=$4
+dev=$(ip -4 -o addr show scope global | awk '$4 !~ /^10\.213\.213\./ {print $2; exit}')
+own=$(cat /sys/class/net/$dev/address)
+ownip=$(ip -4 -o addr show dev "$dev" scope global | awk '{print $4; exit}'); ownip=${ownip%/*}
+send() { # from-addr from-port to-addr to-port message
+  perl -MIO::Socket::INET -e '
+    my %o = (PeerAddr => $ARGV[2], PeerPort => $ARGV[3], Proto => "udp");
+    $o{LocalAddr} = $ARGV[0] if $ARGV[0]; $o{LocalPort} = $ARGV[1] if $ARGV[1];
+    my $s = IO::Socket::INET->new(%o) or die "udp $ARGV[0]:$ARGV[1] -> $ARGV[2]:$ARGV[3]: $!";
+    $s->send($ARGV[4]) for 1..3' "$@" || true
+}
+tcp() { timeout 3 bash -c "exec 3<>/dev/tcp/$1/7777" 2>/dev/null && echo "tcp to $1 connected" || true; }
+send "" "" "$gw" "$hport" own
+send "" "" "$nb" 7777 direct; tcp "$nb"
+ip route add "$nb/32" via "$gw" dev "$dev"
+send "" "" "$nb" 7777 routed; tcp "$nb"
+ip route del "$nb/32" via "$gw" dev "$dev"
+ip addr add "$nb/32" dev "$dev"
+send "$nb" "" "$gw" "$hport" spoofed-ip; send "$nb" "" "$nb" 7777 spoofed-ip
+ip addr del "$nb/32" dev "$dev"
+send "" 67 "$gw" "$hport" dhcp-server; send "" 67 255.255.255.255 68 dhcp-server
+ip link set dev "$dev" address "$nbmac"
+send "$ownip" "" "$gw" "$hport" spoofed-mac
+ip link set dev "$dev" address "$own"
+perl -MIO::Socket::INET -e '
+  my $q = pack("n6", 0x4743, 0x0100, 1, 0, 0, 0) . join("", map { chr(length) . $_ } split /\./, "gw.gci.test") . "\0" . pack("n2", 1, 1);
+  my $s = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => 53, Proto => "udp") or die "dns: $!";
+  for (1..3) { $s->send($q); my $r; my $in = ""; vec($in, fileno($s), 1) = 1;
+    if (select($in, undef, undef, 2)) { $s->recv($r, 1500); my $an = unpack("x6 n", $r);
+      if ($an) { print "dns ", join(".", unpack("C4", substr($r, -4))), "\n"; exit } } }
+  print "dns none\n"' "$gw"`
+
+// A root job cannot reach another job's VM on the same network, directly or routed
+// through the gateway (with the host forwarding IPv4), nor send with another's address
+// (IP or MAC) or as a DHCP server; it still reaches the gateway, its DNS among it.
+func TestNetworkIsolation(t *testing.T) {
+	t.Parallel()
+	l := lv(t)
+	id := jobSerial.Add(1)
+	netName, tmpl := fmt.Sprintf("gci-e2e-iso-%d", id), fmt.Sprintf("e2e-iso-tmpl-%d", id)
+	const gw = "10.213.216.1"
+	x := fmt.Sprintf(`<network><name>%s</name><bridge name='gci-is-%d' stp='off'/>
+<domain name='gci.test' localOnly='yes'/><dns><host ip='%s'><hostname>gw.gci.test</hostname></host></dns>
+<ip address='%[3]s' prefix='24'><dhcp><range start='10.213.216.10' end='10.213.216.50'/></dhcp></ip></network>`, netName, id%1000, gw)
+	n, err := l.NetworkDefineXML(x)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.NetworkDestroy(n); _ = l.NetworkUndefine(n) })
+	require.NoError(t, l.NetworkCreate(n))
+	forwarding(t, "1")
+
+	x = templateVariantOf(t, l, testSystemdTmpl, tmpl, `<source network='gci-dhcp'/>`, "<source network='"+netName+"'/>")
+	dom, err := l.DomainDefineXMLFlags(x, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.DomainUndefine(dom) })
+	job := func() *gitlabJob {
+		j := newSystemdJob(t, "agent")
+		j.env["CUSTOM_ENV_DISTRO"] = tmpl
+		j.env["LIBVIRT_GCI_TEMPLATES"] = tmpl
+		return j
+	}
+	// The host's port on the gateway, and what reaches it.
+	hc, err := net.ListenPacket("udp4", gw+":0")
+	require.NoError(t, err)
+	t.Cleanup(func() { hc.Close() })
+	var mu sync.Mutex
+	var heard []string
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			k, from, err := hc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			heard = append(heard, fmt.Sprintf("%s %s", from, buf[:k]))
+			mu.Unlock()
+		}
+	}()
+	hport := hc.LocalAddr().(*net.UDPAddr).Port
+
+	a, b := job(), job()
+	a.warm()
+	if t.Failed() {
+		return
+	}
+	a.prepare()
+	b.prepare()
+	r := b.run("build_script", listen)
+	require.Equal(t, 0, r.code, r.stderr)
+	r = b.run("build_script", `dev=$(ip -4 -o addr show scope global | awk '$4 !~ /^10\.213\.213\./ {print $2; exit}')
+cat /sys/class/net/$dev/address; ip -4 -o addr show dev $dev scope global | awk '{print $4}'`)
+	require.Equal(t, 0, r.code, r.stderr)
+	out := strings.Fields(r.stdout)
+	require.Len(t, out, 2, r.stdout)
+	nbMAC, nbAddr := out[0], strings.TrimSuffix(out[1], "/24")
+
+	r = a.run("build_script", "set -- "+nbAddr+" "+nbMAC+" "+gw+" "+fmt.Sprint(hport)+"\n"+probe+"\nip -4 -o addr show scope global | awk '{print \"own \" $4}'")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "dns "+gw, "the job still reaches the gateway's DNS")
+	assert.NotContains(t, r.stdout, "connected", "no TCP connection to the neighbour")
+	own := regexp.MustCompile(`own (\S+)/24`).FindStringSubmatch(r.stdout)
+	require.NotNil(t, own, r.stdout)
+
+	r = b.run("build_script", "cat /run/heard")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Empty(t, strings.TrimSpace(r.stdout), "nothing of the other job's reached the neighbour")
+	time.Sleep(500 * time.Millisecond) // the last of the job's datagrams, on their way
+	mu.Lock()
+	defer mu.Unlock()
+	require.NotEmpty(t, heard, "the job's own datagram reached the gateway")
+	for _, h := range heard {
+		assert.Regexp(t, `^`+regexp.QuoteMeta(own[1])+`:\d+ own$`, h, "only the job's own datagrams, from its own address, reach the host")
+	}
+}
+
+// forwarding sets the host's net.ipv4.ip_forward to v for the test, and puts it back.
+func forwarding(t *testing.T, v string) {
+	t.Helper()
+	const p = "/proc/sys/net/ipv4/ip_forward"
+	old, err := os.ReadFile(p)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(p, []byte(v), 0o644))
+	t.Cleanup(func() { _ = os.WriteFile(p, old, 0o644) })
 }

@@ -70,9 +70,15 @@ func (c *Conn) Create(ctx context.Context, spec Spec) (Timings, error) {
 	if err != nil {
 		return t, err
 	}
-	// Its addresses, before the guest asks for one.
+	// Its addresses, before the guest asks for one, and the filter that holds its NICs to
+	// them.
 	if err := c.reserveTimed(ctx, dom, spec, &t); err != nil {
 		return t, err
+	}
+	if len(t.Addresses) > 0 {
+		if err := c.filter(ctx, dom, spec.Name, t.Addresses, &t); err != nil {
+			return t, err
+		}
 	}
 	err = c.step(ctx, spec.Name, fmt.Sprintf("start %q", spec.Name), &t.Start, func() error { return c.api.DomainCreate(dom) })
 	return t, err
@@ -113,6 +119,22 @@ func (c *Conn) defineWithOverlays(ctx context.Context, spec Spec, t *Timings) (l
 		}
 	}
 	return dom, nil
+}
+
+// filter puts the job filter on the NICs of the defined (not running) domain dom that
+// have the reservations rs.
+func (c *Conn) filter(ctx context.Context, dom libvirt.Domain, name string, rs []Reservation, t *Timings) error {
+	x, err := c.api.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	if x, err = filtered(x, rs); err != nil {
+		return fmt.Errorf("definition of %q: %w", name, err)
+	}
+	return c.step(ctx, name, fmt.Sprintf("define %q with its network filter", name), &t.Reserve, func() error {
+		_, err := c.api.DomainDefineXMLFlags(x, libvirt.DomainDefineValidate)
+		return err
+	})
 }
 
 // reserveTimed reserves the addresses of dom's NICs (Reserve), timed in t.

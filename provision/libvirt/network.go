@@ -29,6 +29,8 @@ type Networks interface {
 	NetworkGetXMLDesc(net libvirt.Network, flags uint32) (string, error)
 	NetworkUpdateCompat(net libvirt.Network, cmd libvirt.NetworkUpdateCommand, section libvirt.NetworkUpdateSection, parentIndex int32, xml string, flags libvirt.NetworkUpdateFlags) error
 	NetworkGetDhcpLeases(net libvirt.Network, mac libvirt.OptString, needResults int32, flags uint32) ([]libvirt.NetworkDhcpLease, uint32, error)
+	NwfilterLookupByName(name string) (libvirt.Nwfilter, error)
+	NwfilterDefineXML(xml string) (libvirt.Nwfilter, error)
 }
 
 // LeaseTime is the lease of an instance's reserved address. Short, so that a lease its
@@ -37,9 +39,11 @@ type Networks interface {
 // every half of it meanwhile. dnsmasq's shortest is 2 minutes.
 const LeaseTime = 10 // minutes
 
-// Reservation is an address an instance's NIC has on a libvirt network.
+// Reservation is an address an instance's NIC has on a libvirt network, and where.
 type Reservation struct {
 	Network, MAC, IP string
+	Gateway          string
+	Subnet           *net.IPNet
 }
 
 // dhcpScope is where a network hands out IPv4 addresses with DHCP.
@@ -157,6 +161,9 @@ func (c *Conn) Reserve(ctx context.Context, dom libvirt.Domain, name string) ([]
 			out = append(out, *r)
 		}
 	}
+	if len(out) > 0 {
+		return out, c.ensureJobFilter()
+	}
 	return out, nil
 }
 
@@ -195,7 +202,7 @@ func (c *Conn) reserveNIC(ctx context.Context, name string, nic Reservation) (*R
 			return c.api.NetworkUpdateCompat(n, libvirt.NetworkUpdateCommandAddLast, libvirt.NetworkSectionIPDhcpHost, int32(s.index), hx, libvirt.NetworkUpdateAffectLive)
 		})
 		if err == nil {
-			return &Reservation{Network: nic.Network, MAC: nic.MAC, IP: ip.String()}, nil
+			return &Reservation{Network: nic.Network, MAC: nic.MAC, IP: ip.String(), Gateway: s.gateway.String(), Subnet: s.subnet}, nil
 		}
 		if ctx.Err() != nil || !HasCode(err, libvirt.ErrOperationInvalid) {
 			return nil, err
@@ -203,6 +210,34 @@ func (c *Conn) reserveNIC(ctx context.Context, name string, nic Reservation) (*R
 		last = err // another prepare took it meanwhile
 	}
 	return nil, fmt.Errorf("network %q: no address could be reserved for %s in %d tries: %w", nic.Network, name, reserveTries, last)
+}
+
+// reservations lists what the instance name (whose XML is x) has reserved on its
+// networks, as their host entries say.
+func (c *Conn) reservations(name, x string) ([]Reservation, error) {
+	nics, err := networkNICs(x)
+	if err != nil {
+		return nil, fmt.Errorf("definition of %q: %w", name, err)
+	}
+	var out []Reservation
+	for _, nic := range nics {
+		_, s, err := c.scope(nic.Network)
+		if HasCode(err, libvirt.ErrNoNetwork) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if s == nil {
+			continue
+		}
+		for _, h := range s.hosts {
+			if strings.EqualFold(h.MAC, nic.MAC) && h.Name == name {
+				out = append(out, Reservation{Network: nic.Network, MAC: nic.MAC, IP: h.IP, Gateway: s.gateway.String(), Subnet: s.subnet})
+			}
+		}
+	}
+	return out, nil
 }
 
 // scope is network's live DHCP scope; nil where it hands out no IPv4 addresses.

@@ -152,7 +152,7 @@ func (c *Conn) Grow(ctx context.Context, name, target string, size uint64, took 
 }
 
 // LinksUp brings up the link of each NIC of the instance name with one of the MAC
-// addresses macs.
+// addresses macs, under the job filter where the NIC has a reserved address.
 func (c *Conn) LinksUp(name string, macs []string) error {
 	if len(macs) == 0 {
 		return nil
@@ -165,9 +165,16 @@ func (c *Conn) LinksUp(name string, macs []string) error {
 	if err != nil {
 		return fmt.Errorf("XML of %q: %w", name, err)
 	}
+	rs, err := c.reservations(name, x)
+	if err != nil {
+		return fmt.Errorf("instance %q: %w", name, err)
+	}
 	for _, mac := range macs {
 		ix, err := template.LinkUp(x, mac)
 		if err != nil {
+			return fmt.Errorf("instance %q: %w", name, err)
+		}
+		if ix, err = filteredNIC(ix, rs); err != nil {
 			return fmt.Errorf("instance %q: %w", name, err)
 		}
 		if err := c.api.DomainUpdateDeviceFlags(dom, ix, libvirt.DomainDeviceModifyLive); err != nil {

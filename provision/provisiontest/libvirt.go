@@ -51,6 +51,7 @@ type Libvirt struct {
 	noReseed       bool              // the guests have no way to reseed their RNG at once
 	blockSizes     map[string]uint64 // DomainBlockResize's, by domain/disk
 	networks       map[string]*libvirtxml.Network
+	filters        map[string]string // nwfilters defined, by name
 	// gates hold a call, by method name, until the channel is closed; entered gets the
 	// method's name when such a call arrives. The call then completes in the fake libvirtd
 	// whatever became of the client, as in libvirtd.

@@ -194,3 +194,42 @@ func (f *Libvirt) reserved(mac string) string {
 	}
 	return ""
 }
+
+// NwfilterLookupByName finds a network filter defined with NwfilterDefineXML, or one of
+// libvirt's own (clean-traffic).
+func (f *Libvirt) NwfilterLookupByName(name string) (libvirt.Nwfilter, error) {
+	if err := f.enter("NwfilterLookupByName"); err != nil {
+		return libvirt.Nwfilter{}, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.filters[name]; !ok && name != "clean-traffic" {
+		return libvirt.Nwfilter{}, lverr(libvirt.ErrNoNwfilter, "Network filter not found: no nwfilter with matching name '%s'", name)
+	}
+	return libvirt.Nwfilter{Name: name}, nil
+}
+
+// NwfilterDefineXML defines a network filter; every filter it references must exist.
+func (f *Libvirt) NwfilterDefineXML(x string) (libvirt.Nwfilter, error) {
+	if err := f.enter("NwfilterDefineXML"); err != nil {
+		return libvirt.Nwfilter{}, err
+	}
+	var flt libvirtxml.NWFilter
+	if err := flt.Unmarshal(x); err != nil {
+		return libvirt.Nwfilter{}, lverr(libvirt.ErrXMLError, "%v", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, e := range flt.Entries {
+		if r := e.Ref; r != nil {
+			if _, ok := f.filters[r.Filter]; !ok && r.Filter != "clean-traffic" {
+				return libvirt.Nwfilter{}, lverr(libvirt.ErrNoNwfilter, "referenced filter '%s' is missing", r.Filter)
+			}
+		}
+	}
+	if f.filters == nil {
+		f.filters = map[string]string{}
+	}
+	f.filters[flt.Name] = x
+	return libvirt.Nwfilter{Name: flt.Name}, nil
+}

@@ -208,7 +208,8 @@ func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.
 		}
 		for i, o := range dom.Devices.Interfaces {
 			if o.MAC != nil && strings.EqualFold(o.MAC.Address, iface.MAC.Address) {
-				dom.Devices.Interfaces[i].Link = iface.Link // the link, as the updates here change
+				dom.Devices.Interfaces[i].Link = iface.Link // the link and filter, as the updates here change
+				dom.Devices.Interfaces[i].FilterRef = iface.FilterRef
 				out, err := dom.Marshal()
 				fd.xml = out
 				return err

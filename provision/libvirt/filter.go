@@ -1,0 +1,116 @@
+package libvirt
+
+import (
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+// What a job's NIC may send and receive on a libvirt network where it has a reserved
+// address: libvirt's network filters (nwfilter), instantiated on the NIC's tap device by
+// libvirt itself. Port isolation (template's isolate) already keeps instances on one
+// bridge from reaching each other's ports; the filter adds what isolation cannot:
+//   - clean-traffic (libvirt's): frames only with the NIC's own MAC address, IPv4 only
+//     from its own address (or 0.0.0.0 for DHCP), ARP only for its own, no other
+//     protocol (no IPv6, no RARP);
+//   - no DHCP server: nothing from UDP port 67 (a job answering others' DISCOVERs);
+//   - no neighbour through the gateway: IPv4 from the network's subnet reaches the NIC
+//     only from the gateway itself. With the host forwarding IPv4 (every host with a NAT
+//     network does), a job that routes a neighbour's address via the gateway has its
+//     packets forwarded back onto the bridge, past port isolation; they stop here.
+// The guest still reaches the gateway (DHCP, DNS) and, through it, whatever the network
+// forwards to.
+
+// JobFilter is the nwfilter each such NIC references. Its name carries a version: a
+// filter whose rules change gets a new name, so that instances running under the old
+// one keep it, and the new is defined beside it.
+const JobFilter = "libvirt-gci-job-1"
+
+const jobFilterIPv4 = "libvirt-gci-job-ipv4-1"
+
+var jobFilters = []struct{ name, xml string }{
+	{jobFilterIPv4, `<filter name='` + jobFilterIPv4 + `' chain='ipv4' priority='-700'>
+  <rule action='drop' direction='out' priority='100'>
+    <ip protocol='udp' srcportstart='67' srcportend='67'/>
+  </rule>
+  <rule action='accept' direction='in' priority='110'>
+    <ip srcipaddr='$GATEWAY'/>
+  </rule>
+  <rule action='drop' direction='in' priority='120'>
+    <ip srcipaddr='$SUBNET' srcipmask='$PREFIX'/>
+  </rule>
+</filter>`},
+	{JobFilter, `<filter name='` + JobFilter + `' chain='root'>
+  <filterref filter='clean-traffic'/>
+  <filterref filter='` + jobFilterIPv4 + `'/>
+</filter>`},
+}
+
+// ensureJobFilter defines the job filter (and the one it references) where libvirt does
+// not have them yet.
+func (c *Conn) ensureJobFilter() error {
+	for _, f := range jobFilters {
+		_, err := c.api.NwfilterLookupByName(f.name)
+		if err == nil {
+			continue
+		}
+		if !HasCode(err, libvirt.ErrNoNwfilter) {
+			return fmt.Errorf("network filter %s: %w", f.name, err)
+		}
+		if _, err := c.api.NwfilterDefineXML(f.xml); err != nil && !HasCode(err, libvirt.ErrOperationFailed) {
+			return fmt.Errorf("define network filter %s: %w", f.name, err)
+		}
+	}
+	return nil
+}
+
+// filterRef is the job filter with the reservation r's parameters.
+func filterRef(r Reservation) *libvirtxml.DomainInterfaceFilterRef {
+	return &libvirtxml.DomainInterfaceFilterRef{Filter: JobFilter, Parameters: []libvirtxml.DomainInterfaceFilterParam{
+		{Name: "IP", Value: r.IP}, {Name: "GATEWAY", Value: r.Gateway},
+		{Name: "SUBNET", Value: r.Subnet.IP.String()}, {Name: "PREFIX", Value: fmt.Sprint(prefixLen(r.Subnet))},
+	}}
+}
+
+func prefixLen(n *net.IPNet) int {
+	ones, _ := n.Mask.Size()
+	return ones
+}
+
+// filtered is the domain XML x with the job filter on each NIC that has a reservation
+// in rs.
+func filtered(x string, rs []Reservation) (string, error) {
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return "", err
+	}
+	if dom.Devices != nil {
+		for i := range dom.Devices.Interfaces {
+			iface := &dom.Devices.Interfaces[i]
+			for _, r := range rs {
+				if iface.MAC != nil && strings.EqualFold(iface.MAC.Address, r.MAC) {
+					iface.FilterRef = filterRef(r)
+				}
+			}
+		}
+	}
+	return dom.Marshal()
+}
+
+// filteredNIC is the interface XML ix with the job filter, if it has a reservation in rs.
+func filteredNIC(ix string, rs []Reservation) (string, error) {
+	var iface libvirtxml.DomainInterface
+	if err := iface.Unmarshal(ix); err != nil {
+		return "", err
+	}
+	for _, r := range rs {
+		if iface.MAC != nil && strings.EqualFold(iface.MAC.Address, r.MAC) {
+			iface.FilterRef = filterRef(r)
+			return iface.Marshal()
+		}
+	}
+	return ix, nil
+}
