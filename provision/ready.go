@@ -160,7 +160,18 @@ func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent
 		access = &a
 	}
 	setup := h.guestSetup(p, access)
+	// A restored clone's NICs get their filters while its guest is set up (libvirt takes
+	// seconds for one), before their links come up.
+	filtered := make(chan error, 1)
+	if setup.Identity != nil {
+		go func() { filtered <- conn.Filter(p.Name) }()
+	} else {
+		filtered <- nil
+	}
 	hostKey, err := agent.Setup(ctx, setup)
+	if ferr := <-filtered; err == nil {
+		err = ferr
+	}
 	if err != nil {
 		return nil, nil, err
 	}

@@ -114,3 +114,43 @@ func filteredNIC(ix string, rs []Reservation) (string, error) {
 	}
 	return ix, nil
 }
+
+// Filter puts the job filter on each NIC of the running instance name that has a
+// reserved address and not the filter yet, leaving its link as it is. libvirt takes
+// seconds to instantiate a filter (an ebtables and iptables command per rule): a
+// restore does it while its guest is set up, its links still down; LinksUp then finds
+// the filter in place.
+func (c *Conn) Filter(name string) error {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	x, err := c.api.DomainGetXMLDesc(dom, 0)
+	if err != nil {
+		return fmt.Errorf("XML of %q: %w", name, err)
+	}
+	rs, err := c.reservations(name, x)
+	if err != nil {
+		return fmt.Errorf("instance %q: %w", name, err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil || d.Devices == nil {
+		return fmt.Errorf("XML of %q: %v", name, err)
+	}
+	for _, iface := range d.Devices.Interfaces {
+		for _, r := range rs {
+			if iface.MAC == nil || !strings.EqualFold(iface.MAC.Address, r.MAC) {
+				continue
+			}
+			iface.FilterRef = filterRef(r)
+			ix, err := iface.Marshal()
+			if err != nil {
+				return err
+			}
+			if err := c.api.DomainUpdateDeviceFlags(dom, ix, libvirt.DomainDeviceModifyLive); err != nil {
+				return fmt.Errorf("instance %q: the network filter of its NIC %s: %w", name, r.MAC, err)
+			}
+		}
+	}
+	return nil
+}
