@@ -297,6 +297,7 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 		sw, err := h.GC(ctx, dryRun, olderThan)
 		total.Removed += sw.Removed
 		total.Kept += sw.Kept
+		total.Addresses += sw.Addresses
 		return err
 	})
 	return total, err

@@ -104,6 +104,7 @@ func gone(r *meta.Process, who string) string {
 // Sweep is what gc found and did.
 type Sweep struct {
 	Removed, Kept int
+	Addresses     int // host entries of gone instances given back
 }
 
 // GC removes orphaned instances with our prefix: those whose runner process is gone or whose host
@@ -191,7 +192,37 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 		}
 		h.Log.Log(ctx, level, fmt.Sprintf("gc: removed %s: %s", in.Name, why), "name", in.Name)
 	}
+	if err := h.gcReservations(ctx, conn, dryRun, &sw); err != nil {
+		errs = append(errs, err)
+	}
 	return sw, errors.Join(errs...)
+}
+
+// gcReservations gives back what networks still hold for instances that are gone
+// (libvirt.Strays): removed by hand, not by a teardown.
+func (h *Host) gcReservations(ctx context.Context, conn *libvirt.Conn, dryRun bool, sw *Sweep) error {
+	strays, err := conn.Strays(h.Prefix)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
+	var errs []error
+	for name, rs := range strays {
+		var on []string
+		for _, r := range rs {
+			on = append(on, r.IP+" on "+r.Network)
+		}
+		if dryRun {
+			fmt.Fprintf(h.Out, "would give back %s's address %s: it is gone\n", name, strings.Join(on, ", "))
+			continue
+		}
+		if err := conn.Unreserved(name, rs); err != nil {
+			errs = append(errs, fmt.Errorf("gc: %s's addresses: %w", name, err))
+			continue
+		}
+		sw.Addresses += len(rs)
+		h.Log.Debug(fmt.Sprintf("gc: gave back %s's address %s: it is gone", name, strings.Join(on, ", ")), "name", name)
+	}
+	return errors.Join(errs...)
 }
 
 // verdict says why an instance is to go, or "" to keep it.

@@ -96,3 +96,38 @@ func TestLaunchReserveRace(t *testing.T) {
 	assert.Len(t, f.Hosts("ci-net"), 1)
 	assert.Equal(t, 2, countCalls(f, "NetworkUpdateCompat"))
 }
+
+// An instance removed by hand (virsh undefine) leaves its host entry: gc gives it back,
+// and touches neither a running instance's entry nor one not named like ours.
+func TestGCGivesBackAddressesOfGoneInstances(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.Out = &bytes.Buffer{}
+	h.Start = StartBoot
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	n, err := f.NetworkLookupByName("ci-net")
+	require.NoError(t, err)
+	require.NoError(t, f.NetworkUpdateCompat(n, golibvirt.NetworkUpdateCommandAddLast, golibvirt.NetworkSectionIPDhcpHost, 1,
+		"<host mac='52:54:00:00:00:99' name='db' ip='10.9.8.60'/>", golibvirt.NetworkUpdateAffectLive))
+	d := mustLookup(t, f, "gci-a")
+	require.NoError(t, f.DomainDestroyFlags(d, 0))
+	require.NoError(t, f.DomainUndefineFlags(d, 0))
+	require.Len(t, f.Hosts("ci-net"), 3)
+
+	sw, err := h.GC(context.Background(), true, 0)
+	require.NoError(t, err)
+	assert.Zero(t, sw.Addresses, "a dry run gives nothing back")
+	assert.Contains(t, h.Out.(*bytes.Buffer).String(), "would give back gci-a's address")
+	require.Len(t, f.Hosts("ci-net"), 3)
+
+	sw, err = h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Addresses)
+	hosts := f.Hosts("ci-net")
+	require.Len(t, hosts, 2)
+	assert.Contains(t, hosts[0]+hosts[1], "gci-b")
+	assert.Contains(t, hosts[0]+hosts[1], " db")
+}

@@ -205,7 +205,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					if c.Bool("dry-run") {
 						verb = "to remove"
 					}
-					log.Info(fmt.Sprintf("gc: %d %s, %d kept", sw.Removed, verb, sw.Kept), "removed", sw.Removed, "kept", sw.Kept)
+					given := ""
+					if sw.Addresses > 0 {
+						given = fmt.Sprintf(", %d addresses of gone instances given back", sw.Addresses)
+					}
+					log.Info(fmt.Sprintf("gc: %d %s, %d kept%s", sw.Removed, verb, sw.Kept, given), "removed", sw.Removed, "kept", sw.Kept, "addresses", sw.Addresses)
 					return err
 				},
 			},

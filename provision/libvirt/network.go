@@ -26,6 +26,7 @@ import (
 // Networks reads libvirt networks, their leases, and changes their live DHCP host entries.
 type Networks interface {
 	NetworkLookupByName(name string) (libvirt.Network, error)
+	ConnectListAllNetworks(needResults int32, flags libvirt.ConnectListAllNetworksFlags) ([]libvirt.Network, uint32, error)
 	NetworkGetXMLDesc(net libvirt.Network, flags uint32) (string, error)
 	NetworkUpdateCompat(net libvirt.Network, cmd libvirt.NetworkUpdateCommand, section libvirt.NetworkUpdateSection, parentIndex int32, xml string, flags libvirt.NetworkUpdateFlags) error
 	NetworkGetDhcpLeases(net libvirt.Network, mac libvirt.OptString, needResults int32, flags uint32) ([]libvirt.NetworkDhcpLease, uint32, error)
@@ -311,4 +312,57 @@ func (c *Conn) unreserve(name string, nic Reservation) error {
 		}
 	}
 	return nil
+}
+
+// Strays lists the host entries (as reservations, with the name they carry) that are
+// named like instances of prefix but whose instance is gone: made for an instance that
+// was then removed by hand (virsh undefine), not by a teardown. The entries are read
+// before the domains: an instance is defined before its entry is made, so a prepare
+// under way is never taken for gone.
+func (c *Conn) Strays(prefix string) (map[string][]Reservation, error) {
+	nets, _, err := c.api.ConnectListAllNetworks(1, libvirt.ConnectListNetworksActive)
+	if err != nil {
+		return nil, fmt.Errorf("list networks: %w", err)
+	}
+	found := map[string][]Reservation{}
+	for _, n := range nets {
+		_, s, err := c.scope(n.Name)
+		if HasCode(err, libvirt.ErrNoNetwork) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if s == nil {
+			continue
+		}
+		for _, h := range s.hosts {
+			if prefix != "" && strings.HasPrefix(h.Name, prefix) {
+				found[h.Name] = append(found[h.Name], Reservation{Network: n.Name, MAC: strings.ToLower(h.MAC), IP: h.IP})
+			}
+		}
+	}
+	if len(found) == 0 {
+		return nil, nil
+	}
+	doms, _, err := c.api.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list domains: %w", err)
+	}
+	for _, d := range doms {
+		delete(found, d.Name)
+	}
+	return found, nil
+}
+
+// Unreserved gives back the reservations rs of the gone instance name, as Unreserve
+// does for one that is still defined.
+func (c *Conn) Unreserved(name string, rs []Reservation) error {
+	var errs []error
+	for _, r := range rs {
+		if err := c.unreserve(name, Reservation{Network: r.Network, MAC: r.MAC}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -233,3 +233,17 @@ func (f *Libvirt) NwfilterDefineXML(x string) (libvirt.Nwfilter, error) {
 	f.filters[flt.Name] = x
 	return libvirt.Nwfilter{Name: flt.Name}, nil
 }
+
+func (f *Libvirt) ConnectListAllNetworks(_ int32, _ libvirt.ConnectListAllNetworksFlags) ([]libvirt.Network, uint32, error) {
+	if err := f.enter("ConnectListAllNetworks"); err != nil {
+		return nil, 0, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []libvirt.Network
+	for name := range f.networks {
+		out = append(out, libvirt.Network{Name: name})
+	}
+	slices.SortFunc(out, func(a, b libvirt.Network) int { return strings.Compare(a.Name, b.Name) })
+	return out, uint32(len(out)), nil
+}
