@@ -134,6 +134,9 @@ func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, 
 	if out = append(append(out, tmplFindings...), h.doctorCapacity(conn, templates, req)...); stalled() {
 		return out, nil
 	}
+	if out = append(out, h.doctorNetworks(conn, templates)...); stalled() {
+		return out, nil
+	}
 	return out, templates
 }
 
@@ -428,4 +431,60 @@ func DoctorVirtiofsd(uri string) Finding {
 	}
 	return Finding{Check: check, Status: FindingProblem, Detail: detail,
 		Fix: "apt install qemu-system-common (QEMU 7.2's virtiofsd) or the virtiofsd package"}
+}
+
+// doctorNetworks looks at the libvirt networks the templates' NICs are on: one with a
+// DHCP range gets an address reserved per instance, under the job filter; its range
+// must hold MAX_INSTANCES of them. A network without one is the guests' to configure.
+func (h *Host) doctorNetworks(conn *libvirt.Conn, templates []doctorTemplate) []Finding {
+	var out []Finding
+	seen := map[string]bool{}
+	filterChecked := false
+	for _, t := range templates {
+		tx, _, err := conn.TemplateXML(t.name)
+		if err != nil {
+			continue
+		}
+		nets, err := libvirt.NetworksOf(tx)
+		if err != nil {
+			continue
+		}
+		for _, n := range nets {
+			if seen[n] {
+				continue
+			}
+			seen[n] = true
+			check := "network " + n
+			size, held, err := conn.NetworkRange(n)
+			switch {
+			case err != nil:
+				out = append(out, Finding{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "virsh net-start " + n + " (and net-autostart), or give the template another network"})
+				continue
+			case size == 0:
+				out = append(out, Finding{Check: check, Status: FindingNote, Detail: "no IPv4 DHCP range: no address is reserved for a job, and no network filter holds it to one",
+					Fix: "the guest configures its NIC itself; for addresses at once and the filter, give the network a DHCP range"})
+				continue
+			case h.Limits.Instances > size:
+				out = append(out, Finding{Check: check, Status: FindingProblem,
+					Detail: fmt.Sprintf("its DHCP range holds %d addresses, fewer than LIBVIRT_GCI_MAX_INSTANCES %d: the jobs past it fail at prepare", size, h.Limits.Instances),
+					Fix: "widen the range (virsh net-edit " + n + "), or lower LIBVIRT_GCI_MAX_INSTANCES"})
+				continue
+			}
+			if !filterChecked {
+				filterChecked = true
+				if err := conn.CanFilter(); err != nil {
+					out = append(out, Finding{Check: "network filters", Status: FindingProblem, Detail: err.Error(),
+						Fix: "install libvirt's nwfilter driver (libvirt-daemon-driver-nwfilter) and ebtables, and restart libvirtd: prepare fails without them"})
+				}
+			}
+			detail := fmt.Sprintf("%d addresses in its DHCP range, %d held now; each job gets one reserved, under the network filter %s", size, held, libvirt.JobFilter)
+			if !dial.IsLocal(h.URI) {
+				out = append(out, Finding{Check: check, Status: FindingNote, Detail: detail + "; a gone job's lease cannot be released from here (a remote libvirt)",
+					Fix: fmt.Sprintf("none needed: it ends %d minutes after its job at most", libvirt.LeaseTime)})
+				continue
+			}
+			out = append(out, Finding{Check: check, Status: FindingOK, Detail: detail})
+		}
+	}
+	return out
 }

@@ -131,3 +131,37 @@ func TestGCGivesBackAddressesOfGoneInstances(t *testing.T) {
 	assert.Contains(t, hosts[0]+hosts[1], "gci-b")
 	assert.Contains(t, hosts[0]+hosts[1], " db")
 }
+
+// doctor says of each template's network whether its range holds MAX_INSTANCES jobs,
+// and that one without a DHCP range reserves nothing.
+func TestDoctorNetworks(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	req := DoctorRequest{Offered: func(name string, _ bool) bool { return name == "tmpl" }}
+	network := func() Finding {
+		t.Helper()
+		for _, fd := range h.Doctor(context.Background(), req) {
+			if fd.Check == "network ci-net" {
+				return fd
+			}
+		}
+		t.Fatal("no finding of network ci-net")
+		return Finding{}
+	}
+	h.Limits.Instances = 8
+	fd := network()
+	assert.Equal(t, FindingOK, fd.Status, "%+v", fd)
+	assert.Equal(t, "64 addresses in its DHCP range, 0 held now; each job gets one reserved, under the network filter libvirt-gci-job-1", fd.Detail)
+
+	h.Limits.Instances = 100
+	fd = network()
+	assert.Equal(t, FindingProblem, fd.Status)
+	assert.Contains(t, fd.Detail, "its DHCP range holds 64 addresses, fewer than LIBVIRT_GCI_MAX_INSTANCES 100")
+
+	f.AddNetwork(`<network><name>ci-net</name><bridge name='br-x'/></network>`)
+	fd = network()
+	assert.Equal(t, FindingNote, fd.Status)
+	assert.Contains(t, fd.Detail, "no IPv4 DHCP range")
+}

@@ -366,3 +366,42 @@ func (c *Conn) Unreserved(name string, rs []Reservation) error {
 	}
 	return errors.Join(errs...)
 }
+
+// NetworkRange is how many addresses the IPv4 DHCP range of network holds (0: it hands
+// out none), and how many of them a host entry or a lease holds now.
+func (c *Conn) NetworkRange(network string) (size, held int, err error) {
+	n, s, err := c.scope(network)
+	if err != nil || s == nil {
+		return 0, 0, err
+	}
+	for _, r := range s.ranges {
+		size += int(r[1]-r[0]) + 1
+	}
+	leases, _, err := c.api.NetworkGetDhcpLeases(n, libvirt.OptString{}, 1, 0)
+	if err != nil {
+		return size, 0, fmt.Errorf("leases of network %q: %w", network, err)
+	}
+	return size, size - len(s.free(leases)), nil
+}
+
+// NetworksOf lists the libvirt networks the NICs of the domain XML x are on.
+func NetworksOf(x string) ([]string, error) {
+	nics, err := networkNICs(x)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, n := range nics {
+		out = append(out, n.Network)
+	}
+	return out, nil
+}
+
+// CanFilter says why libvirt cannot put the job filter on a NIC (no nwfilter driver, or
+// no clean-traffic filter), or nil.
+func (c *Conn) CanFilter() error {
+	if _, err := c.api.NwfilterLookupByName("clean-traffic"); err != nil {
+		return fmt.Errorf("libvirt's network filter clean-traffic: %w", err)
+	}
+	return nil
+}
