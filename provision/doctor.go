@@ -467,7 +467,7 @@ func (h *Host) doctorNetworks(conn *libvirt.Conn, templates []doctorTemplate) []
 			case h.Limits.Instances > size:
 				out = append(out, Finding{Check: check, Status: FindingProblem,
 					Detail: fmt.Sprintf("its DHCP range holds %d addresses, fewer than LIBVIRT_GCI_MAX_INSTANCES %d: the jobs past it fail at prepare", size, h.Limits.Instances),
-					Fix: "widen the range (virsh net-edit " + n + "), or lower LIBVIRT_GCI_MAX_INSTANCES"})
+					Fix:    "widen the range (virsh net-edit " + n + "), or lower LIBVIRT_GCI_MAX_INSTANCES"})
 				continue
 			}
 			if !filterChecked {
