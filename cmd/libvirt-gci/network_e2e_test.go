@@ -23,18 +23,21 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// testNetwork defines and starts an isolated libvirt network (no forward, no DNS) whose
-// dnsmasq hands out the size addresses from 10.213.NET.10 on, on the bridge bridge; it
-// is gone when the test ends.
-func testNetwork(t *testing.T, l *libvirt.Libvirt, name, bridge string, net, size int) {
+// onTestNetwork defines and starts an isolated libvirt network (no forward) whose
+// dnsmasq hands out the size addresses from 10.213.NET.10 on, with dns (a <dns> element,
+// or "" for none), and a variant of the systemd guest's template on it; both are gone
+// when the test ends. It returns the network's name and a maker of jobs on that
+// template.
+func onTestNetwork(t *testing.T, l *libvirt.Libvirt, kind string, net, size int, dns string) (string, func() *gitlabJob) {
 	t.Helper()
-	x := fmt.Sprintf(`<network><name>%s</name><bridge name='%s' stp='off'/><dns enable='no'/>
-<ip address='10.213.%d.1' prefix='24'><dhcp><range start='10.213.%[3]d.10' end='10.213.%[3]d.%d'/></dhcp></ip></network>`,
-		name, bridge, net, 10+size-1)
-	if old, err := l.NetworkLookupByName(name); err == nil { // an earlier run's, killed
-		_ = l.NetworkDestroy(old)
-		_ = l.NetworkUndefine(old)
+	id := jobSerial.Add(1)
+	name, tmpl := fmt.Sprintf("gci-e2e-%s-%d", kind, id), fmt.Sprintf("e2e-%s-tmpl-%d", kind, id)
+	if dns == "" {
+		dns = "<dns enable='no'/>"
 	}
+	x := fmt.Sprintf(`<network><name>%s</name><bridge name='gci-%.2s-%d' stp='off'/>%s
+<ip address='10.213.%d.1' prefix='24'><dhcp><range start='10.213.%[5]d.10' end='10.213.%[5]d.%d'/></dhcp></ip></network>`,
+		name, kind, id%10000, dns, net, 10+size-1)
 	n, err := l.NetworkDefineXML(x)
 	require.NoError(t, err)
 	t.Cleanup(func() {
@@ -42,6 +45,17 @@ func testNetwork(t *testing.T, l *libvirt.Libvirt, name, bridge string, net, siz
 		_ = l.NetworkUndefine(n)
 	})
 	require.NoError(t, l.NetworkCreate(n))
+	x = templateVariantOf(t, l, testSystemdTmpl, tmpl, `<source network='gci-dhcp'/>`, "<source network='"+name+"'/>")
+	require.Contains(t, x, name)
+	dom, err := l.DomainDefineXMLFlags(x, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.DomainUndefine(dom) })
+	return name, func() *gitlabJob {
+		j := newSystemdJob(t, "agent")
+		j.env["CUSTOM_ENV_DISTRO"] = tmpl
+		j.env["LIBVIRT_GCI_TEMPLATES"] = tmpl
+		return j
+	}
 }
 
 // networkHolds lists what the network name holds for instances whose names start with
@@ -95,33 +109,8 @@ func assertReserved(t testing.TB, l *libvirt.Libvirt, network, name, addr string
 	assert.Contains(t, networkHolds(t, l, network, name), "host entry "+name+" "+addr, "%s's address is the one reserved for it", name)
 }
 
-// A network whose range holds 4 addresses serves 4 jobs at once, then 20 in a row, each
-// with an address of its own at once (restored, and cold booted); after them the network
-// holds nothing of theirs.
-func TestNetworkRangeServesEveryJob(t *testing.T) {
-	t.Parallel()
-	l := lv(t)
-	id := jobSerial.Add(1)
-	netName, tmpl := fmt.Sprintf("gci-e2e-net4-%d", id), fmt.Sprintf("e2e-net4-tmpl-%d", id)
-	testNetwork(t, l, netName, fmt.Sprintf("gci-n4-%d", id%1000), 215, 4)
-	x := templateVariantOf(t, l, testSystemdTmpl, tmpl, `<source network='gci-dhcp'/>`, "<source network='"+netName+"'/>")
-	require.Contains(t, x, netName)
-	dom, err := l.DomainDefineXMLFlags(x, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = l.DomainUndefine(dom) })
-	job := func() *gitlabJob {
-		j := newSystemdJob(t, "agent")
-		j.env["CUSTOM_ENV_DISTRO"] = tmpl
-		j.env["LIBVIRT_GCI_TEMPLATES"] = tmpl
-		return j
-	}
-	job().warm()
-	if t.Failed() {
-		return
-	}
-
-	// 4 at once.
-	jobs := []*gitlabJob{job(), job(), job(), job()}
+// prepareAtOnce runs the jobs' prepares at once.
+func prepareAtOnce(jobs []*gitlabJob) []result {
 	prepared := make([]result, len(jobs))
 	var wg sync.WaitGroup
 	for i, j := range jobs {
@@ -129,11 +118,29 @@ func TestNetworkRangeServesEveryJob(t *testing.T) {
 		go func() { defer wg.Done(); prepared[i] = j.stage("prepare") }()
 	}
 	wg.Wait()
+	return prepared
+}
+
+// A network whose range holds 4 addresses serves 4 jobs at once, then 20 in a row, each
+// with an address of its own at once (restored, and cold booted); after them the network
+// holds nothing of theirs.
+func TestNetworkRangeServesEveryJob(t *testing.T) {
+	t.Parallel()
+	l := lv(t)
+	netName, job := onTestNetwork(t, l, "net4", 215, 4, "")
+	job().warm()
+	if t.Failed() {
+		return
+	}
+
+	// 4 at once.
+	jobs := []*gitlabJob{job(), job(), job(), job()}
+	prepared := prepareAtOnce(jobs)
 	seen := map[string]string{}
 	for i, j := range jobs {
 		require.Equal(t, 0, prepared[i].code, prepared[i].stderr)
 		name := j.instance()
-		assert.Contains(t, prepared[i].stderr, "restored "+tmpl+" into "+name)
+		assert.Contains(t, prepared[i].stderr, "restored "+j.env["CUSTOM_ENV_DISTRO"]+" into "+name)
 		addr, after := addressOf(t, prepared[i].stderr)
 		assertReserved(t, l, netName, name, addr, after)
 		assert.NotContains(t, seen, addr, "%s has %s's address", name, seen[addr])
@@ -178,13 +185,7 @@ func TestNetworkEightClones(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	prepared := make([]result, len(jobs))
-	var wg sync.WaitGroup
-	for i, j := range jobs {
-		wg.Add(1)
-		go func() { defer wg.Done(); prepared[i] = j.stage("prepare") }()
-	}
-	wg.Wait()
+	prepared := prepareAtOnce(jobs)
 	seen := map[string]int{}
 	for i, j := range jobs {
 		j.t.Cleanup(func() { j.stage("cleanup") })
@@ -258,28 +259,10 @@ perl -MIO::Socket::INET -e '
 func TestNetworkIsolation(t *testing.T) {
 	t.Parallel()
 	l := lv(t)
-	id := jobSerial.Add(1)
-	netName, tmpl := fmt.Sprintf("gci-e2e-iso-%d", id), fmt.Sprintf("e2e-iso-tmpl-%d", id)
 	const gw = "10.213.216.1"
-	x := fmt.Sprintf(`<network><name>%s</name><bridge name='gci-is-%d' stp='off'/>
-<domain name='gci.test' localOnly='yes'/><dns><host ip='%s'><hostname>gw.gci.test</hostname></host></dns>
-<ip address='%[3]s' prefix='24'><dhcp><range start='10.213.216.10' end='10.213.216.50'/></dhcp></ip></network>`, netName, id%1000, gw)
-	n, err := l.NetworkDefineXML(x)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = l.NetworkDestroy(n); _ = l.NetworkUndefine(n) })
-	require.NoError(t, l.NetworkCreate(n))
+	_, job := onTestNetwork(t, l, "iso", 216, 41,
+		`<domain name='gci.test' localOnly='yes'/><dns><host ip='`+gw+`'><hostname>gw.gci.test</hostname></host></dns>`)
 	forwarding(t, "1")
-
-	x = templateVariantOf(t, l, testSystemdTmpl, tmpl, `<source network='gci-dhcp'/>`, "<source network='"+netName+"'/>")
-	dom, err := l.DomainDefineXMLFlags(x, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = l.DomainUndefine(dom) })
-	job := func() *gitlabJob {
-		j := newSystemdJob(t, "agent")
-		j.env["CUSTOM_ENV_DISTRO"] = tmpl
-		j.env["LIBVIRT_GCI_TEMPLATES"] = tmpl
-		return j
-	}
 	// The host's port on the gateway, and what reaches it.
 	hc, err := net.ListenPacket("udp4", gw+":0")
 	require.NoError(t, err)

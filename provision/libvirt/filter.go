@@ -121,17 +121,9 @@ func filteredNIC(ix string, rs []Reservation) (string, error) {
 // restore does it while its guest is set up, its links still down; LinksUp then finds
 // the filter in place.
 func (c *Conn) Filter(name string) error {
-	dom, err := c.api.DomainLookupByName(name)
+	dom, x, rs, err := c.running(name)
 	if err != nil {
-		return fmt.Errorf("look up instance %q: %w", name, err)
-	}
-	x, err := c.api.DomainGetXMLDesc(dom, 0)
-	if err != nil {
-		return fmt.Errorf("XML of %q: %w", name, err)
-	}
-	rs, err := c.reservations(name, x)
-	if err != nil {
-		return fmt.Errorf("instance %q: %w", name, err)
+		return err
 	}
 	var d libvirtxml.Domain
 	if err := d.Unmarshal(x); err != nil || d.Devices == nil {
@@ -153,4 +145,21 @@ func (c *Conn) Filter(name string) error {
 		}
 	}
 	return nil
+}
+
+// running is the running instance name, its live XML and its reservations.
+func (c *Conn) running(name string) (libvirt.Domain, string, []Reservation, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return dom, "", nil, fmt.Errorf("look up instance %q: %w", name, err)
+	}
+	x, err := c.api.DomainGetXMLDesc(dom, 0)
+	if err != nil {
+		return dom, "", nil, fmt.Errorf("XML of %q: %w", name, err)
+	}
+	rs, err := c.reservations(name, x)
+	if err != nil {
+		return dom, "", nil, fmt.Errorf("instance %q: %w", name, err)
+	}
+	return dom, x, rs, nil
 }

@@ -222,10 +222,7 @@ func (c *Conn) reservations(name, x string) ([]Reservation, error) {
 	}
 	var out []Reservation
 	for _, nic := range nics {
-		_, s, err := c.scope(nic.Network)
-		if HasCode(err, libvirt.ErrNoNetwork) {
-			continue
-		}
+		s, err := c.dhcpOf(nic.Network)
 		if err != nil {
 			return nil, err
 		}
@@ -239,6 +236,16 @@ func (c *Conn) reservations(name, x string) ([]Reservation, error) {
 		}
 	}
 	return out, nil
+}
+
+// dhcpOf is network's live DHCP scope; nil where the network is gone or hands out no
+// IPv4 addresses.
+func (c *Conn) dhcpOf(network string) (*dhcpScope, error) {
+	_, s, err := c.scope(network)
+	if HasCode(err, libvirt.ErrNoNetwork) {
+		return nil, nil
+	}
+	return s, err
 }
 
 // scope is network's live DHCP scope; nil where it hands out no IPv4 addresses.
@@ -326,10 +333,7 @@ func (c *Conn) Strays(prefix string) (map[string][]Reservation, error) {
 	}
 	found := map[string][]Reservation{}
 	for _, n := range nets {
-		_, s, err := c.scope(n.Name)
-		if HasCode(err, libvirt.ErrNoNetwork) {
-			continue
-		}
+		s, err := c.dhcpOf(n.Name)
 		if err != nil {
 			return nil, err
 		}

@@ -157,17 +157,9 @@ func (c *Conn) LinksUp(name string, macs []string) error {
 	if len(macs) == 0 {
 		return nil
 	}
-	dom, err := c.api.DomainLookupByName(name)
+	dom, x, rs, err := c.running(name)
 	if err != nil {
-		return fmt.Errorf("look up instance %q: %w", name, err)
-	}
-	x, err := c.api.DomainGetXMLDesc(dom, 0)
-	if err != nil {
-		return fmt.Errorf("XML of %q: %w", name, err)
-	}
-	rs, err := c.reservations(name, x)
-	if err != nil {
-		return fmt.Errorf("instance %q: %w", name, err)
+		return err
 	}
 	for _, mac := range macs {
 		ix, err := template.LinkUp(x, mac)
