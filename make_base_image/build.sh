@@ -72,6 +72,7 @@ root=$work/root
 ln -sf /bin/busybox "$root/sbin/init"
 install -D -m 0644 "$here/inittab" "$root/etc/inittab"
 install -D -m 0755 "$here/rc.sysinit" "$root/etc/gci/rc.sysinit"
+install -D -m 0755 "$here/agent" "$root/etc/gci/agent"
 echo gci-guest >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 gci-guest\n' >"$root/etc/hosts"
 mkdir -p "$root/builds" "$root/cache"

@@ -129,7 +129,7 @@ build_image() { # kind builder dir
 # Builds the images the tests need, at once (each is mostly waiting on apt and dpkg).
 build_images() { # tiny|all
   local pids=() p failed=
-  tiny_dir=$(image_dir_of tiny "$root"/make_base_image/{build.sh,initrd-init,inittab,rc.sysinit})
+  tiny_dir=$(image_dir_of tiny "$root"/make_base_image/{build.sh,initrd-init,inittab,rc.sysinit,agent})
   build_image tiny "$root/make_base_image/build.sh" "$tiny_dir" &
   pids+=($!)
   debian_dir=
