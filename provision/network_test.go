@@ -165,3 +165,18 @@ func TestDoctorNetworks(t *testing.T) {
 	assert.Equal(t, FindingNote, fd.Status)
 	assert.Contains(t, fd.Detail, "no IPv4 DHCP range")
 }
+
+// A libvirtd that stalls while it puts a restored clone's network filter on does not
+// hold the prepare past its boot timeout, and the prepare says what it waited for.
+func TestFilterStallIsBounded(t *testing.T) {
+	t.Parallel()
+	f, _, h, _ := firstRestore(t)
+	h.BootTimeout = time.Second
+	gate := f.Gate("DomainUpdateDeviceFlags")
+	t.Cleanup(func() { close(gate) })
+	start := time.Now()
+	err := h.Launch(context.Background(), launchReq("gci-b"))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "the network filters of gci-b")
+	assert.Less(t, time.Since(start), 15*time.Second, "bounded by the boot timeout, not by libvirtd")
+}

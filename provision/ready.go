@@ -169,8 +169,15 @@ func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent
 		filtered <- nil
 	}
 	hostKey, err := agent.Setup(ctx, setup)
-	if ferr := <-filtered; err == nil {
-		err = ferr
+	select {
+	case ferr := <-filtered:
+		if err == nil {
+			err = ferr
+		}
+	case <-ctx.Done(): // a stalled libvirtd: its call ends when the connection goes
+		if err == nil {
+			err = fmt.Errorf("the network filters of %s: %w", p.Name, context.Cause(ctx))
+		}
 	}
 	if err != nil {
 		return nil, nil, err

@@ -197,6 +197,10 @@ func (f *Libvirt) Content(pool, name string) []byte {
 }
 
 func (f *Libvirt) DomainUpdateDeviceFlags(d libvirt.Domain, x string, _ libvirt.DomainDeviceModifyFlags) error {
+	return f.call("DomainUpdateDeviceFlags", func() error { return f.updateDevice(d, x) })
+}
+
+func (f *Libvirt) updateDevice(d libvirt.Domain, x string) error {
 	return f.withDom("DomainUpdateDeviceFlags", d, func(fd *domain) error {
 		var iface libvirtxml.DomainInterface
 		if err := iface.Unmarshal(x); err != nil {
