@@ -62,13 +62,20 @@ func onTestNetwork(t *testing.T, l *libvirt.Libvirt, kind string, net, size int,
 // prefix: host entries, and leases (their host name is the instance's).
 func networkHolds(t testing.TB, l *libvirt.Libvirt, name, prefix string) []string {
 	t.Helper()
+	// Another test's network may go (destroyed, then undefined) at any of these calls.
+	gone := func(err error) bool {
+		var lerr libvirt.Error
+		return errors.As(err, &lerr) && (lerr.Code == uint32(libvirt.ErrNoNetwork) || lerr.Code == uint32(libvirt.ErrOperationInvalid))
+	}
 	n, err := l.NetworkLookupByName(name)
-	var lerr libvirt.Error
-	if errors.As(err, &lerr) && lerr.Code == uint32(libvirt.ErrNoNetwork) {
-		return nil // gone meanwhile
+	if gone(err) {
+		return nil
 	}
 	require.NoError(t, err)
 	x, err := l.NetworkGetXMLDesc(n, 0)
+	if gone(err) {
+		return nil
+	}
 	require.NoError(t, err)
 	var held []string
 	for _, m := range regexp.MustCompile(`<host [^>]*name='([^']+)'[^>]*ip='([^']+)'`).FindAllStringSubmatch(x, -1) {
@@ -77,6 +84,9 @@ func networkHolds(t testing.TB, l *libvirt.Libvirt, name, prefix string) []strin
 		}
 	}
 	leases, _, err := l.NetworkGetDhcpLeases(n, libvirt.OptString{}, 1, 0)
+	if gone(err) {
+		return held
+	}
 	require.NoError(t, err)
 	for _, le := range leases {
 		if len(le.Hostname) > 0 && strings.HasPrefix(le.Hostname[0], prefix) {
