@@ -204,6 +204,9 @@ func TestRemoteQemuSSH(t *testing.T) {
 			t.Parallel()
 			j := newJobOver(t, tr)
 			j.env["LIBVIRT_GCI_URI"] = s.uri(s.known)
+			// The warm image first, over qemu+ssh too: a prepare boots rather than wait
+			// for another test's prepare that is making the same image meanwhile.
+			j.warm()
 			start := time.Now()
 			r := j.stage("prepare")
 			require.Equal(t, 0, r.code, r.stderr)
