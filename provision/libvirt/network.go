@@ -273,13 +273,7 @@ func (c *Conn) Unreserve(name, x string) error {
 	if err != nil {
 		return fmt.Errorf("definition of %q: %w", name, err)
 	}
-	var errs []error
-	for _, nic := range nics {
-		if err := c.unreserve(name, nic); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+	return c.Unreserved(name, nics)
 }
 
 func (c *Conn) unreserve(name string, nic Reservation) error {
@@ -359,12 +353,12 @@ func (c *Conn) Strays(prefix string) (map[string][]Reservation, error) {
 	return found, nil
 }
 
-// Unreserved gives back the reservations rs of the gone instance name, as Unreserve
-// does for one that is still defined.
+// Unreserved gives back what the instance name holds for each of its NICs rs (network
+// and MAC address): Unreserve's work for a defined instance, gc's for a gone one.
 func (c *Conn) Unreserved(name string, rs []Reservation) error {
 	var errs []error
 	for _, r := range rs {
-		if err := c.unreserve(name, Reservation{Network: r.Network, MAC: r.MAC}); err != nil {
+		if err := c.unreserve(name, r); err != nil {
 			errs = append(errs, err)
 		}
 	}
