@@ -76,16 +76,16 @@ type plan struct {
 
 // Launch makes the instance req asks for, starts it and waits until the guest is ready
 // for the job. Whatever fails, it removes what it made, and only that: after a cancel
-// too, for up to AfterCancel.
+// too, for up to AfterCancel once libvirt has answered the call in flight.
 func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	begin := time.Now()
-	after, cancelAfter := lingering(ctx, AfterCancel)
-	defer cancelAfter()
 	conn, err := h.Connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
+	after, cancelAfter := lingeringPast(ctx, conn, AfterCancel)
+	defer cancelAfter()
 	p, err := h.begin(ctx, conn, req)
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@ package provision
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 	"strings"
@@ -98,4 +99,37 @@ func TestLaunchNotReadyFails(t *testing.T) {
 			assert.Equal(t, "domain tmpl running=false", f.State(), "the instance is rolled back")
 		})
 	}
+}
+
+// A SIGTERM during a define that libvirt answers only after AfterCancel (a busy
+// libvirtd): the rollback gets its AfterCancel from the answer, not from the cancel, so
+// it removes the domain the define made. (With AfterCancel counted from the cancel, the
+// rollback was over before it began and the domain was left for gc.)
+func TestCancelDuringSlowDefineRollsBack(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.Dial = func(ctx context.Context, _ string) (*libvirt.Conn, error) {
+		if ctx.Err() != nil { // as a real connect does
+			return nil, fmt.Errorf("connect: %w", context.Cause(ctx))
+		}
+		return libvirt.NewConn(f), nil
+	}
+	f.SetSystem("running")
+	gate := f.Gate("DomainDefineXMLFlags")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h.Launch(ctx, launchReq("gci-a")) }()
+	require.Equal(t, "DomainDefineXMLFlags", <-f.Entered())
+	cancel()
+	time.Sleep(AfterCancel + 500*time.Millisecond)
+	close(gate)
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, context.Canceled)
+	case <-time.After(time.Minute):
+		t.Fatal("Launch did not return")
+	}
+	assert.NotContains(t, f.State(), "gci-a", "the rollback left something:\n%s", log.String())
 }

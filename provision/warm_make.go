@@ -22,7 +22,7 @@ import (
 // made. Then it removes the family's older images that no domain uses.
 func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof warmProfile, name string) (err error) {
 	start := time.Now()
-	after, cancelAfter := lingering(ctx, AfterCancel)
+	after, cancelAfter := lingeringPast(ctx, conn, AfterCancel)
 	defer cancelAfter()
 	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
 	if err != nil {

@@ -102,9 +102,13 @@ type API interface {
 // creates something (a define, an overlay, a start) before it drops the connection.
 // libvirtd carries out a call it has received whether or not the client is still there,
 // so dropping the connection at once would leave the caller unable to know, and undo,
-// what the call made. A healthy libvirtd answers in milliseconds; the bound is short
-// because the runner wants a cancelled stage gone within seconds.
-const CancelGrace = 3 * time.Second
+// what the call made. A healthy libvirtd answers in milliseconds, a busy one in seconds
+// (CI saw a define take 4.2 s and 5.5 s while other jobs' network filters were being
+// instantiated; with 3 s the define landed after prepare had given up, and after the
+// runner's cleanup had looked). The runner waits graceful_kill_timeout (10 min by
+// default) after its SIGTERM before it kills, so a few more seconds cost a cancelled
+// job nothing, and a stalled libvirtd still cannot hold prepare longer than this.
+const CancelGrace = 15 * time.Second
 
 // Conn is a connection to libvirtd.
 type Conn struct {
@@ -114,8 +118,9 @@ type Conn struct {
 	grace time.Duration // CancelGrace, shorter in tests
 
 	mu        sync.Mutex
-	inflight  int  // calls in flight whose outcome must be known
-	cancelled bool // ctx ended; drop the connection once inflight is 0 (or after grace)
+	inflight  int             // calls in flight whose outcome must be known
+	settled   []chan struct{} // closed when inflight is next 0 (Settled)
+	cancelled bool            // ctx ended; drop the connection once inflight is 0 (or after grace)
 	dropped   atomic.Bool
 	stop      func() bool
 	closeOnce sync.Once
@@ -280,11 +285,33 @@ func (c *Conn) awaited(call func() error) error {
 	c.mu.Lock()
 	c.inflight--
 	idle := c.inflight == 0 && c.cancelled
+	if c.inflight == 0 {
+		for _, ch := range c.settled {
+			close(ch)
+		}
+		c.settled = nil
+	}
 	c.mu.Unlock()
 	if idle {
 		c.dropNow()
 	}
 	return err
+}
+
+// Settled returns a channel that is closed once no call that creates something is in
+// flight: at once if none is, or when the last one returns. A cancelled launch's
+// rollback counts its time from then, not from the cancel: what such a call made is
+// known only once it has returned.
+func (c *Conn) Settled() <-chan struct{} {
+	ch := make(chan struct{})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.inflight == 0 {
+		close(ch)
+		return ch
+	}
+	c.settled = append(c.settled, ch)
+	return ch
 }
 
 // Close disconnects. It is safe to call more than once. A stalled libvirtd cannot hold it
