@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/url"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -251,7 +252,10 @@ func TestCancelRestoreWithShareAndSize(t *testing.T) {
 		s := j.start("prepare")
 		s.sent = time.Now()
 		time.Sleep(after)
-		require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM))
+		if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			// A fast host's prepare is over before the latest of these moments.
+			require.ErrorIs(t, err, os.ErrProcessDone)
+		}
 		code, took := s.wait(time.Minute)
 		lines := strings.Split(strings.TrimSpace(s.out.String()), "\n")
 		t.Logf("SIGTERM %s after the start: exit %d, last said: %s", after, code, lines[len(lines)-1])

@@ -181,8 +181,13 @@ exec /usr/bin/qemu-system-x86_64 "$@"
 
 // slowDown makes the next libvirt call that needs QEMU's capabilities probe again, slowly:
 // libvirt's cache of them is invalid once the binary's ctime changes.
+// libvirt compares ctimes in whole seconds: the new one must be in a later second than
+// the one libvirt probed (the binary's making, a second ago or less).
 func (q *slowQEMU) slowDown(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(q.dir, "slow"), nil, 0o644))
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(q.bin, &st))
+	time.Sleep(time.Until(time.Unix(st.Ctim.Sec+1, 50e6)))
 	now := time.Now()
 	require.NoError(t, os.Chtimes(q.bin, now, now))
 }
@@ -231,8 +236,10 @@ func TestPrepareSIGTERMDuringSlowDefine(t *testing.T) {
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 
-	require.Eventually(t, func() bool { n, _ := q.probes(); return n > 0 }, 2*time.Minute, 20*time.Millisecond,
-		"prepare's define never made libvirt probe QEMU; stderr:\n%s", stderr.String())
+	if !assert.Eventually(t, func() bool { n, _ := q.probes(); return n > 0 }, 2*time.Minute, 20*time.Millisecond) {
+		_ = cmd.Process.Kill()
+		t.Fatalf("prepare's define never made libvirt probe QEMU; stderr:\n%s", stderr.String())
+	}
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM)) // the define is in libvirtd now
 	sent := time.Now()
 
