@@ -50,34 +50,65 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTime)
 }
 
-// runWrapper is run by bash as `bash -c runWrapper SCRIPT OUT ERR`: the one
-// program a stage starts (under software emulation each program started costs tens of
-// milliseconds, far more than the agent's round trips; a stage once started setsid, sh
-// and bash). It sends the job's output to the two files the host reads as they grow,
-// reads the script (a builtin, no subshell) and empties its file (it carries the job's
-// secrets), and runs the script in a subshell of its own process group (set -m, off
-// again inside it and once it is started): a script's `kill 0` kills the script, not
-// the guest agent, and the host kills the group by the ID the wrapper writes to
-// ERR.pgid. It then exits with the script's status, while rm, in the background,
-// removes the files (the host still holds the output files open). The agent's own PATH
-// may lack /usr/local/bin (as under a minimal init); the script gets it, as over ssh or
-// from systemd, for the gitlab-runner helper, and the helper's own directory first.
-// The script sees what bash running a script file shows (as over ssh): $0 its path, no
-// arguments.
-const runWrapper = `exec >>"$1" 2>>"$2" </dev/null
+// runWrapper is run by bash as `bash -c runWrapper BASE.sh SRC`, started by one
+// guest-exec that captures its output: the one program a stage starts (under software
+// emulation each program started costs tens of milliseconds, and each agent command a
+// round trip; a stage once made eleven and more, and started setsid, sh and bash). SRC
+// is "-" where the script comes with the guest-exec itself (its standard input), else
+// the file the host uploaded it to (a large script), which the wrapper empties once
+// read (it carries the job's secrets). The job's output goes to BASE.out and BASE.err,
+// which the host reads as they grow if the stage runs long enough to be worth it. The
+// script runs in a subshell of its own process group (set -m, off again inside it and
+// once it is started): a script's `kill 0` kills the script, not the guest agent, and
+// the host kills the group by the ID the wrapper writes to BASE.err.pgid. Once the
+// script is over, the wrapper hands its output back in the guest-exec's own, after
+// the line "gci-inline", where both files are under inlineMax bytes and hold no NUL byte
+// (bash's read, a builtin, says so), and then removes the files; otherwise the host
+// reads the rest of the files and removes them. The capture's pipes are closed in the
+// script, so that a process the job leaves behind cannot hold the stage open.
+// The agent's own PATH may lack /usr/local/bin (as under a minimal init); the script
+// gets it, as over ssh or from systemd, for the gitlab-runner helper, and the helper's
+// own directory first. The script sees what bash running a script file shows (as over
+// ssh): $0 its path, no arguments.
+const runWrapper = `o=${0%.sh}.out e=${0%.sh}.err
+[ -d ` + Dir + ` ] || mkdir -m 0700 -p ` + Dir + `
+if [ "$1" = - ]; then IFS= read -r -d '' __gci_script; else IFS= read -r -d '' __gci_script <"$1"; : >"$1"; fi
+exec 3>&1 4>&2 >>"$o" 2>>"$e" </dev/null
 case ":$PATH:" in *:/usr/local/bin:*) ;; *) PATH=/usr/local/bin:$PATH ;; esac
 if [ -d ` + HelperDir + ` ]; then PATH=` + HelperDir + `:$PATH; fi
 export PATH
-IFS= read -r -d '' __gci_script <"$0"
-: >"$0"
 set -m
-(set +m; set --; eval "unset __gci_script; $__gci_script") &
+(set +m; set --; exec 3>&- 4>&-; eval "unset __gci_script; $__gci_script") &
 set +m
-echo "$!" >"$2.pgid"
+echo "$!" >"$e.pgid"
 wait "$!"
 __gci_rc=$?
-rm -f "$0" "$1" "$2" "$2.pgid" &
+exec >&3 2>&4 3>&- 4>&-
+LC_ALL=C
+__gci_o= __gci_e=
+if ! IFS= read -r -d '' -n ` + inlineMaxStr + ` __gci_o <"$o" && ! IFS= read -r -d '' -n ` + inlineMaxStr + ` __gci_e <"$e"; then
+  printf 'gci-inline\n%s' "$__gci_o"
+  printf '%s' "$__gci_e" >&2
+  rm -f "$0" "$o" "$e" "$e.pgid" </dev/null >/dev/null 2>&1 &
+else
+  rm -f "$0" "$e.pgid" </dev/null >/dev/null 2>&1 &
+fi
 exit "$__gci_rc"`
+
+// inlineMax bounds the output, on each of stdout and stderr, that a stage's wrapper
+// hands back in its guest-exec's reply; inlineScript bounds the script that goes with
+// the guest-exec (larger ones are uploaded first). Both stay far under libvirt's
+// message cap once in base64.
+const (
+	inlineMax    = 16 << 10
+	inlineMaxStr = "16384"
+	inlineScript = 256 << 10
+	// firstDrain: a stage that runs this long has its output read as it grows.
+	firstDrain = 200 * time.Millisecond
+)
+
+// inlineMark starts a stage's captured output where the wrapper handed it all back.
+const inlineMark = "gci-inline\n"
 
 // Agent reaches a guest through the QEMU guest agent, via libvirt.
 type Agent struct {
@@ -313,42 +344,70 @@ func (a *Agent) Run(ctx context.Context, script []byte, stdout, stderr io.Writer
 	return r.follow(ctx, stdout, stderr)
 }
 
-// scriptRun is a script started in the guest: its file and its output files (base.sh,
-// .out, .err), the agent's handles of these, and its process.
+// scriptRun is a script started in the guest: its file and its output files (BASE.sh,
+// .out, .err), the agent's handles of the output files once opened, how much of each
+// has been passed on, and the wrapper's process.
 type scriptRun struct {
 	a                  *Agent
 	script, outF, errF string
 	hOut, hErr, pid    int
-	handles            []int
+	opened             bool
+	nOut, nErr         int
 }
 
-// startScript uploads script, opens its output files and starts it (in a session of
-// its own where the guest has setsid). What it made is removed if it fails.
+// startScript starts script through runWrapper: with the guest-exec itself, or, if it
+// is large, uploaded first. What it made is removed if it fails.
 func (a *Agent) startScript(ctx context.Context, script []byte) (*scriptRun, error) {
 	base := Dir + "/" + strings.ToLower(rand.Text())
 	r := &scriptRun{a: a, script: base + ".sh", outF: base + ".out", errF: base + ".err"}
-	fail := func(err error) (*scriptRun, error) {
-		r.closeHandles(ctx)
-		r.removeFiles(ctx)
-		return nil, err
-	}
-	if err := a.upload(ctx, r.script, script); err != nil {
-		return fail(err)
-	}
-	for _, p := range []string{r.outF, r.errF} {
-		h, err := a.open(ctx, p, "w+")
-		if err != nil {
-			return fail(fmt.Errorf("open %s: %w", p, err))
+	args := map[string]any{"path": "bash", "arg": []string{"-c", runWrapper, r.script, "-"}, "capture-output": true}
+	if len(script) <= inlineScript {
+		args["input-data"] = base64.StdEncoding.EncodeToString(script)
+	} else {
+		if err := a.upload(ctx, r.script, script); err != nil {
+			r.removeFiles(ctx)
+			return nil, err
 		}
-		r.handles = append(r.handles, h)
+		args["arg"] = []string{"-c", runWrapper, r.script, r.script}
 	}
-	r.hOut, r.hErr = r.handles[0], r.handles[1]
-	pid, err := a.exec(ctx, false, "bash", "-c", runWrapper, r.script, r.outF, r.errF)
-	if err != nil {
-		return fail(fmt.Errorf("start script: %w", err))
+	var ret struct {
+		PID int `json:"pid"`
 	}
-	r.pid = pid
+	if err := a.call(ctx, agentTimeout, "guest-exec", args, &ret); err != nil {
+		r.removeFiles(ctx)
+		return nil, fmt.Errorf("start script: %w", err)
+	}
+	r.pid = ret.PID
 	return r, nil
+}
+
+// open opens the output files, once; the wrapper may not have made them yet.
+func (r *scriptRun) open(ctx context.Context) error {
+	if r.opened {
+		return nil
+	}
+	hOut, err := r.a.open(ctx, r.outF, "r")
+	if err != nil {
+		return fmt.Errorf("open %s: %w", r.outF, err)
+	}
+	hErr, err := r.a.open(ctx, r.errF, "r")
+	if err != nil {
+		_ = r.a.close(ctx, hOut)
+		return fmt.Errorf("open %s: %w", r.errF, err)
+	}
+	r.hOut, r.hErr, r.opened = hOut, hErr, true
+	return nil
+}
+
+// drain passes on what the output files hold beyond what has been passed on.
+func (r *scriptRun) drain(ctx context.Context, stdout, stderr io.Writer) (int, error) {
+	if err := r.open(ctx); err != nil {
+		return 0, err
+	}
+	n1, err1 := r.a.drain(ctx, r.hOut, stdout)
+	n2, err2 := r.a.drain(ctx, r.hErr, stderr)
+	r.nOut, r.nErr = r.nOut+n1, r.nErr+n2
+	return n1 + n2, errors.Join(err1, err2)
 }
 
 // removeFiles removes the script and its output files; it works after ctx ends (that
@@ -360,12 +419,14 @@ func (r *scriptRun) removeFiles(ctx context.Context) {
 }
 
 func (r *scriptRun) closeHandles(ctx context.Context) {
+	if !r.opened {
+		return
+	}
 	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
-	for _, h := range r.handles {
-		_ = r.a.close(cctx, h)
-	}
-	r.handles = nil
+	_ = r.a.close(cctx, r.hOut)
+	_ = r.a.close(cctx, r.hErr)
+	r.opened = false
 }
 
 // interrupted kills the script after ctx ended, passes on the last of its output and
@@ -374,16 +435,43 @@ func (r *scriptRun) interrupted(ctx context.Context, stdout, stderr io.Writer) (
 	cctx, cancel := cleanupContext(ctx)
 	defer cancel()
 	r.a.kill(cctx, r.pid, r.errF+".pgid")
-	_, _ = r.a.drain(cctx, r.hOut, stdout)
-	_, _ = r.a.drain(cctx, r.hErr, stderr)
+	_, _ = r.drain(cctx, stdout, stderr)
 	r.removeFiles(ctx)
 	return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
 }
 
+// finish passes on the output of the script that has exited with st: what the wrapper
+// handed back (beyond what was passed on from the files), or else the rest of the files,
+// which are then removed.
+func (r *scriptRun) finish(ctx context.Context, st execStatus, stdout, stderr io.Writer) error {
+	out, _ := base64.StdEncoding.DecodeString(st.OutData)
+	errOut, _ := base64.StdEncoding.DecodeString(st.ErrData)
+	if rest, ok := strings.CutPrefix(string(out), inlineMark); ok {
+		if r.nOut < len(rest) {
+			if _, err := io.WriteString(stdout, rest[r.nOut:]); err != nil {
+				return fmt.Errorf("write job output: %w", err)
+			}
+		}
+		if r.nErr < len(errOut) {
+			if _, err := stderr.Write(errOut[r.nErr:]); err != nil {
+				return fmt.Errorf("write job output: %w", err)
+			}
+		}
+		return nil
+	}
+	_, err := r.drain(ctx, stdout, stderr)
+	r.removeFiles(ctx)
+	if err != nil && !r.opened {
+		// The wrapper never made its files: what it said is why.
+		return fmt.Errorf("start script: %s: %s%s", st.status(), out, errOut)
+	}
+	return err
+}
+
 // follow passes the script's output on until it exits. A stage's end is seen soon: its
-// status is asked for after 5 ms, then less and less often (up to pollMax), and its
-// output read every pollMin while it runs, and at once when it has ended. (Asking every
-// 5 ms for longer gained nothing: each question costs the guest's CPU too.)
+// status is asked for after 5 ms, then less and less often (up to pollMax). A stage that
+// runs for firstDrain has its output read every pollMin while it runs. (Asking every 5
+// ms for longer gained nothing: each question costs the guest's CPU too.)
 func (r *scriptRun) follow(ctx context.Context, stdout, stderr io.Writer) (ExitStatus, error) {
 	a := r.a
 	wait, started, drained := pollMin/8, time.Now(), time.Time{}
@@ -400,27 +488,34 @@ func (r *scriptRun) follow(ctx context.Context, stdout, stderr io.Writer) (ExitS
 			}
 			return ExitStatus{}, fmt.Errorf("script status: %w", pausedFor(pausedSince, err))
 		}
+		if st.Exited {
+			if err := r.finish(ctx, st, stdout, stderr); err != nil {
+				if ctx.Err() != nil {
+					return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+				}
+				return ExitStatus{}, fmt.Errorf("read script output: %w", err)
+			}
+			return st.status(), nil
+		}
 		n := 0
-		if st.Exited || time.Since(drained) >= pollMin {
-			// Read after the status: when it says "exited", all output is in the files.
+		if time.Since(started) >= firstDrain && time.Since(drained) >= pollMin {
 			call = time.Now()
-			n1, err1 := a.drain(ctx, r.hOut, stdout)
-			n2, err2 := a.drain(ctx, r.hErr, stderr)
-			if err := errors.Join(err1, err2); err != nil {
+			n, err = r.drain(ctx, stdout, stderr)
+			if err != nil {
 				if ctx.Err() != nil {
 					return r.interrupted(ctx, stdout, stderr)
 				}
 				if a.waitWhilePaused(ctx, call, &pausedSince) {
 					continue
 				}
-				return ExitStatus{}, fmt.Errorf("read script output: %w", pausedFor(pausedSince, err))
+				if r.opened {
+					return ExitStatus{}, fmt.Errorf("read script output: %w", pausedFor(pausedSince, err))
+				}
+				// Not made yet (a guest slow to start bash): next time.
 			}
-			n, drained = n1+n2, time.Now()
+			drained = time.Now()
 		}
 		pausedSince = time.Time{}
-		if st.Exited {
-			return st.status(), nil
-		}
 		switch {
 		case n > 0:
 			wait = pollMin
@@ -601,7 +696,8 @@ func (a *Agent) ReloadSSHD(ctx context.Context) error {
 	return err
 }
 
-// quiesce lets the guest finish its boot (systemd's, where it has it), syncs its file
+// quiesce lets the guest finish its boot (systemd's, where it has it, and says how it
+// ended: "gci-system: STATE", "none" without systemd), syncs its file
 // systems, drops its page cache and zeroes most of its free memory (the kernel zeroes
 // the pages dd's buffer faults in): QEMU saves a zero page in a few bytes, so a memory
 // image holds what the guest uses, not what it once read.
@@ -611,7 +707,9 @@ else
   echo "gci-rng: cannot reseed"
 fi
 sync
-if command -v systemctl >/dev/null 2>&1; then timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true; fi
+s=none
+if [ -d /run/systemd/system ]; then s=$(timeout 120 systemctl is-system-running --wait 2>/dev/null) || true; fi
+echo "gci-system: ${s:-unknown}"
 echo 3 >/proc/sys/vm/drop_caches
 f=$(sed -n 's/^MemFree: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
 if [ -n "$f" ]; then dd if=/dev/zero of=/dev/null bs=$((f * 9 / 10))K count=1 2>/dev/null || true; fi
@@ -624,19 +722,27 @@ sync`
 var ErrCannotReseed = errors.New("the guest cannot reseed its RNG at once (no vmgenid driver, perl or python3): clones restored from its memory would share its randomness")
 
 // Quiesce readies a guest for a memory image (a warm image's save). It refuses a guest
-// whose clones could not reseed their RNG (ErrCannotReseed).
-func (a *Agent) Quiesce(ctx context.Context) error {
+// whose clones could not reseed their RNG (ErrCannotReseed). It returns systemd's state
+// once its boot ended ("running", "degraded", ...), "none" where systemd is not the
+// guest's init.
+func (a *Agent) Quiesce(ctx context.Context) (string, error) {
 	st, out, err := a.execWait(ctx, "/bin/sh", "-c", quiesce)
 	if err != nil {
-		return fmt.Errorf("quiesce the guest: %w", err)
+		return "", fmt.Errorf("quiesce the guest: %w", err)
 	}
 	if st.Code != 0 || st.Signal != 0 {
-		return fmt.Errorf("quiesce the guest: %s: %s", st, strings.TrimSpace(out))
+		return "", fmt.Errorf("quiesce the guest: %s: %s", st, strings.TrimSpace(out))
 	}
 	if !strings.Contains(out, "gci-rng: can reseed") {
-		return ErrCannotReseed
+		return "", ErrCannotReseed
 	}
-	return nil
+	system := "unknown"
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, "gci-system: "); ok {
+			system = strings.TrimSpace(v)
+		}
+	}
+	return system, nil
 }
 
 // resetIdentity removes what makes a guest one machine rather than a template of many,

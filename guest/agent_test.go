@@ -97,7 +97,47 @@ func TestRunReportsSignals(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, ExitStatus{Code: 137, Signal: 9}, st)
 	assert.Equal(t, "killed by signal 9", st.String())
-	assert.Equal(t, 1, f.AgentCommands("guest-exec")-execs, "no mkdir when the directory exists")
+	assert.Equal(t, 2, f.AgentCommands("guest-exec")-execs, "the wrapper killed: the host removes the files")
+}
+
+// An empty stage, or one whose output is small, is one guest-exec (the script goes with
+// it) and its status (the output comes with it): nothing uploaded, no file opened, read,
+// closed or removed by the host.
+func TestShortStageIsOneExecAndItsStatus(t *testing.T) {
+	t.Parallel()
+	for _, out := range []string{"", "hello\n", strings.Repeat("y", inlineMax-1)} {
+		f, a := newGuest(t)
+		f.SetScript(func(_, script string) (string, string, int) { return out, "warn\n", 7 })
+		var stdout, stderr bytes.Buffer
+		st, err := a.Run(context.Background(), []byte("echo hi"), &stdout, &stderr)
+		require.NoError(t, err)
+		assert.Equal(t, ExitStatus{Code: 7}, st)
+		assert.Equal(t, out, stdout.String())
+		assert.Equal(t, "warn\n", stderr.String())
+		assert.Equal(t, 1, f.AgentCommands("guest-exec"))
+		for _, c := range []string{"guest-file-open", "guest-file-read", "guest-file-write", "guest-file-close"} {
+			assert.Zero(t, f.AgentCommands(c), c)
+		}
+		assert.Equal(t, provisiontest.GuestState{Dirs: []string{"/run", Dir, "/tmp"}}, f.Guest("vm"))
+	}
+}
+
+// A script larger than inlineScript is uploaded first, and its file emptied once read.
+func TestLargeScriptIsUploaded(t *testing.T) {
+	t.Parallel()
+	f, a := newGuest(t)
+	script := "# " + strings.Repeat("z", inlineScript) + "\necho hi\n"
+	f.SetScript(func(_, got string) (string, string, int) {
+		assert.Equal(t, script, got)
+		return "hi\n", "", 0
+	})
+	var stdout bytes.Buffer
+	st, err := a.Run(context.Background(), []byte(script), &stdout, &bytes.Buffer{})
+	require.NoError(t, err)
+	assert.Equal(t, ExitStatus{}, st)
+	assert.Equal(t, "hi\n", stdout.String())
+	assert.NotZero(t, f.AgentCommands("guest-file-write"))
+	assert.Equal(t, provisiontest.GuestState{Dirs: []string{"/run", Dir, "/tmp"}}, f.Guest("vm"), "the script's file is gone")
 }
 
 func TestRunLostAgentIsAnError(t *testing.T) {

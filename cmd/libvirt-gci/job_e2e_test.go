@@ -70,6 +70,26 @@ echo artifact > out.txt`)
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Equal(t, "artifact\n", r.stdout)
 
+	// Output arrives byte for byte, whether the stage hands it back with its status
+	// (small) or the host reads it from the guest's files (large, or with a NUL byte);
+	// a process the script leaves behind does not hold the stage open.
+	for _, c := range []struct{ script, stdout, stderr string }{
+		{`printf 'a\\b %s\n\n\n' "$0"; printf 'e\n' >&2; sleep 30 >/dev/null 2>&1 &`, "", "e\n"},
+		{`printf 'x\000y'; printf 'z\000' >&2`, "x\x00y", "z\x00"},
+		{`head -c 20000 /dev/zero | tr '\000' o; printf 'tail\n' >&2`, strings.Repeat("o", 20000), "tail\n"},
+	} {
+		start := time.Now()
+		r = j.run("step_script", c.script)
+		require.Equal(t, 0, r.code, r.stderr)
+		assert.Less(t, time.Since(start), 20*time.Second, "the stage waited for what the script left running")
+		if c.stdout == "" {
+			assert.Regexp(t, `^a\\b /\S+\n\n\n$`, r.stdout, "$0 is the script's path")
+		} else {
+			assert.Equal(t, c.stdout, r.stdout)
+		}
+		assert.True(t, strings.HasSuffix(r.stderr, c.stderr), "stderr %q", r.stderr)
+	}
+
 	// No earlier stage's script (with its secrets) or output is left in the guest.
 	r = j.run("cleanup_file_variables", leftInGuest)
 	require.Equal(t, 0, r.code, r.stderr)

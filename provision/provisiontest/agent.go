@@ -2,6 +2,7 @@ package provisiontest
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
@@ -24,8 +25,10 @@ type guest struct {
 	next    int
 }
 
+// handle is an open file: the file itself, which outlives its name being removed, as in
+// Linux.
 type handle struct {
-	path string
+	file *bytes.Buffer
 	pos  int
 }
 
@@ -42,7 +45,8 @@ type Job struct {
 	out, err       string // its output files
 	done, killed   chan struct{}
 	code, signal   int
-	outData        string // what a captured helper command printed
+	outData        string // what a captured command printed
+	errData        string
 }
 
 // Stdout appends s to the job's standard output, where the host reads it.
@@ -195,6 +199,7 @@ type agentRequest struct {
 		Count  int      `json:"count"`
 		Buf    string   `json:"buf-b64"`
 		PID    int      `json:"pid"`
+		Input  string   `json:"input-data"`
 	} `json:"arguments"`
 }
 
@@ -224,7 +229,7 @@ func (f *Libvirt) agentCommand(d libvirt.Domain, fd *domain, g *guest, req agent
 			g.files[a.Path] = &bytes.Buffer{}
 		}
 		g.next++
-		g.handles[g.next] = &handle{path: a.Path}
+		g.handles[g.next] = &handle{file: g.files[a.Path]}
 		return ret(g.next)
 	case "guest-file-write":
 		h := g.handles[a.Handle]
@@ -232,14 +237,14 @@ func (f *Libvirt) agentCommand(d libvirt.Domain, fd *domain, g *guest, req agent
 			return nil, agentErr("invalid handle")
 		}
 		b, _ := base64.StdEncoding.DecodeString(a.Buf)
-		g.files[h.path].Write(b)
+		h.file.Write(b)
 		return ret(map[string]any{"count": len(b), "eof": false})
 	case "guest-file-read":
 		h := g.handles[a.Handle]
-		if h == nil || g.files[h.path] == nil {
+		if h == nil {
 			return nil, agentErr("invalid handle")
 		}
-		data := g.files[h.path].Bytes()[h.pos:]
+		data := h.file.Bytes()[h.pos:]
 		n := min(len(data), a.Count)
 		h.pos += n
 		return ret(map[string]any{"count": n, "buf-b64": base64.StdEncoding.EncodeToString(data[:n]), "eof": n < a.Count})
@@ -260,18 +265,33 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 	p := &Job{Domain: d.Name, f: f, g: g, done: make(chan struct{}), killed: make(chan struct{})}
 	g.procs[pid] = p
 	switch {
-	case a.Path == "bash" && len(a.Arg) == 5 && strings.Contains(a.Arg[1], `read -r -d '' __gci_script`): // a job script and its two output files
-		script := a.Arg[2]
-		p.out, p.err = a.Arg[3], a.Arg[4]
-		if b := g.files[script]; b != nil {
+	case a.Path == "bash" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], `read -r -d '' __gci_script`): // a job script (runWrapper)
+		script, src := a.Arg[2], a.Arg[3]
+		base := strings.TrimSuffix(script, ".sh")
+		p.out, p.err = base+".out", base+".err"
+		if src == "-" {
+			b, _ := base64.StdEncoding.DecodeString(a.Input)
+			p.Script = string(b)
+		} else if b := g.files[src]; b != nil {
 			p.Script = b.String()
+			g.files[src] = &bytes.Buffer{} // emptied once read
 		}
+		g.dirs[script[:max(strings.LastIndex(script, "/"), 0)]] = true
+		g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
 		run := f.job
 		go func() {
 			if run != nil {
 				p.code, p.signal = run(p)
 			}
 			f.mu.Lock()
+			// The wrapper hands small output back and removes the files; else the host
+			// reads the rest of them.
+			out, errOut := g.files[p.out].String(), g.files[p.err].String()
+			if p.signal == 0 && inline(out) && inline(errOut) {
+				p.outData, p.errData = "gci-inline\n"+out, errOut
+				delete(g.files, p.out)
+				delete(g.files, p.err)
+			}
 			delete(g.files, script)
 			f.mu.Unlock()
 			close(p.done)
@@ -294,6 +314,7 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 		if f.noReseed {
 			p.outData = "gci-rng: cannot reseed\n"
 		}
+		p.outData += "gci-system: " + cmp.Or(f.system, "none") + "\n"
 	case a.Path == "/bin/sh" && len(a.Arg) == 3 && strings.Contains(a.Arg[1], "mkdir"):
 		g.dirs[a.Arg[2]] = true
 	case a.Path == "/bin/sh" && len(a.Arg) == 5 && strings.Contains(a.Arg[1], "kill -"): // the script's group, by the wrapper's pid
@@ -320,6 +341,9 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 	return ret(map[string]any{"pid": pid})
 }
 
+// inline tells whether the stage wrapper hands the output s back (runWrapper).
+func inline(s string) bool { return len(s) < 16<<10 && !strings.Contains(s, "\x00") }
+
 // execStatus answers guest-exec-status for the process pid of g.
 func execStatus(g *guest, pid int) (libvirt.OptString, error) {
 	p, ok := g.procs[pid]
@@ -332,7 +356,8 @@ func execStatus(g *guest, pid int) (libvirt.OptString, error) {
 		if p.signal != 0 {
 			return ret(map[string]any{"exited": true, "signal": p.signal})
 		}
-		return ret(map[string]any{"exited": true, "exitcode": p.code, "out-data": base64.StdEncoding.EncodeToString([]byte(p.outData))})
+		return ret(map[string]any{"exited": true, "exitcode": p.code, "out-data": base64.StdEncoding.EncodeToString([]byte(p.outData)),
+			"err-data": base64.StdEncoding.EncodeToString([]byte(p.errData))})
 	default:
 		return ret(map[string]any{"exited": false})
 	}
