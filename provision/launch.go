@@ -71,7 +71,10 @@ type plan struct {
 	// its NICs whose link comes up once it has.
 	identity *guest.Identity
 	links    []string
-	report   func(tm libvirt.Timings) // the progress line of the made instance
+	// booted: the guest has finished its boot already (restored from a warm image saved
+	// with systemd running, or without systemd): its state is not waited for.
+	booted string
+	report func(tm libvirt.Timings) // the progress line of the made instance
 }
 
 // Launch makes the instance req asks for, starts it and waits until the guest is ready

@@ -61,6 +61,9 @@ func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit
 			p.mac = m.New // the ssh NIC
 		}
 	}
+	if wi.System == "running" || wi.System == "none" {
+		p.booted = wi.System
+	}
 	p.report = func(tm libvirt.Timings) { r.report(p, wi, tm) }
 	return nil, nil
 }

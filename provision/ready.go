@@ -110,8 +110,12 @@ func (h *Host) awaitReady(ctx context.Context, conn *libvirt.Conn, p *plan, begi
 	}
 	// Where systemd runs, its boot ends first: what the set-up changes (host keys, host
 	// name) is not raced by the units that make them at boot.
-	if err := h.awaitSystem(bctx, agent); err != nil {
-		return err
+	if p.booted == "" {
+		if err := h.awaitSystem(bctx, agent); err != nil {
+			return err
+		}
+	} else if p.booted == "running" {
+		h.Log.Info("systemd running since the warm image's save; not waited for again", "system_ms", 0, "state", p.booted)
 	}
 	access, hostKey, err := h.setUp(bctx, conn, agent, p)
 	if err != nil {

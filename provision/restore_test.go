@@ -285,3 +285,26 @@ func TestRestoreWithCacheShare(t *testing.T) {
 	}
 	assert.Equal(t, []string{"domain tmpl running=false"}, nonWarm(f), "only the warm images stay")
 }
+
+// A warm image saved with systemd running says so (its domain's metadata, in the
+// image): its clones are not waited for again. One saved degraded is: its clones say
+// which units failed, as a boot does.
+func TestRestoredCloneOfARunningSystemIsNotWaitedFor(t *testing.T) {
+	t.Parallel()
+	for _, state := range []string{"running", "degraded"} {
+		f := provisiontest.New("ci")
+		log := &bytes.Buffer{}
+		h := restoreHost(t, f, log)
+		f.SetSystem(state, "foo.service")
+		require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+		log.Reset()
+		require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+		if state == "running" {
+			assert.Contains(t, log.String(), "systemd running since the warm image's save; not waited for again")
+			assert.NotContains(t, log.String(), "systemd running after")
+		} else {
+			assert.Contains(t, log.String(), "systemd finished booting degraded after")
+			assert.Contains(t, log.String(), "foo.service failed")
+		}
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
@@ -76,7 +77,10 @@ type WarmImage struct {
 	Overlays map[string]string // the overlay volume of each writable disk, by target
 	MemKiB   uint64
 	Image    *libvirt.SaveImage // its save image
-	pool     golibvirt.StoragePool
+	// System: systemd's state when the image was saved (meta.Metadata.System); "" for
+	// an image made before it was recorded.
+	System string
+	pool   golibvirt.StoragePool
 }
 
 // warmPrefix begins the names of warm images' volumes. They are not named by the
@@ -198,6 +202,11 @@ func (h *Host) openWarm(ctx context.Context, conn *libvirt.Conn, name, tmplName 
 	wi := &WarmImage{Name: name, Template: tmplName, Overlays: map[string]string{}, Image: img, pool: pool}
 	if dom.Memory != nil {
 		wi.MemKiB = template.KiB(dom.Memory.Value, dom.Memory.Unit)
+	}
+	if dom.Metadata != nil {
+		if m, ok := meta.FromDomain(dom.Metadata.XML); ok {
+			wi.System = m.System
+		}
 	}
 	if dom.Devices != nil {
 		for _, d := range dom.Devices.Disks {

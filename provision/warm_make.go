@@ -103,8 +103,19 @@ func (h *Host) quiesce(ctx context.Context, conn *libvirt.Conn, domName, name st
 	if err := agent.WaitReady(bctx); err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
-	if err := agent.Quiesce(bctx); err != nil {
+	system, err := agent.Quiesce(bctx)
+	if err != nil {
 		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
+	}
+	// The state goes into the image with the domain's metadata: a clone of a guest
+	// whose systemd was running then is not waited for again.
+	in, err := conn.Lookup(domName)
+	if err != nil {
+		return fmt.Errorf("warm image %s: %w", name, err)
+	}
+	in.Metadata.System = system
+	if err := conn.SetMetadata(domName, in.Metadata); err != nil {
+		return fmt.Errorf("warm image %s: %w", name, err)
 	}
 	return nil
 }

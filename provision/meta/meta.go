@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"encoding/xml"
 	"fmt"
+	"strings"
 )
 
 // NS is the XML namespace of the <metadata> element libvirt-gci puts on every
@@ -63,6 +64,10 @@ type Metadata struct {
 	// URI is the libvirt URI prepare placed the instance by: where LIBVIRT_GCI_URI lists
 	// several that reach the same libvirt, run and cleanup take this one.
 	URI string `xml:"host,omitempty"`
+	// System is systemd's state ("running", "degraded", ...; "none" without systemd)
+	// when the guest's memory was saved: set on the domain a warm image is saved from,
+	// so that it is in the image. Its restored clones have finished their boot.
+	System string `xml:"system,omitempty"`
 }
 
 // Owner is whose an instance is: a job's, as GitLab Runner's job response names it, or
@@ -162,6 +167,25 @@ func (m Metadata) MarshalPlain() (string, error) {
 		return "", fmt.Errorf("encode instance metadata: %w", err)
 	}
 	return string(b), nil
+}
+
+// FromDomain finds the metadata of ours among the elements of a domain's <metadata>
+// (inner, as libvirtxml.DomainMetadata.XML holds it); false if there is none.
+func FromDomain(inner string) (Metadata, bool) {
+	d := xml.NewDecoder(strings.NewReader(inner))
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			return Metadata{}, false
+		}
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Space == NS {
+			var m Metadata
+			if d.DecodeElement(&m, &se) != nil {
+				return Metadata{}, false
+			}
+			return m, true
+		}
+	}
 }
 
 // Parse reads the element libvirt returns for NS.

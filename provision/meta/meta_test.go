@@ -32,3 +32,19 @@ func TestStageTransport(t *testing.T) {
 	assert.Equal(t, TransportAgent, Metadata{SSH: ssh, Transport: TransportAgent}.StageTransport())
 	assert.Equal(t, TransportSSH, Metadata{SSH: ssh}.StageTransport())
 }
+
+// A warm image's domain XML carries the metadata of the domain it was saved from,
+// perhaps beside another application's.
+func TestFromDomain(t *testing.T) {
+	t.Parallel()
+	inner := `<other:x xmlns:other="urn:other"><other:system>no</other:system></other:x>` +
+		`<gci:instance xmlns:gci="` + NS + `"><gci:template>t</gci:template><gci:system>running</gci:system></gci:instance>`
+	m, ok := FromDomain(inner)
+	require.True(t, ok)
+	assert.Equal(t, "running", m.System)
+	assert.Equal(t, "t", m.Template)
+	_, ok = FromDomain(`<other:x xmlns:other="urn:other"/>`)
+	assert.False(t, ok)
+	_, ok = FromDomain("")
+	assert.False(t, ok)
+}
