@@ -305,7 +305,7 @@ func (j *gitlabJob) prepare() {
 // apart from its own.
 const leftInGuest = `self=$(basename "$0" .sh); selfdir=$(dirname "$0")
 for f in /run/libvirt-gci/* "${TMPDIR:-/tmp}"/libvirt-gci.*; do
-  [ -e "$f" ] || continue
+  [ -s "$f" ] || [ -d "$f" ] || continue # emptied files hold nothing of a job's
   case "$f" in "$selfdir"|"$0"|"$0".pid|/run/libvirt-gci/"$self".*) ;; *) echo "left: $f" ;; esac
 done`
 

@@ -144,6 +144,16 @@ func (f *Libvirt) Guest(name string) GuestState {
 	return st
 }
 
+// GuestFile is what the file path holds in the guest of the running domain name.
+func (f *Libvirt) GuestFile(name, path string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d := f.domains[name]; d != nil && d.guest != nil && d.guest.files[path] != nil {
+		return d.guest.files[path].String()
+	}
+	return ""
+}
+
 // Boot defines and starts a domain with nothing but its name, for tests of the guest
 // alone.
 func (f *Libvirt) Boot(name string) error {
@@ -284,15 +294,13 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 				p.code, p.signal = run(p)
 			}
 			f.mu.Lock()
-			// The wrapper hands small output back and removes the files; else the host
-			// reads the rest of them.
+			// The wrapper hands small output back and empties the files; else the host
+			// reads the rest of them and removes them.
 			out, errOut := g.files[p.out].String(), g.files[p.err].String()
 			if p.signal == 0 && inline(out) && inline(errOut) {
 				p.outData, p.errData = "gci-inline\n"+out, errOut
-				delete(g.files, p.out)
-				delete(g.files, p.err)
+				g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
 			}
-			delete(g.files, script)
 			f.mu.Unlock()
 			close(p.done)
 		}()
