@@ -36,7 +36,7 @@ func TestLaunchReservesItsAddress(t *testing.T) {
 			assert.Contains(t, log.String(), "eth0 "+ip+"/24 on network ci-net")
 			assert.Contains(t, log.String(), "address "+ip+" on ci-net reserved in")
 			x := domainXML(t, f, "gci-a")
-			assert.Regexp(t, `<filterref filter="libvirt-gci-job-1">\s*<parameter name="IP" value="`+regexp.QuoteMeta(ip)+`"></parameter>\s*`+
+			assert.Regexp(t, `<filterref filter="libvirt-gci-job-2">\s*<parameter name="IP" value="`+regexp.QuoteMeta(ip)+`"></parameter>\s*`+
 				`<parameter name="GATEWAY" value="10.9.8.1"></parameter>\s*<parameter name="SUBNET" value="10.9.8.0"></parameter>\s*<parameter name="PREFIX" value="24">`, x,
 				"its NIC is held to its own address")
 			assert.Equal(t, 1, strings.Count(x, "<filterref"))
@@ -153,7 +153,7 @@ func TestDoctorNetworks(t *testing.T) {
 	h.Limits.Instances = 8
 	fd := network()
 	assert.Equal(t, FindingOK, fd.Status, "%+v", fd)
-	assert.Equal(t, "64 addresses in its DHCP range, 0 held now; each job gets one reserved, under the network filter libvirt-gci-job-1", fd.Detail)
+	assert.Equal(t, "64 addresses in its DHCP range, 0 held now; each job gets one reserved, under the network filter libvirt-gci-job-2", fd.Detail)
 
 	h.Limits.Instances = 100
 	fd = network()

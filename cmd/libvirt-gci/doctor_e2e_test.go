@@ -64,7 +64,7 @@ func TestDoctor(t *testing.T) {
 		assert.Contains(t, r.stdout, want)
 	}
 	assert.Contains(t, r.stdout, "ok      template "+testSystemdTmpl+": 7 checks pass")
-	assert.Regexp(t, `ok      network gci-dhcp: 241 addresses in its DHCP range, \d+ held now; each job gets one reserved, under the network filter libvirt-gci-job-1`, r.stdout)
+	assert.Regexp(t, `ok      network gci-dhcp: 241 addresses in its DHCP range, \d+ held now; each job gets one reserved, under the network filter libvirt-gci-job-2`, r.stdout)
 	assert.NotContains(t, r.stdout, "PROBLEM")
 	_, err := os.Stat("/dev/kvm")
 	assert.Equal(t, err == nil, strings.Contains(r.stdout, "/dev/kvm's mode"), "/dev/kvm's mode is checked where there is one")
