@@ -77,6 +77,9 @@ echo artifact > out.txt`)
 		{`printf 'a\\b %s\n\n\n' "$0"; printf 'e\n' >&2; sleep 30 >/dev/null 2>&1 &`, "", "e\n"},
 		{`printf 'x\000y'; printf 'z\000' >&2`, "x\x00y", "z\x00"},
 		{`head -c 20000 /dev/zero | tr '\000' o; printf 'tail\n' >&2`, strings.Repeat("o", 20000), "tail\n"},
+		// Scripts of 40 KB (with the exec) and 300 KB (uploaded first).
+		{strings.Repeat("# "+strings.Repeat("p", 78)+"\n", 500) + "echo mid\n", "mid\n", ""},
+		{strings.Repeat("# "+strings.Repeat("q", 78)+"\n", 3750) + "echo big\n", "big\n", ""},
 	} {
 		start := time.Now()
 		r = j.run("step_script", c.script)
