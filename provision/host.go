@@ -95,26 +95,25 @@ func (h *Host) reconnect(ctx context.Context) (*libvirt.Conn, error) {
 
 // lingering returns a context that ends d after ctx does.
 func lingering(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	lctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
-	stop := context.AfterFunc(ctx, func() {
-		time.AfterFunc(d, func() { cancel(fmt.Errorf("%w, and %s more passed", context.Cause(ctx), d)) })
-	})
-	return lctx, func() { stop(); cancel(context.Canceled) }
+	return lingeringPast(ctx, nil, d)
 }
 
-// lingeringPast returns a context that ends d after ctx does and conn has settled (no
-// call that creates something in flight; see libvirt.CancelGrace, which bounds that
-// wait): a rollback after a cancel gets its d once it knows what the calls made.
+// lingeringPast returns a context that ends d after ctx does and conn (if not nil) has
+// settled (no call that creates something in flight; see libvirt.CancelGrace, which
+// bounds that wait): a rollback after a cancel gets its d once it knows what the calls
+// made.
 func lingeringPast(ctx context.Context, conn *libvirt.Conn, d time.Duration) (context.Context, context.CancelFunc) {
 	lctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, func() {
-		t := time.NewTimer(CancelGrace)
-		defer t.Stop()
-		select {
-		case <-conn.Settled():
-		case <-t.C:
-		case <-lctx.Done():
-			return
+		if conn != nil {
+			t := time.NewTimer(CancelGrace)
+			defer t.Stop()
+			select {
+			case <-conn.Settled():
+			case <-t.C:
+			case <-lctx.Done():
+				return
+			}
 		}
 		time.AfterFunc(d, func() { cancel(fmt.Errorf("%w, and %s more passed", context.Cause(ctx), d)) })
 	})
