@@ -82,7 +82,7 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // gets it, as over ssh or from systemd, for the gitlab-runner helper, and the helper's
 // own directory first. The script sees what bash running a script file shows (as over
 // ssh): $0 its path, no arguments.
-const runWrapper = `o=${0%.sh}.out e=${0%.sh}.err
+var runWrapper = `o=${0%.sh}.out e=${0%.sh}.err
 [ -d ` + Dir + ` ] || mkdir -m 0700 -p ` + Dir + `
 if [ "$1" = - ]; then __gci_script=$(</dev/stdin); else IFS= read -r -d '' __gci_script <"$1"; : >"$1"; fi
 exec 3>&1 4>&2 >>"$o" 2>>"$e" </dev/null
@@ -98,7 +98,7 @@ __gci_rc=$?
 exec >&3 2>&4 3>&- 4>&-
 LC_ALL=C
 __gci_o= __gci_e=
-if ! IFS= read -r -d '' -n ` + inlineMaxStr + ` __gci_o <"$o" && ! IFS= read -r -d '' -n ` + inlineMaxStr + ` __gci_e <"$e"; then
+if ! IFS= read -r -d '' -n ` + strconv.Itoa(inlineMax) + ` __gci_o <"$o" && ! IFS= read -r -d '' -n ` + strconv.Itoa(inlineMax) + ` __gci_e <"$e"; then
   printf 'gci-inline\n%s' "$__gci_o"
   printf '%s' "$__gci_e" >&2
   : >"$o"; : >"$e"; : >"$e.pgid"
@@ -111,7 +111,6 @@ exit "$__gci_rc"`
 // message cap once in base64.
 const (
 	inlineMax    = 16 << 10
-	inlineMaxStr = "16384"
 	inlineScript = writeChunk // the same bound as a write's: one agent command each
 	// firstDrain: a stage that runs this long has its output read as it grows.
 	firstDrain = 200 * time.Millisecond
