@@ -248,12 +248,25 @@ func (a *Agent) execStatus(ctx context.Context, pid int) (execStatus, error) {
 
 // execWait runs a short helper command to its end and returns its status and output.
 func (a *Agent) execWait(ctx context.Context, path string, args ...string) (ExitStatus, string, error) {
-	pid, err := a.exec(ctx, true, path, args...)
-	if err != nil {
+	return a.execWaitInput(ctx, nil, path, args...)
+}
+
+// execWaitInput is execWait with input on the command's standard input.
+func (a *Agent) execWaitInput(ctx context.Context, input []byte, path string, args ...string) (ExitStatus, string, error) {
+	cmd := map[string]any{"path": path, "arg": args, "capture-output": true}
+	if input != nil {
+		cmd["input-data"] = base64.StdEncoding.EncodeToString(input)
+	}
+	var ret struct {
+		PID int `json:"pid"`
+	}
+	if err := a.call(ctx, agentTimeout, "guest-exec", cmd, &ret); err != nil {
 		return ExitStatus{}, "", err
 	}
-	// Helper commands take tens to hundreds of milliseconds: poll closely (every 5 to
-	// 40 ms) for their first second, so that prepare does not wait long after one ends.
+	pid := ret.PID
+	// Helper commands take tens of milliseconds to a few seconds (prepare's set-up):
+	// poll closely (every 5 to 40 ms) for their first ten seconds, so that prepare does
+	// not wait long after one ends (each answer costs the guest a little CPU).
 	start := time.Now()
 	for d := pollMin / 8; ; {
 		st, err := a.execStatus(ctx, pid)
@@ -268,7 +281,7 @@ func (a *Agent) execWait(ctx context.Context, path string, args ...string) (Exit
 		if !Sleep(ctx, d) {
 			return ExitStatus{}, "", fmt.Errorf("wait for %s: %w", path, context.Cause(ctx))
 		}
-		if d = min(d*3/2, pollMin); time.Since(start) > time.Second {
+		if d = min(d*3/2, pollMin); time.Since(start) > 10*time.Second {
 			d = pollMax
 		}
 	}
@@ -647,12 +660,20 @@ type Share struct {
 }
 
 // Setup sets the guest up, in one command. With SSH it returns the guest's new host
-// key: read through the agent, a trusted path, it is the key to pin.
+// key, made here (from the host's randomness) and installed through the agent: the key
+// to pin.
 func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	args := make([]string, 16)
 	args[11] = s.Hostname
-	if s.HostKeys {
-		args[15] = "1"
+	var hostKey ssh.PublicKey
+	var input []byte
+	if s.HostKeys || s.SSH != nil {
+		pub, priv, err := NewHostKey()
+		if err != nil {
+			return nil, fmt.Errorf("set up the guest: %w", err)
+		}
+		hostKey, input = pub, priv
+		args[15] = AuthorizedKey(pub, "libvirt-gci")
 	}
 	if id := s.Identity; id != nil {
 		var macs []string
@@ -678,7 +699,7 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 		args[7], args[8] = s.Share.Tag, s.Share.Dir
 	}
 	args[9] = strings.Join(s.Hosts, " ")
-	st, out, err := a.execWait(ctx, "/bin/sh", append([]string{"-c", guestSetup, "gci"}, args...)...)
+	st, out, err := a.execWaitInput(ctx, input, "/bin/sh", append([]string{"-c", guestSetup, "gci"}, args...)...)
 	if err != nil {
 		return nil, fmt.Errorf("set up the guest: %w", err)
 	}
@@ -694,12 +715,10 @@ func (a *Agent) Setup(ctx context.Context, s Setup) (ssh.PublicKey, error) {
 	if s.SSH == nil {
 		return nil, nil
 	}
-	for _, line := range strings.Split(out, "\n") {
-		if key, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line)); err == nil {
-			return key, nil
-		}
+	if !strings.Contains(out, "gci-hostkey: installed") {
+		return nil, fmt.Errorf("set up the guest: its host key was not installed: %q", strings.TrimSpace(out))
 	}
-	return nil, fmt.Errorf("set up the guest: no host key in the output %q", out)
+	return hostKey, nil
 }
 
 // ReloadSSHD has the guest's sshd load its host keys again.

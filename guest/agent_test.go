@@ -12,6 +12,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
@@ -286,4 +287,23 @@ func TestWaitReady(t *testing.T) {
 	err = a.WaitReady(context.Background())
 	require.ErrorIs(t, err, ErrNotReady)
 	assert.Less(t, time.Since(t0), 5*time.Second)
+}
+
+// The host key Setup returns for ssh is one the host made: the guest got its private
+// half on standard input (not in its arguments, which the guest's process list shows),
+// and each set-up makes another.
+func TestSetupInstallsAHostKeyMadeOnTheHost(t *testing.T) {
+	t.Parallel()
+	f, a := newGuest(t)
+	s := Setup{Hostname: "vm", HostKeys: true, SSH: &SSHAccess{User: "root", AuthorizedKey: "ssh-ed25519 AAAA x"}}
+	k1, err := a.Setup(context.Background(), s)
+	require.NoError(t, err)
+	require.NotNil(t, k1)
+	priv, err := ssh.ParsePrivateKey([]byte(f.GuestFile("vm", "/etc/ssh/ssh_host_ed25519_key")))
+	require.NoError(t, err, "the guest holds the private key")
+	assert.Equal(t, k1.Marshal(), priv.PublicKey().Marshal(), "the pinned key is the guest's")
+	k2, err := a.Setup(context.Background(), s)
+	require.NoError(t, err)
+	assert.NotEqual(t, k1.Marshal(), k2.Marshal())
+	assert.NotContains(t, guestSetup, "ssh-keygen", "no key is made in the guest")
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -129,4 +130,22 @@ func ClientKey(secret []byte, uuid [16]byte) (ssh.Signer, error) {
 // AuthorizedKey is the authorized_keys line for a client key, with a comment.
 func AuthorizedKey(pub ssh.PublicKey, comment string) string {
 	return strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub))) + " " + comment
+}
+
+// NewHostKey makes a guest's SSH host key, an Ed25519 key from the host's randomness:
+// its public key, and its private key in OpenSSH's format (the file sshd reads).
+func NewHostKey() (ssh.PublicKey, []byte, error) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("host key: %w", err)
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "libvirt-gci")
+	if err != nil {
+		return nil, nil, fmt.Errorf("host key: %w", err)
+	}
+	key, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		return nil, nil, fmt.Errorf("host key: %w", err)
+	}
+	return key, pem.EncodeToMemory(block), nil
 }

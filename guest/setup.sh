@@ -21,10 +21,12 @@
 #   - it mounts the virtiofs share TAG on MOUNT (waiting for a share attached just now);
 #   - it makes each of the host names HOSTS (space-separated) resolve to 127.0.0.1;
 #   - it authorizes the instance's client key KEY for USER;
-#   - with USER or HOSTKEYS, where the guest has sshd, it replaces the host keys cloned
-#     from the template (or the warm image) by a fresh Ed25519 key, has sshd load it (or
-#     start, where systemd has it enabled but it could not start without keys), and
-#     prints the new host public key.
+#   - with USER, or where the guest has sshd, it replaces the host keys cloned from the
+#     template (or the warm image) by the Ed25519 key the host made for this instance
+#     (HOSTKEYS its public line, the private key on standard input: a key made in the
+#     guest took 0.2 s, its program started cold, and came from the clone's RNG), has sshd load it
+#     (or start, where systemd has it enabled but it could not start without keys), and
+#     says "gci-hostkey: installed".
 set -e
 mac=$1 addr=$2 serial=$3 dir=$4 name=$5 user=$6 key=$7 tag=$8 mnt=$9 hosts=${10}
 now=${11} hn=${12} mid=${13} seed=${14} macs=${15} hostkeys=${16}
@@ -138,14 +140,20 @@ if [ -n "$user" ]; then
   chmod 700 "$home/.ssh"
   chmod 600 "$home/.ssh/authorized_keys"
 fi
-if [ -n "$user" ] || { [ -n "$hostkeys" ] && [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null 2>&1; }; then
+if [ -n "$hostkeys" ] && { [ -n "$user" ] || { [ -d /etc/ssh ] && { command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; }; }; }; then
   umask 077
-  # rm only where keys of other types are there (a template's own; each program costs
-  # tens of milliseconds): ssh-keygen overwrites the Ed25519 key when told y.
+  # The template's keys of other types go (rm only where there are any: each program
+  # costs tens of milliseconds); the Ed25519 key is written over.
   for k in /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub; do
     case $k in /etc/ssh/ssh_host_ed25519_key | /etc/ssh/ssh_host_ed25519_key.pub) ;; *) [ ! -e "$k" ] || rm -f "$k" ;; esac
   done
-  echo y | ssh-keygen -q -t ed25519 -N '' -C libvirt-gci -f /etc/ssh/ssh_host_ed25519_key >/dev/null
+  priv=
+  while IFS= read -r l; do priv="$priv$l
+"; done
+  case $priv in "-----BEGIN OPENSSH PRIVATE KEY-----"*) ;; *) echo "no host key on standard input" >&2; exit 3 ;; esac
+  printf '%s' "$priv" >/etc/ssh/ssh_host_ed25519_key
+  umask 022
+  printf '%s\n' "$hostkeys" >/etc/ssh/ssh_host_ed25519_key.pub
   if [ -s /run/sshd.pid ]; then
     pid=
     read -r pid </run/sshd.pid || true
@@ -161,7 +169,5 @@ if [ -n "$user" ] || { [ -n "$hostkeys" ] && [ -d /etc/ssh ] && command -v ssh-k
       fi
     done
   fi
-  pub=
-  read -r pub </etc/ssh/ssh_host_ed25519_key.pub
-  printf '%s\n' "$pub"
+  echo "gci-hostkey: installed"
 fi

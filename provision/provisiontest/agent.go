@@ -3,8 +3,6 @@ package provisiontest
 import (
 	"bytes"
 	"cmp"
-	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -316,7 +314,8 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 			}
 		}
 	case a.Path == "/bin/sh" && len(a.Arg) == 19 && strings.Contains(a.Arg[1], "/sys/block"): // prepare's guest set-up
-		p.code, p.outData = setUp(fd, g, a.Arg, f.noReseed)
+		in, _ := base64.StdEncoding.DecodeString(a.Input)
+		p.code, p.outData = setUp(fd, g, a.Arg, in, f.noReseed)
 	case a.Path == "/bin/sh" && len(a.Arg) == 2 && strings.Contains(a.Arg[1], "drop_caches"): // quiesce, before a save
 		p.outData = "gci-rng: can reseed\n"
 		if f.noReseed {
@@ -431,11 +430,12 @@ func hasSerial(domainXML, serial string) bool {
 	return false
 }
 
-// setUp is prepare's guest set-up (setup.sh, with its arguments arg): it mounts the
-// cache share and the helper's disk where the domain has them, finds the ssh NIC, and
-// prints a new host key where one is asked for. It returns the exit code and output.
-func setUp(fd *domain, g *guest, arg []string, noReseed bool) (int, string) {
-	mac, serial, dir, name, user, tag, mnt := arg[3], arg[5], arg[6], arg[7], arg[8], arg[10], arg[11]
+// setUp is prepare's guest set-up (setup.sh, with its arguments arg and standard input
+// in): it mounts the cache share and the helper's disk where the domain has them, finds
+// the ssh NIC, and installs the host key it is given (its public line an argument, the
+// private key on in, which must be that key's). It returns the exit code and output.
+func setUp(fd *domain, g *guest, arg []string, in []byte, noReseed bool) (int, string) {
+	mac, serial, dir, name, tag, mnt := arg[3], arg[5], arg[6], arg[7], arg[10], arg[11]
 	rng := ""
 	if arg[13] != "" { // a restored clone's identity: its RNG first
 		if noReseed {
@@ -459,10 +459,17 @@ func setUp(fd *domain, g *guest, arg []string, noReseed bool) (int, string) {
 		g.dirs[dir] = true
 		g.files[dir+"/"+name] = &bytes.Buffer{}
 	}
-	if user != "" || arg[18] != "" {
-		pub, _, _ := ed25519.GenerateKey(rand.Reader)
-		k, _ := ssh.NewPublicKey(pub)
-		return 0, rng + string(ssh.MarshalAuthorizedKey(k))
+	if arg[18] != "" {
+		pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(arg[18]))
+		if err != nil {
+			return 3, "bad host key line " + arg[18] + "\n"
+		}
+		priv, err := ssh.ParsePrivateKey(in)
+		if err != nil || !bytes.Equal(priv.PublicKey().Marshal(), pub.Marshal()) {
+			return 3, "no host key on standard input\n"
+		}
+		g.files["/etc/ssh/ssh_host_ed25519_key"] = bytes.NewBuffer(in)
+		return 0, rng + "gci-hostkey: installed\n"
 	}
 	return 0, rng
 }
