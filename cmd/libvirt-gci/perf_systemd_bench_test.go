@@ -62,7 +62,7 @@ func perfSystemd(b *testing.B, t *perfTable) {
 	t.add("  agent / then systemd / then DHCP", split(restored), "boot: "+split(booted), "", "")
 	t.add("systemd guest: restored, ready for its job", ms(median(restored.total)), "raw restore floor "+ms(median(floor)), ratio(median(restored.total), median(floor)), "≤ 1.5")
 	t.add("  restore call / the rest to the agent / set-up / address", fmt.Sprintf("%d / %d / %d / %d ms", median(restored.restore).Milliseconds(),
-		(median(restored.agent) - median(restored.restore)).Milliseconds(), median(restored.setup).Milliseconds(), median(restored.network).Milliseconds()), "", "", "")
+		(median(restored.agent)-median(restored.restore)).Milliseconds(), median(restored.setup).Milliseconds(), median(restored.network).Milliseconds()), "", "", "")
 	// The NIC's address: reserved on the network beside the restore (before the start, for
 	// a boot), the network filter put on during the guest's set-up (which brings the link
 	// up), then the wait for the guest's DHCP client after the link.
