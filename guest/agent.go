@@ -732,10 +732,23 @@ func (a *Agent) ReloadSSHD(ctx context.Context) error {
 // systems, drops its page cache and zeroes most of its free memory (the kernel zeroes
 // the pages dd's buffer faults in): QEMU saves a zero page in a few bytes, so a memory
 // image holds what the guest uses, not what it once read.
+//
+// Where the guest has perl, it also starts the identity helper that a restored clone's
+// set-up asks (setup.sh says what for): perl, waiting on a FIFO, its output away from
+// the guest-exec's capture.
 const quiesce = `if [ -d /sys/bus/acpi/drivers/vmgenid ] || command -v perl >/dev/null 2>&1 || command -v python3 >/dev/null 2>&1; then
   echo "gci-rng: can reseed"
 else
   echo "gci-rng: cannot reseed"
+fi
+if command -v perl >/dev/null 2>&1 && command -v mkfifo >/dev/null 2>&1; then
+  h=` + Dir + `/identity
+  mkdir -p -m 0700 ` + Dir + `
+  rm -f "$h.in" "$h.out" "$h.pid"
+  if mkfifo -m 0600 "$h.in" "$h.out"; then
+    perl -e '` + identityHelper + `' "$h.in" "$h.out" "$h.pid" </dev/null >/dev/null 2>&1 &
+    echo "$!" >"$h.pid"
+  fi
 fi
 sync
 s=none
@@ -745,6 +758,34 @@ echo 3 >/proc/sys/vm/drop_caches
 f=$(sed -n 's/^MemFree: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
 if [ -n "$f" ]; then dd if=/dev/zero of=/dev/null bs=$((f * 9 / 10))K count=1 2>/dev/null || true; fi
 sync`
+
+// identityHelper is the perl program of the identity helper (no single quote in it):
+// it reads its requests from the FIFO $ARGV[0] to its writer's end, opens the FIFO
+// $ARGV[1] (once its reader has), removes both and its pid file $ARGV[2] (nothing of it
+// is left for the job to find), does each request, and says on $ARGV[1] what failed,
+// and then "done". Requests: "reseed" (the RNDRESEEDCRNG
+// ioctl on /dev/urandom), "rename FROM TO", "mac DEV ADDRESS" (SIOCSIFHWADDR: an
+// Ethernet address, as ip link set address sets it).
+const identityHelper = `open(my $q, "<", $ARGV[0]) or exit 1;
+my @r = <$q>;
+close($q);
+open(my $o, ">", $ARGV[1]) or exit 1;
+unlink(@ARGV);
+my ($u, $s);
+for (@r) {
+  chomp;
+  my ($op, $x, $y) = split(/ /, $_, 3);
+  if ($op eq "reseed") {
+    if (open($u, ">", "/dev/urandom") && ioctl($u, 0x5207, 0)) { print $o "gci-rng: reseeded\n" } else { print $o "gci-rng: cannot reseed: $!\n" }
+  } elsif ($op eq "rename") {
+    rename($x, $y) or print $o "cannot rename $x to $y: $!\n";
+  } elsif ($op eq "mac") {
+    (socket($s, 2, 2, 0) && ioctl($s, 0x8924, pack("a16 S C6 x16", $x, 1, map { hex } split(/:/, $y)))) or print $o "cannot set the MAC address of $x to $y: $!\n";
+  } else {
+    print $o "unknown request $op\n";
+  }
+}
+print $o "done\n";`
 
 // ErrCannotReseed: the guest has no way to reseed its kernel's RNG at once (no vmgenid
 // driver, perl or python3 for the RNDRESEEDCRNG ioctl). Clones restored from its memory
