@@ -152,23 +152,30 @@ var sshCiphers = []string{
 	ssh.CipherAES128CTR, ssh.CipherAES192CTR, ssh.CipherAES256CTR,
 }
 
-// sshWrapper runs in the guest as `/bin/sh -c sshWrapper gci ID`: it records its own
-// PID (sshd made it a session leader, so that is also its process group) for sshKill and
-// reads the script from stdin, each into a private file named after ID, created only if
-// nothing is there already (noclobber: O_EXCL, so no file or link planted there is
-// followed), runs the script with bash, and exits with its status while rm, in the
-// background and cut off from the session, removes both files: under software emulation
-// every program started costs tens of milliseconds, and the stage need not wait for that
-// one. If it cannot set up, it kills itself with USR1, which the host reports as a
+// sshWrapper runs in the guest as `bash -c sshWrapper gci ID`, the one program a stage
+// starts besides the login shell (each costs tens of milliseconds under software
+// emulation; the wrapper once ran in sh, wrote the script to a file with cat and ran it
+// with a bash of its own, 140 ms over a bare session on the tiny guest). It records its
+// own PID (sshd made it a session leader, so that is also its process group) for sshKill
+// in a file named after ID, created only if nothing is there already (noclobber: O_EXCL,
+// so no file or link planted there is followed), takes the script off its standard
+// input with $(</dev/stdin) (bash reads it as a file; its read builtin takes a pipe a
+// byte at a time), and runs it as the agent's wrapper does, in a subshell with no
+// arguments, its standard input /dev/null, and $0 the path a script file would have
+// (BASH_ARGV0, bash 5). It exits with the script's status while rm, in the background
+// and cut off from the session, removes the PID file: the stage need not wait for that
+// program. If it cannot set up, it kills itself with USR1, which the host reports as a
 // transport failure rather than as the script's exit code.
-const sshWrapper = `umask 077
-set -C
+const sshWrapper = `set -C
 f="${TMPDIR:-/tmp}/libvirt-gci.$1"
-{ echo $$ >"$f.pid" && cat >"$f"; } || { echo "libvirt-gci: cannot write the script to $f" >&2; kill -USR1 $$; }
-bash "$f" </dev/null
-rc=$?
-rm -f "$f" "$f.pid" </dev/null >/dev/null 2>&1 &
-exit $rc`
+echo $$ >"$f.pid" || { echo "libvirt-gci: cannot write $f.pid" >&2; kill -USR1 $$; }
+set +C
+__gci_script=$(</dev/stdin)
+BASH_ARGV0=$f
+(set --; eval "unset __gci_script f; $__gci_script") </dev/null
+__gci_rc=$?
+rm -f "$f.pid" </dev/null >/dev/null 2>&1 &
+exit $__gci_rc`
 
 // sshKill runs as `/bin/sh -c sshKill gci ID` in a second session: it ends the process
 // group of the wrapper with that ID, TERM first and KILL after 2 s, and removes its
@@ -188,7 +195,13 @@ func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''
 // shCommand is the command line that runs a POSIX sh script with arguments (made of
 // [0-9a-f] only), whatever the user's login shell.
 func shCommand(script string, args ...string) string {
-	return "exec /bin/sh -c " + shellQuote(script) + " gci " + strings.Join(args, " ")
+	return shellCommand("/bin/sh", script, args...)
+}
+
+// shellCommand is the command line that runs script with the shell sh, with arguments
+// (made of [0-9a-f] only), whatever the user's login shell.
+func shellCommand(sh, script string, args ...string) string {
+	return "exec " + sh + " -c " + shellQuote(script) + " gci " + strings.Join(args, " ")
 }
 
 // Run implements Transport.
@@ -214,7 +227,7 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
 	}
 	id := strings.ToLower(rand.Text())
-	if err := sess.Start(shCommand(sshWrapper, id)); err != nil {
+	if err := sess.Start(shellCommand("bash", sshWrapper, id)); err != nil {
 		return ExitStatus{}, fmt.Errorf("ssh start: %w", err)
 	}
 	go func() {

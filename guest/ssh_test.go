@@ -10,7 +10,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -260,4 +262,36 @@ func TestSSHStatus(t *testing.T) {
 	assert.ErrorContains(t, err, "ssh session lost")
 	_, err = sshStatus(&ssh.ExitMissingError{})
 	assert.ErrorContains(t, err, "ssh session lost")
+}
+
+// The ssh stage's wrapper, run by the host's bash as sshd's login shell would: the
+// script sees what a script file run by bash would ($0 a path, no arguments, stdin
+// /dev/null), none of the wrapper's variables, and its status is the stage's; the PID
+// file sshKill needs goes once the stage is over.
+func TestSSHWrapperRunsTheScript(t *testing.T) {
+	t.Parallel()
+	tmp := t.TempDir()
+	script := `printf '%s|%s|' "$0" "$#"; printf '%s|' "${__gci_script-unset}" "${f-unset}"; cat; echo; exit 7`
+	cmd := exec.Command("sh", "-c", shellCommand("bash", sshWrapper, "abc123"))
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	cmd.Stdin = strings.NewReader(script)
+	out, err := cmd.Output()
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 7, ee.ExitCode())
+	assert.Equal(t, filepath.Join(tmp, "libvirt-gci.abc123")+"|0|unset|unset|\n", string(out))
+	assert.Eventually(t, func() bool {
+		_, err := os.Stat(filepath.Join(tmp, "libvirt-gci.abc123.pid"))
+		return os.IsNotExist(err)
+	}, 5*time.Second, 10*time.Millisecond, "the PID file is removed")
+	// A file planted where the PID goes is not written through.
+	require.NoError(t, os.Symlink(filepath.Join(tmp, "target"), filepath.Join(tmp, "libvirt-gci.def456.pid")))
+	cmd = exec.Command("sh", "-c", shellCommand("bash", sshWrapper, "def456"))
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	cmd.Stdin = strings.NewReader("echo ran")
+	out, err = cmd.Output()
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, "signal: user defined signal 1", ee.String())
+	assert.Empty(t, string(out))
+	assert.NoFileExists(t, filepath.Join(tmp, "target"))
 }
