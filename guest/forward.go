@@ -19,6 +19,7 @@ import (
 // its own for them, and reaches nothing else through them.
 type Forwards struct {
 	c       *ssh.Client
+	unbind  func() bool // stops closing c at the end of Forward's context
 	lns     []net.Listener
 	wg      sync.WaitGroup
 	mu      sync.Mutex
@@ -33,13 +34,15 @@ type Forwards struct {
 // closed at once, as a refused one.
 const MaxForwardConns = 64
 
-// Forward opens the forwards over a connection of its own; Close ends them.
+// Forward opens the forwards over a connection of its own; Close ends them, and so
+// does the end of ctx (their connection is closed then, whatever the guest answers).
 func (s *SSH) Forward(ctx context.Context, targets []string) (*Forwards, error) {
 	c, err := s.dial(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("forwards: %w", err)
 	}
 	f := &Forwards{c: c, conns: map[net.Conn]bool{}}
+	f.unbind = context.AfterFunc(ctx, func() { _ = c.Close() })
 	for _, t := range targets {
 		_, port, err := net.SplitHostPort(t)
 		if err != nil {
@@ -53,6 +56,9 @@ func (s *SSH) Forward(ctx context.Context, targets []string) (*Forwards, error) 
 		ln, err := c.Listen("tcp", net.JoinHostPort("127.0.0.1", port))
 		if err != nil {
 			f.Close()
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("forward %s: %w", t, context.Cause(ctx))
+			}
 			return nil, fmt.Errorf("forward %s: the guest's sshd refused to listen on 127.0.0.1:%s (AllowTcpForwarding? a port below 1024 needs the ssh user to be root): %w", t, port, err)
 		}
 		f.lns = append(f.lns, ln)
@@ -146,7 +152,10 @@ func (f *Forwards) track(c net.Conn, add bool) bool {
 	return true
 }
 
-// Close ends the forwards and every connection through them, and waits for them.
+// Close ends the forwards and every connection through them, and waits for them. It
+// closes their SSH connection first: the guest is not asked to cancel its listeners (a
+// request that waits for the guest's answer, which a stalled sshd never gives), it
+// loses them with the connection.
 func (f *Forwards) Close() error {
 	f.mu.Lock()
 	f.stopped = true
@@ -154,12 +163,15 @@ func (f *Forwards) Close() error {
 		c.Close()
 	}
 	f.mu.Unlock()
-	for _, ln := range f.lns {
-		ln.Close()
-	}
 	var err error
 	if f.c != nil {
+		if f.unbind != nil {
+			f.unbind()
+		}
 		err = f.c.Close()
+	}
+	for _, ln := range f.lns {
+		ln.Close() // at once: the connection is closed
 	}
 	f.wg.Wait()
 	return err

@@ -134,6 +134,7 @@ func (s *SSH) probe(ctx context.Context) error {
 		return err
 	}
 	defer c.Close()
+	defer context.AfterFunc(ctx, func() { _ = c.Close() })()
 	sess, err := c.NewSession()
 	if err != nil {
 		return err
@@ -216,19 +217,31 @@ func (s *SSH) Run(ctx context.Context, script []byte, stdout, stderr io.Writer) 
 	defer c.Close()
 	silent := keepalive(c)
 	defer silent.stop()
+	// Until the script runs, the end of ctx closes the connection: the session's opening
+	// and the exec request wait for the guest's answers, which a stalled sshd never gives.
+	unbind := context.AfterFunc(ctx, func() { _ = c.Close() })
+	interrupted := func(err error) (ExitStatus, error) {
+		if !unbind() { // ctx ended, and closed c: that is why
+			return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
+		}
+		return ExitStatus{}, err
+	}
 	sess, err := c.NewSession()
 	if err != nil {
-		return ExitStatus{}, silent.or(fmt.Errorf("ssh session: %w", err))
+		return interrupted(silent.or(fmt.Errorf("ssh session: %w", err)))
 	}
 	defer sess.Close()
 	sess.Stdout, sess.Stderr = stdout, stderr
 	stdin, err := sess.StdinPipe()
 	if err != nil {
-		return ExitStatus{}, fmt.Errorf("ssh session: %w", err)
+		return interrupted(fmt.Errorf("ssh session: %w", err))
 	}
 	id := strings.ToLower(rand.Text())
 	if err := sess.Start(shellCommand("bash", sshWrapper, id)); err != nil {
-		return ExitStatus{}, fmt.Errorf("ssh start: %w", err)
+		return interrupted(fmt.Errorf("ssh start: %w", err))
+	}
+	if !unbind() { // started as ctx ended: c is closed, the script without its session
+		return ExitStatus{}, &Interrupted{Cause: context.Cause(ctx)}
 	}
 	go func() {
 		_, _ = stdin.Write(script)

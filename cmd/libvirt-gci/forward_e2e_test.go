@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -52,6 +55,51 @@ busybox wget -qO- -T 3 http://%s/ 2>/dev/null && echo "reached the other port" |
 			assert.Contains(t, r.stdout, fmt.Sprintf("hello from the host, GET /try%d\n", i))
 		}
 		assert.True(t, strings.HasSuffix(r.stdout, "other port blocked\n"), r.stdout)
+		assert.Equal(t, 0, j.stage("cleanup").code)
+	})
+}
+
+// A stage whose guest stops its own sshd still ends within a few seconds of the runner's
+// SIGTERM, over either transport, with forwards (issue 36): the forwards' connection is
+// not left waiting for the stopped sshd to answer the cancel of its listeners, nor the
+// ssh transport's kill session for its channel.
+func TestSIGTERMWithTheGuestSSHDStopped(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	overEachTransport(t, func(t *testing.T, j *gitlabJob) {
+		j.env["LIBVIRT_GCI_GUEST_FORWARDS"] = ln.Addr().String()
+		j.prepare()
+		cmd := exec.Command(binPath, "run", j.script("build.sh", `echo started
+sleep 1
+for p in /proc/[0-9]*; do
+  c=; read -r c <"$p/comm" 2>/dev/null || true
+  if [ "$c" = sshd ]; then kill -STOP "${p#/proc/}"; fi
+done
+sleep 613`), "build_script")
+		cmd.Env = j.environ()
+		var stdout, stderr lockedBuffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		require.NoError(t, cmd.Start())
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		require.Eventually(t, func() bool { return strings.Contains(stdout.String(), "started") }, 60*time.Second, 20*time.Millisecond, "the stage started: %s", stderr.String())
+		time.Sleep(3 * time.Second) // the guest's sshd stopped meanwhile
+		sent := time.Now()
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		select {
+		case err := <-exited:
+			var ee *exec.ExitError
+			require.ErrorAs(t, err, &ee)
+			assert.Equal(t, 2, ee.ExitCode(), "a cancelled stage is a system failure")
+			took := time.Since(sent)
+			t.Logf("run exited %.1f s after SIGTERM", took.Seconds())
+			assert.Less(t, took, 8*time.Second, "README: every stage exits within 5 s of SIGTERM, whatever the guest does")
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			t.Fatalf("run did not exit within 30 s of SIGTERM; stderr:\n%s", stderr.String())
+		}
 		assert.Equal(t, 0, j.stage("cleanup").code)
 	})
 }
