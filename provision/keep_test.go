@@ -3,6 +3,7 @@ package provision
 import (
 	"bytes"
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -112,4 +113,42 @@ func TestKeepNeverPastMaxAge(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 1, sw.Removed)
 	assert.Contains(t, log.String(), "older than LIBVIRT_GCI_MAX_AGE 30m0s")
+}
+
+// A kept VM restored from a warm image stands on that image's overlay: the image stays
+// while the kept VM does, though its template changed and the next job made a new one
+// (issue 36: a shut-off domain's XML has no backing chain, and names its image only in
+// its metadata); once the kept VM is gone, the next new image's making removes it.
+func TestKeptVMKeepsItsWarmImage(t *testing.T) {
+	t.Parallel()
+	f, _, h, warm := firstRestore(t)
+	h.Limits = Limits{Kept: 2, KeptPerProject: 1}
+	conn := NewConn(f)
+	in, err := conn.Lookup("gci-a")
+	require.NoError(t, err)
+	require.Equal(t, warm, in.Metadata.Warm)
+	m := in.Metadata
+	m.FailedAt = time.Now().UTC().Format(time.RFC3339)
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	until, why, err := h.Keep(context.Background(), "gci-a", nil, time.Hour)
+	require.NoError(t, err)
+	require.False(t, until.IsZero(), why)
+
+	x, err := f.DomainGetXMLDesc(golibvirt.Domain{Name: "tmpl"}, golibvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	_, err = f.DomainDefineXMLFlags(strings.Replace(x, "</domain>", "<description>changed</description></domain>", 1), 0)
+	require.NoError(t, err)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	in, err = conn.Lookup("gci-b")
+	require.NoError(t, err)
+	require.NotEqual(t, warm, in.Metadata.Warm, "the changed template has a new image")
+	assert.Contains(t, f.State(), "volume ci/"+warm+".done", "the kept VM's image stays")
+	assert.Contains(t, f.State(), "volume ci/"+warm+"-vda.qcow2", "the kept VM's disk stands on it")
+
+	// Old images go when the next one is made (as ever).
+	require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+	_, err = f.DomainDefineXMLFlags(strings.Replace(x, "</domain>", "<description>changed again</description></domain>", 1), 0)
+	require.NoError(t, err)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-c")))
+	assert.NotContains(t, f.State(), "volume ci/"+warm, "once no domain stands on it, it goes")
 }

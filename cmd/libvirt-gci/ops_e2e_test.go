@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -409,4 +410,100 @@ func checkMetrics(t *testing.T, j *gitlabJob) {
 		assert.Equal(t, 1.0, up[0].GetGauge().GetValue())
 		return
 	}
+}
+
+// A kept VM restored from a warm image keeps the image its disk stands on, though its
+// template changes and the next job makes a new image (issue 36: the old one was
+// deleted under the kept VM's disk); gc removes the kept VM in its time, and the image
+// goes with the next one made.
+func TestKeptVMKeepsItsWarmImage(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	tmpl := j.prefix + "tmpl"
+	j.defineTemplate(tmpl, `<title>`, "<description>one</description><title>")
+	j.env["LIBVIRT_GCI_TEMPLATES"] = "tiny-*," + tmpl
+	j.env["LIBVIRT_GCI_KEEP_FAILED"] = "20s"
+	pool, err := j.l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	var families []string
+	t.Cleanup(func() { // the template is gone: so are its warm images
+		vols, _, err := j.l.StoragePoolListAllVolumes(pool, 1, 0)
+		if err == nil {
+			for _, v := range vols {
+				for _, f := range families {
+					if strings.HasPrefix(v.Name, f) {
+						_ = j.l.StorageVolDelete(v, 0)
+					}
+				}
+			}
+		}
+	})
+	warmRE := regexp.MustCompile(`restored \S+ into \S+ from (libvirt-gci-warm-[0-9a-f]+-)([0-9a-f]+)`)
+	r := j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	w := warmRE.FindStringSubmatch(r.stderr)
+	require.NotNil(t, w, r.stderr)
+	families = append(families, w[1])
+	kept := j.instance()
+	require.Equal(t, 1, j.run("build_script", "exit 3").code)
+	r = j.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Contains(t, r.stderr, "kept "+kept)
+	// The kept VM's disk: an overlay whose backing file is the warm image's overlay.
+	d, err := j.l.DomainLookupByName(kept)
+	require.NoError(t, err)
+	x, err := j.l.DomainGetXMLDesc(d, libvirt.DomainXMLInactive)
+	require.NoError(t, err)
+	src := regexp.MustCompile(`<source (?:file='([^']+)'|pool='[^']+' volume='([^']+)')`).FindStringSubmatch(x)
+	require.NotNil(t, src, x)
+	var vol libvirt.StorageVol
+	if src[1] != "" {
+		vol, err = j.l.StorageVolLookupByPath(src[1])
+	} else {
+		vol, err = j.l.StorageVolLookupByName(pool, src[2])
+	}
+	require.NoError(t, err)
+	vx, err := j.l.StorageVolGetXMLDesc(vol, 0)
+	require.NoError(t, err)
+	backing := regexp.MustCompile(`(?s)<backingStore>.*?<path>([^<]+)</path>`).FindStringSubmatch(vx)
+	require.NotNil(t, backing, vx)
+	require.Contains(t, backing[1], w[1]+w[2])
+
+	// The operator changes the template; another job makes its new image.
+	_, err = j.l.DomainDefineXMLFlags(templateVariant(t, j.l, tmpl, `<title>`, "<description>two</description><title>"), 0)
+	require.NoError(t, err)
+	next := newJob(t)
+	next.prefix = j.prefix
+	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
+		next.env[k] = j.env[k]
+	}
+	r = next.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "made the warm image")
+	require.Equal(t, 0, next.run("build_script", "true").code)
+	require.Equal(t, 0, next.stage("cleanup").code)
+	_, err = os.Stat(backing[1])
+	assert.NoError(t, err, "the kept VM's disk still has its backing file")
+
+	// gc removes the kept VM in its time; the old image goes with the next one made.
+	for start := time.Now(); ; time.Sleep(time.Second) {
+		r = j.stage("gc")
+		require.Equal(t, 0, r.code, r.stderr)
+		if strings.Contains(r.stderr, "gc: removed "+kept) {
+			break
+		}
+		require.Less(t, time.Since(start), time.Minute, "gc kept it past its time")
+	}
+	_, err = j.l.DomainDefineXMLFlags(templateVariant(t, j.l, tmpl, `<title>`, "<description>three</description><title>"), 0)
+	require.NoError(t, err)
+	last := newJob(t)
+	last.prefix = j.prefix
+	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
+		last.env[k] = j.env[k]
+	}
+	r = last.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, 0, last.stage("cleanup").code)
+	_, err = os.Stat(backing[1])
+	assert.True(t, os.IsNotExist(err), "the old image is gone once nothing stands on it")
 }

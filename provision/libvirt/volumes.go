@@ -2,11 +2,14 @@ package libvirt
 
 import (
 	"fmt"
+	"maps"
+	"path"
 	"slices"
-	"strings"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Volumes in a pool: made empty or of a size, deleted by name, and images (a set of
@@ -59,11 +62,14 @@ func (conn *Conn) DeleteVolumes(pool libvirt.StoragePool, match func(string) boo
 	return nil
 }
 
-// RemoveUnused removes the images in pool that no domain's XML names: image(v) says
-// whether the volume v stands for an image to remove if unused, and its NAME; part(NAME,
-// v) whether v is one of its volumes. An image is whole once its mark, the volume
-// NAME.done, is there; the mark goes first, so that a half-removed image is made again,
-// never used. It says how many it removed.
+// RemoveUnused removes the images in pool that no domain uses: image(v) says whether
+// the volume v stands for an image to remove if unused, and its NAME; part(NAME, v)
+// whether v is one of its volumes. A domain, running or not, uses an image whose volume
+// one of its disks or their backing chains is, or the warm image its metadata names (a
+// shut-off domain's XML has no backing chain: a kept VM restored from a warm image
+// names it there alone). An image is whole once its mark, the volume NAME.done, is
+// there; the mark goes first, so that a half-removed image is made again, never used.
+// It says how many it removed.
 func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (string, bool), part func(name, v string) bool) (int, error) {
 	vols, _, err := conn.api.StoragePoolListAllVolumes(pool, 1, 0)
 	if err != nil {
@@ -78,16 +84,13 @@ func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (s
 	if len(names) == 0 {
 		return 0, nil
 	}
-	xmls, err := conn.domainXMLs()
+	used, err := conn.usedVolumes()
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	for _, name := range names {
-		// By volume name or by path: the name starts a quoted value or a path's file name.
-		if slices.ContainsFunc(xmls, func(x string) bool {
-			return strings.Contains(x, "'"+name) || strings.Contains(x, `"`+name) || strings.Contains(x, "/"+name)
-		}) {
+		if used[name] || slices.ContainsFunc(slices.Collect(maps.Keys(used)), func(v string) bool { return part(name, v) }) {
 			continue
 		}
 		if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name+".done" }); err != nil {
@@ -99,6 +102,48 @@ func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (s
 		n++
 	}
 	return n, nil
+}
+
+// usedVolumes is what the domains use: the file or volume name of each of their
+// disks' sources and backing chains, and the warm image each one's metadata names.
+func (conn *Conn) usedVolumes() (map[string]bool, error) {
+	xmls, err := conn.domainXMLs()
+	if err != nil {
+		return nil, err
+	}
+	used := map[string]bool{}
+	add := func(src *libvirtxml.DomainDiskSource) {
+		switch {
+		case src == nil:
+		case src.File != nil && src.File.File != "":
+			used[path.Base(src.File.File)] = true
+		case src.Volume != nil && src.Volume.Volume != "":
+			used[src.Volume.Volume] = true
+		case src.Block != nil && src.Block.Dev != "":
+			used[path.Base(src.Block.Dev)] = true
+		}
+	}
+	for _, x := range xmls {
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(x); err != nil {
+			return nil, fmt.Errorf("domain XML: %w", err)
+		}
+		if dom.Metadata != nil {
+			if m, ok := meta.FromDomain(dom.Metadata.XML); ok && m.Warm != "" {
+				used[m.Warm] = true
+			}
+		}
+		if dom.Devices == nil {
+			continue
+		}
+		for _, d := range dom.Devices.Disks {
+			add(d.Source)
+			for b := d.BackingStore; b != nil; b = b.BackingStore {
+				add(b.Source)
+			}
+		}
+	}
+	return used, nil
 }
 
 // domainXMLs returns the XML of every domain.
