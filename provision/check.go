@@ -90,6 +90,11 @@ func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x string, dom *golibvir
 	add("the guest agent channel", tmpl.HasAgent,
 		fmt.Sprintf("add <channel type='unix'><target type='virtio' name='%s'/></channel> to its devices, and qemu-guest-agent to the guest", template.AgentChannel))
 	access := tmpl.HostAccess()
+	if nets, err := conn.NetworkHostAccess(x); err == nil {
+		access = append(access, nets...)
+	} else {
+		add("its networks readable", false, err.Error())
+	}
 	add("no device clones would share or that reaches the host", len(access) == 0 || h.AllowHostAccess,
 		"remove "+strings.Join(access, ", ")+", or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true")
 	add("at least one writable disk", len(tmpl.Disks) > 0, "give it a disk: the job's overlay stands on it")

@@ -176,7 +176,15 @@ func (h *Host) template(conn *libvirt.Conn, req Request) (string, *template.Temp
 	if err != nil {
 		return "", nil, err
 	}
-	if access := tmpl.HostAccess(); len(access) > 0 && !h.AllowHostAccess {
+	access := tmpl.HostAccess()
+	if !h.AllowHostAccess {
+		nets, err := conn.NetworkHostAccess(tx)
+		if err != nil {
+			return "", nil, fmt.Errorf("template %q: %w", req.Template, err)
+		}
+		access = append(access, nets...)
+	}
+	if len(access) > 0 && !h.AllowHostAccess {
 		return "", nil, fmt.Errorf("template %q has %s: through it a job's VM reaches the host or other VMs; remove it from the template, or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true",
 			req.Template, strings.Join(access, ", "))
 	}

@@ -180,3 +180,28 @@ func TestFilterStallIsBounded(t *testing.T) {
 	assert.Contains(t, err.Error(), "the network filters of gci-b")
 	assert.Less(t, time.Since(start), 15*time.Second, "bounded by the boot timeout, not by libvirtd")
 }
+
+// A template NIC on a libvirt network that hands it to the host's own network plumbing
+// (macvtap, a host NIC of its own) is refused like any host access (issue 36): libvirt
+// isolates no port there, so clones would reach each other and the host's LAN as the
+// host does. The operator may allow it.
+func TestTemplateOnAHostPlumbingNetworkIsRefused(t *testing.T) {
+	t.Parallel()
+	for _, fwd := range []string{`<forward mode='bridge'><interface dev='eth0'/></forward>`, `<forward mode='hostdev' managed='yes'><pf dev='eth1'/></forward>`, `<forward mode='private'><interface dev='eth0'/></forward>`} {
+		f := provisiontest.New("ci")
+		var log bytes.Buffer
+		h := readyHost(t, f, &log, time.Minute)
+		f.AddNetwork(`<network><name>ci-net</name>` + fwd + `</network>`)
+		err := h.Launch(context.Background(), launchReq("gci-a"))
+		require.ErrorContains(t, err, `an <interface> on network "ci-net", forward mode`, fwd)
+		assert.ErrorContains(t, err, "LIBVIRT_GCI_ALLOW_HOST_ACCESS")
+		assert.NotContains(t, f.State(), "gci-a", "nothing made")
+		h.AllowHostAccess = true
+		assert.NoError(t, h.Launch(context.Background(), launchReq("gci-a")), fwd)
+	}
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.AddNetwork(`<network><name>ci-net</name><forward mode='bridge'/><bridge name='br0'/></network>`)
+	assert.NoError(t, h.Launch(context.Background(), launchReq("gci-a")), "a host bridge isolates its ports")
+}

@@ -13,11 +13,17 @@ import (
 // the operator allows them (LIBVIRT_GCI_ALLOW_HOST_ACCESS). The descriptions name no host
 // paths: they end up in job logs.
 func (t *Template) HostAccess() []string {
+	var out []string
+	if q := t.dom.QEMUCommandline; q != nil && (len(q.Args) > 0 || len(q.Envs) > 0) {
+		out = append(out, "a <qemu:commandline> (QEMU arguments of its own: anything the QEMU process reaches)")
+	}
+	if t.dom.QEMUOverride != nil {
+		out = append(out, "a <qemu:override> (QEMU device properties of its own)")
+	}
 	d := t.dom.Devices
 	if d == nil {
-		return nil
+		return out
 	}
-	var out []string
 	for _, h := range d.Hostdevs {
 		out = append(out, "a <hostdev> ("+hostdevKind(h)+")")
 	}
@@ -25,8 +31,16 @@ func (t *Template) HostAccess() []string {
 		out = append(out, "a <filesystem> (a host directory or image shared in)")
 	}
 	for _, disk := range d.Disks {
-		if disk.Shareable != nil && disk.ReadOnly == nil {
+		switch {
+		case disk.Device == "lun":
+			out = append(out, fmt.Sprintf("a <disk device='lun'> (%s: SCSI commands to a host device)", diskTarget(disk)))
+		case disk.Shareable != nil && disk.ReadOnly == nil:
 			out = append(out, fmt.Sprintf("a writable <shareable/> disk (%s)", diskTarget(disk)))
+		}
+	}
+	for _, tpm := range d.TPMs {
+		if b := tpm.Backend; b != nil && (b.Passthrough != nil || b.External != nil) {
+			out = append(out, "a <tpm> backed by the host's TPM or an outside emulator")
 		}
 	}
 	for range d.Shmems {

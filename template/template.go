@@ -76,9 +76,14 @@ func Parse(domainXML string) (*Template, error) {
 }
 
 // writable tells whether a template disk would be written to by a guest, and so needs an
-// overlay. CD-ROMs, floppies, read-only and shareable disks are passed through unchanged.
+// overlay: a disk or a floppy that is not read-only, shareable or transient. CD-ROMs
+// (read-only by nature), read-only and shareable disks are passed through unchanged; a
+// LUN (SCSI commands passed to a host device) cannot have an overlay, and is refused
+// (HostAccess).
 func writable(d *libvirtxml.DomainDisk) bool {
-	if d.Device != "" && d.Device != "disk" {
+	switch d.Device {
+	case "", "disk", "floppy":
+	default:
 		return false
 	}
 	return d.ReadOnly == nil && d.Shareable == nil && d.Transient == nil

@@ -156,14 +156,35 @@ func TestHostAccess(t *testing.T) {
 	t.Parallel()
 	assert.Empty(t, readTemplate(t, "full").HostAccess())
 	assert.Equal(t, []string{
+		"a <qemu:commandline> (QEMU arguments of its own: anything the QEMU process reaches)",
 		"a <hostdev> (PCI)",
 		"a <filesystem> (a host directory or image shared in)",
 		"a writable <shareable/> disk (vdb)",
+		"a <disk device='lun'> (sdb: SCSI commands to a host device)",
+		"a <tpm> backed by the host's TPM or an outside emulator",
 		"a <shmem> (memory shared with other domains)",
 		`an <input type="passthrough"> (a host input device)`,
 		"an <interface> on host network plumbing (only network and bridge interfaces are isolated)",
 		"a <channel> to a host file, device or port",
 	}, readTemplate(t, "hostaccess").HostAccess())
+}
+
+// A writable floppy is a disk like any other (issue 36): every clone gets an overlay of
+// its own for it, not the template's image to write, which every job would share.
+func TestWritableFloppyGetsAnOverlay(t *testing.T) {
+	t.Parallel()
+	tmpl, err := Parse(`<domain type='qemu'><name>t</name><devices>` +
+		`<disk type='file' device='disk'><source file='/a.qcow2'/><driver name='qemu' type='qcow2'/><target dev='vda'/></disk>` +
+		`<disk type='file' device='floppy'><source file='/shared.img'/><target dev='fda'/></disk>` +
+		`<disk type='file' device='floppy'><source file='/ro.img'/><target dev='fdb'/><readonly/></disk>` +
+		`</devices></domain>`)
+	require.NoError(t, err)
+	assert.Equal(t, []Disk{{Target: "vda", Path: "/a.qcow2", Format: "qcow2"}, {Target: "fda", Path: "/shared.img", Format: "raw"}}, tmpl.Disks)
+	out, err := tmpl.Render(Instance{Name: "x", Overlays: map[string]Overlay{"vda": {"p", "a"}, "fda": {"p", "f"}}})
+	require.NoError(t, err)
+	assert.NotContains(t, out, "/shared.img", "the template's floppy image is no clone's")
+	assert.Contains(t, out, "/ro.img", "a read-only one is passed through")
+	assert.Empty(t, tmpl.HostAccess())
 }
 
 func TestParseRejects(t *testing.T) {

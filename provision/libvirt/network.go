@@ -403,3 +403,49 @@ func (c *Conn) CanFilter() error {
 	}
 	return nil
 }
+
+// NetworkHostAccess names the NICs of the domain XML x whose libvirt network hands the
+// guest to the host's own network plumbing, where libvirt isolates no port: forward mode
+// hostdev or passthrough (a host NIC of its own), private or vepa (macvtap), or bridge
+// onto a host NIC rather than a bridge (macvtap too). A network that is not there is
+// left to libvirt's own error at the define.
+func (c *Conn) NetworkHostAccess(x string) ([]string, error) {
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return nil, err
+	}
+	if dom.Devices == nil {
+		return nil, nil
+	}
+	var out []string
+	for _, iface := range dom.Devices.Interfaces {
+		if iface.Source == nil || iface.Source.Network == nil {
+			continue
+		}
+		name := iface.Source.Network.Network
+		n, err := c.api.NetworkLookupByName(name)
+		if HasCode(err, libvirt.ErrNoNetwork) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("network %q: %w", name, err)
+		}
+		nx, err := c.api.NetworkGetXMLDesc(n, 0)
+		if err != nil {
+			return nil, fmt.Errorf("network %q: %w", name, err)
+		}
+		var net libvirtxml.Network
+		if err := net.Unmarshal(nx); err != nil {
+			return nil, fmt.Errorf("network %q: %w", name, err)
+		}
+		if net.Forward == nil {
+			continue
+		}
+		switch mode := net.Forward.Mode; {
+		case mode == "hostdev" || mode == "passthrough" || mode == "private" || mode == "vepa",
+			mode == "bridge" && (net.Bridge == nil || net.Bridge.Name == ""):
+			out = append(out, fmt.Sprintf("an <interface> on network %q, forward mode %s (host network plumbing: only NAT, routed, isolated and bridge networks are isolated)", name, mode))
+		}
+	}
+	return out, nil
+}
