@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -316,4 +317,63 @@ func TestManualPrepareLeavesJobInstancesAlone(t *testing.T) {
 	r = j.stage("cleanup", "--machine", name)
 	assert.Equal(t, 0, r.code, r.stderr)
 	assert.Empty(t, leftovers(t, j.l, j.prefix))
+}
+
+// Devices that would give every clone something of the host's or shared with other jobs
+// are refused before anything is made (issue 36): a LUN, QEMU arguments of the
+// template's own, a NIC on a network of host plumbing (macvtap onto a host NIC); a
+// writable floppy is made the instance's own, an overlay like any disk.
+func TestSharedDevicesRefusedOrMadeOwn(t *testing.T) {
+	t.Parallel()
+	j := newJob(t)
+	macvtap := "gci-e2e-macvtap-" + j.jobID
+	n, err := j.l.NetworkDefineXML(`<network><name>` + macvtap + `</name><forward mode='bridge'><interface dev='lo'/></forward></network>`)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = j.l.NetworkUndefine(n) })
+	for _, tc := range []struct{ name, from, to, want string }{
+		{"lun", `</devices>`, `<disk type='block' device='lun'><source dev='/dev/null'/><target dev='sdz' bus='scsi'/><readonly/></disk></devices>`,
+			`a <disk device='lun'> (sdz: SCSI commands to a host device)`},
+		{"qemuargs", `</domain>`, `<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-no-reboot'/></qemu:commandline></domain>`,
+			`a <qemu:commandline> (QEMU arguments of its own: anything the QEMU process reaches)`},
+		{"macvtap", `</devices>`, `<interface type='network'><source network='` + macvtap + `'/><model type='virtio'/></interface></devices>`,
+			`an <interface> on network "` + macvtap + `", forward mode bridge`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			j := newJob(t)
+			name := "tiny-" + tc.name + "-" + j.jobID
+			j.defineTemplate(name, tc.from, tc.to)
+			r := j.stage("prepare")
+			assert.Equal(t, 2, r.code, r.stderr)
+			assert.Contains(t, r.stderr, fmt.Sprintf("template %q has %s", name, tc.want))
+			assert.Contains(t, r.stderr, "LIBVIRT_GCI_ALLOW_HOST_ACCESS")
+			assert.Empty(t, leftovers(t, j.l, j.prefix))
+			r = j.stage("template", "check", name)
+			assert.NotEqual(t, 0, r.code)
+			assert.Contains(t, r.stdout+r.stderr, tc.want)
+		})
+	}
+
+	t.Run("floppy", func(t *testing.T) {
+		j := newJob(t)
+		pool, err := j.l.StoragePoolLookupByName(testPool)
+		require.NoError(t, err)
+		img := j.prefix + "floppy.img"
+		v, err := j.l.StorageVolCreateXML(pool, `<volume><name>`+img+`</name><capacity unit='bytes'>1474560</capacity><target><format type='raw'/></target></volume>`, 0)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = j.l.StorageVolDelete(v, 0) })
+		path, err := j.l.StorageVolGetPath(v)
+		require.NoError(t, err)
+		name := "tiny-floppy-" + j.jobID
+		j.defineTemplate(name, `</devices>`, `<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='`+path+`'/><target dev='fda' bus='fdc'/></disk></devices>`)
+		j.prepare()
+		d, err := j.l.DomainLookupByName(j.instance())
+		require.NoError(t, err)
+		x, err := j.l.DomainGetXMLDesc(d, libvirt.DomainXMLInactive)
+		require.NoError(t, err)
+		fd := regexp.MustCompile(`(?s)<disk type='volume' device='floppy'>.*?</disk>`).FindString(x)
+		require.NotEmpty(t, fd, "the floppy is an overlay volume of the instance's:\n%s", x)
+		assert.Contains(t, fd, "<target dev='fda'")
+		assert.NotContains(t, x, path, "no clone gets the template's floppy image to write")
+		require.Equal(t, 0, j.stage("cleanup").code)
+	})
 }
