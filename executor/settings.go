@@ -182,7 +182,7 @@ var SettingList = []Setting{
 		set: count(func(s *Settings) *int { return &s.Limits.Kept })},
 	{Flag: "keep-failed-per-project", Default: "1", Help: "failed jobs' VMs kept at most per project",
 		set: count(func(s *Settings) *int { return &s.Limits.KeptPerProject })},
-	{Flag: "warm-sizes", Default: "4", Help: "warm images per template for the sizes jobs ask for (CPUs and memory), each made on a job's first ask; a job asking for another size boots (0: every sized job boots)",
+	{Flag: "warm-sizes", Default: "4", Help: "warm images per template for the sizes jobs ask for (CPUs and memory), each made on a job's first ask; past it, the one made first that no VM uses gives way, and with all in use another size boots (0: every sized job boots)",
 		set: count(func(s *Settings) *int { return &s.Limits.WarmSizes })},
 	{Flag: "runner-binary", Default: "auto", Help: "gitlab-runner put on every guest's PATH (artifacts, caches): auto (the one driving the job), a path, or none",
 		set: func(s *Settings, v string) error {

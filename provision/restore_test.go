@@ -167,8 +167,23 @@ func TestRestoreSized(t *testing.T) {
 	assert.Equal(t, 2, strings.Count(log.String(), "made the warm image"))
 	log.Reset()
 	require.NoError(t, h.Launch(context.Background(), sized("gci-d", 4)))
-	assert.Contains(t, log.String(), "booting gci-d: tmpl has warm images for 2 other sizes already (LIBVIRT_GCI_WARM_SIZES=2)")
+	assert.Contains(t, log.String(), "booting gci-d: tmpl has warm images for 2 other sizes already, each in use (LIBVIRT_GCI_WARM_SIZES=2)")
 	assert.Regexp(t, `<vcpu[^>]*>4</vcpu>`, domainXML(t, f, "gci-d"), "booted at its size")
+
+	// A size no domain uses gives way to a new one (issue 36: the first sizes asked held
+	// their places for good); one in use never does.
+	three := regexp.MustCompile(`made the warm image (libvirt-gci-warm-\S+) of tmpl`)
+	require.NoError(t, h.Remove(context.Background(), "gci-c", nil))
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), sized("gci-g", 5)))
+	assert.Regexp(t, `removed the warm image libvirt-gci-warm-\S+ of tmpl, of another size and unused, to make room \(LIBVIRT_GCI_WARM_SIZES=2\)`, log.String())
+	assert.Regexp(t, `restored tmpl into gci-g from .*\(5 CPUs`, log.String())
+	made := three.FindAllStringSubmatch(log.String(), -1)
+	require.Len(t, made, 1)
+	assert.Regexp(t, `<vcpu[^>]*>5</vcpu>`, domainXML(t, f, "gci-g"))
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), sized("gci-h", 2)))
+	assert.Contains(t, log.String(), "restored tmpl into gci-h", "the size in use kept its image")
 
 	log.Reset()
 	require.NoError(t, h.Launch(context.Background(), launchReq("gci-e")))

@@ -324,8 +324,14 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string, sha
 }
 
 // warmSizesFull says why no warm image is made for the sized profile prof of the
-// template: the template has Limits.WarmSizes sized images of other sizes already; ""
-// if there is room.
+// template: the template has Limits.WarmSizes sized images of other sizes already, each
+// in use by a domain; "" if there is room. Where there is none, the image of another
+// size made longest ago that no domain uses gives way (issue 36: sizes made first held
+// their places for good, and one project asking for four odd sizes made every other
+// project's sized jobs boot from then on). Made longest ago rather than used longest
+// ago: nothing of a use is kept on the host; a size jobs keep asking for is in use most
+// of the time, and a size that gave way is made again on its next ask, at the cost of
+// one boot.
 func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfile) (string, error) {
 	max := h.Limits.WarmSizes
 	family := h.warmFamily(tmplName, prof)
@@ -338,15 +344,31 @@ func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfi
 	if err != nil {
 		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
 	}
-	others := map[string]bool{}
+	others := map[string][]string{} // by size (family): its images
 	for _, v := range vols {
 		base, ok := strings.CutSuffix(v.Name, ".done")
 		if ok && strings.HasPrefix(base, sizedPrefix) && !strings.HasPrefix(base, family+"-") {
-			others[base[:strings.LastIndex(base, "-")]] = true
+			size := base[:strings.LastIndex(base, "-")]
+			others[size] = append(others[size], base)
 		}
 	}
-	if len(others) >= max {
-		return fmt.Sprintf("%s has warm images for %d other sizes already (LIBVIRT_GCI_WARM_SIZES=%d)", tmplName, len(others), max), nil
+	for len(others) >= max {
+		var images []string
+		for _, names := range others {
+			images = append(images, names...)
+		}
+		gone, err := conn.RemoveOldestUnused(pool, images, warmPart)
+		if err != nil {
+			return "", fmt.Errorf("make room for another size's warm image of %s: %w", tmplName, err)
+		}
+		if gone == "" {
+			return fmt.Sprintf("%s has warm images for %d other sizes already, each in use (LIBVIRT_GCI_WARM_SIZES=%d)", tmplName, len(others), max), nil
+		}
+		h.Log.Info(fmt.Sprintf("removed the warm image %s of %s, of another size and unused, to make room (LIBVIRT_GCI_WARM_SIZES=%d)", gone, tmplName, max))
+		size := gone[:strings.LastIndex(gone, "-")]
+		if others[size] = slices.DeleteFunc(others[size], func(n string) bool { return n == gone }); len(others[size]) == 0 {
+			delete(others, size)
+		}
 	}
 	return "", nil
 }

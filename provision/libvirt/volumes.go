@@ -5,6 +5,8 @@ import (
 	"maps"
 	"path"
 	"slices"
+	"strconv"
+	"strings"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -102,6 +104,54 @@ func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (s
 		n++
 	}
 	return n, nil
+}
+
+// RemoveOldestUnused removes, of the images names (each whole once NAME.done is
+// there; part(NAME, v) says whether v is one of its volumes), the one made longest ago
+// (its mark's creation time, as the pool's file system keeps it) that no domain uses,
+// as RemoveUnused removes it. It returns its name; "" where every one is in use.
+func (conn *Conn) RemoveOldestUnused(pool libvirt.StoragePool, names []string, part func(name, v string) bool) (string, error) {
+	used, err := conn.usedVolumes()
+	if err != nil {
+		return "", err
+	}
+	oldest, oldestMade := "", int64(0)
+	for _, name := range names {
+		if used[name] || slices.ContainsFunc(slices.Collect(maps.Keys(used)), func(v string) bool { return part(name, v) }) {
+			continue
+		}
+		made := conn.volumeMade(pool, name+".done")
+		if oldest == "" || made < oldestMade || made == oldestMade && name < oldest {
+			oldest, oldestMade = name, made
+		}
+	}
+	if oldest == "" {
+		return "", nil
+	}
+	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == oldest+".done" }); err != nil {
+		return "", err
+	}
+	return oldest, conn.DeleteVolumes(pool, func(v string) bool { return part(oldest, v) })
+}
+
+// volumeMade is when the volume name of pool was made (seconds since the epoch), as
+// libvirt reads its file's change time; 0 where it does not say.
+func (conn *Conn) volumeMade(pool libvirt.StoragePool, name string) int64 {
+	v, err := conn.api.StorageVolLookupByName(pool, name)
+	if err != nil {
+		return 0
+	}
+	x, err := conn.api.StorageVolGetXMLDesc(v, 0)
+	if err != nil {
+		return 0
+	}
+	var vol libvirtxml.StorageVolume
+	if vol.Unmarshal(x) != nil || vol.Target == nil || vol.Target.Timestamps == nil {
+		return 0
+	}
+	sec, _, _ := strings.Cut(vol.Target.Timestamps.Ctime, ".")
+	made, _ := strconv.ParseInt(sec, 10, 64)
+	return made
 }
 
 // usedVolumes is what the domains use: the file or volume name of each of their
