@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -65,6 +66,20 @@ type hostInventory struct {
 	Up bool
 }
 
+// metricName is an instance's name in the metrics: its name without its project's path
+// (the prefix, the job id and the hash), as node_exporter serves the file to whoever
+// reaches the host, guests at their gateway included, and a project's path may be
+// private. A manual instance's name is its own.
+func metricName(in provision.Instance) string {
+	o := in.Metadata.Owner
+	job := slug(o.JobID)
+	i, h := strings.Index(in.Name, job), strings.LastIndex(in.Name, "-")
+	if o.Manual || job == "" || i < 0 || h < i+len(job) {
+		return in.Name
+	}
+	return in.Name[:i+len(job)] + in.Name[h:]
+}
+
 // metricsOf is the registry of the hosts' inventories at now. An instance two URIs reach
 // (one libvirt twice) is counted once, as `list` shows it.
 func metricsOf(invs []hostInventory, now time.Time) *prometheus.Registry {
@@ -112,17 +127,17 @@ func metricsOf(invs []hostInventory, now time.Time) *prometheus.Registry {
 			phase := m.Phase()
 			instances.WithLabelValues(host, in.State, phase, m.Template).Inc()
 			if t, err := time.Parse(time.RFC3339, m.CreatedAt); err == nil {
-				age.WithLabelValues(host, in.Name, m.Template, phase).Set(now.Sub(t).Seconds())
+				age.WithLabelValues(host, metricName(in), m.Template, phase).Set(now.Sub(t).Seconds())
 			}
 			if m.PrepareMS > 0 {
 				start := provision.StartBoot
 				if m.Warm != "" {
 					start = provision.StartRestore
 				}
-				prepare.WithLabelValues(host, in.Name, m.Template, start).Set(float64(m.PrepareMS) / 1000)
+				prepare.WithLabelValues(host, metricName(in), m.Template, start).Set(float64(m.PrepareMS) / 1000)
 			}
 			if t, err := time.Parse(time.RFC3339, m.EndingAt); err == nil {
-				ending.WithLabelValues(host, in.Name).Set(now.Sub(t).Seconds())
+				ending.WithLabelValues(host, metricName(in)).Set(now.Sub(t).Seconds())
 			}
 			if phase == meta.PhaseKept {
 				nkept++
