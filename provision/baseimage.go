@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -41,7 +42,7 @@ const (
 )
 
 // baseImageXML is the domain definition of the base image name, or ErrNoTemplate.
-func (h *Host) baseImageXML(conn *libvirt.Conn, name string) (string, error) {
+func (h *Host) baseImageXML(ctx context.Context, conn *libvirt.Conn, name string) (string, error) {
 	b := h.BaseImages
 	if err := h.checkBaseImages(conn); err != nil {
 		return "", err
@@ -72,7 +73,7 @@ func (h *Host) baseImageXML(conn *libvirt.Conn, name string) (string, error) {
 	}
 	virt := b.Virt
 	if virt == "" {
-		virt = virtType(conn)
+		virt = h.virtType(ctx, conn)
 	}
 	return b.domainXML(name, path, kernel, initrd, cmdline, virt)
 }
@@ -107,27 +108,18 @@ func (b BaseImages) find(conn *libvirt.Conn, local bool, name string) (string, e
 	return conn.API().StorageVolGetPath(vol)
 }
 
-// virtType is kvm where the libvirt host's capabilities offer it for x86_64 guests, else
-// qemu (software emulation).
-func virtType(conn *libvirt.Conn) string {
-	if c, ok := conn.API().(interface{ ConnectGetCapabilities() (string, error) }); ok {
-		if x, err := c.ConnectGetCapabilities(); err == nil {
-			var caps libvirtxml.Caps
-			if caps.Unmarshal(x) == nil {
-				for _, g := range caps.Guests {
-					if g.Arch.Name != "x86_64" {
-						continue
-					}
-					for _, d := range g.Arch.Domains {
-						if d.Type == "kvm" {
-							return "kvm"
-						}
-					}
-				}
-			}
-		}
+// virtType is kvm where libvirt offers it for x86_64 guests and, on a local libvirt, a
+// guest ran under it (the probe), else qemu (software emulation).
+func (h *Host) virtType(ctx context.Context, conn *libvirt.Conn) string {
+	offered, _, err := h.kvm(ctx, conn)
+	if !offered {
+		return "qemu"
 	}
-	return "qemu"
+	if err != nil {
+		h.Log.Warn("base images run under software emulation: libvirt offers KVM, but " + err.Error() + " (set LIBVIRT_GCI_BASE_VIRT to choose)")
+		return "qemu"
+	}
+	return "kvm"
 }
 
 // domainXML is the built-in definition: q35, a virtio disk and NIC, the agent channel, a

@@ -2,6 +2,7 @@ package provision
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
@@ -31,7 +32,7 @@ func TestBaseImagesOwnPlace(t *testing.T) {
 	}
 	mkvol("base", "debian-12.qcow2")
 	h.BaseImages = BaseImages{Source: "base", CPUs: 1, Memory: 1 << 30}
-	_, err := h.baseImageXML(conn, "debian-12")
+	_, err := h.baseImageXML(context.Background(), conn, "debian-12")
 	require.NoError(t, err, "a pool of base images alone")
 
 	for source, want := range map[string]string{
@@ -39,14 +40,14 @@ func TestBaseImagesOwnPlace(t *testing.T) {
 		"t":  `LIBVIRT_GCI_BASE_IMAGES holds root.qcow2, a disk of the domain "tmpl"`,
 	} {
 		h.BaseImages.Source = source
-		_, err := h.baseImageXML(conn, "debian-12")
+		_, err := h.baseImageXML(context.Background(), conn, "debian-12")
 		assert.ErrorContains(t, err, want, source)
 		assert.ErrorContains(t, err, "base images need a directory or pool of their own")
 	}
 	mkvol("mixed", "debian-12.qcow2")
 	mkvol("mixed", "libvirt-gci-warm-0123-4567-vda.qcow2")
 	h.BaseImages.Source = "mixed"
-	_, err = h.baseImageXML(conn, "debian-12")
+	_, err = h.baseImageXML(context.Background(), conn, "debian-12")
 	assert.ErrorContains(t, err, "LIBVIRT_GCI_BASE_IMAGES holds libvirt-gci-warm-0123-4567-vda.qcow2, a volume of libvirt-gci's own")
 
 	// A directory that holds a defined domain's disk.
@@ -54,13 +55,13 @@ func TestBaseImagesOwnPlace(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "debian-12.qcow2"), nil, 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "build-vm.qcow2"), nil, 0o644))
 	h.BaseImages.Source = dir
-	_, err = h.baseImageXML(conn, "debian-12")
+	_, err = h.baseImageXML(context.Background(), conn, "debian-12")
 	require.NoError(t, err)
 	x := `<domain type='qemu'><name>build-vm</name><memory>1024</memory><os><type>hvm</type></os><devices>` +
 		`<disk type='file' device='disk'><source file='` + filepath.Join(dir, "build-vm.qcow2") + `'/><target dev='vda'/></disk></devices></domain>`
 	_, err = f.DomainDefineXMLFlags(x, 0)
 	require.NoError(t, err)
-	_, err = h.baseImageXML(conn, "debian-12")
+	_, err = h.baseImageXML(context.Background(), conn, "debian-12")
 	assert.ErrorContains(t, err, `LIBVIRT_GCI_BASE_IMAGES holds build-vm.qcow2, a disk of the domain "build-vm"`)
 	assert.NotContains(t, err.Error(), dir, "no host directory in a job's log")
 }

@@ -42,7 +42,7 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
 	dom, err := conn.API().DomainLookupByName(name)
 	if libvirt.HasCode(err, golibvirt.ErrNoDomain) && h.BaseImages.Source != "" {
-		x, err := h.baseImageXML(conn, name)
+		x, err := h.baseImageXML(ctx, conn, name)
 		if err == nil {
 			add(fmt.Sprintf("a base image %s.qcow2 in %s (offered by being there; a built-in definition)", name, h.BaseImages.Source), true, "")
 			return h.checkXML(out, conn, x, nil)

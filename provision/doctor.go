@@ -3,7 +3,6 @@ package provision
 import (
 	"context"
 	"encoding/json"
-	"encoding/xml"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -124,7 +123,7 @@ func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, 
 	default:
 		add("a define and undefine", FindingOK, fmt.Sprintf("%d ms", took.Milliseconds()), "")
 	}
-	if out = append(out, h.doctorKVM(conn)...); stalled() {
+	if out = append(out, h.doctorKVM(ctx, conn)...); stalled() {
 		return out, nil
 	}
 	templates, tmplFindings := h.doctorTemplates(ctx, conn, req)
@@ -156,26 +155,13 @@ func (h *Host) probeDefine(conn *libvirt.Conn) (time.Duration, error) {
 	return time.Since(start), nil
 }
 
-// doctorKVM says whether libvirt offers KVM, and whether /dev/kvm has the mode that
-// keeps libvirtd from probing QEMU again on every call (a local host only).
-func (h *Host) doctorKVM(conn *libvirt.Conn) []Finding {
-	caps, err := conn.API().ConnectGetCapabilities()
-	if err != nil {
-		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: fmt.Sprintf("capabilities: %v", err), Fix: "check libvirtd's log"}}
-	}
-	var c struct {
-		Guests []struct {
-			Domains []struct {
-				Type string `xml:"type,attr"`
-			} `xml:"arch>domain"`
-		} `xml:"guest"`
-	}
-	_ = xml.Unmarshal([]byte(caps), &c)
-	kvm := false
-	for _, g := range c.Guests {
-		for _, d := range g.Domains {
-			kvm = kvm || d.Type == "kvm"
-		}
+// doctorKVM says whether libvirt offers KVM and, on a local host, whether a guest runs
+// under it (a machine whose /dev/kvm opens may still never run one), and whether
+// /dev/kvm has the mode that keeps libvirtd from probing QEMU again on every call.
+func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) []Finding {
+	offered, probed, err := h.kvm(ctx, conn)
+	if !offered && err != nil {
+		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}
 	}
 	var out []Finding
 	if dial.IsLocal(h.URI) {
@@ -187,8 +173,14 @@ func (h *Host) doctorKVM(conn *libvirt.Conn) []Finding {
 			}
 		}
 	}
-	if kvm {
-		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it"}}, out...)
+	switch {
+	case offered && err != nil:
+		return append([]Finding{{Check: "KVM", Status: FindingProblem, Detail: "libvirt offers it, but " + err.Error(),
+			Fix: "use domain type qemu (software emulation): LIBVIRT_GCI_BASE_VIRT=qemu, and <domain type='qemu'> in templates (those of type kvm will hang); or make KVM work (nested virtualization needs the CPU's extension in this VM)"}}, out...)
+	case offered && probed:
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}}, out...)
+	case offered:
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}}, out...)
 	}
 	return append([]Finding{{Check: "KVM", Status: FindingNote, Detail: "libvirt does not offer it: guests run under software emulation, many times slower",
 		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...)
@@ -262,7 +254,7 @@ func (h *Host) doctorTemplates(ctx context.Context, conn *libvirt.Conn, req Doct
 func (h *Host) doctorWarm(ctx context.Context, conn *libvirt.Conn, name string, req DoctorRequest, boot time.Duration) Finding {
 	check := "warm image of " + name
 	wreq := Request{Name: "warm", Template: name, Offered: true, Transport: req.Transport}
-	tx, tmpl, err := h.template(conn, wreq)
+	tx, tmpl, err := h.template(ctx, conn, wreq)
 	if err != nil {
 		return Finding{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "libvirt-gci template check " + name}
 	}

@@ -155,12 +155,12 @@ func (e *DiskTooSmallError) Error() string {
 
 // template finds the template req names and checks that an instance can be made of it.
 // It returns the template's XML, too.
-func (h *Host) template(conn *libvirt.Conn, req Request) (string, *template.Template, error) {
+func (h *Host) template(ctx context.Context, conn *libvirt.Conn, req Request) (string, *template.Template, error) {
 	lookupStart := time.Now()
 	tx, marked, err := conn.TemplateXML(req.Template)
 	if errors.Is(err, libvirt.ErrNoTemplate) && h.BaseImages.Source != "" {
 		// A base image: offered by being where the operator put it.
-		if tx, err = h.baseImageXML(conn, req.Template); err == nil {
+		if tx, err = h.baseImageXML(ctx, conn, req.Template); err == nil {
 			marked = true
 		}
 	}

@@ -137,7 +137,7 @@ func (h *Host) begin(ctx context.Context, conn *libvirt.Conn, req Request) (*pla
 	if err := h.sweep(ctx, conn); err != nil {
 		return nil, err
 	}
-	tx, tmpl, err := h.template(conn, req)
+	tx, tmpl, err := h.template(ctx, conn, req)
 	if err != nil {
 		return nil, err
 	}

@@ -289,7 +289,7 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string, sha
 	}
 	defer conn.Close()
 	req := Request{Name: "warm", Template: tmplName, Offered: true, Transport: transport, Helper: helper}
-	tx, tmpl, err := h.template(conn, req)
+	tx, tmpl, err := h.template(ctx, conn, req)
 	if err != nil {
 		return "", err
 	}

@@ -49,6 +49,7 @@ type Libvirt struct {
 	noAddress      map[string]bool
 	macs           int               // MAC addresses given out
 	noReseed       bool              // the guests have no way to reseed their RNG at once
+	kvmEmulator    string            // offered KVM with this QEMU (SetKVM); "": none
 	blockSizes     map[string]uint64 // DomainBlockResize's, by domain/disk
 	networks       map[string]*libvirtxml.Network
 	filters        map[string]string // nwfilters defined, by name

@@ -296,7 +296,20 @@ func (f *Libvirt) ConnectGetCapabilities() (string, error) {
 	if err := f.enter("ConnectGetCapabilities"); err != nil {
 		return "", err
 	}
-	return `<capabilities><host><cpu><arch>x86_64</arch></cpu></host><guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/></arch></guest></capabilities>`, nil
+	f.mu.Lock()
+	kvm := ""
+	if f.kvmEmulator != "" {
+		kvm = "<domain type='kvm'><emulator>" + f.kvmEmulator + "</emulator></domain>"
+	}
+	f.mu.Unlock()
+	return `<capabilities><host><cpu><arch>x86_64</arch></cpu></host><guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/>` + kvm + `</arch></guest></capabilities>`, nil
+}
+
+// SetKVM has the fake offer KVM, its guests run by the QEMU binary emulator.
+func (f *Libvirt) SetKVM(emulator string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.kvmEmulator = emulator
 }
 
 // NodeGetInfo says the host has 32 GiB of memory and 8 CPUs.

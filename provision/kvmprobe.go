@@ -1,0 +1,109 @@
+package provision
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
+)
+
+// A machine whose /dev/kvm opens, and creates VMs and vCPUs, may still never run a
+// guest under KVM (nested virtualization without the CPU's extension: QEMU spins in
+// the kernel, and a guest waits out its boot timeout). Only a guest that ran tells: the
+// probe boots a boot sector that writes to QEMU's isa-debug-exit port, which ends QEMU
+// with an exit code nothing but guest code gives.
+
+// probeSector is a PC boot sector: mov al, 0x31; out 0xf4, al; then hlt for good.
+var probeSector = func() []byte {
+	b := make([]byte, 512)
+	copy(b, []byte{0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD})
+	b[510], b[511] = 0x55, 0xAA
+	return b
+}()
+
+// probeExit is QEMU's exit code once the sector ran: isa-debug-exit exits with
+// (value << 1) | 1.
+const probeExit = 0x31<<1 | 1
+
+// AccelProbeTime bounds an accelerator probe: SeaBIOS and the sector take a fraction of a second under
+// KVM, 0.3 s under software emulation here.
+const AccelProbeTime = 10 * time.Second
+
+// ProbeAccel boots the probe sector with QEMU's emulator under accel ("kvm", "tcg")
+// and says why no guest code ran within bound; nil if it ran.
+func ProbeAccel(ctx context.Context, emulator, accel string, bound time.Duration) error {
+	dir, err := os.MkdirTemp("", "libvirt-gci-probe")
+	if err != nil {
+		return fmt.Errorf("probe %s: %w", accel, err)
+	}
+	defer os.RemoveAll(dir)
+	img := filepath.Join(dir, "sector.img")
+	if err := os.WriteFile(img, probeSector, 0o600); err != nil {
+		return fmt.Errorf("probe %s: %w", accel, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, emulator, "-accel", accel, "-machine", "pc", "-m", "16", "-nodefaults", "-no-user-config",
+		"-display", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-drive", "file="+img+",format=raw,if=ide")
+	cmd.WaitDelay = time.Second
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err = cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee) && ee.ExitCode() == probeExit:
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("no guest code ran under %s within %s (QEMU started, and its guest never reached its first instructions)", accel, bound)
+	case err == nil:
+		return fmt.Errorf("QEMU under %s ended without running the guest code", accel)
+	default:
+		return fmt.Errorf("QEMU under %s: %v: %s", accel, err, strings.TrimSpace(out.String()))
+	}
+}
+
+// kvmEmulator is the QEMU binary libvirt runs x86_64 KVM guests with, from its
+// capabilities; "" where libvirt offers no KVM.
+func kvmEmulator(caps string) string {
+	var c libvirtxml.Caps
+	if c.Unmarshal(caps) != nil {
+		return ""
+	}
+	for _, g := range c.Guests {
+		if g.Arch.Name != "x86_64" {
+			continue
+		}
+		for _, d := range g.Arch.Domains {
+			if d.Type == "kvm" {
+				return cmp.Or(d.Emulator, g.Arch.Emulator)
+			}
+		}
+	}
+	return ""
+}
+
+// kvm says whether libvirt offers KVM (offered) and, on a local libvirt, why a guest
+// does not run under it (the probe; nil where it ran, or where the libvirt is remote
+// and cannot be probed from here).
+func (h *Host) kvm(ctx context.Context, conn *libvirt.Conn) (offered bool, probed bool, err error) {
+	caps, err := conn.API().ConnectGetCapabilities()
+	if err != nil {
+		return false, false, fmt.Errorf("capabilities: %w", err)
+	}
+	emulator := kvmEmulator(caps)
+	if emulator == "" || !dial.IsLocal(h.URI) {
+		return emulator != "", false, nil
+	}
+	return true, true, ProbeAccel(ctx, emulator, "kvm", AccelProbeTime)
+}
