@@ -46,6 +46,7 @@ func (e *Executor) Doctor(ctx context.Context, boot, asJSON bool) error {
 		Shares:    s.CacheDir != "",
 		MaxCPUs:   s.MaxCPUs,
 		MaxMemory: s.MaxMemory,
+		MaxDisk:   s.MaxDisk,
 	}
 	hs := e.hosts()
 	for _, h := range hs {

@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -42,6 +43,7 @@ type DoctorRequest struct {
 	Shares    bool   // a cache share is set: warm images share the guest's memory
 	MaxCPUs   int    // the most CPUs a job may ask for; 0: the template's
 	MaxMemory uint64 // bytes; 0: the template's
+	MaxDisk   uint64 // bytes: the first disk a job may ask for (LIBVIRT_GCI_MAX_DISK); 0: the template's
 }
 
 // Doctor checks the host for jobs, without changing anything of the jobs' (a define
@@ -127,7 +129,7 @@ func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, 
 		return out, nil
 	}
 	templates, tmplFindings := h.doctorTemplates(ctx, conn, req)
-	if out = append(out, h.doctorPool(conn, templates)...); stalled() {
+	if out = append(out, h.doctorPool(conn, templates, req)...); stalled() {
 		return out, nil
 	}
 	if out = append(append(out, tmplFindings...), h.doctorCapacity(conn, templates, req)...); stalled() {
@@ -288,7 +290,7 @@ func (h *Host) doctorWarm(ctx context.Context, conn *libvirt.Conn, name string, 
 
 // doctorPool checks the instance pool: there, active, and with room for a job's disks
 // to grow to their full size on the largest template.
-func (h *Host) doctorPool(conn *libvirt.Conn, templates []doctorTemplate) []Finding {
+func (h *Host) doctorPool(conn *libvirt.Conn, templates []doctorTemplate, req DoctorRequest) []Finding {
 	check := "instance pool " + h.Pool
 	info, _, err := h.poolInfo(conn)
 	switch {
@@ -310,13 +312,26 @@ func (h *Host) doctorPool(conn *libvirt.Conn, templates []doctorTemplate) []Find
 		}
 	}
 	detail := fmt.Sprintf("active, %s free of %s", HumanSize(avail), HumanSize(capacity))
-	if largest.diskBytes > avail {
+	// A job's disks may grow to its template's, or to the first disk it may ask for
+	// (LIBVIRT_GCI_MAX_DISK) with the template's others beside it.
+	grow, on := largest.diskBytes, largest.name
+	if req.MaxDisk > grow {
+		grow, on = req.MaxDisk+largest.diskBytes, "LIBVIRT_GCI_MAX_DISK and "+cmp.Or(largest.name, "the templates")
+	}
+	if grow > avail {
 		return []Finding{{Check: check, Status: FindingProblem,
-			Detail: fmt.Sprintf("%s; a job on %s can grow its disks to %s", detail, largest.name, HumanSize(largest.diskBytes)),
+			Detail: fmt.Sprintf("%s; a job can grow its disks to %s (%s)", detail, HumanSize(grow), on),
 			Fix:    "free space where the pool lives, or put the pool on a larger file system"}}
 	}
-	if largest.diskBytes > 0 {
-		detail += fmt.Sprintf("; a job's disks grow to %s at most (%s)", HumanSize(largest.diskBytes), largest.name)
+	if grow > 0 {
+		detail += fmt.Sprintf("; a job's disks grow to %s at most (%s)", HumanSize(grow), on)
+	}
+	// The running jobs together: when the file system under the pool fills, every VM
+	// that writes gets an I/O error (their disks' error policy), another project's too.
+	if n := h.Limits.Instances; n > 0 && grow > 0 && uint64(n)*grow > avail {
+		return []Finding{{Check: check, Status: FindingProblem,
+			Detail: fmt.Sprintf("%s; LIBVIRT_GCI_MAX_INSTANCES=%d jobs can grow their disks to %s together", detail, n, HumanSize(uint64(n)*grow)),
+			Fix:    fmt.Sprintf("lower LIBVIRT_GCI_MAX_INSTANCES to %d, or LIBVIRT_GCI_MAX_DISK, or give the pool more room", avail/grow)}}
 	}
 	return []Finding{{Check: check, Status: FindingOK, Detail: detail}}
 }

@@ -288,6 +288,10 @@ func (t *Template) overlayDisks(devs *libvirtxml.DomainDeviceList, inst Instance
 			d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
 		}
 		d.Driver.Type = "qcow2"
+		// A write that fails (the file system under the pool full) is the guest's I/O
+		// error, failing the job that wrote, not a pause (QEMU's default, "stop"): a
+		// paused VM holds its slot and its job's stages fail as system failures.
+		d.Driver.ErrorPolicy, d.Driver.RErrorPolicy = "report", "report"
 		d.Source = &libvirtxml.DomainDiskSource{
 			Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},
 		}
