@@ -291,7 +291,10 @@ func (t *Template) overlayDisks(devs *libvirtxml.DomainDeviceList, inst Instance
 		// A write that fails (the file system under the pool full) is the guest's I/O
 		// error, failing the job that wrote, not a pause (QEMU's default, "stop"): a
 		// paused VM holds its slot and its job's stages fail as system failures.
-		d.Driver.ErrorPolicy, d.Driver.RErrorPolicy = "report", "report"
+		// (A floppy drive has no such properties in QEMU: it keeps QEMU's default.)
+		if d.Device == "" || d.Device == "disk" {
+			d.Driver.ErrorPolicy, d.Driver.RErrorPolicy = "report", "report"
+		}
 		d.Source = &libvirtxml.DomainDiskSource{
 			Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},
 		}

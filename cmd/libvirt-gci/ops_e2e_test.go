@@ -452,6 +452,19 @@ func TestKeptVMKeepsItsWarmImage(t *testing.T) {
 	require.NotNil(t, w, r.stderr)
 	families = append(families, w[1])
 	kept := j.instance()
+	t.Cleanup(func() { // where the test stopped before gc removed it
+		if d, err := j.l.DomainLookupByName(kept); err == nil {
+			_ = j.l.DomainDestroy(d)
+			_ = j.l.DomainUndefineFlags(d, libvirt.DomainUndefineNvram)
+			if vols, _, err := j.l.StoragePoolListAllVolumes(pool, 1, 0); err == nil {
+				for _, v := range vols {
+					if strings.HasPrefix(v.Name, kept) {
+						_ = j.l.StorageVolDelete(v, 0)
+					}
+				}
+			}
+		}
+	})
 	require.Equal(t, 1, j.run("build_script", "exit 3").code)
 	r = j.stage("cleanup")
 	require.Equal(t, 0, r.code, r.stderr)
@@ -477,8 +490,17 @@ func TestKeptVMKeepsItsWarmImage(t *testing.T) {
 	require.Contains(t, backing[1], w[1]+w[2])
 
 	// The operator changes the template; another job makes its new image.
-	_, err = j.l.DomainDefineXMLFlags(templateVariant(t, j.l, tmpl, `<title>`, "<description>two</description><title>"), 0)
-	require.NoError(t, err)
+	redefine := func(desc string) {
+		t.Helper()
+		d, err := j.l.DomainLookupByName(tmpl)
+		require.NoError(t, err)
+		u := d.UUID // kept: the test's cleanup undefines the template by it
+		x := templateVariantOf(t, j.l, tmpl, tmpl, `(?s)<description>.*?</description>`, "<description>"+desc+"</description>",
+			`</name>`, fmt.Sprintf("</name><uuid>%x-%x-%x-%x-%x</uuid>", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16]))
+		_, err = j.l.DomainDefineXMLFlags(x, 0)
+		require.NoError(t, err)
+	}
+	redefine("two")
 	next := newJob(t)
 	next.prefix = j.prefix
 	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
@@ -501,8 +523,7 @@ func TestKeptVMKeepsItsWarmImage(t *testing.T) {
 		}
 		require.Less(t, time.Since(start), time.Minute, "gc kept it past its time")
 	}
-	_, err = j.l.DomainDefineXMLFlags(templateVariant(t, j.l, tmpl, `<title>`, "<description>three</description><title>"), 0)
-	require.NoError(t, err)
+	redefine("three")
 	last := newJob(t)
 	last.prefix = j.prefix
 	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
