@@ -125,10 +125,18 @@ func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, 
 	default:
 		add("a define and undefine", FindingOK, fmt.Sprintf("%d ms", took.Milliseconds()), "")
 	}
-	if out = append(out, h.doctorKVM(ctx, conn)...); stalled() {
+	kvmFindings, kvmBroken := h.doctorKVM(ctx, conn)
+	if out = append(out, kvmFindings...); stalled() {
 		return out, nil
 	}
 	templates, tmplFindings := h.doctorTemplates(ctx, conn, req)
+	for _, t := range templates {
+		if kvmBroken && t.kvm {
+			tmplFindings = append(tmplFindings, Finding{Check: "template " + t.name, Status: FindingProblem,
+				Detail: "<domain type='kvm'>, and no guest runs under KVM here: its clones would wait out the boot timeout",
+				Fix:    "virsh edit " + t.name + ": <domain type='qemu'>"})
+		}
+	}
 	if out = append(out, h.doctorPool(conn, templates, req)...); stalled() {
 		return out, nil
 	}
@@ -160,10 +168,16 @@ func (h *Host) probeDefine(conn *libvirt.Conn) (time.Duration, error) {
 // doctorKVM says whether libvirt offers KVM and, on a local host, whether a guest runs
 // under it (a machine whose /dev/kvm opens may still never run one), and whether
 // /dev/kvm has the mode that keeps libvirtd from probing QEMU again on every call.
-func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) []Finding {
+// It says too whether KVM is broken: offered, and no guest ran under it.
+func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool) {
+	f, offered, err := h.doctorKVMFindings(ctx, conn)
+	return f, offered && err != nil
+}
+
+func (h *Host) doctorKVMFindings(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool, error) {
 	offered, probed, err := h.kvm(ctx, conn)
 	if !offered && err != nil {
-		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}
+		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}, false, err
 	}
 	var out []Finding
 	if dial.IsLocal(h.URI) {
@@ -178,14 +192,14 @@ func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) []Finding {
 	switch {
 	case offered && err != nil:
 		return append([]Finding{{Check: "KVM", Status: FindingProblem, Detail: "libvirt offers it, but " + err.Error(),
-			Fix: "use domain type qemu (software emulation): LIBVIRT_GCI_BASE_VIRT=qemu, and <domain type='qemu'> in templates (those of type kvm will hang); or make KVM work (nested virtualization needs the CPU's extension in this VM)"}}, out...)
+			Fix: "use domain type qemu (software emulation): LIBVIRT_GCI_BASE_VIRT=qemu, and <domain type='qemu'> in templates (those of type kvm will hang); or make KVM work (nested virtualization needs the CPU's extension in this VM)"}}, out...), true, err
 	case offered && probed:
-		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}}, out...)
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}}, out...), true, nil
 	case offered:
-		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}}, out...)
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}}, out...), true, nil
 	}
 	return append([]Finding{{Check: "KVM", Status: FindingNote, Detail: "libvirt does not offer it: guests run under software emulation, many times slower",
-		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...)
+		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...), false, nil
 }
 
 // doctorTemplate is a template doctor found offered, and what it needs of the host.
@@ -194,6 +208,7 @@ type doctorTemplate struct {
 	memKiB    uint64
 	diskBytes uint64        // what its writable disks can grow to, where libvirt knows
 	boot      time.Duration // a clone's boot to a ready guest, where doctor --boot measured it
+	kvm       bool          // its domain type is kvm
 }
 
 // doctorTemplates checks each template jobs may clone (CheckTemplate).
@@ -237,7 +252,7 @@ func (h *Host) doctorTemplates(ctx context.Context, conn *libvirt.Conn, req Doct
 		t := doctorTemplate{name: name}
 		if tx, _, err := conn.TemplateXML(name); err == nil {
 			if tmpl, err := template.Parse(tx); err == nil {
-				t.memKiB = tmpl.MemoryKiB()
+				t.memKiB, t.kvm = tmpl.MemoryKiB(), tmpl.VirtType() == "kvm"
 				for _, d := range tmpl.Disks {
 					if c, ok, err := conn.BackingCapacity(d.Path); err == nil && ok {
 						t.diskBytes += c

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,17 +64,17 @@ func TestDoctorKVMNeedsAGuestThatRan(t *testing.T) {
 	conn := libvirt.NewConn(f)
 	ctx := context.Background()
 
-	got := h.doctorKVM(ctx, conn)
+	got, _ := h.doctorKVM(ctx, conn)
 	assert.Equal(t, FindingNote, got[0].Status, "no KVM offered: %v", got)
 	assert.Equal(t, "qemu", h.virtType(ctx, conn))
 
 	f.SetKVM(works)
-	got = h.doctorKVM(ctx, conn)
+	got, _ = h.doctorKVM(ctx, conn)
 	assert.Equal(t, Finding{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}, got[0])
 	assert.Equal(t, "kvm", h.virtType(ctx, conn))
 
 	f.SetKVM(broken)
-	got = h.doctorKVM(ctx, conn)
+	got, _ = h.doctorKVM(ctx, conn)
 	assert.Equal(t, FindingProblem, got[0].Status)
 	assert.Contains(t, got[0].Detail, "libvirt offers it, but QEMU under kvm: exit status 1: KVM: entry failed")
 	assert.Contains(t, got[0].Fix, "LIBVIRT_GCI_BASE_VIRT=qemu")
@@ -81,6 +82,33 @@ func TestDoctorKVMNeedsAGuestThatRan(t *testing.T) {
 	assert.Contains(t, log.String(), "base images run under software emulation: libvirt offers KVM, but")
 
 	h.URI = "qemu+ssh://elsewhere/system"
-	got = h.doctorKVM(ctx, conn)
+	got, _ = h.doctorKVM(ctx, conn)
 	assert.Equal(t, Finding{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}, got[0])
+}
+
+// Where no guest runs under KVM, doctor names each template of type kvm (its clones
+// would wait out their boot timeout).
+func TestDoctorFlagsKVMTemplatesWhereKVMIsBroken(t *testing.T) {
+	t.Parallel()
+	broken := filepath.Join(t.TempDir(), "broken")
+	require.NoError(t, os.WriteFile(broken, []byte("#!/bin/sh\nexit 1\n"), 0o755))
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.URI = "qemu:///system"
+	_, err := f.DomainDefineXMLFlags(strings.Replace(strings.Replace(nicTemplate, "<name>tmpl</name>", "<name>tmplkvm</name>", 1), "<domain type='qemu'>", "<domain type='kvm'>", 1), 0)
+	require.NoError(t, err)
+	req := DoctorRequest{Offered: func(string, bool) bool { return true }, Transport: "agent"}
+	flagged := func() []string {
+		var out []string
+		for _, f := range h.Doctor(context.Background(), req) {
+			if f.Status == FindingProblem && strings.Contains(f.Detail, "no guest runs under KVM here") {
+				out = append(out, f.Check)
+			}
+		}
+		return out
+	}
+	assert.Empty(t, flagged(), "no KVM offered: nothing to say of it")
+	f.SetKVM(broken)
+	assert.Equal(t, []string{"template tmplkvm"}, flagged())
 }

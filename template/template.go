@@ -131,6 +131,9 @@ type ReadOnlyDisk struct {
 }
 
 // CPUs is the template's number of virtual CPUs.
+// VirtType is the template's domain type: kvm, qemu (software emulation), ...
+func (t *Template) VirtType() string { return t.dom.Type }
+
 func (t *Template) CPUs() int {
 	if t.dom.VCPU == nil || t.dom.VCPU.Value == 0 {
 		return 1
