@@ -14,8 +14,34 @@ import (
 	"github.com/digitalocean/go-libvirt"
 )
 
-// streamTime bounds a libvirt stream call (a volume's upload or download).
-const streamTime = 30 * time.Second
+// streamTime bounds a libvirt stream call (a volume's upload or download of a header or
+// a mark: a MiB at most), in streamAttempts tries of a third of it each, each on a
+// connection of its own: a stream that stalls (go-libvirt's, over a loaded qemu+ssh,
+// once stayed silent 30 s where it takes a fraction of a second) is given up and
+// started again rather than waited out.
+const (
+	streamTime     = 30 * time.Second
+	streamAttempts = 3
+)
+
+// streamAttempt is how long one try of a stream call may take.
+var streamAttempt = streamTime / streamAttempts
+
+// retryStream runs try (one stream call on a connection of its own) until it ends
+// within streamAttempt, at most streamAttempts times, or ctx ends.
+func retryStream(ctx context.Context, try func(ctx context.Context) error) error {
+	var err error
+	for range streamAttempts {
+		actx, cancel := context.WithTimeout(ctx, streamAttempt)
+		err = try(actx)
+		stalled := errors.Is(err, context.DeadlineExceeded) && actx.Err() != nil && ctx.Err() == nil
+		cancel()
+		if !stalled {
+			return err
+		}
+	}
+	return fmt.Errorf("%w (%d tries of %s)", err, streamAttempts, streamAttempt)
+}
 
 // ReadSaveImage reads the header of the save image in the volume vol: from its file
 // where this process can (a local libvirt, a user allowed to read it), else through
@@ -62,26 +88,29 @@ func (c *Conn) readLocal(vol libvirt.StorageVol, n int) ([]byte, error) {
 // lock while it hands the packet to a caller that is gone): the download runs on a
 // connection of its own, which is dropped once the bytes are in.
 func (c *Conn) readPrefix(ctx context.Context, vol libvirt.StorageVol, n uint64) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, streamTime)
-	defer cancel()
-	side, err := c.redial(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer side.dropNow()
-	pw := &prefixWriter{want: int(n), full: make(chan struct{})}
-	errc := make(chan error, 1)
-	go func() { errc <- side.api.StorageVolDownload(vol, pw, 0, n, 0) }()
-	select {
-	case err := <-errc:
+	var got []byte
+	err := retryStream(ctx, func(ctx context.Context) error {
+		side, err := c.redial(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("download of %s: %w", vol.Name, err)
+			return err
 		}
-	case <-pw.full:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("download of %s: %w", vol.Name, context.Cause(ctx))
-	}
-	return pw.bytes(), nil
+		defer side.dropNow()
+		pw := &prefixWriter{want: int(n), full: make(chan struct{})}
+		errc := make(chan error, 1)
+		go func() { errc <- side.api.StorageVolDownload(vol, pw, 0, n, 0) }()
+		select {
+		case err := <-errc:
+			if err != nil {
+				return fmt.Errorf("download of %s: %w", vol.Name, err)
+			}
+		case <-pw.full:
+		case <-ctx.Done():
+			return fmt.Errorf("download of %s: %w", vol.Name, context.Cause(ctx))
+		}
+		got = pw.bytes()
+		return nil
+	})
+	return got, err
 }
 
 // prefixWriter keeps what is written to it, and says when it has want bytes.
@@ -124,22 +153,24 @@ func (c *Conn) upload(ctx context.Context, vol libvirt.StorageVol, data []byte) 
 			}
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, streamTime)
-	defer cancel()
-	side, err := c.redial(ctx)
-	if err != nil {
-		return err
-	}
-	defer side.dropNow()
-	errc := make(chan error, 1)
-	go func() { errc <- side.api.StorageVolUpload(vol, bytes.NewReader(data), 0, uint64(len(data)), 0) }()
-	select {
-	case err := <-errc:
+	// Writing the same bytes at the same place again is harmless: a stalled try is
+	// tried again.
+	return retryStream(ctx, func(ctx context.Context) error {
+		side, err := c.redial(ctx)
 		if err != nil {
-			return fmt.Errorf("upload to %s: %w", vol.Name, err)
+			return err
 		}
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("upload to %s: %w", vol.Name, context.Cause(ctx))
-	}
+		defer side.dropNow()
+		errc := make(chan error, 1)
+		go func() { errc <- side.api.StorageVolUpload(vol, bytes.NewReader(data), 0, uint64(len(data)), 0) }()
+		select {
+		case err := <-errc:
+			if err != nil {
+				return fmt.Errorf("upload to %s: %w", vol.Name, err)
+			}
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("upload to %s: %w", vol.Name, context.Cause(ctx))
+		}
+	})
 }
