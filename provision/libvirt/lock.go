@@ -4,11 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"strings"
 	"time"
-
-	"libvirt.org/go/libvirtxml"
 
 	"github.com/digitalocean/go-libvirt"
 )
@@ -150,17 +147,8 @@ func (c *Conn) staleLock(ctx context.Context, pool libvirt.StoragePool, name str
 		}
 	}
 	if why == "" {
-		x, err := c.api.StorageVolGetXMLDesc(v, 0)
-		if err != nil {
-			return ""
-		}
-		var vol libvirtxml.StorageVolume
-		if vol.Unmarshal(x) != nil || vol.Target == nil || vol.Target.Timestamps == nil {
-			return ""
-		}
-		sec, _, _ := strings.Cut(vol.Target.Timestamps.Ctime, ".")
-		made, err := strconv.ParseInt(sec, 10, 64)
-		if err != nil || time.Since(time.Unix(made, 0)) < lockStaleAfter || (alive != nil && alive()) {
+		made, ok := c.volumeMade(v)
+		if !ok || time.Since(made) < lockStaleAfter || (alive != nil && alive()) {
 			return ""
 		}
 		why = fmt.Sprintf("older than %s, left by a process that is gone", lockStaleAfter)

@@ -2,11 +2,10 @@ package libvirt
 
 import (
 	"fmt"
-	"maps"
 	"path"
-	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -92,18 +91,38 @@ func (conn *Conn) RemoveUnused(pool libvirt.StoragePool, image func(v string) (s
 	}
 	n := 0
 	for _, name := range names {
-		if used[name] || slices.ContainsFunc(slices.Collect(maps.Keys(used)), func(v string) bool { return part(name, v) }) {
+		if inUse(used, name, part) {
 			continue
 		}
-		if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name+".done" }); err != nil {
-			return n, err
-		}
-		if err := conn.DeleteVolumes(pool, func(v string) bool { return part(name, v) }); err != nil {
+		if err := conn.removeImage(pool, name, part); err != nil {
 			return n, err
 		}
 		n++
 	}
 	return n, nil
+}
+
+// inUse tells whether the image name is among what the domains use (usedVolumes): by
+// its name (a warm image a domain's metadata names), or one of its volumes.
+func inUse(used map[string]bool, name string, part func(name, v string) bool) bool {
+	if used[name] {
+		return true
+	}
+	for v := range used {
+		if part(name, v) {
+			return true
+		}
+	}
+	return false
+}
+
+// removeImage deletes the image name of pool: its mark first, so that a half-removed
+// image is made again, never used, then its volumes.
+func (conn *Conn) removeImage(pool libvirt.StoragePool, name string, part func(name, v string) bool) error {
+	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name+".done" }); err != nil {
+		return err
+	}
+	return conn.DeleteVolumes(pool, func(v string) bool { return part(name, v) })
 }
 
 // RemoveOldestUnused removes, of the images names (each whole once NAME.done is
@@ -115,43 +134,42 @@ func (conn *Conn) RemoveOldestUnused(pool libvirt.StoragePool, names []string, p
 	if err != nil {
 		return "", err
 	}
-	oldest, oldestMade := "", int64(0)
+	oldest, oldestMade := "", time.Time{}
 	for _, name := range names {
-		if used[name] || slices.ContainsFunc(slices.Collect(maps.Keys(used)), func(v string) bool { return part(name, v) }) {
+		if inUse(used, name, part) {
 			continue
 		}
-		made := conn.volumeMade(pool, name+".done")
-		if oldest == "" || made < oldestMade || made == oldestMade && name < oldest {
+		var made time.Time // zero where libvirt does not say
+		if v, err := conn.api.StorageVolLookupByName(pool, name+".done"); err == nil {
+			made, _ = conn.volumeMade(v)
+		}
+		if oldest == "" || made.Before(oldestMade) || made.Equal(oldestMade) && name < oldest {
 			oldest, oldestMade = name, made
 		}
 	}
 	if oldest == "" {
 		return "", nil
 	}
-	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == oldest+".done" }); err != nil {
-		return "", err
-	}
-	return oldest, conn.DeleteVolumes(pool, func(v string) bool { return part(oldest, v) })
+	return oldest, conn.removeImage(pool, oldest, part)
 }
 
-// volumeMade is when the volume name of pool was made (seconds since the epoch), as
-// libvirt reads its file's change time; 0 where it does not say.
-func (conn *Conn) volumeMade(pool libvirt.StoragePool, name string) int64 {
-	v, err := conn.api.StorageVolLookupByName(pool, name)
-	if err != nil {
-		return 0
-	}
+// volumeMade is when the volume v was made, as libvirt reads its file's change time
+// (to the second); false where it does not say.
+func (conn *Conn) volumeMade(v libvirt.StorageVol) (time.Time, bool) {
 	x, err := conn.api.StorageVolGetXMLDesc(v, 0)
 	if err != nil {
-		return 0
+		return time.Time{}, false
 	}
 	var vol libvirtxml.StorageVolume
 	if vol.Unmarshal(x) != nil || vol.Target == nil || vol.Target.Timestamps == nil {
-		return 0
+		return time.Time{}, false
 	}
 	sec, _, _ := strings.Cut(vol.Target.Timestamps.Ctime, ".")
-	made, _ := strconv.ParseInt(sec, 10, 64)
-	return made
+	made, err := strconv.ParseInt(sec, 10, 64)
+	if err != nil {
+		return time.Time{}, false
+	}
+	return time.Unix(made, 0), true
 }
 
 // usedVolumes is what the domains use: the file or volume name of each of their
