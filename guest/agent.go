@@ -232,11 +232,16 @@ func (s execStatus) status() ExitStatus {
 	return ExitStatus{Code: -1}
 }
 
-func (a *Agent) exec(ctx context.Context, capture bool, path string, args ...string) (int, error) {
+// exec starts path with args, input (if not nil) on its standard input.
+func (a *Agent) exec(ctx context.Context, capture bool, input []byte, path string, args ...string) (int, error) {
+	cmd := map[string]any{"path": path, "arg": args, "capture-output": capture}
+	if input != nil {
+		cmd["input-data"] = base64.StdEncoding.EncodeToString(input)
+	}
 	var ret struct {
 		PID int `json:"pid"`
 	}
-	err := a.call(ctx, agentTimeout, "guest-exec", map[string]any{"path": path, "arg": args, "capture-output": capture}, &ret)
+	err := a.call(ctx, agentTimeout, "guest-exec", cmd, &ret)
 	return ret.PID, err
 }
 
@@ -253,17 +258,10 @@ func (a *Agent) execWait(ctx context.Context, path string, args ...string) (Exit
 
 // execWaitInput is execWait with input on the command's standard input.
 func (a *Agent) execWaitInput(ctx context.Context, input []byte, path string, args ...string) (ExitStatus, string, error) {
-	cmd := map[string]any{"path": path, "arg": args, "capture-output": true}
-	if input != nil {
-		cmd["input-data"] = base64.StdEncoding.EncodeToString(input)
-	}
-	var ret struct {
-		PID int `json:"pid"`
-	}
-	if err := a.call(ctx, agentTimeout, "guest-exec", cmd, &ret); err != nil {
+	pid, err := a.exec(ctx, true, input, path, args...)
+	if err != nil {
 		return ExitStatus{}, "", err
 	}
-	pid := ret.PID
 	// Helper commands take tens of milliseconds to a few seconds (prepare's set-up):
 	// poll closely (every 5 to 40 ms) for their first ten seconds, so that prepare does
 	// not wait long after one ends (each answer costs the guest a little CPU).
@@ -847,6 +845,6 @@ func (a *Agent) ResetIdentity(ctx context.Context) error {
 // guests whose agent cannot shut them down (no /sbin/shutdown). It does not wait: the
 // agent goes down with the guest.
 func (a *Agent) PowerOff(ctx context.Context) error {
-	_, err := a.exec(ctx, false, "/bin/sh", "-c", "poweroff 2>/dev/null || busybox poweroff 2>/dev/null || halt -p")
+	_, err := a.exec(ctx, false, nil, "/bin/sh", "-c", "poweroff 2>/dev/null || busybox poweroff 2>/dev/null || halt -p")
 	return err
 }
