@@ -119,13 +119,7 @@ func TestClientKeyDerivation(t *testing.T) {
 // key, that runs every command with /bin/sh on this machine.
 func testServer(t *testing.T, hostKey ssh.Signer, client ssh.PublicKey) string {
 	t.Helper()
-	cfg := &ssh.ServerConfig{PublicKeyCallback: func(_ ssh.ConnMetadata, k ssh.PublicKey) (*ssh.Permissions, error) {
-		if bytes.Equal(k.Marshal(), client.Marshal()) {
-			return nil, nil
-		}
-		return nil, errors.New("unknown key")
-	}}
-	cfg.AddHostKey(hostKey)
+	cfg := serverConfig(hostKey, client)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	t.Cleanup(func() { ln.Close() })
@@ -159,6 +153,18 @@ func testServer(t *testing.T, hostKey ssh.Signer, client ssh.PublicKey) string {
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// serverConfig is a test server's: the host key, and the one client key it accepts.
+func serverConfig(hostKey ssh.Signer, client ssh.PublicKey) *ssh.ServerConfig {
+	cfg := &ssh.ServerConfig{PublicKeyCallback: func(_ ssh.ConnMetadata, k ssh.PublicKey) (*ssh.Permissions, error) {
+		if bytes.Equal(k.Marshal(), client.Marshal()) {
+			return nil, nil
+		}
+		return nil, errors.New("unknown key")
+	}}
+	cfg.AddHostKey(hostKey)
+	return cfg
 }
 
 func newSigner(t *testing.T) ssh.Signer {

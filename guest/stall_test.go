@@ -3,7 +3,6 @@ package guest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"net"
 	"testing"
 	"time"
@@ -26,13 +25,7 @@ type stall struct {
 // unanswered for as long as its connection lasts.
 func stallServer(t *testing.T, hostKey ssh.Signer, client ssh.PublicKey, s stall) string {
 	t.Helper()
-	cfg := &ssh.ServerConfig{PublicKeyCallback: func(_ ssh.ConnMetadata, k ssh.PublicKey) (*ssh.Permissions, error) {
-		if bytes.Equal(k.Marshal(), client.Marshal()) {
-			return nil, nil
-		}
-		return nil, errors.New("unknown key")
-	}}
-	cfg.AddHostKey(hostKey)
+	cfg := serverConfig(hostKey, client)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	done := make(chan struct{})

@@ -500,12 +500,16 @@ func TestKeptVMKeepsItsWarmImage(t *testing.T) {
 		_, err = j.l.DomainDefineXMLFlags(x, 0)
 		require.NoError(t, err)
 	}
-	redefine("two")
-	next := newJob(t)
-	next.prefix = j.prefix
-	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
-		next.env[k] = j.env[k]
+	sibling := func() *gitlabJob { // another job of the same prefix and template
+		n := newJob(t)
+		n.prefix = j.prefix
+		for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
+			n.env[k] = j.env[k]
+		}
+		return n
 	}
+	redefine("two")
+	next := sibling()
 	r = next.stage("prepare")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Contains(t, r.stderr, "made the warm image")
@@ -524,11 +528,7 @@ func TestKeptVMKeepsItsWarmImage(t *testing.T) {
 		require.Less(t, time.Since(start), time.Minute, "gc kept it past its time")
 	}
 	redefine("three")
-	last := newJob(t)
-	last.prefix = j.prefix
-	for _, k := range []string{"LIBVIRT_GCI_PREFIX", "LIBVIRT_GCI_TEMPLATES", "LIBVIRT_GCI_KEEP_FAILED", "CUSTOM_ENV_DISTRO"} {
-		last.env[k] = j.env[k]
-	}
+	last := sibling()
 	r = last.stage("prepare")
 	require.Equal(t, 0, r.code, r.stderr)
 	require.Equal(t, 0, last.stage("cleanup").code)
