@@ -108,6 +108,11 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	}()
 	p.report(tm)
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
+		if conn.IsLost() && !errors.Is(err, libvirt.ErrLost) {
+			// Whichever of the waits' calls libvirtd's restart cut short (the agent's,
+			// the set-up's, the address's look-up): that is why.
+			err = fmt.Errorf("%w: %v", libvirt.ErrLost, err)
+		}
 		return fmt.Errorf("instance %q: %w", req.Name, err)
 	}
 	return h.markReady(conn, p, time.Since(begin))
