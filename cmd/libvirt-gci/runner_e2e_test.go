@@ -317,7 +317,10 @@ func testRunnerTimeouts(t *testing.T, h *runnerHost) {
 	requireFastLibvirt(t, h.l)
 	h.warm(testTmpl) // the job's 20 s are for a restore, not for making the warm image too
 	const timeout = 20
-	job := h.gl.Add(fakegitlab.JobSpec{Script: []string{`echo started`, `sleep 613`}, Timeout: timeout})
+	// The guest's uptime around the sleep: CI once saw this job succeed 11 s into its
+	// sleep, and these lines tell a sleep that ended early from a status misread.
+	job := h.gl.Add(fakegitlab.JobSpec{Script: []string{`echo started`, `echo "uptime before: $(cat /proc/uptime)"`, `sleep 613`,
+		`echo "sleep 613 ended: $(cat /proc/uptime)"`}, Timeout: timeout})
 	script := h.gl.Add(fakegitlab.JobSpec{
 		Script:      []string{`echo started`, `sleep 613`},
 		AfterScript: []string{sleepersCheck},
