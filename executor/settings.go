@@ -170,6 +170,20 @@ var SettingList = []Setting{
 		set: count(func(s *Settings) *int { return &s.Limits.Instances })},
 	{Flag: "max-memory-total", Help: "memory of the running instances at most, such as 48G; prepare waits for room",
 		set: size(func(s *Settings) *uint64 { return &s.Limits.MemoryTotal })},
+	{Flag: "disk-reserve", Default: "full", Help: "disk room prepare holds in the instance pool before it starts a job, waiting for it: full (room for every instance's disks to grow to their full size, and for the new job's), a size such as 50G (at least that much free: overcommit), or 0 (no check)",
+		set: func(s *Settings, v string) error {
+			s.Limits.DiskFull, s.Limits.DiskReserve = false, 0
+			if v == "full" {
+				s.Limits.DiskFull = true
+				return nil
+			}
+			n, err := ParseSize(v)
+			if err != nil {
+				return fmt.Errorf("want full, a size such as 50G, or 0")
+			}
+			s.Limits.DiskReserve = n
+			return nil
+		}},
 	{Flag: "max-cpus", Help: "CPUs a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_CPUS)",
 		set: count(func(s *Settings) *int { return &s.MaxCPUs })},
 	{Flag: "max-memory", Help: "memory a job may ask for (CUSTOM_ENV_LIBVIRT_GCI_MEMORY), such as 8G",

@@ -45,7 +45,7 @@ func TestSettingsParse(t *testing.T) {
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
 	assert.Equal(t, Settings{URI: "qemu:///system", Transport: "agent", RunnerBinary: "auto", LogFormat: "text", CacheSize: 10 << 30,
-		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1, WarmSizes: 4}, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
+		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1, WarmSizes: 4, DiskFull: true}, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
 			BaseImages: provision.BaseImages{CPUs: 2, Memory: 2 << 30, Network: "default"}}}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 
@@ -59,6 +59,13 @@ func TestSettingsParse(t *testing.T) {
 		return Setting{}
 	}
 	assert.EqualError(t, find("boot-timeout").Set(&s, "soon"), `LIBVIRT_GCI_BOOT_TIMEOUT "soon" is invalid; want a duration such as 90s or 5m`)
+	assert.EqualError(t, find("disk-reserve").Set(&s, "lots"), `LIBVIRT_GCI_DISK_RESERVE "lots" is invalid; want full, a size such as 50G, or 0`)
+	require.NoError(t, find("disk-reserve").Set(&s, "50G"))
+	assert.Equal(t, provision.Limits{DiskReserve: 50 << 30}, provision.Limits{DiskFull: s.Limits.DiskFull, DiskReserve: s.Limits.DiskReserve})
+	require.NoError(t, find("disk-reserve").Set(&s, "0"))
+	assert.False(t, s.Limits.DiskFull || s.Limits.DiskReserve > 0, "0: no check")
+	require.NoError(t, find("disk-reserve").Set(&s, "full"))
+	assert.Equal(t, provision.Limits{DiskFull: true}, provision.Limits{DiskFull: s.Limits.DiskFull, DiskReserve: s.Limits.DiskReserve})
 	assert.EqualError(t, find("allow-host-access").Set(&s, "maybe"), `LIBVIRT_GCI_ALLOW_HOST_ACCESS "maybe" is invalid; want true or false`)
 	assert.EqualError(t, find("runner-binary").Set(&s, "bin/gitlab-runner"), `LIBVIRT_GCI_RUNNER_BINARY "bin/gitlab-runner" is invalid; want auto (the gitlab-runner that drives the job), an absolute path, or none`)
 	require.NoError(t, find("templates").Set(&s, " a-* ,b"))

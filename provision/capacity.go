@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Limits bound the host's running instances with the Host's prefix; zero: no limit.
@@ -27,7 +29,22 @@ type Limits struct {
 	// WarmSizes bounds the warm images per template and profile for sizes jobs ask
 	// for (LIBVIRT_GCI_WARM_SIZES): a job asking for yet another size boots.
 	WarmSizes int
+	// DiskFull: a job starts only where the instance pool has room for what every
+	// instance's disks may still grow by, and for its own disks at their full size
+	// (LIBVIRT_GCI_DISK_RESERVE=full). Else DiskReserve, if not zero: a job starts only
+	// while the pool has that many bytes free (overcommit).
+	DiskFull    bool
+	DiskReserve uint64
 }
+
+// demand is what one more instance takes: its memory and what its disks may grow to.
+type demand struct {
+	memKiB uint64
+	disk   uint64 // bytes
+}
+
+// checksDisk says whether admissions hold disks against the instance pool's room.
+func (l Limits) checksDisk() bool { return l.DiskFull || l.DiskReserve > 0 }
 
 // Size is what an instance is given instead of its template's; zero fields keep the
 // template's.
@@ -54,18 +71,19 @@ func (z Size) String() string {
 // capacityPoll is how often a launch that waits for capacity looks again.
 var capacityPoll = time.Second
 
-// admit waits until an instance of memKiB fits under the Limits (counted over the
-// running instances with our prefix), or ctx ends. It returns holding a host-wide lock
-// that the caller releases once its instance is defined and started: launches in other
-// processes wait for it, so that none counts before another's instance shows. Without
-// limits it does nothing.
-func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (release func(), err error) {
+// admit waits until an instance of demand d fits under the Limits (memory and
+// instances counted over the running instances with our prefix, disk room over every
+// instance in the pool), or ctx ends; it fails at once where waiting cannot help. It
+// returns holding a host-wide lock that the caller releases once its instance shows in
+// a listing as what counts: launches in other processes wait for it, so that none
+// counts before another's instance shows. Without limits it does nothing.
+func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, d demand) (release func(), err error) {
 	l := h.Limits
-	if l.Instances == 0 && l.MemoryTotal == 0 {
+	if l.Instances == 0 && l.MemoryTotal == 0 && !l.checksDisk() {
 		return func() {}, nil
 	}
-	if l.MemoryTotal > 0 && memKiB*1024 > l.MemoryTotal {
-		return nil, fmt.Errorf("an instance of %s memory can never fit under LIBVIRT_GCI_MAX_MEMORY_TOTAL %s", FormatSize(memKiB*1024), FormatSize(l.MemoryTotal))
+	if l.MemoryTotal > 0 && d.memKiB*1024 > l.MemoryTotal {
+		return nil, fmt.Errorf("an instance of %s memory can never fit under LIBVIRT_GCI_MAX_MEMORY_TOTAL %s", FormatSize(d.memKiB*1024), FormatSize(l.MemoryTotal))
 	}
 	start := time.Now()
 	said := ""
@@ -74,7 +92,7 @@ func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, memKiB uint64) (re
 		if err != nil {
 			return nil, err
 		}
-		why, err := h.full(conn, memKiB)
+		why, err := h.full(conn, d)
 		if err != nil {
 			unlock()
 			return nil, err
@@ -121,8 +139,9 @@ func (h *Host) usage(list []libvirt.Instance) Usage {
 	return u
 }
 
-// full says why one more instance of memKiB does not fit now, or "".
-func (h *Host) full(conn *libvirt.Conn, memKiB uint64) (string, error) {
+// full says why one more instance of demand d does not fit now, or "". Where no wait
+// can make it fit it fails with a *NoRoomError.
+func (h *Host) full(conn *libvirt.Conn, d demand) (string, error) {
 	list, err := conn.Instances()
 	if err != nil {
 		return "", err
@@ -133,10 +152,85 @@ func (h *Host) full(conn *libvirt.Conn, memKiB uint64) (string, error) {
 	switch {
 	case l.Instances > 0 && n+1 > l.Instances:
 		return fmt.Sprintf("%d of %d instances (LIBVIRT_GCI_MAX_INSTANCES) in use", n, l.Instances), nil
-	case l.MemoryTotal > 0 && mem+memKiB*1024 > l.MemoryTotal:
-		return fmt.Sprintf("%s of %s memory (LIBVIRT_GCI_MAX_MEMORY_TOTAL) in use, %s more wanted", FormatSize(mem), FormatSize(l.MemoryTotal), FormatSize(memKiB*1024)), nil
+	case l.MemoryTotal > 0 && mem+d.memKiB*1024 > l.MemoryTotal:
+		return fmt.Sprintf("%s of %s memory (LIBVIRT_GCI_MAX_MEMORY_TOTAL) in use, %s more wanted", FormatSize(mem), FormatSize(l.MemoryTotal), FormatSize(d.memKiB*1024)), nil
 	}
-	return "", nil
+	if !l.checksDisk() {
+		return "", nil
+	}
+	return h.diskFull(conn, list, d.disk)
+}
+
+// diskFull says why the instance pool has no room now for one more instance whose disks
+// grow to disk bytes, or "" (see Limits.DiskFull). Every instance with volumes in the
+// pool counts, whoever made it, but a kept one (stopped) and an ending one (paused for
+// good): an instance being made counts once its volumes are (Spec.Made).
+func (h *Host) diskFull(conn *libvirt.Conn, list []libvirt.Instance, disk uint64) (string, error) {
+	free, err := conn.PoolFree(h.Pool)
+	if err != nil {
+		return "", err
+	}
+	var vols []meta.Volume
+	others := 0 // instances whose end frees room
+	for _, in := range list {
+		has := slices.ContainsFunc(in.Metadata.Volumes, func(v meta.Volume) bool { return v.Pool == h.Pool })
+		if !has {
+			continue
+		}
+		others++
+		if in.Metadata.KeepUntil == "" && in.Metadata.EndingAt == "" {
+			vols = append(vols, in.Metadata.Volumes...)
+		}
+	}
+	l := h.Limits
+	if !l.DiskFull {
+		if free >= l.DiskReserve {
+			return "", nil
+		}
+		e := &NoRoomError{Pool: h.Pool, Free: free, Reserve: l.DiskReserve, Never: others == 0}
+		if e.Never {
+			return "", e
+		}
+		return e.Error(), nil
+	}
+	growth, err := conn.Growth(h.Pool, vols)
+	if err != nil {
+		return "", err
+	}
+	if growth+disk <= free {
+		return "", nil
+	}
+	e := &NoRoomError{Pool: h.Pool, Free: free, Growth: growth, Disk: disk, Never: others == 0}
+	if e.Never {
+		return "", e
+	}
+	return e.Error(), nil
+}
+
+// NoRoomError: the instance pool has no room for one more instance's disks
+// (LIBVIRT_GCI_DISK_RESERVE).
+type NoRoomError struct {
+	Pool    string
+	Free    uint64 // bytes free in the pool
+	Growth  uint64 // what the instances there may still write (DISK_RESERVE=full)
+	Disk    uint64 // what the new instance's disks grow to (DISK_RESERVE=full)
+	Reserve uint64 // the room kept free (DISK_RESERVE=SIZE)
+	// Never: no instance stands in the pool, so no wait frees room.
+	Never bool
+}
+
+func (e *NoRoomError) Error() string {
+	var s string
+	if e.Reserve > 0 {
+		s = fmt.Sprintf("storage pool %s has %s free, under LIBVIRT_GCI_DISK_RESERVE %s", e.Pool, HumanSize(e.Free), HumanSize(e.Reserve))
+	} else {
+		s = fmt.Sprintf("storage pool %s has %s free; its instances may still write %s and this one's disks grow to %s (LIBVIRT_GCI_DISK_RESERVE=full)",
+			e.Pool, HumanSize(e.Free), HumanSize(e.Growth), HumanSize(e.Disk))
+	}
+	if e.Never {
+		s += "; no instance there will free room: free space under the pool, or give jobs smaller disks"
+	}
+	return s
 }
 
 // lockCapacity takes the host-wide capacity lock of this libvirt and prefix.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
@@ -75,6 +76,10 @@ type plan struct {
 	// with systemd running, or without systemd): its state is not waited for.
 	booted string
 	report func(tm libvirt.Timings) // the progress line of the made instance
+	// firstDisk is the capacity of the template's first disk where the job asks a size
+	// of its own; diskGrow what a restored instance's first disk grows by after the
+	// restore (its overlay is made at the warm image's size).
+	firstDisk, diskGrow uint64
 }
 
 // Launch makes the instance req asks for, starts it and waits until the guest is ready
@@ -164,6 +169,8 @@ func (h *Host) begin(ctx context.Context, conn *libvirt.Conn, req Request) (*pla
 			return nil, err
 		} else if known && req.Size.Disk < have {
 			return nil, &DiskTooSmallError{Asked: req.Size.Disk, Have: have}
+		} else {
+			p.firstDisk = have
 		}
 	}
 	if req.Helper != "" {
@@ -209,11 +216,27 @@ func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strateg
 // name made meanwhile, on a connection of its own, within after. admitAndMake undoes a
 // make that fails itself; its caller undoes one whose later steps fail.
 func (h *Host) admitAndMake(ctx, after context.Context, conn *libvirt.Conn, s Strategy, p *plan) (libvirt.Timings, func(), error) {
+	d := demand{memKiB: p.memKiB}
+	if h.Limits.checksDisk() {
+		disk, err := conn.Capacity(p.spec.Volumes)
+		if err != nil {
+			return libvirt.Timings{}, nil, err
+		}
+		d.disk = disk + p.diskGrow
+	}
 	actx, cancel := h.bootTimeout(ctx)
-	release, err := h.admit(actx, conn, p.memKiB)
+	release, err := h.admit(actx, conn, d)
 	cancel()
 	if err != nil {
 		return libvirt.Timings{}, nil, err
+	}
+	var once sync.Once
+	unlock := release
+	release = func() { once.Do(unlock) }
+	if h.Limits.Instances == 0 && h.Limits.MemoryTotal == 0 {
+		// The disk room alone counts an instance once its volumes are made, running or
+		// not: the next launch need not wait for this one's start (a restore's second).
+		p.spec.Made = release
 	}
 	undo := func() { h.rollback(after, p.Name, p.prepareID) }
 	tm, err := s.Make(ctx, conn, p)

@@ -46,6 +46,9 @@ func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit
 	if err != nil {
 		return nil, err
 	}
+	if p.Size.Disk > p.firstDisk {
+		p.diskGrow = p.Size.Disk - p.firstDisk
+	}
 	p.memKiB = wi.MemKiB
 	if p.Cache != "" {
 		if p.attach, err = template.ShareXML(template.Share{Source: p.Cache, Tag: CacheTag}); err != nil {

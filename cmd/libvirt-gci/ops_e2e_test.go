@@ -186,6 +186,55 @@ func TestJobSize(t *testing.T) {
 	assert.Regexp(t, regexp.QuoteMeta(j.instance())+`\s.*\s2\s+384 MiB`, r.stdout)
 }
 
+// Issue 36, finding 1: a job starts only where the instance pool holds what every
+// instance's disks may still grow to, and its own (LIBVIRT_GCI_DISK_RESERVE=full, the
+// default). Two jobs that each ask for 60 % of the pool's free space: the second waits,
+// saying for what, and starts once the first has gone. One that asks for more than the
+// pool has, with nothing there to end, fails at once as a system failure and leaves
+// nothing. Not parallel: the disks it asks for would hold up every other test's jobs.
+func TestDiskRoomAdmission(t *testing.T) {
+	first := newJob(t)
+	pool, err := first.l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	_, _, _, free, err := first.l.StoragePoolGetInfo(pool)
+	require.NoError(t, err)
+	ask := fmt.Sprintf("%dG", free*6/10>>30)
+	jobs := []*gitlabJob{first, newJob(t), newJob(t)}
+	for _, j := range jobs {
+		j.prefix = first.prefix
+		j.env["LIBVIRT_GCI_MAX_DISK"] = "1T"
+		j.env["CUSTOM_ENV_LIBVIRT_GCI_DISK"] = ask
+	}
+	r := first.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { first.stage("cleanup") })
+
+	second := jobs[1].start("prepare")
+	second.waitFor("waiting for capacity: storage pool " + testPool + " has ")
+	assert.Contains(t, second.out.String(), "and this one's disks grow to ")
+	time.Sleep(time.Second)
+	_, err = first.l.DomainLookupByName(jobs[1].instance())
+	assert.Error(t, err, "the second job made nothing while it waits")
+	r = first.stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+	code, took := second.wait(time.Minute)
+	require.Equal(t, 0, code, second.out.String())
+	assert.Contains(t, second.out.String(), "capacity free after")
+	t.Logf("the second job started %.1f s after the first one's cleanup", took.Seconds())
+	r = jobs[1].stage("cleanup")
+	require.Equal(t, 0, r.code, r.stderr)
+
+	third := jobs[2]
+	third.env["CUSTOM_ENV_LIBVIRT_GCI_DISK"] = fmt.Sprintf("%dG", free*2>>30)
+	third.env["LIBVIRT_GCI_BOOT_TIMEOUT"] = "20s"
+	start := time.Now()
+	r = third.stage("prepare")
+	assert.Equal(t, 2, r.code, "a system failure: %s", r.stderr)
+	assert.Contains(t, r.stderr, "no instance there will free room")
+	assert.Less(t, time.Since(start), 15*time.Second, "no wait for room that cannot come")
+	assert.Empty(t, leftovers(t, first.l, first.prefix))
+}
+
 // Six prepares at once against LIBVIRT_GCI_MAX_INSTANCES=1: they take turns, never two
 // instances at a time, and all succeed. One that cannot get room within its boot timeout
 // fails as a system failure, having made nothing.

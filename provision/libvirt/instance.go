@@ -44,6 +44,9 @@ type Spec struct {
 	Warm     *SaveImage
 	Image    meta.Volume
 	Restored *meta.Metadata
+	// Made, if set, is called once the domain is defined and its overlays made: from then
+	// on a listing of the instances shows it with its volumes.
+	Made func()
 }
 
 // Timings of one Create, for progress lines and benchmarks.
@@ -117,6 +120,9 @@ func (c *Conn) defineWithOverlays(ctx context.Context, spec Spec, t *Timings) (l
 		if err != nil {
 			return dom, err
 		}
+	}
+	if spec.Made != nil {
+		spec.Made()
 	}
 	return dom, nil
 }

@@ -51,6 +51,7 @@ type Libvirt struct {
 	noReseed       bool              // the guests have no way to reseed their RNG at once
 	kvmEmulator    string            // offered KVM with this QEMU (SetKVM); "": none
 	blockSizes     map[string]uint64 // DomainBlockResize's, by domain/disk
+	poolSizes      map[string]uint64 // SetPoolCapacity's, by pool
 	networks       map[string]*libvirtxml.Network
 	filters        map[string]string // nwfilters defined, by name
 	// gates hold a call, by method name, until the channel is closed; entered gets the

@@ -109,13 +109,24 @@ func (f *Libvirt) StorageVolGetInfo(v libvirt.StorageVol) (int8, uint64, uint64,
 	if !ok {
 		return 0, 0, 0, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", v.Name)
 	}
+	return 0, f.volCapacity(v.Pool, v.Name, x, 0), uint64(len(f.data[v.Pool+"/"+v.Name])), nil
+}
+
+// volCapacity is a volume's size as libvirt gives it: its XML's capacity, or else (an
+// overlay) its backing volume's, and at least what it holds.
+func (f *Libvirt) volCapacity(pool, name, x string, depth int) uint64 {
 	var vol libvirtxml.StorageVolume
 	_ = vol.Unmarshal(x)
-	capacity := uint64(len(f.data[v.Pool+"/"+v.Name]))
-	if vol.Capacity != nil {
+	capacity := uint64(len(f.data[pool+"/"+name]))
+	switch {
+	case vol.Capacity != nil:
 		capacity = max(capacity, vol.Capacity.Value)
+	case vol.BackingStore != nil && depth < 8:
+		if bp, bn, ok := f.volAt(vol.BackingStore.Path); ok {
+			capacity = max(capacity, f.volCapacity(bp, bn, f.pools[bp][bn], depth+1))
+		}
 	}
-	return 0, capacity, uint64(len(f.data[v.Pool+"/"+v.Name])), nil
+	return capacity
 }
 
 // saveMagic and saveHeaderSize are libvirt's (src/qemu/qemu_saveimage.h).

@@ -156,8 +156,8 @@ func (f *Libvirt) RemovePool(pool string) {
 // PoolCapacity is the size every fake pool reports.
 const PoolCapacity = 100 << 30
 
-// StoragePoolGetInfo says every pool is running, of PoolCapacity bytes, with its volumes'
-// content allocated.
+// StoragePoolGetInfo says every pool is running, of PoolCapacity bytes (or
+// SetPoolCapacity's), with its volumes' content allocated.
 func (f *Libvirt) StoragePoolGetInfo(p libvirt.StoragePool) (uint8, uint64, uint64, uint64, error) {
 	if err := f.enter("StoragePoolGetInfo"); err != nil {
 		return 0, 0, 0, 0, err
@@ -172,5 +172,19 @@ func (f *Libvirt) StoragePoolGetInfo(p libvirt.StoragePool) (uint8, uint64, uint
 	for n := range vols {
 		used += uint64(len(f.data[p.Name+"/"+n]))
 	}
-	return uint8(libvirt.StoragePoolRunning), PoolCapacity, used, PoolCapacity - used, nil
+	size := uint64(PoolCapacity)
+	if n, ok := f.poolSizes[p.Name]; ok {
+		size = n
+	}
+	return uint8(libvirt.StoragePoolRunning), size, used, size - min(used, size), nil
+}
+
+// SetPoolCapacity makes pool report a size of bytes (PoolCapacity before).
+func (f *Libvirt) SetPoolCapacity(pool string, bytes uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.poolSizes == nil {
+		f.poolSizes = map[string]uint64{}
+	}
+	f.poolSizes[pool] = bytes
 }
