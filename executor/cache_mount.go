@@ -20,7 +20,8 @@ import (
 // has a size (a full cache fails that project's cache archiving, not other jobs' disks),
 // and what a job leaves in it cannot act on the host: a setuid program there runs
 // without its owner's rights, a device node opens nothing. The mount stays until the
-// host reboots (the next prepare mounts it again) or the operator unmounts it.
+// host reboots (the next prepare mounts it again), the operator unmounts it, or gc
+// removes the share (cache_gc.go).
 
 // cacheMountOptions are the options a share's mount must have.
 var cacheMountOptions = []string{"nosuid", "nodev"}
@@ -35,6 +36,8 @@ type Mounter interface {
 	Mounted(dir string) (bool, []string, error)
 	// Mount makes the image img of size bytes if it is missing, and mounts it on dir.
 	Mount(ctx context.Context, img, dir string, size uint64) error
+	// Unmount unmounts dir; ErrShareBusy where its file system is in use.
+	Unmount(ctx context.Context, dir string) error
 }
 
 // loopMounter is the Mounter of the host: mkfs.ext4 and mount -o loop.
@@ -127,13 +130,17 @@ func unescapeMount(s string) string {
 
 // mountShare makes sure the share dir is its own file system, mounted nosuid,nodev: it
 // mounts it (making its image first) where it is not, under the project's lock, and
-// refuses a mount of someone else's without those options.
+// refuses a mount of someone else's without those options. It marks the share used
+// first, under that lock: gc removes no share used since it looked (gcCaches).
 func mountShare(ctx context.Context, m Mounter, dir string, size uint64) error {
 	unlock, err := flockDir(ctx, filepath.Dir(dir))
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	if err := markUsed(dir); err != nil {
+		return err
+	}
 	mounted, opts, err := m.Mounted(dir)
 	if err != nil {
 		return fmt.Errorf("cache %s: %w", filepath.Base(dir), err)

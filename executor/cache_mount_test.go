@@ -3,6 +3,7 @@ package executor
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +21,7 @@ type fakeMounter struct {
 	images map[string]uint64
 	opts   []string
 	fail   error
+	busy   map[string]bool // Unmount fails: a VM's virtiofsd holds it
 }
 
 func (f *fakeMounter) Mounted(dir string) (bool, []string, error) {
@@ -33,6 +35,14 @@ func (f *fakeMounter) Mount(_ context.Context, img, dir string, size uint64) err
 	}
 	f.images[img] = size
 	f.mounts[dir] = f.opts
+	return nil
+}
+
+func (f *fakeMounter) Unmount(_ context.Context, dir string) error {
+	if f.busy[dir] {
+		return fmt.Errorf("%w: umount: %s: target is busy", ErrShareBusy, dir)
+	}
+	delete(f.mounts, dir)
 	return nil
 }
 

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
 )
@@ -33,7 +35,7 @@ func (e *Executor) Doctor(ctx context.Context, boot, asJSON bool) error {
 	helper, f := e.doctorHelper()
 	findings = append(findings, f...)
 	if s.CacheDir != "" {
-		findings = append(findings, doctorCache(s.CacheDir))
+		findings = append(findings, doctorCache(s.CacheDir), doctorCacheRoom(s))
 		for _, uri := range s.URIs() {
 			findings = append(findings, provision.DoctorVirtiofsd(uri))
 		}
@@ -148,6 +150,45 @@ func doctorCache(dir string) provision.Finding {
 			Fix: fmt.Sprintf("chown %d %s && chmod 0700 %s (a real directory, not a symlink)", os.Geteuid(), dir, dir)}
 	}
 	return provision.Finding{Check: check, Status: provision.FindingOK, Detail: dir + ": this user's, written by no one else"}
+}
+
+// doctorCacheRoom holds what the caches may hold (LIBVIRT_GCI_CACHE_TOTAL) against the
+// file system under LIBVIRT_GCI_CACHE_DIR: what they hold now and what is free.
+func doctorCacheRoom(s Settings) provision.Finding {
+	const check = "cache room (LIBVIRT_GCI_CACHE_TOTAL)"
+	shares, err := cacheShares(s.CacheDir)
+	if err != nil {
+		return provision.Finding{Check: check, Status: provision.FindingProblem, Detail: err.Error(), Fix: "check LIBVIRT_GCI_CACHE_DIR"}
+	}
+	var held uint64
+	for _, sh := range shares {
+		held += sh.Bytes
+	}
+	var st syscall.Statfs_t
+	dir := s.CacheDir
+	for {
+		if err := syscall.Statfs(dir, &st); err == nil || dir == "/" {
+			break
+		}
+		dir = filepath.Dir(dir) // not made yet: the file system it will be on
+	}
+	free := st.Bavail * uint64(st.Bsize)
+	idle := "never removed when idle"
+	if s.CacheMaxIdle > 0 {
+		idle = fmt.Sprintf("each removed after %s unused (LIBVIRT_GCI_CACHE_MAX_IDLE)", s.CacheMaxIdle)
+	}
+	detail := fmt.Sprintf("%d shares hold %s, %s free; %s", len(shares), provision.HumanSize(held), provision.HumanSize(free), idle)
+	switch {
+	case s.CacheTotal == 0:
+		return provision.Finding{Check: check, Status: provision.FindingNote,
+			Detail: detail + fmt.Sprintf("; no bound in all: each project, and each fork, may fill 2 × %s (LIBVIRT_GCI_CACHE_SIZE)", provision.HumanSize(s.CacheSize)),
+			Fix:    "set LIBVIRT_GCI_CACHE_TOTAL, say to half the free space"}
+	case s.CacheTotal > held+free:
+		return provision.Finding{Check: check, Status: provision.FindingProblem,
+			Detail: detail + fmt.Sprintf("; LIBVIRT_GCI_CACHE_TOTAL %s is more than that file system can hold", provision.HumanSize(s.CacheTotal)),
+			Fix:    fmt.Sprintf("lower LIBVIRT_GCI_CACHE_TOTAL to %s or less, or give the caches more room", provision.HumanSize(held+free))}
+	}
+	return provision.Finding{Check: check, Status: provision.FindingOK, Detail: detail + fmt.Sprintf("; gc keeps them under %s", provision.HumanSize(s.CacheTotal))}
 }
 
 // knownVariables are the LIBVIRT_GCI_* variables that are not settings but are read:

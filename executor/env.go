@@ -30,6 +30,8 @@ type Settings struct {
 	RunnerBinary    string        // gitlab-runner for the guest: "auto" (the runner driving the job), a path, or "none"
 	CacheDir        string        // host directory of the projects' caches; "": none
 	CacheSize       uint64        // bytes: the file system of each project's cache share
+	CacheMaxIdle    time.Duration // gc removes a cache share not used this long; 0: never
+	CacheTotal      uint64        // bytes: gc removes the least recently used shares past it; 0: no bound
 	LogFormat       string        // "text" or "json"
 	Debug           bool
 }

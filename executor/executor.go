@@ -291,7 +291,7 @@ func (e *Executor) Finish(ctx context.Context, name, prepareID string) error {
 
 // GC removes orphaned instances with our prefix (provision.Host.GC).
 // With several hosts it sweeps each in turn, past those that are down.
-func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (provision.Sweep, error) {
+func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration) (provision.Sweep, CacheGC, error) {
 	var total provision.Sweep
 	err := e.hosts().Each(ctx, e.Log, true, func(h *provision.Host) error {
 		sw, err := h.GC(ctx, dryRun, olderThan)
@@ -300,5 +300,13 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 		total.Addresses += sw.Addresses
 		return err
 	})
-	return total, err
+	caches, cerr := e.gcCaches(ctx, dryRun)
+	for _, r := range caches.Removed {
+		verb := "removed cache "
+		if dryRun {
+			verb = "would remove cache "
+		}
+		e.Log.Info(verb + r)
+	}
+	return total, caches, errors.Join(err, cerr)
 }

@@ -223,6 +223,10 @@ var SettingList = []Setting{
 			s.CacheSize = n
 			return nil
 		}},
+	{Flag: "cache-max-idle", Default: "168h", Help: "gc removes a project's cache share (unmounted, its image deleted) once no job has used it this long; 0: never",
+		set: optDuration(func(s *Settings) *time.Duration { return &s.CacheMaxIdle })},
+	{Flag: "cache-total", Help: "the bytes all cache shares may hold together, such as 200G; past it gc removes the least recently used (never one in use); unset: no bound",
+		set: size(func(s *Settings) *uint64 { return &s.CacheTotal })},
 	{Flag: "guest-forwards", Help: "comma-separated HOST:PORT services (your GitLab) the guest reaches at the same address through ssh while a stage runs",
 		set: func(s *Settings, v string) error {
 			s.Forwards = nil

@@ -200,7 +200,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					&cli.DurationFlag{Name: "older-than", Usage: "also remove instances older than `D`, whoever owns them"},
 				},
 				Action: func(c *cli.Context) error {
-					sw, err := exec.GC(c.Context, c.Bool("dry-run"), c.Duration("older-than"))
+					sw, caches, err := exec.GC(c.Context, c.Bool("dry-run"), c.Duration("older-than"))
 					verb := "removed"
 					if c.Bool("dry-run") {
 						verb = "to remove"
@@ -208,6 +208,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 					given := ""
 					if sw.Addresses > 0 {
 						given = fmt.Sprintf(", %d addresses of gone instances given back", sw.Addresses)
+					}
+					if n := len(caches.Removed); n > 0 || caches.InUse > 0 {
+						given += fmt.Sprintf(", %d cache shares %s (%d in use left)", n, verb, caches.InUse)
 					}
 					log.Info(fmt.Sprintf("gc: %d %s, %d kept%s", sw.Removed, verb, sw.Kept, given), "removed", sw.Removed, "kept", sw.Kept, "addresses", sw.Addresses)
 					return err
