@@ -193,9 +193,9 @@ func (e *Executor) removeShare(ctx context.Context, dir string, used time.Time) 
 var ErrShareBusy = errors.New("in use")
 
 // Unmount unmounts the share dir, unless a process was started to serve it (libvirt's
-// virtiofsd, given it as --shared-dir: it holds it from a mount namespace of its own,
-// so the unmount alone would not fail), and never lazily, so that one otherwise in use
-// stays.
+// virtiofsd, given it as -o source=DIR, or --shared-dir DIR for the Rust one: it holds
+// it from a mount namespace of its own, so the unmount alone would not fail), and never
+// lazily, so that one otherwise in use stays.
 func (loopMounter) Unmount(ctx context.Context, dir string) error {
 	if pid := servedBy("/proc", dir); pid != "" {
 		return fmt.Errorf("%w: process %s serves it", ErrShareBusy, pid)
@@ -210,7 +210,7 @@ func (loopMounter) Unmount(ctx context.Context, dir string) error {
 }
 
 // servedBy is the pid of a process under proc that has dir as an argument of its own
-// (--shared-dir DIR, or --shared-dir=DIR), or "".
+// (--shared-dir DIR, --shared-dir=DIR, source=DIR), or "".
 func servedBy(proc, dir string) string {
 	cmdlines, _ := filepath.Glob(filepath.Join(proc, "[0-9]*", "cmdline"))
 	for _, c := range cmdlines {

@@ -101,13 +101,15 @@ func TestServedBy(t *testing.T) {
 	t.Parallel()
 	proc := t.TempDir()
 	for pid, args := range map[string]string{
-		"17":  "/usr/libexec/virtiofsd\x00--fd=33\x00-o\x00source=/x\x00--shared-dir\x00/var/cache/gci/p-1-ab/unprotected\x00",
+		"16":  "/usr/lib/qemu/virtiofsd\x00--fd=27\x00-o\x00source=/var/cache/gci/p-3-ab/unprotected\x00",
+		"17":  "/usr/libexec/virtiofsd\x00--fd=33\x00--shared-dir\x00/var/cache/gci/p-1-ab/unprotected\x00",
 		"18":  "/usr/libexec/virtiofsd\x00--shared-dir=/var/cache/gci/p-2-ab/protected\x00",
 		"190": "sleep\x00613\x00",
 	} {
 		require.NoError(t, os.Mkdir(filepath.Join(proc, pid), 0o755))
 		require.NoError(t, os.WriteFile(filepath.Join(proc, pid, "cmdline"), []byte(args), 0o644))
 	}
+	assert.Equal(t, "16", servedBy(proc, "/var/cache/gci/p-3-ab/unprotected"), "QEMU 7.2's, as libvirt 9 starts it")
 	assert.Equal(t, "17", servedBy(proc, "/var/cache/gci/p-1-ab/unprotected"))
 	assert.Equal(t, "18", servedBy(proc, "/var/cache/gci/p-2-ab/protected"))
 	assert.Empty(t, servedBy(proc, "/var/cache/gci/p-1-ab/protected"))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -23,8 +24,13 @@ func TestCacheGC(t *testing.T) {
 	r := j.stage("prepare")
 	require.Equal(t, 0, r.code, r.stderr)
 	t.Cleanup(func() { j.stage("cleanup") })
-	r = j.run("build_script", `echo kept >/cache/a && cat /cache/a`)
+	r = j.run("build_script", `echo kept >/cache/a && stat -f -c %c /cache`)
 	require.Equal(t, 0, r.code, r.stderr)
+	// An inode per 64 KiB of the share's 10G bounds what virtiofsd may hold open for it.
+	var inodes int
+	_, err := fmt.Sscanf(r.stdout, "%d", &inodes)
+	require.NoError(t, err, r.stdout)
+	assert.InDelta(t, 10<<30/(64<<10), inodes, 2048, "inodes of the share's file system")
 	shares, err := filepath.Glob(filepath.Join(root, "p-*", "unprotected"))
 	require.NoError(t, err)
 	require.Len(t, shares, 1)
