@@ -111,7 +111,7 @@ func (b BaseImages) find(conn *libvirt.Conn, local bool, name string) (string, e
 // virtType is kvm where libvirt offers it for x86_64 guests and, on a local libvirt, a
 // guest ran under it (the probe), else qemu (software emulation).
 func (h *Host) virtType(ctx context.Context, conn *libvirt.Conn) string {
-	offered, _, err := h.kvm(ctx, conn)
+	offered, _, err := h.kvm(ctx, conn, true)
 	if !offered {
 		return "qemu"
 	}

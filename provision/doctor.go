@@ -175,7 +175,7 @@ func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) ([]Finding, bo
 }
 
 func (h *Host) doctorKVMFindings(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool, error) {
-	offered, probed, err := h.kvm(ctx, conn)
+	offered, probed, err := h.kvm(ctx, conn, false)
 	if !offered && err != nil {
 		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}, false, err
 	}

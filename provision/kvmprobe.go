@@ -96,7 +96,9 @@ func kvmEmulator(caps string) string {
 // kvm says whether libvirt offers KVM (offered) and, on a local libvirt, why a guest
 // does not run under it (the probe; nil where it ran, or where the libvirt is remote
 // and cannot be probed from here).
-func (h *Host) kvm(ctx context.Context, conn *libvirt.Conn) (offered bool, probed bool, err error) {
+// With cached, a verdict this boot of the host left for the same emulator stands
+// (kvmVerdict).
+func (h *Host) kvm(ctx context.Context, conn *libvirt.Conn, cached bool) (offered bool, probed bool, err error) {
 	caps, err := conn.API().ConnectGetCapabilities()
 	if err != nil {
 		return false, false, fmt.Errorf("capabilities: %w", err)
@@ -105,5 +107,45 @@ func (h *Host) kvm(ctx context.Context, conn *libvirt.Conn) (offered bool, probe
 	if emulator == "" || !dial.IsLocal(h.URI) {
 		return emulator != "", false, nil
 	}
-	return true, true, ProbeAccel(ctx, emulator, "kvm", AccelProbeTime)
+	return true, true, h.kvmVerdict(ctx, emulator, cached)
+}
+
+// kvmVerdict probes KVM with emulator and leaves the verdict in the file kvm-probe
+// beside the secret file, with what it holds for: this boot of the host and this very
+// emulator (its path, size and time). With cached, such a verdict stands without a
+// probe: a base image's prepare pays for it once per boot, not every time (0.3 s, and
+// the whole AccelProbeTime where KVM runs no guest). A probe cut short by ctx is not
+// left.
+func (h *Host) kvmVerdict(ctx context.Context, emulator string, cached bool) error {
+	key := readTrimmed(bootIDFile) + " " + emulator
+	if fi, err := os.Stat(emulator); err == nil {
+		key += fmt.Sprintf(" %d %d", fi.Size(), fi.ModTime().UnixNano())
+	}
+	file := filepath.Join(filepath.Dir(h.SecretFile), "kvm-probe")
+	if cached {
+		if b, err := os.ReadFile(file); err == nil {
+			if held, verdict, ok := strings.Cut(string(b), "\n"); ok && held == key {
+				if verdict == "ok" {
+					return nil
+				}
+				return errors.New(verdict)
+			}
+		}
+	}
+	err := ProbeAccel(ctx, emulator, "kvm", AccelProbeTime)
+	if ctx.Err() != nil {
+		return err
+	}
+	verdict := "ok"
+	if err != nil {
+		verdict = strings.ReplaceAll(err.Error(), "\n", " ")
+	}
+	if os.MkdirAll(filepath.Dir(file), 0o700) == nil {
+		tmp := file + ".tmp" + randomHex(4)
+		if os.WriteFile(tmp, []byte(key+"\n"+verdict), 0o600) == nil {
+			_ = os.Rename(tmp, file)
+		}
+		os.Remove(tmp)
+	}
+	return err
 }

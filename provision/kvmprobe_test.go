@@ -112,3 +112,36 @@ func TestDoctorFlagsKVMTemplatesWhereKVMIsBroken(t *testing.T) {
 	f.SetKVM(broken)
 	assert.Equal(t, []string{"template tmplkvm"}, flagged())
 }
+
+// A base image's prepare (LIBVIRT_GCI_BASE_VIRT=auto) probes KVM once per boot of the
+// host and emulator: later prepares take the verdict left beside the secret, a changed
+// emulator is probed again, and doctor always probes.
+func TestKVMVerdictIsProbedOncePerEmulator(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	emu, runs := filepath.Join(dir, "qemu"), filepath.Join(dir, "runs")
+	require.NoError(t, os.WriteFile(emu, []byte("#!/bin/sh\necho run >>"+runs+"\nexit 99\n"), 0o755))
+	probes := func() int {
+		b, _ := os.ReadFile(runs)
+		return strings.Count(string(b), "run")
+	}
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.URI = "qemu:///system"
+	conn := libvirt.NewConn(f)
+	ctx := context.Background()
+	f.SetKVM(emu)
+	for range 3 {
+		assert.Equal(t, "kvm", h.virtType(ctx, conn))
+	}
+	assert.Equal(t, 1, probes())
+
+	require.NoError(t, os.WriteFile(emu, []byte("#!/bin/sh\necho run >>"+runs+"\nexit 1\n"), 0o755)) // an upgrade that broke it
+	assert.Equal(t, "qemu", h.virtType(ctx, conn))
+	assert.Equal(t, "qemu", h.virtType(ctx, conn))
+	assert.Equal(t, 2, probes())
+
+	h.doctorKVM(ctx, conn)
+	assert.Equal(t, 3, probes(), "doctor probes")
+}
