@@ -81,11 +81,10 @@ func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.
 	spec := libvirt.Spec{Name: p.Name, Warm: wi.Image}
 	overlays := map[string]template.Overlay{}
 	for target, vol := range wi.Overlays {
-		v, err := conn.API().StorageVolLookupByName(wi.pool, vol)
-		if err != nil {
-			return nil, fmt.Errorf("warm image %s: %w", wi.Name, err)
+		path, err := wi.pool.Path(vol)
+		if err == nil && path == "" {
+			err = fmt.Errorf("no volume %s", vol)
 		}
-		path, err := conn.API().StorageVolGetPath(v)
 		if err != nil {
 			return nil, fmt.Errorf("warm image %s: %w", wi.Name, err)
 		}

@@ -13,8 +13,6 @@ import (
 	"strings"
 	"syscall"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-	"libvirt.org/go/libvirtxml"
 
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
@@ -80,7 +78,7 @@ type WarmImage struct {
 	// System: systemd's state when the image was saved (meta.Metadata.System); "" for
 	// an image made before it was recorded.
 	System string
-	pool   golibvirt.StoragePool
+	pool   *libvirt.Pool
 }
 
 // warmPrefix begins the names of warm images' volumes. They are not named by the
@@ -141,18 +139,8 @@ func fileIdentity(fi os.FileInfo) string {
 // diskIdentity says which content a template disk has: its volume's size and times,
 // from libvirt, where a pool holds it; else, on a local libvirt, its file's identity.
 func (h *Host) diskIdentity(conn *libvirt.Conn, path string) (string, error) {
-	if v, err := conn.API().StorageVolLookupByPath(path); err == nil {
-		x, err := conn.API().StorageVolGetXMLDesc(v, 0)
-		if err != nil {
-			return "", fmt.Errorf("template disk %s: %w", path, err)
-		}
-		var vol libvirtxml.StorageVolume
-		if err := vol.Unmarshal(x); err != nil {
-			return "", fmt.Errorf("template disk %s: %w", path, err)
-		}
-		if vol.Target != nil && vol.Target.Timestamps != nil && vol.Capacity != nil {
-			return fmt.Sprintf("vol/%d/%s", vol.Capacity.Value, vol.Target.Timestamps.Mtime), nil
-		}
+	if _, stamp, known := conn.VolumeAt(path); known && stamp != "" {
+		return stamp, nil
 	}
 	if !dial.IsLocal(h.URI) {
 		// The file's name only: this says why a job boots, in the job's log.
@@ -170,50 +158,34 @@ func (h *Host) diskIdentity(conn *libvirt.Conn, path string) (string, error) {
 
 // openWarm returns the warm image name, if it is complete; nil if not.
 func (h *Host) openWarm(ctx context.Context, conn *libvirt.Conn, name, tmplName string) (*WarmImage, error) {
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
-		return nil, fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return nil, err
 	}
-	if _, err := conn.API().StorageVolLookupByName(pool, name+".done"); libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
+	if done, err := pool.Has(name + ".done"); err != nil {
+		return nil, fmt.Errorf("warm image %s: %w", name, err)
+	} else if !done {
 		return nil, nil
-	} else if err != nil {
-		return nil, fmt.Errorf("warm image %s: %w", name, err)
-	}
-	save, err := conn.API().StorageVolLookupByName(pool, name+".save")
-	if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
-		return nil, nil // marked, but half removed: it is made again
-	}
-	if err != nil {
-		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	}
 	// An image this tool cannot read (another libvirt's format, say) boots the job, with
 	// a warning: a template that boots is no reason to fail a job.
-	img, err := conn.ReadSaveImage(ctx, save)
+	img, gone, err := pool.ReadSaveImage(ctx, name+".save")
+	if gone {
+		return nil, nil // marked, but half removed: it is made again
+	}
 	if errors.Is(err, libvirt.ErrNotSaveImage) {
 		return nil, &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	if err != nil {
 		return nil, &notSavedError{fmt.Errorf("warm image %s: read its header: %w", name, err)}
 	}
-	var dom libvirtxml.Domain
-	if err := dom.Unmarshal(img.XML); err != nil {
+	saved, err := template.ParseSaved(img.XML, name+"-")
+	if err != nil {
 		return nil, &notSavedError{fmt.Errorf("warm image %s: its domain XML: %w", name, err)}
 	}
-	wi := &WarmImage{Name: name, Template: tmplName, Overlays: map[string]string{}, Image: img, pool: pool}
-	if dom.Memory != nil {
-		wi.MemKiB = template.KiB(dom.Memory.Value, dom.Memory.Unit)
-	}
-	if dom.Metadata != nil {
-		if m, ok := meta.FromDomain(dom.Metadata.XML); ok {
-			wi.System = m.System
-		}
-	}
-	if dom.Devices != nil {
-		for _, d := range dom.Devices.Disks {
-			if d.Source != nil && d.Source.Volume != nil && d.Target != nil && strings.HasPrefix(d.Source.Volume.Volume, name+"-") {
-				wi.Overlays[d.Target.Dev] = d.Source.Volume.Volume
-			}
-		}
+	wi := &WarmImage{Name: name, Template: tmplName, Overlays: saved.Volumes, MemKiB: saved.MemKiB, Image: img, pool: pool}
+	if m, ok := meta.FromDomain(saved.Metadata); ok {
+		wi.System = m.System
 	}
 	return wi, nil
 }
@@ -271,11 +243,11 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 func (h *Host) warmBuilding(conn *libvirt.Conn, name string) func() bool {
 	suffix := "warm-" + name[strings.LastIndex(name, "-")+1:]
 	return func() bool {
-		doms, _, err := conn.API().ConnectListAllDomains(1, 0)
+		names, err := conn.DomainNames()
 		if err != nil {
 			return true // cannot tell: not stale
 		}
-		return slices.ContainsFunc(doms, func(d golibvirt.Domain) bool { return strings.HasSuffix(d.Name, suffix) })
+		return slices.ContainsFunc(names, func(n string) bool { return strings.HasSuffix(n, suffix) })
 	}
 }
 
@@ -336,17 +308,17 @@ func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfi
 	max := h.Limits.WarmSizes
 	family := h.warmFamily(tmplName, prof)
 	sizedPrefix := h.warmFamily(tmplName, prof.unsized()) + "s"
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
-		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return "", err
 	}
-	vols, _, err := conn.API().StoragePoolListAllVolumes(pool, 1, 0)
+	vols, err := pool.Volumes()
 	if err != nil {
-		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return "", err
 	}
 	others := map[string][]string{} // by size (family): its images
 	for _, v := range vols {
-		base, ok := strings.CutSuffix(v.Name, ".done")
+		base, ok := strings.CutSuffix(v, ".done")
 		if ok && strings.HasPrefix(base, sizedPrefix) && !strings.HasPrefix(base, family+"-") {
 			size := base[:strings.LastIndex(base, "-")]
 			others[size] = append(others[size], base)
@@ -357,7 +329,7 @@ func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfi
 		for _, names := range others {
 			images = append(images, names...)
 		}
-		gone, err := conn.RemoveOldestUnused(pool, images, warmPart)
+		gone, err := pool.RemoveOldestUnused(images, warmPart)
 		if err != nil {
 			return "", fmt.Errorf("make room for another size's warm image of %s: %w", tmplName, err)
 		}
@@ -381,11 +353,11 @@ func noRestoreMark(name string) string { return name + ".norestore" }
 // noRestore says why instances of the warm image name are booted, not restored: its
 // mark; "" if it has none.
 func (h *Host) noRestore(conn *libvirt.Conn, name string) string {
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
 		return ""
 	}
-	if _, err := conn.API().StorageVolLookupByName(pool, noRestoreMark(name)); err != nil {
+	if marked, err := pool.Has(noRestoreMark(name)); err != nil || !marked {
 		return ""
 	}
 	return guest.ErrCannotReseed.Error()
@@ -393,11 +365,11 @@ func (h *Host) noRestore(conn *libvirt.Conn, name string) string {
 
 // markNoRestore marks the warm image name as one never to be made.
 func (h *Host) markNoRestore(conn *libvirt.Conn, name string) error {
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
-		return fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return err
 	}
-	if _, err := conn.CreateVolume(pool, noRestoreMark(name), 0, 0); err != nil {
+	if err := pool.Mark(noRestoreMark(name)); err != nil {
 		return fmt.Errorf("warm image %s: mark it never to be made: %w", name, err)
 	}
 	return nil
@@ -412,15 +384,15 @@ func (e *notSavedError) Unwrap() error { return e.err }
 
 // removeOldWarm removes the warm images of keep's family other than keep that no
 // domain uses (a restored instance's disks stand on its image's). It says how many.
-func (h *Host) removeOldWarm(conn *libvirt.Conn, pool golibvirt.StoragePool, keep string) (int, error) {
+func (h *Host) removeOldWarm(pool *libvirt.Pool, keep string) (int, error) {
 	family := keep[:strings.LastIndex(keep, "-")+1]
-	if err := conn.DeleteVolumes(pool, func(v string) bool {
+	if err := pool.Delete(func(v string) bool {
 		base, ok := strings.CutSuffix(v, ".norestore")
 		return ok && strings.HasPrefix(base, family) && base != keep
 	}); err != nil {
 		return 0, err
 	}
-	return conn.RemoveUnused(pool, func(v string) (string, bool) {
+	return pool.RemoveUnused(func(v string) (string, bool) {
 		base, ok := strings.CutSuffix(v, ".done")
 		return base, ok && strings.HasPrefix(base, family) && base != keep
 	}, warmPart)

@@ -8,8 +8,6 @@ import (
 	"strings"
 	"time"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
@@ -24,9 +22,9 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 	start := time.Now()
 	after, cancelAfter := lingeringPast(ctx, conn, AfterCancel)
 	defer cancelAfter()
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
-		return fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return err
 	}
 	p := h.warmPlan(src, prof, name)
 	if err := h.clearWarmTry(ctx, conn, pool, p.Name, name); err != nil {
@@ -55,7 +53,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 	h.Log.Info(fmt.Sprintf("made the warm image %s of %s in %.1f s (booted in %.1f s, saved in %.1f s)", name, src.tmpl.Name,
 		time.Since(start).Seconds(), booted.Seconds(), time.Since(saveStart).Seconds()),
 		"warm", name, "warm_ms", time.Since(start).Milliseconds(), "save_ms", time.Since(saveStart).Milliseconds())
-	if n, err := h.removeOldWarm(conn, pool, name); err != nil {
+	if n, err := h.removeOldWarm(pool, name); err != nil {
 		h.Log.Warn(fmt.Sprintf("removing old warm images: %v", err))
 	} else if n > 0 {
 		h.Log.Info(fmt.Sprintf("removed %d older warm images of %s", n, src.tmpl.Name))
@@ -80,11 +78,11 @@ func (h *Host) warmPlan(src *plan, prof warmProfile, name string) *plan {
 
 // clearWarmTry removes the leftovers of an earlier try at the warm image name (a
 // crash): its domain, domName, and then its volumes.
-func (h *Host) clearWarmTry(ctx context.Context, conn *libvirt.Conn, pool golibvirt.StoragePool, domName, name string) error {
+func (h *Host) clearWarmTry(ctx context.Context, conn *libvirt.Conn, pool *libvirt.Pool, domName, name string) error {
 	if _, err := conn.Teardown(ctx, domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
-	if err := conn.DeleteVolumes(pool, func(v string) bool { return warmPart(name, v) || v == name+".done" }); err != nil {
+	if err := pool.Delete(func(v string) bool { return warmPart(name, v) || v == name+".done" }); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	return nil
@@ -122,20 +120,19 @@ func (h *Host) quiesce(ctx context.Context, conn *libvirt.Conn, domName, name st
 
 // saveWarm saves domName into the warm image name's save volume, undefines it (its
 // volumes stay, as the warm image) and marks the image complete.
-func (h *Host) saveWarm(ctx context.Context, conn *libvirt.Conn, pool golibvirt.StoragePool, domName, name string) error {
-	vol, err := conn.CreateVolume(pool, name+".save", 0, 0)
-	if err != nil {
+func (h *Host) saveWarm(ctx context.Context, conn *libvirt.Conn, pool *libvirt.Pool, domName, name string) error {
+	if err := pool.Create(name+".save", 0, 0); err != nil {
 		return &notSavedError{fmt.Errorf("warm image %s: its save volume: %w", name, err)}
 	}
-	if err := conn.Save(ctx, domName, vol); err != nil {
+	if err := pool.Save(ctx, domName, name+".save"); err != nil {
 		return &notSavedError{fmt.Errorf("warm image %s: %w", name, err)}
 	}
 	if err := conn.Undefine(domName); err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
-	if _, err := conn.CreateVolume(pool, name+".done", 0, 0); err != nil {
+	if err := pool.Mark(name + ".done"); err != nil {
 		// No domain lists the image's volumes any more: a rollback would not find them.
-		if derr := conn.DeleteVolumes(pool, func(v string) bool { return warmPart(name, v) }); derr != nil {
+		if derr := pool.Delete(func(v string) bool { return warmPart(name, v) }); derr != nil {
 			err = errors.Join(err, derr)
 		}
 		return fmt.Errorf("warm image %s: mark it complete: %w", name, err)

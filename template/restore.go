@@ -153,3 +153,48 @@ func UpNICs(x string) ([]NIC, error) {
 	}
 	return nics, nil
 }
+
+// Saved is what a warm image's domain XML (the one in its save image) says of it.
+type Saved struct {
+	MemKiB   uint64
+	Metadata string            // the inner XML of its <metadata>
+	Volumes  map[string]string // by disk target: the pool volume of each disk whose volume starts with prefix
+}
+
+// ParseSaved reads a warm image's domain XML x; its own volumes' names start with prefix.
+func ParseSaved(x, prefix string) (Saved, error) {
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return Saved{}, err
+	}
+	s := Saved{Volumes: map[string]string{}}
+	if dom.Memory != nil {
+		s.MemKiB = KiB(dom.Memory.Value, dom.Memory.Unit)
+	}
+	if dom.Metadata != nil {
+		s.Metadata = dom.Metadata.XML
+	}
+	if dom.Devices != nil {
+		for _, d := range dom.Devices.Disks {
+			if d.Source != nil && d.Source.Volume != nil && d.Target != nil && strings.HasPrefix(d.Source.Volume.Volume, prefix) {
+				s.Volumes[d.Target.Dev] = d.Source.Volume.Volume
+			}
+		}
+	}
+	return s, nil
+}
+
+// FileDisks are the files of the domain x's disks, by path; nil where x does not parse.
+func FileDisks(x string) []string {
+	var dom libvirtxml.Domain
+	if dom.Unmarshal(x) != nil || dom.Devices == nil {
+		return nil
+	}
+	var out []string
+	for _, d := range dom.Devices.Disks {
+		if d.Source != nil && d.Source.File != nil {
+			out = append(out, d.Source.File.File)
+		}
+	}
+	return out
+}
