@@ -13,7 +13,6 @@ import (
 	"strings"
 	"syscall"
 
-
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
