@@ -12,8 +12,6 @@ import (
 	"strings"
 	"time"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
@@ -44,19 +42,19 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	defer f.Close()
 	name := helperPrefix + helperID(fi) + ".img"
 	done := name + ".done" // made once the image is whole
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
+	pool, err := conn.Pool(h.Pool)
 	if err != nil {
-		return "", fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return "", err
 	}
 	// Whole: its mark and the image are there (an operator may have deleted the image).
 	whole := func() (bool, error) {
 		for _, v := range []string{done, name} {
-			_, err := conn.API().StorageVolLookupByName(pool, v)
-			if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
-				return false, nil
-			}
+			has, err := pool.Has(v)
 			if err != nil {
 				return false, fmt.Errorf("gitlab-runner helper volume: %w", err)
+			}
+			if !has {
+				return false, nil
 			}
 		}
 		return true, nil
@@ -81,20 +79,20 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	}
 	defer os.Remove(img)
 	// What an earlier try left (a half-made image, or a mark whose image went) goes first.
-	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name || v == done }); err != nil {
+	if err := pool.Delete(func(v string) bool { return v == name || v == done }); err != nil {
 		return "", fmt.Errorf("gitlab-runner helper: remove what an earlier try left: %w", err)
 	}
-	if err := uploadVolume(conn, pool, name, img); err != nil {
+	if err := uploadVolume(pool, name, img); err != nil {
 		return "", err
 	}
-	if _, err := conn.CreateVolume(pool, done, 0, 0); err != nil {
+	if err := pool.Mark(done); err != nil {
 		return "", fmt.Errorf("gitlab-runner helper: mark %s whole: %w", name, err)
 	}
 	h.Log.Info(fmt.Sprintf("made the gitlab-runner helper disk %s (%d MB) in %d ms, once for this binary", name, fi.Size()>>20, time.Since(start).Milliseconds()),
 		"volume", name, "helper_build_ms", time.Since(start).Milliseconds())
 	// A new binary (an upgraded runner): the disks of the old ones go, where no domain
 	// uses them any more.
-	if n, err := removeOldHelpers(conn, pool, name); err != nil {
+	if n, err := removeOldHelpers(pool, name); err != nil {
 		h.Log.Warn(fmt.Sprintf("removing old gitlab-runner helper disks: %v", err))
 	} else if n > 0 {
 		h.Log.Info(fmt.Sprintf("removed %d old gitlab-runner helper disks", n))
@@ -132,8 +130,8 @@ func helperVolumeName(path string) (string, error) {
 
 // removeOldHelpers deletes the helper volumes (and their marks) in pool other than keep
 // that no defined domain's XML names. It says how many it deleted.
-func removeOldHelpers(conn *libvirt.Conn, pool golibvirt.StoragePool, keep string) (int, error) {
-	return conn.RemoveUnused(pool, func(v string) (string, bool) { // marked or not
+func removeOldHelpers(pool *libvirt.Pool, keep string) (int, error) {
+	return pool.RemoveUnused(func(v string) (string, bool) { // marked or not
 		return v, strings.HasPrefix(v, helperPrefix) && strings.HasSuffix(v, ".img") && v != keep
 	}, func(name, v string) bool { return v == name })
 }
@@ -207,7 +205,7 @@ func isExecutable(p string) bool {
 }
 
 // uploadVolume creates the raw volume name in pool with the content of the file img.
-func uploadVolume(conn *libvirt.Conn, pool golibvirt.StoragePool, name, img string) error {
+func uploadVolume(pool *libvirt.Pool, name, img string) error {
 	f, err := os.Open(img)
 	if err != nil {
 		return fmt.Errorf("gitlab-runner helper: %w", err)
@@ -217,12 +215,11 @@ func uploadVolume(conn *libvirt.Conn, pool golibvirt.StoragePool, name, img stri
 	if err != nil {
 		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
-	v, err := conn.CreateVolume(pool, name, uint64(fi.Size()), 0o644)
-	if err != nil {
+	if err := pool.Create(name, uint64(fi.Size()), 0o644); err != nil {
 		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
-	if err := conn.API().StorageVolUpload(v, f, 0, uint64(fi.Size()), 0); err != nil {
-		return fmt.Errorf("gitlab-runner helper: upload %s: %w", name, err)
+	if err := pool.Upload(name, f, uint64(fi.Size())); err != nil {
+		return fmt.Errorf("gitlab-runner helper: %w", err)
 	}
 	return nil
 }

@@ -1,11 +1,9 @@
 package provision
 
 import (
-	"fmt"
+	"errors"
 	"slices"
 	"strings"
-
-	golibvirt "github.com/digitalocean/go-libvirt"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
@@ -49,59 +47,59 @@ func (h *Host) Inventory(conn *libvirt.Conn) (Inventory, error) {
 		return inv, err
 	}
 	inv.InUse = h.usage(inv.Instances)
-	var pool golibvirt.StoragePool
+	var pool *libvirt.Pool
 	if inv.Pool, pool, err = h.poolInfo(conn); err != nil || !inv.Pool.Active {
 		return inv, err // an inactive pool lists no volumes
 	}
-	inv.Warm, err = warmImages(conn, pool, inv.Instances)
+	inv.Warm, err = warmImages(pool, inv.Instances)
 	return inv, err
 }
 
 // poolInfo reads the instance pool's state and space; a pool that is not there is not
 // Found, without an error.
-func (h *Host) poolInfo(conn *libvirt.Conn) (PoolInfo, golibvirt.StoragePool, error) {
+func (h *Host) poolInfo(conn *libvirt.Conn) (PoolInfo, *libvirt.Pool, error) {
 	info := PoolInfo{Name: h.Pool}
-	pool, err := conn.API().StoragePoolLookupByName(h.Pool)
-	if libvirt.HasCode(err, golibvirt.ErrNoStoragePool) {
-		return info, pool, nil
+	pool, err := conn.Pool(h.Pool)
+	if errors.Is(err, libvirt.ErrNoPool) {
+		return info, nil, nil
 	}
 	if err != nil {
-		return info, pool, fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return info, nil, err
 	}
 	info.Found = true
-	state, capacity, alloc, avail, err := conn.API().StoragePoolGetInfo(pool)
+	st, err := pool.State()
 	if err != nil {
-		return info, pool, fmt.Errorf("storage pool %q: %w", h.Pool, err)
+		return info, pool, err
 	}
-	info.Active = golibvirt.StoragePoolState(state) == golibvirt.StoragePoolRunning
-	info.Capacity, info.Allocation, info.Available = capacity, alloc, avail
+	info.Active = st.Active
+	info.Capacity, info.Allocation, info.Available = st.Capacity, st.Allocation, st.Available
 	return info, pool, nil
 }
 
 // warmImages are the complete warm images in pool (those with their done mark), with the
 // instances of list that stand on them.
-func warmImages(conn *libvirt.Conn, pool golibvirt.StoragePool, list []libvirt.Instance) ([]WarmInfo, error) {
-	vols, _, err := conn.API().StoragePoolListAllVolumes(pool, 1, 0)
+func warmImages(pool *libvirt.Pool, list []libvirt.Instance) ([]WarmInfo, error) {
+	vols, err := pool.Volumes()
 	if err != nil {
-		return nil, fmt.Errorf("storage pool %q: %w", pool.Name, err)
+		return nil, err
 	}
 	byName := map[string]*WarmInfo{}
 	for _, v := range vols {
-		if base, ok := strings.CutSuffix(v.Name, ".done"); ok && strings.HasPrefix(base, warmPrefix) {
+		if base, ok := strings.CutSuffix(v, ".done"); ok && strings.HasPrefix(base, warmPrefix) {
 			byName[base] = &WarmInfo{Name: base}
 		}
 	}
 	for _, v := range vols {
 		for name, w := range byName {
-			if !warmPart(name, v.Name) && v.Name != name+".done" {
+			if !warmPart(name, v) && v != name+".done" {
 				continue
 			}
-			_, _, alloc, err := conn.API().StorageVolGetInfo(v)
-			if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
+			alloc, gone, err := pool.Held(v)
+			if gone {
 				break // removed meanwhile
 			}
 			if err != nil {
-				return nil, fmt.Errorf("volume %q: %w", v.Name, err)
+				return nil, err
 			}
 			w.Bytes += alloc
 			w.Volumes++
