@@ -8,9 +8,6 @@ import (
 	"slices"
 	"strings"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 	"github.com/libvirt-gci/libvirt-gci/template"
@@ -75,7 +72,8 @@ func (h *Host) baseImageXML(ctx context.Context, conn *libvirt.Conn, name string
 	if virt == "" {
 		virt = h.virtType(ctx, conn)
 	}
-	return b.domainXML(name, path, kernel, initrd, cmdline, virt)
+	return template.BaseXML(template.Base{Name: name, Disk: path, Kernel: kernel, Initrd: initrd, Cmdline: cmdline, Virt: virt,
+		MemKiB: b.Memory >> 10, CPUs: b.CPUs, Network: b.Network})
 }
 
 // find is the path of the image file name on the libvirt host, or "" if there is none
@@ -84,7 +82,7 @@ func (b BaseImages) find(conn *libvirt.Conn, local bool, name string) (string, e
 	if b.IsDir() {
 		p := filepath.Join(b.Source, name)
 		if !local { // libvirt knows it only if a pool holds it
-			if _, err := conn.API().StorageVolLookupByPath(p); err != nil {
+			if _, _, known := conn.VolumeAt(p); !known {
 				return "", nil
 			}
 			return p, nil
@@ -94,18 +92,15 @@ func (b BaseImages) find(conn *libvirt.Conn, local bool, name string) (string, e
 		}
 		return p, nil
 	}
-	pool, err := conn.API().StoragePoolLookupByName(b.Source)
+	pool, err := conn.Pool(b.Source)
 	if err != nil {
-		return "", fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
+		return "", fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)
 	}
-	vol, err := conn.API().StorageVolLookupByName(pool, name)
-	if libvirt.HasCode(err, golibvirt.ErrNoStorageVol) {
-		return "", nil
-	}
+	p, err := pool.Path(name)
 	if err != nil {
-		return "", fmt.Errorf("base image %s in pool %s: %w", name, b.Source, err)
+		return "", fmt.Errorf("base image %s: %w", name, err)
 	}
-	return conn.API().StorageVolGetPath(vol)
+	return p, nil
 }
 
 // virtType is kvm where libvirt offers it for x86_64 guests and, on a local libvirt, a
@@ -120,57 +115,6 @@ func (h *Host) virtType(ctx context.Context, conn *libvirt.Conn) string {
 		return "qemu"
 	}
 	return "kvm"
-}
-
-// domainXML is the built-in definition: q35, a virtio disk and NIC, the agent channel, a
-// virtio RNG, a serial console.
-func (b BaseImages) domainXML(name, disk, kernel, initrd, cmdline, virt string) (string, error) {
-	dom := libvirtxml.Domain{
-		Type:        virt,
-		Name:        name,
-		Description: "libvirt-gci base image " + disk,
-		Memory:      &libvirtxml.DomainMemory{Value: uint(b.Memory >> 10), Unit: "KiB"},
-		VCPU:        &libvirtxml.DomainVCPU{Value: uint(b.CPUs)},
-		OS: &libvirtxml.DomainOS{
-			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
-			Kernel:  kernel,
-			Initrd:  initrd,
-			Cmdline: cmdline,
-		},
-		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}, APIC: &libvirtxml.DomainFeatureAPIC{}},
-		OnPoweroff: "destroy",
-		OnReboot:   "restart",
-		OnCrash:    "destroy",
-		Devices: &libvirtxml.DomainDeviceList{
-			Disks: []libvirtxml.DomainDisk{{
-				Device: "disk",
-				Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "qcow2"},
-				Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: disk}},
-				Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
-			}},
-			Channels: []libvirtxml.DomainChannel{{
-				Source: &libvirtxml.DomainChardevSource{UNIX: &libvirtxml.DomainChardevSourceUNIX{}},
-				Target: &libvirtxml.DomainChannelTarget{VirtIO: &libvirtxml.DomainChannelTargetVirtIO{Name: template.AgentChannel}},
-			}},
-			Serials:     []libvirtxml.DomainSerial{{Source: &libvirtxml.DomainChardevSource{Pty: &libvirtxml.DomainChardevSourcePty{}}}},
-			RNGs:        []libvirtxml.DomainRNG{{Model: "virtio", Backend: &libvirtxml.DomainRNGBackend{Random: &libvirtxml.DomainRNGBackendRandom{Device: "/dev/urandom"}}}},
-			MemBalloon:  &libvirtxml.DomainMemBalloon{Model: "none"},
-			Controllers: []libvirtxml.DomainController{{Type: "usb", Model: "none"}},
-		},
-	}
-	if kernel == "" {
-		dom.OS.BootDevices = []libvirtxml.DomainBootDevice{{Dev: "hd"}}
-	}
-	if virt == "kvm" {
-		dom.CPU = &libvirtxml.DomainCPU{Mode: "host-passthrough"}
-	}
-	if b.Network != "" {
-		dom.Devices.Interfaces = []libvirtxml.DomainInterface{{
-			Source: &libvirtxml.DomainInterfaceSource{Network: &libvirtxml.DomainInterfaceSourceNetwork{Network: b.Network}},
-			Model:  &libvirtxml.DomainInterfaceModel{Type: "virtio"},
-		}}
-	}
-	return dom.Marshal()
 }
 
 // BaseImageNames are the names of the base images there are (for template list): the
@@ -212,19 +156,19 @@ func (h *Host) baseFiles(conn *libvirt.Conn, paths bool) ([]baseFile, error) {
 		}
 	case b.IsDir():
 	default:
-		pool, err := conn.API().StoragePoolLookupByName(b.Source)
+		pool, err := conn.Pool(b.Source)
 		if err != nil {
-			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES pool %q: %w", b.Source, err)
+			return nil, fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES: %w", err)
 		}
-		vols, _, err := conn.API().StoragePoolListAllVolumes(pool, 1, 0)
+		vols, err := pool.Volumes()
 		if err != nil {
-			return nil, fmt.Errorf("list pool %q: %w", b.Source, err)
+			return nil, err
 		}
 		for _, v := range vols {
-			f := baseFile{name: v.Name}
+			f := baseFile{name: v}
 			if paths {
-				if f.path, err = conn.API().StorageVolGetPath(v); err != nil {
-					return nil, fmt.Errorf("base image %s in pool %s: %w", v.Name, b.Source, err)
+				if f.path, err = pool.Path(v); err != nil {
+					return nil, fmt.Errorf("base image %s: %w", v, err)
 				}
 			}
 			files = append(files, f)
@@ -252,30 +196,23 @@ func (h *Host) checkBaseImages(conn *libvirt.Conn) error {
 		if strings.HasPrefix(f.name, h.Prefix) || strings.HasPrefix(f.name, "libvirt-gci-") {
 			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, a volume of libvirt-gci's own%s", f.name, own)
 		}
-		if v, err := conn.API().StorageVolLookupByPath(f.path); err == nil && v.Pool == h.Pool {
+		if pool, _, known := conn.VolumeAt(f.path); known && pool == h.Pool {
 			return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, in the instance pool %q (LIBVIRT_GCI_POOL)%s", f.name, h.Pool, own)
 		}
 		at[f.path] = f.name
 	}
-	doms, _, err := conn.API().ConnectListAllDomains(1, 0)
+	doms, err := conn.DomainNames()
 	if err != nil {
-		return fmt.Errorf("list domains: %w", err)
+		return err
 	}
 	for _, d := range doms {
-		x, err := conn.API().DomainGetXMLDesc(d, golibvirt.DomainXMLInactive)
+		x, err := conn.DomainXML(d, true)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		var dom libvirtxml.Domain
-		if dom.Unmarshal(x) != nil || dom.Devices == nil {
-			continue
-		}
-		for _, disk := range dom.Devices.Disks {
-			if disk.Source == nil || disk.Source.File == nil {
-				continue
-			}
-			if name, ok := at[disk.Source.File.File]; ok {
-				return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, a disk of the domain %q%s", name, d.Name, own)
+		for _, disk := range template.FileDisks(x) {
+			if name, ok := at[disk]; ok {
+				return fmt.Errorf("LIBVIRT_GCI_BASE_IMAGES holds %s, a disk of the domain %q%s", name, d, own)
 			}
 		}
 	}
