@@ -7,8 +7,6 @@ import (
 	"strings"
 	"time"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
@@ -20,11 +18,6 @@ type Check struct {
 	What string
 	OK   bool
 	Hint string
-}
-
-// blockInfoAPI reads a disk's sizes through libvirt (which opens the file).
-type blockInfoAPI interface {
-	DomainGetBlockInfo(dom golibvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
 }
 
 // CheckTemplate says, check by check, whether the domain name can be a template:
@@ -40,12 +33,12 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	defer conn.Close()
 	var out []Check
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
-	dom, err := conn.API().DomainLookupByName(name)
-	if libvirt.HasCode(err, golibvirt.ErrNoDomain) && h.BaseImages.Source != "" {
+	info, err := conn.TemplateOf(name)
+	if errors.Is(err, libvirt.ErrNoInstance) && h.BaseImages.Source != "" {
 		x, err := h.baseImageXML(ctx, conn, name)
 		if err == nil {
 			add(fmt.Sprintf("a base image %s.qcow2 in %s (offered by being there; a built-in definition)", name, h.BaseImages.Source), true, "")
-			return h.checkXML(out, conn, x, nil)
+			return h.checkXML(out, conn, x, "")
 		}
 		if !errors.Is(err, libvirt.ErrNoTemplate) {
 			return nil, err
@@ -54,14 +47,10 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 			"define one (virsh define), put the image there, or check LIBVIRT_GCI_URI ("+h.URI+")")
 		return out, nil
 	}
-	if libvirt.HasCode(err, golibvirt.ErrNoDomain) {
+	if errors.Is(err, libvirt.ErrNoInstance) {
 		add("a libvirt domain named "+name, false, "define one (virsh define), or check LIBVIRT_GCI_URI ("+h.URI+")")
 		return out, nil
 	}
-	if err != nil {
-		return nil, fmt.Errorf("look up %q: %w", name, err)
-	}
-	info, err := conn.TemplateInfo(dom)
 	if err != nil {
 		return nil, err
 	}
@@ -71,16 +60,16 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 	}
 	add("offered to jobs (marked, or listed in LIBVIRT_GCI_TEMPLATES)", info.Marked || offered, "libvirt-gci template mark "+name)
 	add("shut off", info.Shutoff, "its disks back every clone, so it must not run: virsh shutdown "+name)
-	x, err := conn.API().DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
+	x, err := conn.DomainXML(name, true)
 	if err != nil {
-		return nil, fmt.Errorf("XML of %q: %w", name, err)
+		return nil, err
 	}
-	return h.checkXML(out, conn, x, &dom)
+	return h.checkXML(out, conn, x, name)
 }
 
 // checkXML adds the checks of a template's definition x to out: its disks, agent channel
-// and devices; with dom, that libvirt can read its disks.
-func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x string, dom *golibvirt.Domain) ([]Check, error) {
+// and devices; with the domain's name, that libvirt can read its disks.
+func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x, name string) ([]Check, error) {
 	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
 	tmpl, err := template.Parse(x)
 	if err != nil {
@@ -98,12 +87,14 @@ func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x string, dom *golibvir
 	add("no device clones would share or that reaches the host", len(access) == 0 || h.AllowHostAccess,
 		"remove "+strings.Join(access, ", ")+", or allow it with LIBVIRT_GCI_ALLOW_HOST_ACCESS=true")
 	add("at least one writable disk", len(tmpl.Disks) > 0, "give it a disk: the job's overlay stands on it")
-	bi, _ := conn.API().(blockInfoAPI)
 	for _, d := range tmpl.Disks {
-		if bi == nil || dom == nil {
+		if name == "" {
 			continue
 		}
-		_, _, _, err := bi.DomainGetBlockInfo(*dom, d.Target, 0)
+		checked, err := conn.DiskReadable(name, d.Target)
+		if !checked {
+			continue
+		}
 		hint := ""
 		if err != nil {
 			hint = fmt.Sprintf("libvirt cannot read it: %v", err)

@@ -2,21 +2,13 @@ package provision
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os/exec"
 	"time"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
-
 	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 )
-
-// shutdownAPI shuts a domain down.
-type shutdownAPI interface {
-	DomainShutdownFlags(dom golibvirt.Domain, flags golibvirt.DomainShutdownFlagValues) error
-}
 
 // MakeTemplate turns the domain name, a VM prepared by hand, into a template: its
 // machine identity reset (through its guest agent if it runs; with virt-sysprep, where
@@ -29,11 +21,7 @@ func (h *Host) MakeTemplate(ctx context.Context, name string) error {
 		return err
 	}
 	defer conn.Close()
-	dom, err := conn.API().DomainLookupByName(name)
-	if err != nil {
-		return fmt.Errorf("look up %q: %w", name, err)
-	}
-	info, err := conn.TemplateInfo(dom)
+	info, err := conn.TemplateOf(name)
 	if err != nil {
 		return err
 	}
@@ -59,7 +47,7 @@ func (h *Host) MakeTemplate(ctx context.Context, name string) error {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		h.Log.Info(fmt.Sprintf("reset the machine identity of %s (machine-id, ssh host keys, logs, DHCP leases)", name))
-		if err := shutdown(bctx, conn, dom, agent); err != nil {
+		if err := shutdown(bctx, conn, name, agent); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		h.Log.Info(fmt.Sprintf("shut %s down", name))
@@ -73,24 +61,20 @@ func (h *Host) MakeTemplate(ctx context.Context, name string) error {
 
 // shutdown asks the guest to power off (the agent's shutdown, else a poweroff command
 // through the agent, else ACPI) and waits until it has, or ctx ends.
-func shutdown(ctx context.Context, conn *libvirt.Conn, dom golibvirt.Domain, agent *guest.Agent) error {
-	s, ok := conn.API().(shutdownAPI)
-	if !ok {
-		return errors.New("this libvirt connection cannot shut domains down")
-	}
-	if err := s.DomainShutdownFlags(dom, golibvirt.DomainShutdownGuestAgent); err != nil {
+func shutdown(ctx context.Context, conn *libvirt.Conn, name string, agent *guest.Agent) error {
+	if err := conn.Shutdown(name, true); err != nil {
 		if err := agent.PowerOff(ctx); err != nil {
-			if err := s.DomainShutdownFlags(dom, golibvirt.DomainShutdownAcpiPowerBtn); err != nil {
+			if err := conn.Shutdown(name, false); err != nil {
 				return fmt.Errorf("shut down: %w", err)
 			}
 		}
 	}
 	for {
-		state, _, err := conn.API().DomainGetState(dom, 0)
+		off, err := conn.ShutOff(name)
 		if err != nil {
-			return fmt.Errorf("state: %w", err)
+			return err
 		}
-		if golibvirt.DomainState(state) == golibvirt.DomainShutoff {
+		if off {
 			return nil
 		}
 		if !guest.Sleep(ctx, 200*time.Millisecond) {

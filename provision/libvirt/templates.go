@@ -132,3 +132,72 @@ func (c *Conn) Templates() ([]TemplateInfo, error) {
 	})
 	return out, nil
 }
+
+// TemplateOf is TemplateInfo of the domain name; an error with ErrNoInstance where there
+// is no such domain.
+func (c *Conn) TemplateOf(name string) (TemplateInfo, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if HasCode(err, libvirt.ErrNoDomain) {
+		return TemplateInfo{}, fmt.Errorf("no domain %q: %w", name, ErrNoInstance)
+	}
+	if err != nil {
+		return TemplateInfo{}, fmt.Errorf("look up %q: %w", name, err)
+	}
+	return c.TemplateInfo(dom)
+}
+
+// blockInfoAPI reads a disk's sizes through libvirt (which opens the file).
+type blockInfoAPI interface {
+	DomainGetBlockInfo(dom libvirt.Domain, path string, flags uint32) (uint64, uint64, uint64, error)
+}
+
+// DiskReadable says whether libvirt can read the disk target of the domain name: nil
+// where it can; checked is false where this connection cannot tell.
+func (c *Conn) DiskReadable(name, target string) (checked bool, err error) {
+	bi, ok := c.api.(blockInfoAPI)
+	if !ok {
+		return false, nil
+	}
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return true, err
+	}
+	_, _, _, err = bi.DomainGetBlockInfo(dom, target, 0)
+	return true, err
+}
+
+// shutdownAPI shuts a domain down.
+type shutdownAPI interface {
+	DomainShutdownFlags(dom libvirt.Domain, flags libvirt.DomainShutdownFlagValues) error
+}
+
+// Shutdown asks the guest of the domain name to power off: through its guest agent
+// (agent), else by ACPI's power button. It does not wait.
+func (c *Conn) Shutdown(name string, agent bool) error {
+	s, ok := c.api.(shutdownAPI)
+	if !ok {
+		return errors.New("this libvirt connection cannot shut domains down")
+	}
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", name, err)
+	}
+	fl := libvirt.DomainShutdownAcpiPowerBtn
+	if agent {
+		fl = libvirt.DomainShutdownGuestAgent
+	}
+	return s.DomainShutdownFlags(dom, fl)
+}
+
+// ShutOff says whether the domain name is shut off.
+func (c *Conn) ShutOff(name string) (bool, error) {
+	dom, err := c.api.DomainLookupByName(name)
+	if err != nil {
+		return false, fmt.Errorf("look up %q: %w", name, err)
+	}
+	state, _, err := c.api.DomainGetState(dom, 0)
+	if err != nil {
+		return false, fmt.Errorf("state of %q: %w", name, err)
+	}
+	return libvirt.DomainState(state) == libvirt.DomainShutoff, nil
+}
