@@ -309,10 +309,8 @@ func (h *Host) Headroom(conn *libvirt.Conn) (Headroom, error) {
 	if l.MemoryTotal > 0 {
 		r.FreeBytes = l.MemoryTotal - min(mem, l.MemoryTotal)
 		r.Fits = r.Fits && r.FreeBytes > 0
-	} else if n, ok := conn.API().(interface{ NodeGetFreeMemory() (uint64, error) }); ok {
-		if r.FreeBytes, err = n.NodeGetFreeMemory(); err != nil {
-			return Headroom{}, fmt.Errorf("free memory: %w", err)
-		}
+	} else if r.FreeBytes, _, err = conn.FreeMemory(); err != nil {
+		return Headroom{}, err
 	}
 	return r, nil
 }

@@ -155,12 +155,8 @@ func (h *Host) probeDefine(conn *libvirt.Conn) (time.Duration, error) {
 	name := "libvirt-gci-doctor-" + randomHex(4)
 	x := fmt.Sprintf("<domain type='qemu'><name>%s</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>", name)
 	start := time.Now()
-	dom, err := conn.API().DomainDefineXMLFlags(x, 0)
-	if err != nil {
-		return 0, fmt.Errorf("define %s: %w", name, err)
-	}
-	if err := conn.API().DomainUndefineFlags(dom, 0); err != nil {
-		return 0, fmt.Errorf("undefine %s (remove it: virsh undefine %s): %w", name, name, err)
+	if err := conn.DefineAndUndefine(x); err != nil {
+		return 0, fmt.Errorf("%s: %w", name, err)
 	}
 	return time.Since(start), nil
 }
@@ -353,9 +349,9 @@ func (h *Host) doctorPool(conn *libvirt.Conn, templates []doctorTemplate, req Do
 
 // doctorCapacity holds the capacity settings to the host's memory and CPUs.
 func (h *Host) doctorCapacity(conn *libvirt.Conn, templates []doctorTemplate, req DoctorRequest) []Finding {
-	_, memKiB, cpus, _, _, _, _, _, err := conn.API().NodeGetInfo()
+	memKiB, cpus, err := conn.NodeInfo()
 	if err != nil {
-		return []Finding{{Check: "capacity", Status: FindingProblem, Detail: fmt.Sprintf("host info: %v", err), Fix: "check libvirtd's log"}}
+		return []Finding{{Check: "capacity", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}
 	}
 	hostMem := memKiB * 1024
 	var out []Finding

@@ -2,7 +2,6 @@ package provision
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -11,8 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
-
-	"libvirt.org/go/libvirtxml"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
@@ -73,37 +70,16 @@ func ProbeAccel(ctx context.Context, emulator, accel string, bound time.Duration
 	}
 }
 
-// kvmEmulator is the QEMU binary libvirt runs x86_64 KVM guests with, from its
-// capabilities; "" where libvirt offers no KVM.
-func kvmEmulator(caps string) string {
-	var c libvirtxml.Caps
-	if c.Unmarshal(caps) != nil {
-		return ""
-	}
-	for _, g := range c.Guests {
-		if g.Arch.Name != "x86_64" {
-			continue
-		}
-		for _, d := range g.Arch.Domains {
-			if d.Type == "kvm" {
-				return cmp.Or(d.Emulator, g.Arch.Emulator)
-			}
-		}
-	}
-	return ""
-}
-
 // kvm says whether libvirt offers KVM (offered) and, on a local libvirt, why a guest
 // does not run under it (the probe; nil where it ran, or where the libvirt is remote
 // and cannot be probed from here).
 // With cached, a verdict this boot of the host left for the same emulator stands
 // (kvmVerdict).
 func (h *Host) kvm(ctx context.Context, conn *libvirt.Conn, cached bool) (offered bool, probed bool, err error) {
-	caps, err := conn.API().ConnectGetCapabilities()
+	emulator, err := conn.KVMEmulator()
 	if err != nil {
-		return false, false, fmt.Errorf("capabilities: %w", err)
+		return false, false, err
 	}
-	emulator := kvmEmulator(caps)
 	if emulator == "" || !dial.IsLocal(h.URI) {
 		return emulator != "", false, nil
 	}

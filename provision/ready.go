@@ -50,13 +50,9 @@ func failedUnits(units []string) string {
 // awaitAddresses waits until each NIC of the instance's own whose link is up (the
 // template's NICs; not the ssh NIC, which prepare configures itself) has an address.
 func (h *Host) awaitAddresses(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent, name string) error {
-	dom, err := conn.API().DomainLookupByName(name)
+	x, err := conn.DomainXML(name, false)
 	if err != nil {
-		return fmt.Errorf("look up instance %q: %w", name, err)
-	}
-	x, err := conn.API().DomainGetXMLDesc(dom, 0)
-	if err != nil {
-		return fmt.Errorf("XML of %q: %w", name, err)
+		return err
 	}
 	nics, err := template.UpNICs(x)
 	if err != nil {

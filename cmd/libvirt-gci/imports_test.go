@@ -36,6 +36,8 @@ var importRules = []importRule{
 	{"provision/*", []string{"provision", "guest/...", "executor/...", "cmd/..."},
 		"provision's rooms import neither the façade nor the guest"},
 	{"provision", []string{"executor/...", "cmd/..."}, "the lifecycle knows nothing of GitLab"},
+	{"provision", []string{"github.com/digitalocean/go-libvirt/...", "libvirt.org/go/libvirtxml"},
+		"the façade asks libvirt through provision/libvirt, and domain XML comes from template"},
 	{"cmd/libvirt-gci/internal/...", []string{"...ours"}, "the test harness's rooms stand alone"},
 	{"...", []string{"cmd/libvirt-gci"}, "nothing imports the command"},
 }
@@ -128,6 +130,8 @@ func TestImportRuleCatches(t *testing.T) {
 		{m("provision/libvirt"), m("guest")},
 		{m("provision/libvirt/dial"), m("provision")},
 		{m("provision/meta"), "github.com/digitalocean/go-libvirt"},
+		{m("provision"), "github.com/digitalocean/go-libvirt"},
+		{m("provision"), "libvirt.org/go/libvirtxml"},
 		{m("executor"), m("cmd/libvirt-gci")},
 		{m("cmd/libvirt-gci/internal/fakegitlab"), m("executor")},
 	} {
@@ -139,6 +143,8 @@ func TestImportRuleCatches(t *testing.T) {
 		{m("provision"), m("provision/warm")},
 		{m("provision/warm"), m("provision/meta")},
 		{m("provision/warm"), "github.com/digitalocean/go-libvirt"},
+		{m("provision/libvirt"), "github.com/digitalocean/go-libvirt"},
+		{m("provision/libvirt"), "libvirt.org/go/libvirtxml"},
 		{m("guest"), "github.com/digitalocean/go-libvirt"},
 		{m("cmd/libvirt-gci"), m("executor")},
 	} {
