@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -126,8 +127,8 @@ var SettingList = []Setting{
 		set: text(func(s *Settings) *string { return &s.Transport })},
 	{Flag: "start", Default: provision.StartRestore, Help: "how prepare starts a VM: restore (from the template's warm image, made on first use) or boot",
 		set: func(s *Settings, v string) error {
-			if v != provision.StartRestore && v != provision.StartBoot {
-				return fmt.Errorf("want restore or boot")
+			if !slices.Contains(provision.StartValues(), v) {
+				return fmt.Errorf("want %s", strings.Join(provision.StartValues(), " or "))
 			}
 			s.Start = v
 			return nil

@@ -40,10 +40,11 @@ func FuzzInstanceXML(f *testing.F) {
 			req.Transport = meta.TransportSSH
 		}
 		p := &plan{Request: req, tmpl: tmpl, prepareID: "0123456789abcdef"}
-		if _, err := (coldBoot{h}).Plan(context.Background(), nil, p); err != nil {
+		l, _, err := (coldBoot{h}).Plan(context.Background(), nil, p)
+		if err != nil {
 			return
 		}
-		spec := p.spec
+		spec := l.Spec
 		dec := xml.NewDecoder(strings.NewReader(spec.DomainXML))
 		for {
 			_, err := dec.Token()

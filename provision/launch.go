@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -21,17 +22,59 @@ import (
 
 // A Strategy is one way of making an instance: a cold boot (coldBoot), a restore from
 // the template's warm image (restore). Adding one (a hot-plug, a memory-sharing
-// restore) is a file with a type that implements this, and a place in strategies.
+// restore) is a file with a type that implements this and one registerStrategy call
+// (its value of LIBVIRT_GCI_START, and the one tried where it does not fit).
 type Strategy interface {
 	// Name is its value of LIBVIRT_GCI_START; Doing says it in a progress line.
 	Name() string
 	Doing() string
-	// Plan lays the instance out in p (p.spec, p.memKiB, what the guest set-up needs), or
-	// says why the strategy does not fit p's request.
-	Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit, error)
-	// Make makes the planned instance in libvirt and starts it. Whatever it makes is
-	// listed in p.spec's metadata first, so that a rollback finds it.
+	// Plan lays the instance p asks for out (Layout: what Make makes and what the waits
+	// after it need), or says why the strategy does not fit p's request. It reads p and
+	// does not change it.
+	Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*Layout, *misfit, error)
+	// Make makes the planned instance (p.Layout) in libvirt and starts it. Whatever it
+	// makes is listed in p.Spec's metadata first, so that a rollback finds it.
 	Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error)
+}
+
+// Layout is what a strategy decided for one instance: its domain and volumes (Spec), its
+// memory (for the capacity), its progress line, and what the guest's set-up and the
+// waits after Make need. checkLayout holds a strategy to it.
+type Layout struct {
+	Spec   libvirt.Spec
+	MemKiB uint64
+	Report func(tm libvirt.Timings) // the progress line of the made instance
+	// MAC is the ssh NIC's MAC address; "" for none.
+	MAC string
+	// Identity makes a restored instance's guest its own; Links are the MAC addresses of
+	// its NICs whose link comes up once it has.
+	Identity *guest.Identity
+	Links    []string
+	// Booted: the guest has finished its boot already (restored from a warm image saved
+	// with systemd running, or without systemd): its state is not waited for.
+	Booted string
+	// Attach is the cache share's device XML, attached once the instance is restored.
+	Attach string
+	// DiskGrow is what a restored instance's first disk grows by after the restore (its
+	// overlay is made at the warm image's size).
+	DiskGrow uint64
+}
+
+// checkLayout says what of a whole layout l for the instance name lacks.
+func checkLayout(l *Layout, name string) error {
+	switch {
+	case l == nil:
+		return errors.New("laid out nothing")
+	case l.Spec.Name != name:
+		return fmt.Errorf("laid out the domain %q", l.Spec.Name)
+	case l.Spec.DomainXML == "":
+		return errors.New("laid out no domain XML")
+	case l.MemKiB == 0:
+		return errors.New("laid out no memory size")
+	case l.Report == nil:
+		return errors.New("laid out no progress line (Report)")
+	}
+	return nil
 }
 
 // misfit says why a strategy does not fit a request; warn: it was meant to (the
@@ -41,12 +84,61 @@ type misfit struct {
 	warn bool
 }
 
-// strategies are the ways this host starts instances, the preferred first.
-func (h *Host) strategies() []Strategy {
-	if h.Start == StartRestore {
-		return []Strategy{restore{h}, coldBoot{h}}
+// registration is a strategy known by its value of LIBVIRT_GCI_START: how to make it
+// for a host, and the value of the one tried where it does not fit ("": none).
+type registration struct {
+	make func(h *Host) Strategy
+	next string
+}
+
+var (
+	registered = map[string]registration{}
+	startOrder []string
+)
+
+// registerStrategy makes the strategy mk makes the value name of LIBVIRT_GCI_START, next
+// the one tried where it does not fit a request. Each strategy's file registers it.
+func registerStrategy(name, next string, mk func(h *Host) Strategy) {
+	if _, dup := registered[name]; dup {
+		panic("launch strategy " + name + " registered twice")
 	}
-	return []Strategy{coldBoot{h}}
+	registered[name] = registration{make: mk, next: next}
+	startOrder = append(startOrder, name)
+}
+
+// StartValues are the valid values of LIBVIRT_GCI_START: the registered strategies.
+func StartValues() []string { return slices.Clone(startOrder) }
+
+// strategies are the ways this host starts instances, the preferred first; a cold boot
+// where Start names none (a Host made without settings).
+func (h *Host) strategies() []Strategy {
+	var out []Strategy
+	first := h.Start
+	if _, ok := registered[first]; !ok {
+		first = StartBoot
+	}
+	for n := first; n != "" && len(out) < len(registered); n = registered[n].next {
+		r, ok := registered[n]
+		if !ok {
+			break
+		}
+		out = append(out, r.make(h))
+	}
+	return out
+}
+
+// planWith lays p's instance out with s, into p.Layout; a layout that is not whole is
+// the strategy's error, not the job's.
+func (h *Host) planWith(ctx context.Context, conn *libvirt.Conn, s Strategy, p *plan) (*misfit, error) {
+	l, m, err := s.Plan(ctx, conn, p)
+	if err != nil || m != nil {
+		return m, err
+	}
+	if err := checkLayout(l, p.Name); err != nil {
+		return nil, fmt.Errorf("launch strategy %s: %w", s.Name(), err)
+	}
+	p.Layout = *l
+	return nil, nil
 }
 
 // plan is one launch's own data: the request, and what its steps found and laid out.
@@ -56,30 +148,18 @@ type plan struct {
 	tmpl      *template.Template
 	prepareID string // random, in the metadata: a rollback removes only this launch's
 	helper    string // the helper's volume; "" for none
-	mac       string // of the ssh NIC; "" for none
 	// warmImage: the instance is the one a warm image of this name is saved from
 	// (makeWarm): its volumes are named by the image, and extra lists its save volume.
 	warmImage string
 	extra     []meta.Volume
 	// shareMemory: the guest's memory is shared even without a share (a warm image's
-	// whose instances get their cache share after the restore); attach is that share's
-	// device XML, attached once the instance is restored.
+	// whose instances get their cache share after the restore).
 	shareMemory bool
-	attach      string
-	spec        libvirt.Spec
-	memKiB      uint64
-	// identity makes a restored instance's guest its own; links are the MAC addresses of
-	// its NICs whose link comes up once it has.
-	identity *guest.Identity
-	links    []string
-	// booted: the guest has finished its boot already (restored from a warm image saved
-	// with systemd running, or without systemd): its state is not waited for.
-	booted string
-	report func(tm libvirt.Timings) // the progress line of the made instance
 	// firstDisk is the capacity of the template's first disk where the job asks a size
-	// of its own; diskGrow what a restored instance's first disk grows by after the
-	// restore (its overlay is made at the warm image's size).
-	firstDisk, diskGrow uint64
+	// of its own.
+	firstDisk uint64
+	// Layout is what the chosen strategy laid out (planWith).
+	Layout
 }
 
 // Launch makes the instance req asks for, starts it and waits until the guest is ready
@@ -111,7 +191,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 			undo()
 		}
 	}()
-	p.report(tm)
+	p.Report(tm)
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
 		if conn.IsLost() && !errors.Is(err, libvirt.ErrLost) {
 			// Whichever of the waits' calls libvirtd's restart cut short (the agent's,
@@ -190,7 +270,7 @@ func (h *Host) begin(ctx context.Context, conn *libvirt.Conn, req Request) (*pla
 func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strategy, error) {
 	ss := h.strategies()
 	for i, s := range ss {
-		m, err := s.Plan(ctx, conn, p)
+		m, err := h.planWith(ctx, conn, s, p)
 		if err != nil {
 			return nil, err
 		}
@@ -216,13 +296,13 @@ func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strateg
 // name made meanwhile, on a connection of its own, within after. admitAndMake undoes a
 // make that fails itself; its caller undoes one whose later steps fail.
 func (h *Host) admitAndMake(ctx, after context.Context, conn *libvirt.Conn, s Strategy, p *plan) (libvirt.Timings, func(), error) {
-	d := demand{memKiB: p.memKiB}
+	d := demand{memKiB: p.MemKiB}
 	if h.Limits.checksDisk() {
-		disk, err := conn.Capacity(p.spec.Volumes)
+		disk, err := conn.Capacity(p.Spec.Volumes)
 		if err != nil {
 			return libvirt.Timings{}, nil, err
 		}
-		d.disk = disk + p.diskGrow
+		d.disk = disk + p.DiskGrow
 	}
 	actx, cancel := h.bootTimeout(ctx)
 	release, err := h.admit(actx, conn, d)
@@ -236,7 +316,7 @@ func (h *Host) admitAndMake(ctx, after context.Context, conn *libvirt.Conn, s St
 	if h.Limits.Instances == 0 && h.Limits.MemoryTotal == 0 {
 		// The disk room alone counts an instance once its volumes are made, running or
 		// not: the next launch need not wait for this one's start (a restore's second).
-		p.spec.Made = release
+		p.Spec.Made = release
 	}
 	undo := func() { h.rollback(after, p.Name, p.prepareID) }
 	tm, err := s.Make(ctx, conn, p)

@@ -10,6 +10,11 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
+// StartBoot is LIBVIRT_GCI_START's value for a cold boot, every time.
+const StartBoot = "boot"
+
+func init() { registerStrategy(StartBoot, "", func(h *Host) Strategy { return coldBoot{h} }) }
+
 // coldBoot clones the template into overlays and a new domain and boots it: the
 // strategy that fits every request.
 type coldBoot struct{ h *Host }
@@ -19,10 +24,11 @@ func (coldBoot) Doing() string { return "booting" }
 
 // Plan lays out one overlay per writable template disk, the metadata that records them,
 // and the domain XML.
-func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*misfit, error) {
+func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*Layout, *misfit, error) {
 	h := b.h
+	l := &Layout{}
 	if h.needsSSH(p.Request) {
-		p.mac = template.NewMAC()
+		l.MAC = template.NewMAC()
 	}
 	im := h.newMetadata(p.Request, p.tmpl.Name, p.prepareID)
 	spec := libvirt.Spec{Name: p.Name}
@@ -47,7 +53,7 @@ func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*misfit, er
 	im.Volumes = append(im.Volumes, p.extra...)
 	md, err := im.MarshalElement()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	inst := template.Instance{Name: p.Name, Overlays: overlays, Metadata: md, CPUs: p.Size.CPUs, MemoryKiB: p.Size.Memory / 1024, Warm: p.warmImage != "", SharedMemory: p.shareMemory}
 	if p.helper != "" {
@@ -56,28 +62,28 @@ func (b coldBoot) Plan(_ context.Context, _ *libvirt.Conn, p *plan) (*misfit, er
 	if p.Cache != "" {
 		inst.Shares = []template.Share{{Source: p.Cache, Tag: CacheTag}}
 	}
-	if p.mac != "" {
+	if l.MAC != "" {
 		slot, err := p.tmpl.FreePCISlot()
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		inst.QEMUArgs = sshNetArgs(slot, p.mac)
+		inst.QEMUArgs = sshNetArgs(slot, l.MAC)
 	}
 	if spec.DomainXML, err = p.tmpl.Render(inst); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	p.spec = spec
-	p.memKiB = p.tmpl.MemoryKiB()
+	l.Spec = spec
+	l.MemKiB = p.tmpl.MemoryKiB()
 	if p.Size.Memory > 0 {
-		p.memKiB = p.Size.Memory / 1024
+		l.MemKiB = p.Size.Memory / 1024
 	}
-	p.report = func(tm libvirt.Timings) { b.report(p, tm) }
-	return nil, nil
+	l.Report = func(tm libvirt.Timings) { b.report(p, tm) }
+	return l, nil, nil
 }
 
 // Make defines the domain, creates its overlays and boots it.
 func (coldBoot) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
-	return conn.Create(ctx, p.spec)
+	return conn.Create(ctx, p.Spec)
 }
 
 func (b coldBoot) report(p *plan, tm libvirt.Timings) {
@@ -86,7 +92,7 @@ func (b coldBoot) report(p *plan, tm libvirt.Timings) {
 		sized = " (" + p.Size.String() + ")"
 	}
 	b.h.Log.Info(fmt.Sprintf("cloned %s into %s%s in %d ms (define %d ms, %d overlays %d ms%s), started in %d ms",
-		p.Template, p.Name, sized, (tm.Define+tm.Clone+tm.Reserve).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), reserved(tm), tm.Start.Milliseconds()),
+		p.Template, p.Name, sized, (tm.Define+tm.Clone+tm.Reserve).Milliseconds(), tm.Define.Milliseconds(), len(p.Spec.Volumes), tm.Clone.Milliseconds(), reserved(tm), tm.Start.Milliseconds()),
 		"template", p.Template, "name", p.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(), "start_ms", tm.Start.Milliseconds(),
 		"reserve_ms", tm.Reserve.Milliseconds(),
 		"cpus", p.Size.CPUs, "memory", p.Size.Memory, "disk", p.Size.Disk)

@@ -20,6 +20,12 @@ import (
 // before any job code runs (awaitReady).
 type restore struct{ h *Host }
 
+// StartRestore is LIBVIRT_GCI_START's value for a restore from the template's warm
+// image, made on first use; where it does not fit, a cold boot.
+const StartRestore = "restore"
+
+func init() { registerStrategy(StartRestore, StartBoot, func(h *Host) Strategy { return restore{h} }) }
+
 func (restore) Name() string  { return StartRestore }
 func (restore) Doing() string { return "restoring" }
 
@@ -28,7 +34,7 @@ func (restore) Doing() string { return "restoring" }
 // a cache share, attached after the restore; a larger disk grows after the restore. It
 // does not fit a request whose template's image cannot be made or read, nor a size past
 // LIBVIRT_GCI_WARM_SIZES.
-func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit, error) {
+func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*Layout, *misfit, error) {
 	h := r.h
 	wctx, cancel := h.bootTimeout(ctx)
 	wi, why, err := h.warmFor(wctx, conn, p)
@@ -36,45 +42,45 @@ func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*misfit
 	var notSaved *notSavedError
 	switch {
 	case errors.As(err, &notSaved) && ctx.Err() == nil:
-		return &misfit{why: fmt.Sprintf("no warm image of %s (%v)", p.Template, err), warn: true}, nil
+		return nil, &misfit{why: fmt.Sprintf("no warm image of %s (%v)", p.Template, err), warn: true}, nil
 	case err != nil:
-		return nil, err
+		return nil, nil, err
 	case wi == nil:
-		return &misfit{why: why}, nil
+		return nil, &misfit{why: why}, nil
 	}
-	macs, err := r.layout(conn, p, wi)
+	l := &Layout{MemKiB: wi.MemKiB}
+	macs, err := r.layout(conn, p, l, wi)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if p.Size.Disk > p.firstDisk {
-		p.diskGrow = p.Size.Disk - p.firstDisk
+		l.DiskGrow = p.Size.Disk - p.firstDisk
 	}
-	p.memKiB = wi.MemKiB
 	if p.Cache != "" {
-		if p.attach, err = template.ShareXML(template.Share{Source: p.Cache, Tag: CacheTag}); err != nil {
-			return nil, err
+		if l.Attach, err = template.ShareXML(template.Share{Source: p.Cache, Tag: CacheTag}); err != nil {
+			return nil, nil, err
 		}
 	}
-	p.identity = &guest.Identity{MachineID: randomHex(16)}
+	l.Identity = &guest.Identity{MachineID: randomHex(16)}
 	for _, m := range macs {
-		p.identity.MACs = append(p.identity.MACs, [2]string{m.Old, m.New})
+		l.Identity.MACs = append(l.Identity.MACs, [2]string{m.Old, m.New})
 		if m.Link {
-			p.links = append(p.links, m.New)
+			l.Links = append(l.Links, m.New)
 		} else if h.needsSSH(p.Request) {
-			p.mac = m.New // the ssh NIC
+			l.MAC = m.New // the ssh NIC
 		}
 	}
 	if wi.System == "running" || wi.System == "none" {
-		p.booted = wi.System
+		l.Booted = wi.System
 	}
-	p.report = func(tm libvirt.Timings) { r.report(p, wi, tm) }
-	return nil, nil
+	l.Report = func(tm libvirt.Timings) { r.report(p, wi, tm) }
+	return l, nil, nil
 }
 
 // layout lays out an instance restored from wi: its overlays on the warm image's, its
 // copy of the save image, its metadata, and its domain XML, rewritten from the warm
 // image's. It returns the MAC address changes the guest must make.
-func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.MACChange, error) {
+func (r restore) layout(conn *libvirt.Conn, p *plan, l *Layout, wi *WarmImage) ([]template.MACChange, error) {
 	h := r.h
 	im := h.newMetadata(p.Request, wi.Template, p.prepareID)
 	im.Warm = wi.Name
@@ -110,7 +116,7 @@ func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.
 	}
 	var macs []template.MACChange
 	spec.DomainXML, macs, err = template.Restored(wi.Image.XML, template.Clone{Name: p.Name, UUID: template.NewUUID(), Metadata: md, Overlays: overlays}, template.NewMAC)
-	p.spec = spec
+	l.Spec = spec
 	return macs, err
 }
 
@@ -118,9 +124,9 @@ func (r restore) layout(conn *libvirt.Conn, p *plan, wi *WarmImage) ([]template.
 // attaches the cache share (QEMU 7.2 cannot save a virtiofs device; the warm image's
 // memory is shared for it, and the guest mounts it once it appears: guest.Setup).
 func (restore) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
-	tm, err := conn.Restore(ctx, p.spec)
-	if err == nil && p.attach != "" {
-		err = conn.Attach(ctx, p.Name, "the cache share", p.attach, &tm.Attach)
+	tm, err := conn.Restore(ctx, p.Spec)
+	if err == nil && p.Attach != "" {
+		err = conn.Attach(ctx, p.Name, "the cache share", p.Attach, &tm.Attach)
 	}
 	if err == nil && p.Size.Disk > 0 {
 		err = conn.Grow(ctx, p.Name, p.tmpl.Disks[0].Target, p.Size.Disk, &tm.Grow)
@@ -133,7 +139,7 @@ func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
 	if tm.Streamed {
 		image = "memory image read in place, no copy"
 	}
-	if p.attach != "" {
+	if p.Attach != "" {
 		image += fmt.Sprintf(", cache share attached in %d ms", tm.Attach.Milliseconds())
 	}
 	if p.Size.Disk > 0 {
@@ -143,7 +149,7 @@ func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
 		image += " (" + p.Size.String() + ")"
 	}
 	r.h.Log.Info(fmt.Sprintf("restored %s into %s from %s in %d ms (define %d ms, %d overlays %d ms, restore %d ms, %s%s)",
-		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image, reserved(tm)),
+		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.Spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image, reserved(tm)),
 		"template", p.Template, "name", p.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
 		"image_ms", tm.Image.Milliseconds(), "streamed", tm.Streamed, "restore_ms", tm.Start.Milliseconds(), "reserve_ms", tm.Reserve.Milliseconds())
 }

@@ -106,12 +106,12 @@ func (h *Host) awaitReady(ctx context.Context, conn *libvirt.Conn, p *plan, begi
 	}
 	// Where systemd runs, its boot ends first: what the set-up changes (host keys, host
 	// name) is not raced by the units that make them at boot.
-	if p.booted == "" {
+	if p.Booted == "" {
 		if err := h.awaitSystem(bctx, agent); err != nil {
 			return err
 		}
-	} else if p.booted == "running" {
-		h.Log.Info("systemd running since the warm image's save; not waited for again", "system_ms", 0, "state", p.booted)
+	} else if p.Booted == "running" {
+		h.Log.Info("systemd running since the warm image's save; not waited for again", "system_ms", 0, "state", p.Booted)
 	}
 	access, hostKey, err := h.setUp(bctx, conn, agent, p)
 	if err != nil {
@@ -152,7 +152,7 @@ func (h *Host) awaitAgent(ctx context.Context, agent *guest.Agent, begin time.Ti
 func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent, p *plan) (*sshAccess, ssh.PublicKey, error) {
 	start := time.Now()
 	var access *sshAccess
-	if p.mac != "" {
+	if p.MAC != "" {
 		a, err := h.sshAccess(conn, p.Name)
 		if err != nil {
 			return nil, nil, err
@@ -190,7 +190,7 @@ func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent
 		return nil, nil, err
 	}
 	if setup.Identity != nil {
-		if err := conn.LinksUp(p.Name, p.links); err != nil {
+		if err := conn.LinksUp(p.Name, p.Links); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -208,7 +208,7 @@ func (h *Host) setUp(ctx context.Context, conn *libvirt.Conn, agent *guest.Agent
 // keys always; its own identity after a restore; the helper, the cache share, and the
 // NIC, user key and host names of its ssh access where it has them.
 func (h *Host) guestSetup(p *plan, access *sshAccess) guest.Setup {
-	setup := guest.Setup{Identity: p.identity, Hostname: p.Name, HostKeys: true}
+	setup := guest.Setup{Identity: p.Identity, Hostname: p.Name, HostKeys: true}
 	if p.helper != "" {
 		setup.Helper = &guest.Helper{Serial: HelperSerial, Dir: HelperDir, Name: "gitlab-runner"}
 	}
@@ -216,7 +216,7 @@ func (h *Host) guestSetup(p *plan, access *sshAccess) guest.Setup {
 		setup.Share = &guest.Share{Tag: CacheTag, Dir: p.CacheMount}
 	}
 	if access != nil {
-		setup.NIC = &guest.NIC{MAC: p.mac, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
+		setup.NIC = &guest.NIC{MAC: p.MAC, Addr: SSHGuestAddr + "/" + strings.SplitN(SSHNet, "/", 2)[1]}
 		setup.SSH = &guest.SSHAccess{User: h.SSHUser, AuthorizedKey: guest.AuthorizedKey(access.key.PublicKey(), "libvirt-gci@"+p.Name)}
 		for _, f := range h.Forwards {
 			if host, _, err := net.SplitHostPort(f); err == nil && net.ParseIP(host) == nil {

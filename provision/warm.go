@@ -27,12 +27,6 @@ import (
 // the save image with the header rewritten, and, through the agent, its own clock, RNG
 // state, host name, machine-id and MAC addresses in the guest before any job code runs.
 
-// How prepare starts an instance (LIBVIRT_GCI_START).
-const (
-	StartBoot    = "boot"    // a cold boot, every time
-	StartRestore = "restore" // restored from the template's warm image, made on first use
-)
-
 // warmProfile is what of an instance, besides its template, lives in its warm image:
 // devices cannot be added to a restored VM.
 type warmProfile struct {

@@ -30,7 +30,7 @@ func (h *Host) makeWarm(ctx context.Context, conn *libvirt.Conn, src *plan, prof
 	if err := h.clearWarmTry(ctx, conn, pool, p.Name, name); err != nil {
 		return err
 	}
-	if _, err := (coldBoot{h}).Plan(ctx, conn, p); err != nil {
+	if _, err := h.planWith(ctx, conn, coldBoot{h}, p); err != nil {
 		return err
 	}
 	_, undo, err := h.admitAndMake(ctx, after, conn, coldBoot{h}, p)
