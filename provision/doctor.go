@@ -84,69 +84,91 @@ func (h *Host) Doctor(ctx context.Context, req DoctorRequest) []Finding {
 	return out
 }
 
+// doctorState is what the host's checks share: the connection, the request, and what
+// earlier checks found that later ones need.
+type doctorState struct {
+	conn         *libvirt.Conn
+	req          DoctorRequest
+	kvmBroken    bool             // libvirt offers KVM, and no guest ran under it
+	templates    []doctorTemplate // the templates that passed their checks
+	tmplFindings []Finding        // theirs, said after the pool's
+}
+
+// doctorCheck is one named check of a host: what it finds, given what the checks
+// before it found. Adding one is an entry in hostChecks.
+type doctorCheck struct {
+	name string
+	run  func(h *Host, ctx context.Context, st *doctorState) []Finding
+}
+
+// hostChecks are a host's checks, in order, after its libvirt answered; each is bounded
+// by ProbeTime with the rest (a libvirtd that stops answering ends them, said once).
+var hostChecks = []doctorCheck{
+	{"a define and undefine", func(h *Host, _ context.Context, st *doctorState) []Finding {
+		const check = "a define and undefine"
+		took, err := h.probeDefine(st.conn)
+		switch {
+		case err != nil:
+			return []Finding{{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "libvirtd must be able to define domains for this user: check its log"}}
+		case took >= libvirt.SlowCall:
+			return []Finding{{Check: check, Status: FindingProblem, Detail: fmt.Sprintf("took %.1f s; want milliseconds", took.Seconds()), Fix: libvirt.SlowHint(h.URI)}}
+		}
+		return []Finding{{Check: check, Status: FindingOK, Detail: fmt.Sprintf("%d ms", took.Milliseconds())}}
+	}},
+	{"KVM", func(h *Host, ctx context.Context, st *doctorState) []Finding {
+		out, broken := h.doctorKVM(ctx, st.conn)
+		st.kvmBroken = broken
+		return out
+	}},
+	{"templates", func(h *Host, ctx context.Context, st *doctorState) []Finding {
+		st.templates, st.tmplFindings = h.doctorTemplates(ctx, st.conn, st.req)
+		for _, t := range st.templates {
+			if st.kvmBroken && t.kvm {
+				st.tmplFindings = append(st.tmplFindings, Finding{Check: "template " + t.name, Status: FindingProblem,
+					Detail: "<domain type='kvm'>, and no guest runs under KVM here: its clones would wait out the boot timeout",
+					Fix:    "virsh edit " + t.name + ": <domain type='qemu'>"})
+			}
+		}
+		return nil // said after the pool's
+	}},
+	{"instance pool", func(h *Host, _ context.Context, st *doctorState) []Finding {
+		return h.doctorPool(st.conn, st.templates, st.req)
+	}},
+	{"templates' findings", func(_ *Host, _ context.Context, st *doctorState) []Finding { return st.tmplFindings }},
+	{"capacity", func(h *Host, _ context.Context, st *doctorState) []Finding {
+		return h.doctorCapacity(st.conn, st.templates, st.req)
+	}},
+	{"networks", func(h *Host, _ context.Context, st *doctorState) []Finding {
+		return h.doctorNetworks(st.conn, st.templates)
+	}},
+}
+
 // doctorChecks are the host's checks but the boots and the warm images, bounded by
-// ProbeTime; it returns the templates that passed theirs.
+// ProbeTime: libvirt answers, then hostChecks one by one. It returns the templates that
+// passed theirs.
 func (h *Host) doctorChecks(ctx context.Context, req DoctorRequest) ([]Finding, []doctorTemplate) {
-	var out []Finding
-	add := func(check, status, detail, fix string) {
-		out = append(out, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
-	}
 	where := PublicURI(h.URI)
 	ctx, cancel := context.WithTimeoutCause(ctx, ProbeTime, fmt.Errorf("no answer within %s", ProbeTime))
 	defer cancel()
 	start := time.Now()
 	conn, err := h.Connect(ctx)
 	if err != nil {
-		add("libvirt at "+where, FindingProblem, err.Error(), "start libvirtd (systemctl start libvirtd) or correct LIBVIRT_GCI_URI")
-		return out, nil
+		return []Finding{{Check: "libvirt at " + where, Status: FindingProblem, Detail: err.Error(),
+			Fix: "start libvirtd (systemctl start libvirtd) or correct LIBVIRT_GCI_URI"}}, nil
 	}
 	defer conn.Close()
-	add("libvirt at "+where, FindingOK, fmt.Sprintf("answered in %d ms", time.Since(start).Milliseconds()), "")
-
-	// A libvirtd that stops answering is said once, in place of what it answered so far,
-	// not as a problem of every check.
-	at := len(out) - 1
-	stalled := func() bool {
-		if ctx.Err() == nil {
-			return false
-		}
-		out = append(out[:at], Finding{Check: "libvirt at " + where, Status: FindingProblem, Detail: context.Cause(ctx).Error(),
-			Fix: "check libvirtd (is it stopped, or overloaded?) and its log"})
-		return true
-	}
-	took, err := h.probeDefine(conn)
-	switch {
-	case stalled():
-		return out, nil
-	case err != nil:
-		add("a define and undefine", FindingProblem, err.Error(), "libvirtd must be able to define domains for this user: check its log")
-	case took >= libvirt.SlowCall:
-		add("a define and undefine", FindingProblem, fmt.Sprintf("took %.1f s; want milliseconds", took.Seconds()), libvirt.SlowHint(h.URI))
-	default:
-		add("a define and undefine", FindingOK, fmt.Sprintf("%d ms", took.Milliseconds()), "")
-	}
-	kvmFindings, kvmBroken := h.doctorKVM(ctx, conn)
-	if out = append(out, kvmFindings...); stalled() {
-		return out, nil
-	}
-	templates, tmplFindings := h.doctorTemplates(ctx, conn, req)
-	for _, t := range templates {
-		if kvmBroken && t.kvm {
-			tmplFindings = append(tmplFindings, Finding{Check: "template " + t.name, Status: FindingProblem,
-				Detail: "<domain type='kvm'>, and no guest runs under KVM here: its clones would wait out the boot timeout",
-				Fix:    "virsh edit " + t.name + ": <domain type='qemu'>"})
+	out := []Finding{{Check: "libvirt at " + where, Status: FindingOK, Detail: fmt.Sprintf("answered in %d ms", time.Since(start).Milliseconds())}}
+	st := &doctorState{conn: conn, req: req}
+	for _, c := range hostChecks {
+		out = append(out, c.run(h, ctx, st)...)
+		if ctx.Err() != nil {
+			// A libvirtd that stops answering is said once, in place of what it answered
+			// so far, not as a problem of every check.
+			return []Finding{{Check: "libvirt at " + where, Status: FindingProblem, Detail: context.Cause(ctx).Error(),
+				Fix: "check libvirtd (is it stopped, or overloaded?) and its log"}}, nil
 		}
 	}
-	if out = append(out, h.doctorPool(conn, templates, req)...); stalled() {
-		return out, nil
-	}
-	if out = append(append(out, tmplFindings...), h.doctorCapacity(conn, templates, req)...); stalled() {
-		return out, nil
-	}
-	if out = append(out, h.doctorNetworks(conn, templates)...); stalled() {
-		return out, nil
-	}
-	return out, templates
+	return out, st.templates
 }
 
 // probeDefine defines and undefines a throwaway domain, as prepare's define does, and
