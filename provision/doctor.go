@@ -3,16 +3,10 @@ package provision
 import (
 	"cmp"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt/dial"
 	"github.com/libvirt-gci/libvirt-gci/template"
@@ -181,43 +175,6 @@ func (h *Host) probeDefine(conn *libvirt.Conn) (time.Duration, error) {
 		return 0, fmt.Errorf("%s: %w", name, err)
 	}
 	return time.Since(start), nil
-}
-
-// doctorKVM says whether libvirt offers KVM and, on a local host, whether a guest runs
-// under it (a machine whose /dev/kvm opens may still never run one), and whether
-// /dev/kvm has the mode that keeps libvirtd from probing QEMU again on every call.
-// It says too whether KVM is broken: offered, and no guest ran under it.
-func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool) {
-	f, offered, err := h.doctorKVMFindings(ctx, conn)
-	return f, offered && err != nil
-}
-
-func (h *Host) doctorKVMFindings(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool, error) {
-	offered, probed, err := h.kvm(ctx, conn, false)
-	if !offered && err != nil {
-		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}, false, err
-	}
-	var out []Finding
-	if dial.IsLocal(h.URI) {
-		if fi, err := os.Stat("/dev/kvm"); err == nil {
-			if hint := libvirt.KVMModeHint(fi.Mode()); hint != "" {
-				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingProblem, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm()), Fix: hint})
-			} else {
-				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingOK, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm())})
-			}
-		}
-	}
-	switch {
-	case offered && err != nil:
-		return append([]Finding{{Check: "KVM", Status: FindingProblem, Detail: "libvirt offers it, but " + err.Error(),
-			Fix: "use domain type qemu (software emulation): LIBVIRT_GCI_BASE_VIRT=qemu, and <domain type='qemu'> in templates (those of type kvm will hang); or make KVM work (nested virtualization needs the CPU's extension in this VM)"}}, out...), true, err
-	case offered && probed:
-		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}}, out...), true, nil
-	case offered:
-		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}}, out...), true, nil
-	}
-	return append([]Finding{{Check: "KVM", Status: FindingNote, Detail: "libvirt does not offer it: guests run under software emulation, many times slower",
-		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...), false, nil
 }
 
 // doctorTemplate is a template doctor found offered, and what it needs of the host.
@@ -408,69 +365,6 @@ func (h *Host) doctorCapacity(conn *libvirt.Conn, templates []doctorTemplate, re
 		add("job sizes", FindingProblem, fmt.Sprintf("LIBVIRT_GCI_MAX_CPUS=%d is more than the host's %d CPUs", req.MaxCPUs, cpus), "lower it")
 	}
 	return out
-}
-
-// DoctorSecret checks the secret file the instances' ssh keys come from: missing is
-// fine (the first prepare makes it), but one that others could read or plant is not.
-func DoctorSecret(path string) Finding {
-	const check = "secret file (LIBVIRT_GCI_SECRET_FILE)"
-	_, err := guest.LoadSecret(path, false)
-	switch {
-	case err == nil:
-		return Finding{Check: check, Status: FindingOK, Detail: path + ": this user's, mode 0600"}
-	case errors.Is(err, fs.ErrNotExist):
-		return Finding{Check: check, Status: FindingOK, Detail: path + " is not there yet: the first prepare makes it (0600)"}
-	}
-	return Finding{Check: check, Status: FindingProblem, Detail: err.Error(),
-		Fix: fmt.Sprintf("chown %d %s && chmod 0600 %s", os.Geteuid(), path, path)}
-}
-
-// DoctorHelperTools checks for what puts the gitlab-runner helper on a disk for the
-// guests (mkfs.ext4), as prepare finds it; nothing when it is there.
-func DoctorHelperTools() []Finding {
-	if _, err := findTool("mkfs.ext4"); err != nil {
-		return []Finding{{Check: "mkfs.ext4 (puts gitlab-runner on a disk for the guests)", Status: FindingProblem,
-			Detail: err.Error(), Fix: "apt install e2fsprogs"}}
-	}
-	return nil
-}
-
-// vhostUserDirs are where QEMU's vhost-user descriptors say which virtiofsd to run, in
-// the order libvirt reads them.
-var vhostUserDirs = []string{"/etc/qemu/vhost-user", "/usr/share/qemu/vhost-user"}
-
-// DoctorVirtiofsd checks that libvirt on uri finds a virtiofsd for the cache share: a
-// vhost-user descriptor of type fs whose binary is there. On a remote host, that host's.
-func DoctorVirtiofsd(uri string) Finding {
-	check := "virtiofsd (LIBVIRT_GCI_CACHE_DIR is set)"
-	if !dial.IsLocal(uri) {
-		return Finding{Check: check, Status: FindingNote, Detail: "on " + PublicURI(uri) + ": not checked from here",
-			Fix: "install virtiofsd there (Debian 12: qemu-system-common has /usr/lib/qemu/virtiofsd)"}
-	}
-	var seen []string
-	for _, dir := range vhostUserDirs {
-		files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
-		for _, f := range files {
-			b, err := os.ReadFile(f)
-			if err != nil {
-				continue
-			}
-			var d struct{ Type, Binary string }
-			if json.Unmarshal(b, &d) != nil || d.Type != "fs" {
-				continue
-			}
-			if fi, err := os.Stat(d.Binary); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
-				return Finding{Check: check, Status: FindingOK, Detail: d.Binary + " (" + f + ")"}
-			}
-			seen = append(seen, fmt.Sprintf("%s names %s, which is not there", f, d.Binary))
-		}
-	}
-	detail := "no vhost-user descriptor of type fs in " + strings.Join(vhostUserDirs, " or ")
-	if len(seen) > 0 {
-		detail = strings.Join(seen, "; ")
-	}
-	return Finding{Check: check, Status: FindingProblem, Detail: detail,
-		Fix: "apt install qemu-system-common (QEMU 7.2's virtiofsd) or the virtiofsd package"}
 }
 
 // doctorNetworks looks at the libvirt networks the templates' NICs are on: one with a

@@ -125,3 +125,40 @@ func (h *Host) kvmVerdict(ctx context.Context, emulator string, cached bool) err
 	}
 	return err
 }
+
+// doctorKVM says whether libvirt offers KVM and, on a local host, whether a guest runs
+// under it (a machine whose /dev/kvm opens may still never run one), and whether
+// /dev/kvm has the mode that keeps libvirtd from probing QEMU again on every call.
+// It says too whether KVM is broken: offered, and no guest ran under it.
+func (h *Host) doctorKVM(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool) {
+	f, offered, err := h.doctorKVMFindings(ctx, conn)
+	return f, offered && err != nil
+}
+
+func (h *Host) doctorKVMFindings(ctx context.Context, conn *libvirt.Conn) ([]Finding, bool, error) {
+	offered, probed, err := h.kvm(ctx, conn, false)
+	if !offered && err != nil {
+		return []Finding{{Check: "KVM", Status: FindingProblem, Detail: err.Error(), Fix: "check libvirtd's log"}}, false, err
+	}
+	var out []Finding
+	if dial.IsLocal(h.URI) {
+		if fi, err := os.Stat("/dev/kvm"); err == nil {
+			if hint := libvirt.KVMModeHint(fi.Mode()); hint != "" {
+				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingProblem, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm()), Fix: hint})
+			} else {
+				out = append(out, Finding{Check: "/dev/kvm's mode", Status: FindingOK, Detail: fmt.Sprintf("mode %s", fi.Mode().Perm())})
+			}
+		}
+	}
+	switch {
+	case offered && err != nil:
+		return append([]Finding{{Check: "KVM", Status: FindingProblem, Detail: "libvirt offers it, but " + err.Error(),
+			Fix: "use domain type qemu (software emulation): LIBVIRT_GCI_BASE_VIRT=qemu, and <domain type='qemu'> in templates (those of type kvm will hang); or make KVM work (nested virtualization needs the CPU's extension in this VM)"}}, out...), true, err
+	case offered && probed:
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it, and a guest ran under it"}}, out...), true, nil
+	case offered:
+		return append([]Finding{{Check: "KVM", Status: FindingOK, Detail: "libvirt offers it (a remote host: not probed from here)"}}, out...), true, nil
+	}
+	return append([]Finding{{Check: "KVM", Status: FindingNote, Detail: "libvirt does not offer it: guests run under software emulation, many times slower",
+		Fix: "on a machine with virtualization, enable it in the firmware and load kvm_intel or kvm_amd"}}, out...), false, nil
+}
