@@ -1,6 +1,7 @@
 package executor
 
 import (
+	"crypto/rand"
 	"fmt"
 	"regexp"
 	"strings"
@@ -49,4 +50,10 @@ func CheckMachineName(name string) error {
 		return &InputError{fmt.Sprintf("machine name %q is invalid; want 1 to 63 of [A-Za-z0-9._-], starting with a letter or digit", name)}
 	}
 	return nil
+}
+
+// ManualName is a new name for an instance made by hand without --machine: the prefix,
+// "manual-" and 8 random letters and digits.
+func ManualName(prefix string) string {
+	return prefix + "manual-" + strings.ToLower(rand.Text()[:8])
 }
