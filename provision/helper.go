@@ -41,7 +41,7 @@ func (h *Host) helperVolume(ctx context.Context, conn *libvirt.Conn, path string
 	}
 	defer f.Close()
 	name := helperPrefix + helperID(fi) + ".img"
-	done := name + ".done" // made once the image is whole
+	done := libvirt.DoneMark(name) // made once the image is whole
 	pool, err := conn.Pool(h.Pool)
 	if err != nil {
 		return "", err

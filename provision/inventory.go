@@ -85,13 +85,13 @@ func warmImages(pool *libvirt.Pool, list []libvirt.Instance) ([]WarmInfo, error)
 	}
 	byName := map[string]*WarmInfo{}
 	for _, v := range vols {
-		if base, ok := strings.CutSuffix(v, ".done"); ok && strings.HasPrefix(base, warmPrefix) {
+		if base, ok := libvirt.MarkOf(v); ok && strings.HasPrefix(base, warmPrefix) {
 			byName[base] = &WarmInfo{Name: base}
 		}
 	}
 	for _, v := range vols {
 		for name, w := range byName {
-			if !warmPart(name, v) && v != name+".done" {
+			if !warmPart(name, v) && v != libvirt.DoneMark(name) {
 				continue
 			}
 			alloc, gone, err := pool.Held(v)

@@ -155,7 +155,7 @@ func (h *Host) openWarm(ctx context.Context, conn *libvirt.Conn, name, tmplName 
 	if err != nil {
 		return nil, err
 	}
-	if done, err := pool.Has(name + ".done"); err != nil {
+	if done, err := pool.Whole(name); err != nil {
 		return nil, fmt.Errorf("warm image %s: %w", name, err)
 	} else if !done {
 		return nil, nil
@@ -311,7 +311,7 @@ func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfi
 	}
 	others := map[string][]string{} // by size (family): its images
 	for _, v := range vols {
-		base, ok := strings.CutSuffix(v, ".done")
+		base, ok := libvirt.MarkOf(v)
 		if ok && strings.HasPrefix(base, sizedPrefix) && !strings.HasPrefix(base, family+"-") {
 			size := base[:strings.LastIndex(base, "-")]
 			others[size] = append(others[size], base)
@@ -386,7 +386,7 @@ func (h *Host) removeOldWarm(pool *libvirt.Pool, keep string) (int, error) {
 		return 0, err
 	}
 	return pool.RemoveUnused(func(v string) (string, bool) {
-		base, ok := strings.CutSuffix(v, ".done")
+		base, ok := libvirt.MarkOf(v)
 		return base, ok && strings.HasPrefix(base, family) && base != keep
 	}, warmPart)
 }

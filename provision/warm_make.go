@@ -82,7 +82,7 @@ func (h *Host) clearWarmTry(ctx context.Context, conn *libvirt.Conn, pool *libvi
 	if _, err := conn.Teardown(ctx, domName, nil); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
-	if err := pool.Delete(func(v string) bool { return warmPart(name, v) || v == name+".done" }); err != nil {
+	if err := pool.Delete(func(v string) bool { return warmPart(name, v) || v == libvirt.DoneMark(name) }); err != nil {
 		return fmt.Errorf("warm image %s: remove an earlier try: %w", name, err)
 	}
 	return nil
@@ -130,7 +130,7 @@ func (h *Host) saveWarm(ctx context.Context, conn *libvirt.Conn, pool *libvirt.P
 	if err := conn.Undefine(domName); err != nil {
 		return fmt.Errorf("warm image %s: %w", name, err)
 	}
-	if err := pool.Mark(name + ".done"); err != nil {
+	if err := pool.MarkWhole(name); err != nil {
 		// No domain lists the image's volumes any more: a rollback would not find them.
 		if derr := pool.Delete(func(v string) bool { return warmPart(name, v) }); derr != nil {
 			err = errors.Join(err, derr)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -222,3 +223,19 @@ func (p *Pool) Save(ctx context.Context, domName, name string) error {
 	}
 	return p.c.Save(ctx, domName, v)
 }
+
+// An image made once in a pool (a warm image, a helper disk) is whole once its mark,
+// the empty volume NAME.done, is there: made last, removed first, so that a half-made
+// or half-removed image is never used (RemoveUnused).
+
+// DoneMark is the volume that marks the image name whole.
+func DoneMark(name string) string { return name + ".done" }
+
+// MarkOf says whether the volume v is an image's mark, and the image's name.
+func MarkOf(v string) (name string, ok bool) { return strings.CutSuffix(v, ".done") }
+
+// Whole says whether the image name has its mark.
+func (p *Pool) Whole(name string) (bool, error) { return p.Has(DoneMark(name)) }
+
+// MarkWhole marks the image name whole.
+func (p *Pool) MarkWhole(name string) error { return p.Mark(DoneMark(name)) }

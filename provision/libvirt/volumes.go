@@ -119,7 +119,7 @@ func inUse(used map[string]bool, name string, part func(name, v string) bool) bo
 // removeImage deletes the image name of pool: its mark first, so that a half-removed
 // image is made again, never used, then its volumes.
 func (conn *Conn) removeImage(pool libvirt.StoragePool, name string, part func(name, v string) bool) error {
-	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == name+".done" }); err != nil {
+	if err := conn.DeleteVolumes(pool, func(v string) bool { return v == DoneMark(name) }); err != nil {
 		return err
 	}
 	return conn.DeleteVolumes(pool, func(v string) bool { return part(name, v) })
@@ -140,7 +140,7 @@ func (conn *Conn) RemoveOldestUnused(pool libvirt.StoragePool, names []string, p
 			continue
 		}
 		var made time.Time // zero where libvirt does not say
-		if v, err := conn.api.StorageVolLookupByName(pool, name+".done"); err == nil {
+		if v, err := conn.api.StorageVolLookupByName(pool, DoneMark(name)); err == nil {
 			made, _ = conn.volumeMade(v)
 		}
 		if oldest == "" || made.Before(oldestMade) || made.Equal(oldestMade) && name < oldest {
