@@ -89,3 +89,74 @@ func Probe[T any](ctx context.Context, fl Fleet, f func(h *Host, conn *Conn) (T,
 	}
 	return out, errs
 }
+
+// Place picks the host for a new instance: of those that answer, the one with the most
+// room (Headroom). A host that is down is skipped, with a progress line.
+func (hs Fleet) Place(ctx context.Context, log *slog.Logger) (*Host, error) {
+	if len(hs) == 1 {
+		return hs[0], nil
+	}
+	start := time.Now()
+	rooms, errs := Probe(ctx, hs, func(h *Host, conn *Conn) (Headroom, error) {
+		return h.Headroom(conn)
+	}, nil)
+	best := -1
+	for i, h := range hs {
+		if errs[i] != nil {
+			if ctx.Err() != nil {
+				return nil, context.Cause(ctx)
+			}
+			log.Warn(fmt.Sprintf("skipping %s: %v", PublicURI(h.URI), errs[i]), "uri", PublicURI(h.URI))
+			continue
+		}
+		if best < 0 || rooms[i].Better(rooms[best]) {
+			best = i
+		}
+	}
+	if best < 0 {
+		return nil, fmt.Errorf("none of the %d hosts of LIBVIRT_GCI_URI answered: %w", len(hs), errors.Join(errs...))
+	}
+	log.Info(fmt.Sprintf("placed on %s (%s) in %d ms", PublicURI(hs[best].URI), rooms[best], time.Since(start).Milliseconds()), "uri", PublicURI(hs[best].URI))
+	return hs[best], nil
+}
+
+// Locate finds the host of the instance name: the one prepare placed it on, as its
+// metadata records, where several hosts have it (two URIs of the same libvirt). A host
+// that is down cannot have it found; if no host has it, the error names those down.
+func (hs Fleet) Locate(ctx context.Context, name string) (*Host, error) {
+	if len(hs) == 1 {
+		return hs[0], nil
+	}
+	found, errs := Probe(ctx, hs, func(h *Host, conn *Conn) (*Instance, error) {
+		inst, err := conn.Lookup(name)
+		if err != nil {
+			return nil, err
+		}
+		return &inst, nil
+	}, func(i int, inst *Instance) bool { return inst.Metadata.URI == hs[i].URI })
+	var at *Host
+	var down []error
+	for i, h := range hs {
+		switch {
+		case found[i] != nil && (at == nil || found[i].Metadata.URI == h.URI):
+			at = h
+		case errs[i] != nil && !errors.Is(errs[i], ErrNoInstance) && !errors.Is(errs[i], ErrNotManaged):
+			down = append(down, fmt.Errorf("%s: %w", PublicURI(h.URI), errs[i]))
+		}
+	}
+	if at != nil {
+		return at, nil
+	}
+	if ctx.Err() != nil {
+		return nil, context.Cause(ctx)
+	}
+	if len(down) > 0 {
+		return nil, fmt.Errorf("instance %q is on none of the hosts that answered, and %d did not: %w", name, len(down), errors.Join(down...))
+	}
+	for i, h := range hs { // a domain of that name that is not ours: say so
+		if errors.Is(errs[i], ErrNotManaged) {
+			return h, nil
+		}
+	}
+	return hs[0], nil // ErrNoInstance, from the first host, as with one host
+}
