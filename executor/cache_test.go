@@ -5,9 +5,10 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 // Each project's cache is its own: by project id and GitLab instance, from the job

@@ -3,6 +3,7 @@ package executor
 import (
 	"errors"
 	"fmt"
+	"strconv"
 )
 
 // BuildFailure: the job's script ran and exited non-zero. Every other error is a system
@@ -28,4 +29,27 @@ func ExitCode(err error, codes ExitCodes) int {
 		return codes.Build
 	}
 	return codes.System
+}
+
+// RunnerEnv is what GitLab Runner gives every stage about itself. These are set by the
+// runner, not by the job.
+type RunnerEnv struct {
+	BuildFailureExitCode  string `envconfig:"BUILD_FAILURE_EXIT_CODE"`
+	SystemFailureExitCode string `envconfig:"SYSTEM_FAILURE_EXIT_CODE"`
+	BuildExitCodeFile     string `envconfig:"BUILD_EXIT_CODE_FILE"`
+}
+
+// ExitCodes GitLab wants for the two failure classes.
+type ExitCodes struct{ Build, System int }
+
+// Codes reads the exit codes, defaulting to the runner's usual 1 and 2 (manual use).
+func (r RunnerEnv) Codes() ExitCodes {
+	c := ExitCodes{Build: 1, System: 2}
+	if n, err := strconv.Atoi(r.BuildFailureExitCode); err == nil && n > 0 && n < 256 {
+		c.Build = n
+	}
+	if n, err := strconv.Atoi(r.SystemFailureExitCode); err == nil && n > 0 && n < 256 {
+		c.System = n
+	}
+	return c
 }

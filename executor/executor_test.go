@@ -10,10 +10,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
-	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
+	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
 
 var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*[a-z0-9]$`)

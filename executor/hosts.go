@@ -2,16 +2,9 @@ package executor
 
 import (
 	"context"
-	"strings"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
 )
-
-// URIs are the libvirt hosts of LIBVIRT_GCI_URI: one or more, separated by spaces or
-// commas.
-func (s Settings) URIs() []string {
-	return strings.FieldsFunc(s.URI, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' || r == '\n' })
-}
 
 // hostAt is the lifecycle of instances on the libvirt at uri, as the settings configure it.
 func (e *Executor) hostAt(uri string) *provision.Host {

@@ -8,9 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 var updateREADME = flag.Bool("update-readme", false, "rewrite README.rst's settings table from SettingList")

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os/exec"
-	"path"
 	"text/tabwriter"
 
 	"github.com/libvirt-gci/libvirt-gci/provision"
@@ -129,16 +127,6 @@ func (e *Executor) offered(t provision.TemplateInfo) string {
 	return why
 }
 
-// listed tells whether LIBVIRT_GCI_TEMPLATES matches name.
-func (s Settings) listed(name string) bool {
-	for _, p := range s.Templates {
-		if ok, _ := path.Match(p, name); ok {
-			return true
-		}
-	}
-	return false
-}
-
 // WarmTemplate makes the warm image of the template name that prepare restores
 // instances from (LIBVIRT_GCI_START=restore), for the transport and forwards set, if it
 // has none that is up to date. The runner's gitlab-runner helper (auto) is the one on
@@ -198,17 +186,4 @@ func (e *Executor) MakeTemplate(ctx context.Context, name string) error {
 		return err
 	}
 	return e.host().MakeTemplate(ctx, name)
-}
-
-// hostRunnerBinary is the gitlab-runner outside a job that LIBVIRT_GCI_RUNNER_BINARY
-// names: auto is the one on PATH (as the runner's service has it), "" for none; err
-// says why auto found none.
-func (s Settings) hostRunnerBinary() (string, error) {
-	switch s.RunnerBinary {
-	case "none":
-		return "", nil
-	case "auto":
-		return exec.LookPath("gitlab-runner")
-	}
-	return s.RunnerBinary, nil
 }
