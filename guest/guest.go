@@ -1,5 +1,6 @@
-// Package guest is how commands reach a VM: a Transport, implemented over the QEMU guest
-// agent (and, later, SSH).
+// Package guest is how commands reach a VM: a Transport, over the QEMU guest agent
+// (through libvirt) or SSH (with forwards of the host's services), and the guest's own
+// set-up through the agent (a clone made itself, a warm image's quiesce).
 package guest
 
 import (

@@ -1,3 +1,8 @@
+// Package provision is the lifecycle façade: a Host per libvirt (a Fleet of them)
+// launches an instance with a strategy (restore from a warm image, or a cold boot),
+// waits until its guest is ready, opens sessions to run stages in it, and ends,
+// keeps or collects it; and it checks a host (doctor) and reads its inventory. It asks
+// libvirt through provision/libvirt and the guest through guest.
 package provision
 
 import (
