@@ -158,12 +158,12 @@ func (e *Executor) CheckTemplate(ctx context.Context, name string, boot bool) er
 	}
 	failed := 0
 	for _, c := range checks {
-		if c.OK {
-			fmt.Fprintf(e.Stdout, "ok    %s\n", c.What)
+		if c.Status == provision.FindingOK {
+			fmt.Fprintf(e.Stdout, "ok    %s\n", c.Check)
 			continue
 		}
 		failed++
-		fmt.Fprintf(e.Stdout, "FAIL  %s: %s\n", c.What, c.Hint)
+		fmt.Fprintf(e.Stdout, "FAIL  %s: %s\n", c.Check, c.Fix)
 	}
 	if failed > 0 {
 		return &InputError{fmt.Sprintf("%s is not usable as a template: %d of %d checks failed", name, failed, len(checks))}

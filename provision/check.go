@@ -12,12 +12,13 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/template"
 )
 
-// Check is one finding of CheckTemplate: what was checked, whether it passed, and, if
-// not, how to fix it.
-type Check struct {
-	What string
-	OK   bool
-	Hint string
+// checked is one finding of CheckTemplate: what was checked (Check), whether it passed
+// (FindingOK, else FindingProblem), and, if not, how to fix it.
+func checked(what string, ok bool, fix string) Finding {
+	if ok {
+		return Finding{Check: what, Status: FindingOK}
+	}
+	return Finding{Check: what, Status: FindingProblem, Fix: fix}
 }
 
 // CheckTemplate says, check by check, whether the domain name can be a template:
@@ -25,14 +26,14 @@ type Check struct {
 // its disks readable by libvirt and in a format an overlay can stand on, the guest agent
 // channel there, and no device that clones would share. It stops at the first check
 // whose failure makes the rest meaningless (no such domain).
-func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]Check, error) {
+func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]Finding, error) {
 	conn, err := h.Connect(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer conn.Close()
-	var out []Check
-	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
+	var out []Finding
+	add := func(what string, ok bool, hint string) { out = append(out, checked(what, ok, hint)) }
 	info, err := conn.TemplateOf(name)
 	if errors.Is(err, libvirt.ErrNoInstance) && h.BaseImages.Source != "" {
 		x, err := h.baseImageXML(ctx, conn, name)
@@ -69,8 +70,8 @@ func (h *Host) CheckTemplate(ctx context.Context, name string, offered bool) ([]
 
 // checkXML adds the checks of a template's definition x to out: its disks, agent channel
 // and devices; with the domain's name, that libvirt can read its disks.
-func (h *Host) checkXML(out []Check, conn *libvirt.Conn, x, name string) ([]Check, error) {
-	add := func(what string, ok bool, hint string) { out = append(out, Check{What: what, OK: ok, Hint: hint}) }
+func (h *Host) checkXML(out []Finding, conn *libvirt.Conn, x, name string) ([]Finding, error) {
+	add := func(what string, ok bool, hint string) { out = append(out, checked(what, ok, hint)) }
 	tmpl, err := template.Parse(x)
 	if err != nil {
 		add("disks libvirt-gci can clone (file-backed, qcow2 or raw)", false, err.Error())

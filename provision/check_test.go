@@ -19,11 +19,11 @@ func checkHost(f *provisiontest.Libvirt) *Host {
 		Dial: func(context.Context, string) (*libvirt.Conn, error) { return libvirt.NewConn(f), nil }}
 }
 
-func failed(checks []Check) []string {
+func failed(checks []Finding) []string {
 	var out []string
 	for _, c := range checks {
-		if !c.OK {
-			out = append(out, c.What+": "+c.Hint)
+		if c.Status != FindingOK {
+			out = append(out, c.Check+": "+c.Fix)
 		}
 	}
 	return out

@@ -215,9 +215,9 @@ func (h *Host) doctorTemplates(ctx context.Context, conn *libvirt.Conn, req Doct
 		}
 		var failed, fixes []string
 		for _, c := range checks {
-			if !c.OK {
-				failed = append(failed, c.What)
-				fixes = append(fixes, c.Hint)
+			if c.Status != FindingOK {
+				failed = append(failed, c.Check)
+				fixes = append(fixes, c.Fix)
 			}
 		}
 		if len(failed) > 0 {
