@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
@@ -108,7 +107,7 @@ func (h *Host) admit(ctx context.Context, conn *libvirt.Conn, d demand) (release
 			h.Log.Info("waiting for capacity: " + why)
 			said = why
 		}
-		if !guest.Sleep(ctx, capacityPoll) {
+		if !sleep(ctx, capacityPoll) {
 			return nil, fmt.Errorf("no capacity within %.0f s (%v): %s", time.Since(start).Seconds(), context.Cause(ctx), why)
 		}
 	}
@@ -261,7 +260,7 @@ func (h *Host) lockFile(ctx context.Context, name string) (func(), error) {
 			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
-		if !guest.Sleep(ctx, 20*time.Millisecond) {
+		if !sleep(ctx, 20*time.Millisecond) {
 			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, context.Cause(ctx))
 		}

@@ -17,7 +17,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/libvirt-gci/libvirt-gci/guest"
 	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 	"github.com/libvirt-gci/libvirt-gci/template"
@@ -92,7 +91,7 @@ func (h *Host) Connect(ctx context.Context) (*libvirt.Conn, error) {
 func (h *Host) reconnect(ctx context.Context) (*libvirt.Conn, error) {
 	start := time.Now()
 	conn, err := h.Connect(ctx)
-	for err != nil && time.Since(start) < reconnectTime && guest.Sleep(ctx, 250*time.Millisecond) {
+	for err != nil && time.Since(start) < reconnectTime && sleep(ctx, 250*time.Millisecond) {
 		conn, err = h.Connect(ctx)
 	}
 	return conn, err
@@ -316,4 +315,16 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// sleep waits d or until ctx ends; it reports whether it slept the whole time.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }

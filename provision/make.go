@@ -77,7 +77,7 @@ func shutdown(ctx context.Context, conn *libvirt.Conn, name string, agent *guest
 		if off {
 			return nil
 		}
-		if !guest.Sleep(ctx, 200*time.Millisecond) {
+		if !sleep(ctx, 200*time.Millisecond) {
 			return fmt.Errorf("not shut off yet (%w); it keeps running: shut it down yourself (virsh shutdown), then run this again", context.Cause(ctx))
 		}
 	}
