@@ -45,8 +45,10 @@ func TestLaunchWaitsForSystemdAndAddresses(t *testing.T) {
 	h := readyHost(t, f, &log, time.Minute)
 	f.SetSystem("running")
 	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
-	assert.Contains(t, log.String(), "systemd running after")
-	assert.Regexp(t, `network ready after [0-9.]+ s more: eth0 10\.9\.8\.[0-9]+/24 on network ci-net`, log.String())
+	recs := records(t, log.String())
+	assert.NotNil(t, record(recs, map[string]string{"state": "running", "system_ms": "*"}), "waited for systemd's boot:\n%s", log.String())
+	assert.NotNil(t, record(recs, map[string]string{"network_ms": "*"}), "waited for the network")
+	assert.Regexp(t, `eth0 10\.9\.8\.[0-9]+/24 on network ci-net`, log.String(), "says which address it waited for")
 	assert.Contains(t, log.String(), "host name gci-a", "a cold boot gets the instance's host name too")
 }
 
