@@ -84,89 +84,107 @@ func metricName(in provision.Instance) string {
 // (one libvirt twice) is counted once, as `list` shows it.
 func metricsOf(invs []hostInventory, now time.Time) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
+	g := newGauges(reg)
+	first := firstSeen()
+	for _, inv := range invs {
+		host := provision.PublicURI(inv.URI)
+		if !inv.Up {
+			g.up.WithLabelValues(host).Set(0)
+			continue
+		}
+		g.up.WithLabelValues(host).Set(1)
+		nkept := 0
+		for _, in := range inv.Instances {
+			if first(in) && g.instance(host, in, now) {
+				nkept++
+			}
+		}
+		g.host(host, inv, nkept)
+	}
+	return reg
+}
+
+// gauges are the metrics' gauges, registered.
+type gauges struct {
+	up, instances, age, prepare, ending, kept, keptLimit, warm, warmBytes, warmUsers *prometheus.GaugeVec
+	inUse, inUseLimit, mem, memLimit, poolActive, poolCap, poolAvail                 *prometheus.GaugeVec
+}
+
+func newGauges(reg *prometheus.Registry) *gauges {
 	gauge := func(name, help string, labels ...string) *prometheus.GaugeVec {
 		g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "libvirt_gci_" + name, Help: help}, labels)
 		reg.MustRegister(g)
 		return g
 	}
-	up := gauge("up", "1 if the libvirt of LIBVIRT_GCI_URI answered, else 0.", "host")
-	instances := gauge("instances", "Managed instances (domains with libvirt-gci's metadata), by libvirt state, phase in their job's life and template; they add up to what `libvirt-gci list` shows.",
-		"host", "state", "phase", "template")
-	age := gauge("instance_age_seconds", "Seconds since each instance's prepare made it.", "host", "instance", "template", "phase")
-	prepare := gauge("instance_prepare_seconds", "How long each instance's prepare took, from its start to a ready guest, as its metadata recorded it.",
-		"host", "instance", "template", "start")
-	ending := gauge("instance_ending_seconds", "Seconds since its job's cleanup paused each ending instance and left its removal to its finisher (gc removes it after 3 minutes).",
-		"host", "instance")
-	kept := gauge("kept_instances", "VMs kept after their job failed (LIBVIRT_GCI_KEEP_FAILED).", "host")
-	keptLimit := gauge("kept_instances_limit", "LIBVIRT_GCI_KEEP_FAILED_MAX: kept VMs at most.", "host")
-	warm := gauge("warm_images", "Complete warm images in the instance pool.", "host")
-	warmBytes := gauge("warm_image_bytes", "Bytes on disk of each warm image's volumes (overlays, memory image, mark).", "host", "image")
-	warmUsers := gauge("warm_image_instances", "Instances restored from each warm image that are still there.", "host", "image")
-	inUse := gauge("capacity_instances", "Running instances of LIBVIRT_GCI_PREFIX that count against LIBVIRT_GCI_MAX_INSTANCES (ending ones do not).", "host")
-	inUseLimit := gauge("capacity_instances_limit", "LIBVIRT_GCI_MAX_INSTANCES, where set.", "host")
-	mem := gauge("capacity_memory_bytes", "Memory of the instances that count against LIBVIRT_GCI_MAX_MEMORY_TOTAL.", "host")
-	memLimit := gauge("capacity_memory_limit_bytes", "LIBVIRT_GCI_MAX_MEMORY_TOTAL, where set.", "host")
-	poolActive := gauge("pool_active", "1 if the instance pool (LIBVIRT_GCI_POOL) is there and active, else 0.", "host", "pool")
-	poolCap := gauge("pool_capacity_bytes", "The instance pool's capacity.", "host", "pool")
-	poolAvail := gauge("pool_available_bytes", "Bytes free in the instance pool.", "host", "pool")
-
-	first := firstSeen()
-	for _, inv := range invs {
-		host := provision.PublicURI(inv.URI)
-		if !inv.Up {
-			up.WithLabelValues(host).Set(0)
-			continue
-		}
-		up.WithLabelValues(host).Set(1)
-		nkept := 0
-		for _, in := range inv.Instances {
-			if !first(in) {
-				continue
-			}
-			m := in.Metadata
-			phase := m.Phase()
-			instances.WithLabelValues(host, in.State, phase, m.Template).Inc()
-			if t, err := time.Parse(time.RFC3339, m.CreatedAt); err == nil {
-				age.WithLabelValues(host, metricName(in), m.Template, phase).Set(now.Sub(t).Seconds())
-			}
-			if m.PrepareMS > 0 {
-				start := provision.StartBoot
-				if m.Warm != "" {
-					start = provision.StartRestore
-				}
-				prepare.WithLabelValues(host, metricName(in), m.Template, start).Set(float64(m.PrepareMS) / 1000)
-			}
-			if t, err := time.Parse(time.RFC3339, m.EndingAt); err == nil {
-				ending.WithLabelValues(host, metricName(in)).Set(now.Sub(t).Seconds())
-			}
-			if phase == meta.PhaseKept {
-				nkept++
-			}
-		}
-		kept.WithLabelValues(host).Set(float64(nkept))
-		if inv.Limits.Kept > 0 {
-			keptLimit.WithLabelValues(host).Set(float64(inv.Limits.Kept))
-		}
-		warm.WithLabelValues(host).Set(float64(len(inv.Warm)))
-		for _, w := range inv.Warm {
-			warmBytes.WithLabelValues(host, w.Name).Set(float64(w.Bytes))
-			warmUsers.WithLabelValues(host, w.Name).Set(float64(w.Users))
-		}
-		inUse.WithLabelValues(host).Set(float64(inv.InUse.Instances))
-		mem.WithLabelValues(host).Set(float64(inv.InUse.MemoryBytes))
-		if inv.Limits.Instances > 0 {
-			inUseLimit.WithLabelValues(host).Set(float64(inv.Limits.Instances))
-		}
-		if inv.Limits.MemoryTotal > 0 {
-			memLimit.WithLabelValues(host).Set(float64(inv.Limits.MemoryTotal))
-		}
-		active := 0.0
-		if inv.Pool.Found && inv.Pool.Active {
-			active = 1
-			poolCap.WithLabelValues(host, inv.Pool.Name).Set(float64(inv.Pool.Capacity))
-			poolAvail.WithLabelValues(host, inv.Pool.Name).Set(float64(inv.Pool.Available))
-		}
-		poolActive.WithLabelValues(host, inv.Pool.Name).Set(active)
+	return &gauges{
+		up: gauge("up", "1 if the libvirt of LIBVIRT_GCI_URI answered, else 0.", "host"),
+		instances: gauge("instances", "Managed instances (domains with libvirt-gci's metadata), by libvirt state, phase in their job's life and template; they add up to what `libvirt-gci list` shows.",
+			"host", "state", "phase", "template"),
+		age: gauge("instance_age_seconds", "Seconds since each instance's prepare made it.", "host", "instance", "template", "phase"),
+		prepare: gauge("instance_prepare_seconds", "How long each instance's prepare took, from its start to a ready guest, as its metadata recorded it.",
+			"host", "instance", "template", "start"),
+		ending: gauge("instance_ending_seconds", "Seconds since its job's cleanup paused each ending instance and left its removal to its finisher (gc removes it after 3 minutes).",
+			"host", "instance"),
+		kept:       gauge("kept_instances", "VMs kept after their job failed (LIBVIRT_GCI_KEEP_FAILED).", "host"),
+		keptLimit:  gauge("kept_instances_limit", "LIBVIRT_GCI_KEEP_FAILED_MAX: kept VMs at most.", "host"),
+		warm:       gauge("warm_images", "Complete warm images in the instance pool.", "host"),
+		warmBytes:  gauge("warm_image_bytes", "Bytes on disk of each warm image's volumes (overlays, memory image, mark).", "host", "image"),
+		warmUsers:  gauge("warm_image_instances", "Instances restored from each warm image that are still there.", "host", "image"),
+		inUse:      gauge("capacity_instances", "Running instances of LIBVIRT_GCI_PREFIX that count against LIBVIRT_GCI_MAX_INSTANCES (ending ones do not).", "host"),
+		inUseLimit: gauge("capacity_instances_limit", "LIBVIRT_GCI_MAX_INSTANCES, where set.", "host"),
+		mem:        gauge("capacity_memory_bytes", "Memory of the instances that count against LIBVIRT_GCI_MAX_MEMORY_TOTAL.", "host"),
+		memLimit:   gauge("capacity_memory_limit_bytes", "LIBVIRT_GCI_MAX_MEMORY_TOTAL, where set.", "host"),
+		poolActive: gauge("pool_active", "1 if the instance pool (LIBVIRT_GCI_POOL) is there and active, else 0.", "host", "pool"),
+		poolCap:    gauge("pool_capacity_bytes", "The instance pool's capacity.", "host", "pool"),
+		poolAvail:  gauge("pool_available_bytes", "Bytes free in the instance pool.", "host", "pool"),
 	}
-	return reg
+}
+
+// instance sets the gauges of the instance in on host; it says whether in is kept.
+func (g *gauges) instance(host string, in provision.Instance, now time.Time) (kept bool) {
+	m := in.Metadata
+	phase := m.Phase()
+	g.instances.WithLabelValues(host, in.State, phase, m.Template).Inc()
+	if t, err := time.Parse(time.RFC3339, m.CreatedAt); err == nil {
+		g.age.WithLabelValues(host, metricName(in), m.Template, phase).Set(now.Sub(t).Seconds())
+	}
+	if m.PrepareMS > 0 {
+		start := provision.StartBoot
+		if m.Warm != "" {
+			start = provision.StartRestore
+		}
+		g.prepare.WithLabelValues(host, metricName(in), m.Template, start).Set(float64(m.PrepareMS) / 1000)
+	}
+	if t, err := time.Parse(time.RFC3339, m.EndingAt); err == nil {
+		g.ending.WithLabelValues(host, metricName(in)).Set(now.Sub(t).Seconds())
+	}
+	return phase == meta.PhaseKept
+}
+
+// host sets the host's own gauges: kept VMs, warm images, capacity and the pool.
+func (g *gauges) host(host string, inv hostInventory, nkept int) {
+	g.kept.WithLabelValues(host).Set(float64(nkept))
+	if inv.Limits.Kept > 0 {
+		g.keptLimit.WithLabelValues(host).Set(float64(inv.Limits.Kept))
+	}
+	g.warm.WithLabelValues(host).Set(float64(len(inv.Warm)))
+	for _, w := range inv.Warm {
+		g.warmBytes.WithLabelValues(host, w.Name).Set(float64(w.Bytes))
+		g.warmUsers.WithLabelValues(host, w.Name).Set(float64(w.Users))
+	}
+	g.inUse.WithLabelValues(host).Set(float64(inv.InUse.Instances))
+	g.mem.WithLabelValues(host).Set(float64(inv.InUse.MemoryBytes))
+	if inv.Limits.Instances > 0 {
+		g.inUseLimit.WithLabelValues(host).Set(float64(inv.Limits.Instances))
+	}
+	if inv.Limits.MemoryTotal > 0 {
+		g.memLimit.WithLabelValues(host).Set(float64(inv.Limits.MemoryTotal))
+	}
+	active := 0.0
+	if inv.Pool.Found && inv.Pool.Active {
+		active = 1
+		g.poolCap.WithLabelValues(host, inv.Pool.Name).Set(float64(inv.Pool.Capacity))
+		g.poolAvail.WithLabelValues(host, inv.Pool.Name).Set(float64(inv.Pool.Available))
+	}
+	g.poolActive.WithLabelValues(host, inv.Pool.Name).Set(active)
 }
