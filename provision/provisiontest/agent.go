@@ -198,17 +198,20 @@ func (f *Libvirt) QEMUDomainAgentCommand(d libvirt.Domain, cmd string, _ int32, 
 
 // agentRequest is a guest agent command, as qemu-ga reads it.
 type agentRequest struct {
-	Execute   string `json:"execute"`
-	Arguments struct {
-		Path   string   `json:"path"`
-		Mode   string   `json:"mode"`
-		Arg    []string `json:"arg"`
-		Handle int      `json:"handle"`
-		Count  int      `json:"count"`
-		Buf    string   `json:"buf-b64"`
-		PID    int      `json:"pid"`
-		Input  string   `json:"input-data"`
-	} `json:"arguments"`
+	Execute   string    `json:"execute"`
+	Arguments agentArgs `json:"arguments"`
+}
+
+// agentArgs are a guest agent command's arguments.
+type agentArgs struct {
+	Path   string   `json:"path"`
+	Mode   string   `json:"mode"`
+	Arg    []string `json:"arg"`
+	Handle int      `json:"handle"`
+	Count  int      `json:"count"`
+	Buf    string   `json:"buf-b64"`
+	PID    int      `json:"pid"`
+	Input  string   `json:"input-data"`
 }
 
 // ret is an agent command's answer v.
@@ -274,34 +277,7 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 	g.procs[pid] = p
 	switch {
 	case a.Path == "bash" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], `read -r -d '' __gci_script`): // a job script (runWrapper)
-		script, src := a.Arg[2], a.Arg[3]
-		base := strings.TrimSuffix(script, ".sh")
-		p.out, p.err = base+".out", base+".err"
-		if src == "-" {
-			b, _ := base64.StdEncoding.DecodeString(a.Input)
-			p.Script = string(b)
-		} else if b := g.files[src]; b != nil {
-			p.Script = b.String()
-			g.files[src] = &bytes.Buffer{} // emptied once read
-		}
-		g.dirs[script[:max(strings.LastIndex(script, "/"), 0)]] = true
-		g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
-		run := f.job
-		go func() {
-			if run != nil {
-				p.code, p.signal = run(p)
-			}
-			f.mu.Lock()
-			// The wrapper hands small output back and empties the files; else the host
-			// reads the rest of them and removes them.
-			out, errOut := g.files[p.out].String(), g.files[p.err].String()
-			if p.signal == 0 && inline(out) && inline(errOut) {
-				p.outData, p.errData = "gci-inline\n"+out, errOut
-				g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
-			}
-			f.mu.Unlock()
-			close(p.done)
-		}()
+		f.startJob(g, p, a)
 		return ret(map[string]any{"pid": pid})
 	case a.Path == "/bin/sh" && len(a.Arg) == 4 && strings.Contains(a.Arg[1], "is-system-running"): // the wait for systemd's boot
 		p.outData = "none\n"
@@ -346,6 +322,39 @@ func (f *Libvirt) exec(d libvirt.Domain, fd *domain, g *guest, req agentRequest)
 	}
 	close(p.done)
 	return ret(map[string]any{"pid": pid})
+}
+
+// startJob starts the job script the stage wrapper's exec a runs (runWrapper) as p, in
+// the background: the test's JobFunc runs it.
+func (f *Libvirt) startJob(g *guest, p *Job, a agentArgs) {
+	script, src := a.Arg[2], a.Arg[3]
+	base := strings.TrimSuffix(script, ".sh")
+	p.out, p.err = base+".out", base+".err"
+	if src == "-" {
+		b, _ := base64.StdEncoding.DecodeString(a.Input)
+		p.Script = string(b)
+	} else if b := g.files[src]; b != nil {
+		p.Script = b.String()
+		g.files[src] = &bytes.Buffer{} // emptied once read
+	}
+	g.dirs[script[:max(strings.LastIndex(script, "/"), 0)]] = true
+	g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
+	run := f.job
+	go func() {
+		if run != nil {
+			p.code, p.signal = run(p)
+		}
+		f.mu.Lock()
+		// The wrapper hands small output back and empties the files; else the host
+		// reads the rest of them and removes them.
+		out, errOut := g.files[p.out].String(), g.files[p.err].String()
+		if p.signal == 0 && inline(out) && inline(errOut) {
+			p.outData, p.errData = "gci-inline\n"+out, errOut
+			g.files[p.out], g.files[p.err] = &bytes.Buffer{}, &bytes.Buffer{}
+		}
+		f.mu.Unlock()
+		close(p.done)
+	}()
 }
 
 // inline tells whether the stage wrapper hands the output s back (runWrapper).
