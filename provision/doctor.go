@@ -256,19 +256,14 @@ func (h *Host) doctorWarm(ctx context.Context, conn *libvirt.Conn, name string, 
 			return Finding{Check: check, Status: FindingProblem, Detail: err.Error(), Fix: "set LIBVIRT_GCI_RUNNER_BINARY to a gitlab-runner binary, or none"}
 		}
 	}
-	wname, err := h.warmName(conn, tx, tmpl, prof)
-	if err != nil {
-		return Finding{Check: check, Status: FindingNote, Detail: "none can be made: " + err.Error() + "; its jobs boot"}
-	}
-	if why := h.noRestore(conn, wname); why != "" {
-		return Finding{Check: check, Status: FindingNote, Detail: "its jobs boot: " + why}
-	}
-	wi, err := h.openWarm(ctx, conn, wname, name)
-	if err != nil {
+	ws, err := h.warmState(ctx, conn, tx, tmpl, prof)
+	switch {
+	case ws.never != "":
+		return Finding{Check: check, Status: FindingNote, Detail: "its jobs boot: " + ws.never}
+	case err != nil:
 		return Finding{Check: check, Status: FindingNote, Detail: err.Error() + "; its jobs boot until it is made again", Fix: "libvirt-gci template warm " + name}
-	}
-	if wi != nil {
-		return Finding{Check: check, Status: FindingOK, Detail: wname + " is up to date"}
+	case ws.image != nil:
+		return Finding{Check: check, Status: FindingOK, Detail: ws.name + " is up to date"}
 	}
 	wait := "a cold boot (doctor --boot measures it) and a save"
 	if boot > 0 {

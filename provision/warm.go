@@ -191,16 +191,11 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 	if prof.sized() && h.Limits.WarmSizes <= 0 {
 		return nil, "no warm images for sizes jobs ask for (LIBVIRT_GCI_WARM_SIZES=0)", nil
 	}
-	name, err := h.warmName(conn, p.tmplXML, tmpl, prof)
-	if err != nil { // a disk whose changes cannot be told: no image could be trusted
-		return nil, err.Error(), nil
+	ws, err := h.warmState(ctx, conn, p.tmplXML, tmpl, prof)
+	if err != nil || ws.image != nil || ws.never != "" {
+		return ws.image, ws.never, err
 	}
-	if why := h.noRestore(conn, name); why != "" {
-		return nil, why, nil
-	}
-	if wi, err := h.openWarm(ctx, conn, name, tmpl.Name); err != nil || wi != nil {
-		return wi, "", err
-	}
+	name := ws.name
 	if prof.sized() {
 		if why, err := h.warmSizesFull(conn, tmpl.Name, prof); why != "" || err != nil {
 			return nil, why, err
@@ -229,6 +224,32 @@ func (h *Host) warmFor(ctx context.Context, conn *libvirt.Conn, p *plan) (*WarmI
 		err = fmt.Errorf("warm image %s: made, but not found", name)
 	}
 	return wi, "", err
+}
+
+// warmStand is where the warm image of a template and profile stands: its name, the
+// image where it is whole, or why none will be (never: a template disk whose changes
+// cannot be told, so that no image could be trusted, or the image marked never to be
+// made).
+type warmStand struct {
+	name  string
+	image *WarmImage
+	never string
+}
+
+// warmState finds where the warm image of the template (tmplXML, tmpl) for prof stands:
+// its identity (warmName), its no-restore mark, and the image itself (openWarm, whose
+// error is an image that is there and cannot be read). Prepare, template warm and
+// doctor all ask it this way.
+func (h *Host) warmState(ctx context.Context, conn *libvirt.Conn, tmplXML string, tmpl *template.Template, prof warmProfile) (warmStand, error) {
+	name, err := h.warmName(conn, tmplXML, tmpl, prof)
+	if err != nil {
+		return warmStand{never: err.Error()}, nil
+	}
+	if why := h.noRestore(conn, name); why != "" {
+		return warmStand{name: name, never: why}, nil
+	}
+	wi, err := h.openWarm(ctx, conn, name, tmpl.Name)
+	return warmStand{name: name, image: wi}, err
 }
 
 // warmBuilding tells whether a domain is booting or being saved for the warm image
@@ -268,10 +289,15 @@ func (h *Host) Warm(ctx context.Context, tmplName, transport, helper string, sha
 		}
 	}
 	prof := warmProfile{SSHNIC: h.needsSSH(req), Helper: p.helper, Shares: shares}
-	name, err := h.warmName(conn, tx, tmpl, prof)
-	if err != nil {
-		return "", err
+	ws, err := h.warmState(ctx, conn, tx, tmpl, prof)
+	switch {
+	case ws.never != "":
+		return "", fmt.Errorf("no warm image of %s can be made: %s", tmplName, ws.never)
+	case ws.image != nil:
+		h.Log.Info(fmt.Sprintf("the warm image %s of %s is up to date", ws.name, tmplName))
+		return ws.name, nil
 	}
+	name := ws.name // an image that cannot be read (err) fails below, under the lock, as before
 	bctx, cancel := h.bootTimeout(ctx)
 	defer cancel()
 	unlock, _, err := conn.PoolLock(bctx, h.Log, h.Pool, name, true, h.warmBuilding(conn, name), lockHolder())
