@@ -79,6 +79,8 @@ type Target struct {
 	// Protected: the job runs for a protected ref (git_info.protected in the job
 	// response; false where GitLab does not say). Its cache is kept apart.
 	Protected bool
+	// JobTimeout is the job's timeout from the job response; 0 by hand.
+	JobTimeout time.Duration
 }
 
 // TargetFor derives the instance from --machine, or else from the job response GitLab
@@ -101,7 +103,7 @@ func (e *Executor) TargetFor(machine, responseFile string) (Target, error) {
 	if err != nil {
 		return Target{}, err
 	}
-	return Target{Name: name, Owner: id.Owner, Protected: id.Protected}, nil
+	return Target{Name: name, Owner: id.Owner, Protected: id.Protected, JobTimeout: id.Timeout}, nil
 }
 
 // mine refuses an instance that belongs to someone else. The operator (--machine) may
@@ -134,7 +136,8 @@ func (e *Executor) Prepare(ctx context.Context, t Target, choice Choice, size Si
 		// GitLab retries prepare after a cleanup, but a crash can leave an instance behind:
 		// ours is removed, anyone else's left alone. By hand too: a prepare never replaces
 		// a job's instance.
-		Replace: Target{Name: t.Name, Owner: t.Owner}.mine,
+		Replace:    Target{Name: t.Name, Owner: t.Owner}.mine,
+		JobTimeout: t.JobTimeout,
 	}
 	if !t.ByHand {
 		req.Process = provision.ProcessOf(os.Getppid()) // GitLab Runner, for gc

@@ -99,9 +99,11 @@ func TestReadIdentity(t *testing.T) {
 	assert.Equal(t, meta.Owner{Server: "https://gitlab.example.com:8443", Runner: "r-uuid", ProjectID: "77", JobID: "4242", Project: "Group/My Project"}, id.Owner,
 		"from the response's own fields, never its variables; the repo URL's credentials dropped")
 	assert.False(t, id.Protected, "GitLab did not say: unprotected")
+	assert.Equal(t, time.Hour, id.Timeout, "the job's timeout, from runner_info")
 	id, err = ReadIdentity(write(`{"id": 1, "job_info": {"project_id": 2, "project_name": "p", "instance_uuid": "inst-uuid"}}`))
 	require.NoError(t, err)
 	assert.Equal(t, meta.Owner{Server: "inst-uuid", ProjectID: "2", JobID: "1", Project: "p"}, id.Owner)
+	assert.Zero(t, id.Timeout, "none said: none")
 
 	// Protected only where the response's git_info says so; no variable makes a job so.
 	for body, want := range map[string]bool{

@@ -11,6 +11,7 @@ import (
 	"os"
 	"regexp"
 	"strconv"
+	"time"
 
 	"github.com/libvirt-gci/libvirt-gci/provision/meta"
 )
@@ -35,7 +36,8 @@ type jobResponse struct {
 		Protected *bool  `json:"protected"` // GitLab 18.3 and later
 	} `json:"git_info"`
 	RunnerInfo struct {
-		UUID string `json:"uuid"`
+		UUID    string `json:"uuid"`
+		Timeout int64  `json:"timeout"` // seconds
 	} `json:"runner_info"`
 }
 
@@ -44,6 +46,8 @@ type jobResponse struct {
 type Identity struct {
 	Owner     meta.Owner
 	Protected bool // false where GitLab does not say (before 18.3): never from a variable
+	// Timeout is the job's timeout (runner_info.timeout); 0 where the response has none.
+	Timeout time.Duration
 }
 
 // ReadIdentity reads whose job this is from the job response GitLab Runner wrote.
@@ -84,7 +88,11 @@ func parseIdentity(b []byte) (Identity, error) {
 	if o.Project == "" {
 		o.Project = printable(r.JobInfo.ProjectName, 255)
 	}
-	return Identity{Owner: o, Protected: r.GitInfo.Protected != nil && *r.GitInfo.Protected}, nil
+	id := Identity{Owner: o, Protected: r.GitInfo.Protected != nil && *r.GitInfo.Protected}
+	if t := r.RunnerInfo.Timeout; t > 0 && t < 1<<31 {
+		id.Timeout = time.Duration(t) * time.Second
+	}
+	return id, nil
 }
 
 // serverOf names the GitLab instance: its UUID, or else the scheme and host of the

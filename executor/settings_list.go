@@ -167,6 +167,8 @@ var SettingList = []Setting{
 		set: boolean(func(s *Settings) *bool { return &s.AllowHostAccess })},
 	{Flag: "max-age", Help: "gc removes instances older than this, whoever owns them (say 6h: longer than any job)",
 		set: optDuration(func(s *Settings) *time.Duration { return &s.MaxAge })},
+	{Flag: "job-grace", Default: "10m", Help: "gc removes a job's VM this long after the job's timeout (from the runner's job response) has passed since its prepare: its cleanup never came (killed, or the runner lost the job); 0: not by this rule",
+		set: optDuration(func(s *Settings) *time.Duration { return &s.JobGrace })},
 	{Flag: "max-instances", Help: "running instances (with this prefix) at most; prepare waits for room",
 		set: count(func(s *Settings) *int { return &s.Limits.Instances })},
 	{Flag: "max-memory-total", Help: "memory of the running instances at most, such as 48G; prepare waits for room",

@@ -46,7 +46,7 @@ func TestSettingsParse(t *testing.T) {
 		assert.True(t, strings.HasPrefix(d.Env(), "LIBVIRT_GCI_"))
 	}
 	assert.Equal(t, Settings{URI: "qemu:///system", Transport: "agent", RunnerBinary: "auto", LogFormat: "text", CacheSize: 10 << 30, CacheMaxIdle: 7 * 24 * time.Hour,
-		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1, WarmSizes: 4, DiskFull: true}, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
+		Config: provision.Config{Pool: "default", Prefix: "gci-", Limits: provision.Limits{Kept: 4, KeptPerProject: 1, WarmSizes: 4, DiskFull: true}, JobGrace: 10 * time.Minute, BootTimeout: 5 * time.Minute, Start: "restore", SSHUser: "root", SecretFile: defaultSecretFile(),
 			BaseImages: provision.BaseImages{CPUs: 2, Memory: 2 << 30, Network: "default"}}}, s)
 	require.NoError(t, s.Validate(), "the defaults are valid")
 

@@ -246,6 +246,11 @@ func (h *Host) verdict(in libvirt.Instance, olderThan time.Duration) string {
 		}
 		return "" // kept after a failed job: its time decides, under MAX_AGE
 	}
+	if d, err := time.Parse(time.RFC3339, m.JobDeadline); err == nil && h.JobGrace > 0 && time.Since(d) > h.JobGrace {
+		// The runner ends a job at its timeout and runs its cleanup at once; this one's
+		// never came (killed, or the runner lost the job), and its runner lives on.
+		return fmt.Sprintf("its job's timeout ended %s ago (LIBVIRT_GCI_JOB_GRACE %s): its cleanup never came", time.Since(d).Round(time.Second), h.JobGrace)
+	}
 	if cerr == nil {
 		switch {
 		case in.State == "shut off" && h.BootTimeout > 0 && age > h.BootTimeout:

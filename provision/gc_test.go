@@ -202,3 +202,55 @@ func TestEndingDoesNotCount(t *testing.T) {
 	defer cancel()
 	require.NoError(t, h.Launch(ctx, launchReq("gci-b")))
 }
+
+// Issue 38: a job's instance whose cleanup never came (killed, or lost by its runner)
+// goes once its job's timeout, from the job response, and LIBVIRT_GCI_JOB_GRACE have
+// passed since its prepare, though its runner lives on; a kept one goes by its own
+// time, and one by hand has no job timeout.
+func TestGCAfterTheJobsTimeout(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	h.JobGrace = time.Minute
+	launch := func(name string, timeout time.Duration) {
+		req := launchReq(name)
+		req.Process = ProcessOf(os.Getpid()) // a runner that lives on
+		req.JobTimeout = timeout
+		require.NoError(t, h.Launch(context.Background(), req))
+	}
+	launch("gci-late", time.Second)
+	launch("gci-running", time.Hour)
+	launch("gci-kept", time.Second)
+	launch("gci-byhand", 0)
+	conn := NewConn(f)
+	backdate := func(name string, keep bool) {
+		in, err := conn.Lookup(name)
+		require.NoError(t, err)
+		m := in.Metadata
+		if m.JobDeadline != "" {
+			d, err := time.Parse(time.RFC3339, m.JobDeadline)
+			require.NoError(t, err)
+			m.JobDeadline = d.Add(-2 * time.Minute).Format(time.RFC3339)
+		}
+		m.CreatedAt = time.Now().Add(-2 * time.Minute).UTC().Format(time.RFC3339)
+		if keep {
+			m.KeepUntil = time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+		}
+		require.NoError(t, conn.SetMetadata(name, m))
+	}
+	backdate("gci-late", false)
+	backdate("gci-running", false)
+	backdate("gci-kept", true)
+	backdate("gci-byhand", false)
+	sw, err := h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Removed, log.String())
+	assert.Regexp(t, `gc: removed gci-late: its job's timeout ended [12]m[0-9]+s ago \(LIBVIRT_GCI_JOB_GRACE 1m0s\): its cleanup never came`, log.String())
+	for _, n := range []string{"gci-running", "gci-kept", "gci-byhand"} {
+		_, err := conn.Lookup(n)
+		assert.NoError(t, err, n)
+	}
+	_, err = conn.Lookup("gci-late")
+	assert.ErrorIs(t, err, ErrNoInstance)
+}

@@ -57,9 +57,12 @@ type Host struct {
 type Config struct {
 	Pool string // the storage pool of the overlays
 	// Prefix names the instances of this configuration: capacity counts them, gc sweeps them.
-	Prefix          string
-	Limits          Limits
-	MaxAge          time.Duration // gc removes instances older than this; 0: no limit
+	Prefix string
+	Limits Limits
+	MaxAge time.Duration // gc removes instances older than this; 0: no limit
+	// JobGrace: gc removes a job's instance this long after its job's timeout has passed
+	// (meta.Metadata.JobDeadline): its cleanup never came. 0: not by this rule.
+	JobGrace        time.Duration
 	BootTimeout     time.Duration // bounds a launch's waits: for capacity, for the guest
 	AllowHostAccess bool          // templates may give instances host devices and shares
 	SSHUser         string        // the guest user of the ssh transport
@@ -144,6 +147,9 @@ type Request struct {
 	// Helper is the gitlab-runner binary the instance gets, read-only on its PATH; ""
 	// for none.
 	Helper string
+	// JobTimeout is the job's timeout, from the runner's job response: the job is over
+	// by the time it has passed since prepare. 0: unknown (by hand).
+	JobTimeout time.Duration
 }
 
 // ErrNotOffered: the template is neither marked nor offered by the operator. The same
@@ -228,8 +234,14 @@ func (h *Host) newMetadata(req Request, tmpl, prepareID string) meta.Metadata {
 		PrepareID: prepareID,
 		CreatedAt: time.Now().UTC().Format(time.RFC3339),
 		Process:   req.Process,
-		Prepare:   ProcessOf(os.Getpid()),
-		URI:       h.URI,
+		JobDeadline: func() string {
+			if req.JobTimeout <= 0 {
+				return ""
+			}
+			return time.Now().Add(req.JobTimeout).UTC().Format(time.RFC3339)
+		}(),
+		Prepare: ProcessOf(os.Getpid()),
+		URI:     h.URI,
 	}
 }
 

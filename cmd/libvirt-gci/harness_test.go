@@ -8,6 +8,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net/url"
@@ -161,13 +162,14 @@ type gitlabJob struct {
 	jobID     string
 	transport string
 	env       map[string]string
+	timeout   int // seconds: the job's timeout in its response (runner_info.timeout); 0: 3600
 }
 
 // writeResponse writes the job response GitLab Runner would: whose job this is.
 func (j *gitlabJob) writeResponse(jobID, projectID, runnerUUID string) {
 	j.t.Helper()
 	body := fmt.Sprintf(`{"id": %s, "token": "glcbt-test-job-token", "job_info": {"project_id": %s, "project_full_path": "Group/My Project!", "instance_uuid": "e2e-gitlab"}, `+
-		`"runner_info": {"uuid": %q, "timeout": 3600}, "variables": []}`, jobID, projectID, runnerUUID)
+		`"runner_info": {"uuid": %q, "timeout": %d}, "variables": []}`, jobID, projectID, runnerUUID, cmp.Or(j.timeout, 3600))
 	require.NoError(j.t, os.WriteFile(j.env["JOB_RESPONSE_FILE"], []byte(body), 0o600))
 }
 

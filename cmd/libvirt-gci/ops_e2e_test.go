@@ -186,6 +186,43 @@ func TestJobSize(t *testing.T) {
 	assert.Regexp(t, regexp.QuoteMeta(j.instance())+`\s.*\s2\s+384 MiB`, r.stdout)
 }
 
+// Issue 38: a job whose cleanup never comes (the runner's cleanup_exec killed, or the
+// runner lost the job) leaves its VM to gc once the job's timeout (from the job
+// response) and LIBVIRT_GCI_JOB_GRACE have passed since its prepare, though its runner
+// (this test) lives on; before, it stayed until LIBVIRT_GCI_MAX_AGE, unset by default:
+// for good. A job still in its time is left alone. Here its cleanup is killed at once.
+func TestCleanupNeverCame(t *testing.T) {
+	t.Parallel()
+	j, other := newJob(t), newJob(t)
+	other.prefix, other.env["LIBVIRT_GCI_PREFIX"] = j.prefix, j.prefix
+	j.timeout = 10
+	j.writeResponse(j.jobID, "77", "e2e-runner")
+	j.env["LIBVIRT_GCI_JOB_GRACE"], other.env["LIBVIRT_GCI_JOB_GRACE"] = "1s", "1s"
+	start := time.Now()
+	r := j.stage("prepare")
+	require.Equal(t, 0, r.code, r.stderr)
+	s := j.start("cleanup")
+	_ = s.cmd.Process.Kill() // before it did anything, as GitLab Runner's cleanup timeout would
+	_, _ = s.wait(time.Minute)
+	if _, err := j.l.DomainLookupByName(j.instance()); err != nil {
+		t.Skip("the cleanup ended the instance before the kill; nothing to test")
+	}
+	r = j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.NotContains(t, r.stderr, "gc: removed "+j.instance(), "removed before its job's 10 s had passed (%.1f s after its prepare began)", time.Since(start).Seconds())
+
+	r = other.stage("prepare") // a job of an hour, the default here
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { other.stage("cleanup") })
+	time.Sleep(time.Until(start.Add(12 * time.Second))) // the job's 10 s, and the 1 s of grace
+	r = j.stage("gc")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Regexp(t, `gc: removed `+regexp.QuoteMeta(j.instance())+`: its job's timeout ended \d+s ago \(LIBVIRT_GCI_JOB_GRACE 1s\): its cleanup never came`, r.stderr)
+	assert.NotContains(t, r.stderr, other.instance(), "a job within its time stays")
+	_, err := j.l.DomainLookupByName(other.instance())
+	assert.NoError(t, err)
+}
+
 // Issue 36, finding 1: a job starts only where the instance pool holds what every
 // instance's disks may still grow to, and its own (LIBVIRT_GCI_DISK_RESERVE=full, the
 // default). Two jobs that each ask for 60 % of the pool's free space: the second waits,

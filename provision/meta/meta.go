@@ -51,6 +51,9 @@ type Metadata struct {
 	PrepareMS int64  `xml:"prepare-ms,omitempty"`
 	FailedAt  string `xml:"failed-at,omitempty"`  // RFC 3339: a stage's script failed (LIBVIRT_GCI_KEEP_FAILED)
 	KeepUntil string `xml:"keep-until,omitempty"` // RFC 3339: kept after its failed job; gc removes it then
+	// JobDeadline (RFC 3339): its prepare's time plus its job's timeout, from the runner's
+	// job response: the job is over by then, whatever became of its cleanup.
+	JobDeadline string `xml:"job-deadline,omitempty"`
 	// EndingAt (RFC 3339): its job's cleanup paused it for good and left its removal to a
 	// process of its own (Host.End); gc removes it if that has not happened in a while.
 	EndingAt string `xml:"ending-at,omitempty"`
