@@ -156,11 +156,28 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 		defer f.Close()
 	}
 	st, err := s.tr.Run(ctx, script, stdout, stderr)
-	if err != nil && s.Transport == meta.TransportAgent && s.conn.IsLost() {
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case s.Transport == meta.TransportAgent && s.conn.IsLost():
 		err = fmt.Errorf("%w: %v", libvirt.ErrLost, err) // the agent's calls failed for that
+	default:
+		// The transport says what broke; libvirt says why, where the VM itself ended
+		// under the stage (its QEMU killed, its guest powered off or panicked). An ssh
+		// connection breaks the moment QEMU dies, a little before libvirt has seen it end.
+		why := s.conn.NotRunning(s.Name)
+		for end := time.Now().Add(vmEndSeen); why == "" && time.Now().Before(end) && sleep(ctx, 100*time.Millisecond); {
+			why = s.conn.NotRunning(s.Name)
+		}
+		if why != "" {
+			err = fmt.Errorf("the VM is no longer running (%s): %w", why, err)
+		}
 	}
 	return st, err
 }
+
+// vmEndSeen bounds how long a stage whose transport broke waits for libvirt to see
+// whether its VM ended.
+const vmEndSeen = 2 * time.Second
 
 // MarkFailed records that a job's script failed in the instance, for Keep; once only.
 func (s *Session) MarkFailed() error {

@@ -228,6 +228,7 @@ func (t *Template) Render(inst Instance) (string, error) {
 		dom.Metadata = &libvirtxml.DomainMetadata{XML: inst.Metadata}
 	}
 	isolate(&dom)
+	addPanic(&dom)
 	if err := resize(&dom, inst.CPUs, inst.MemoryKiB); err != nil {
 		return "", fmt.Errorf("render instance %q: %w", inst.Name, err)
 	}
@@ -436,4 +437,19 @@ func (t *Template) FreePCISlot() (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("template %q: no free slot on PCI bus 0", t.Name)
+}
+
+// addPanic gives an x86 instance whose template has no panic device QEMU's pvpanic (ISA,
+// as libvirt places it): a guest whose kernel panics says so, and libvirt's on_crash
+// ends the VM at once, where it would otherwise spin in its panic loop until its job's
+// timeout. (The guest needs the pvpanic driver, in Debian's kernels but not its cloud
+// one.)
+func addPanic(dom *libvirtxml.Domain) {
+	if dom.Devices == nil || len(dom.Devices.Panics) > 0 || dom.OS == nil || dom.OS.Type == nil {
+		return
+	}
+	if a := dom.OS.Type.Arch; a != "" && a != "x86_64" && a != "i686" {
+		return
+	}
+	dom.Devices.Panics = append(dom.Devices.Panics, libvirtxml.DomainPanic{Model: "isa"})
 }

@@ -151,6 +151,31 @@ func TestRenderNoSharePages(t *testing.T) {
 	}
 }
 
+// An x86 instance gets a pvpanic device where its template has none (a guest kernel's
+// panic then ends the VM, and its stage, at once); a template's own is kept, and other
+// architectures get none.
+func TestRenderAddsPanic(t *testing.T) {
+	t.Parallel()
+	render := func(edit func(*libvirtxml.Domain)) []string {
+		tmpl := readTemplate(t, "full")
+		edit(&tmpl.dom)
+		got, err := tmpl.Render(Instance{Name: "gci-1-x", Overlays: map[string]Overlay{"vda": {Pool: "ci", Volume: "a.qcow2"}, "vdb": {Pool: "ci", Volume: "b.qcow2"}}})
+		require.NoError(t, err)
+		var dom libvirtxml.Domain
+		require.NoError(t, dom.Unmarshal(got))
+		var models []string
+		for _, p := range dom.Devices.Panics {
+			models = append(models, p.Model)
+		}
+		return models
+	}
+	assert.Equal(t, []string{"isa"}, render(func(*libvirtxml.Domain) {}))
+	assert.Equal(t, []string{"hyperv"}, render(func(d *libvirtxml.Domain) {
+		d.Devices.Panics = []libvirtxml.DomainPanic{{Model: "hyperv"}}
+	}))
+	assert.Empty(t, render(func(d *libvirtxml.Domain) { d.OS.Type.Arch = "aarch64" }))
+}
+
 // Devices that reach the host's hardware or files, or other guests, are named, so that
 // prepare can refuse the template.
 func TestHostAccess(t *testing.T) {

@@ -150,6 +150,50 @@ func TestFaultRunKilledAndGuestPowerOff(t *testing.T) {
 	})
 }
 
+// Issue 38: the VM dies under a running stage (its QEMU killed, as the kernel's OOM
+// killer picks the largest process; or its guest's kernel panics, and libvirt's
+// on_crash ends it, told by the pvpanic device every instance gets): the stage fails as
+// a system failure within seconds, in one line that says the VM is no longer running
+// and why, not at the job's timeout; cleanup leaves nothing. The panic is the systemd
+// guest's: the tiny one's cloud kernel has no pvpanic driver, and spins in its panic
+// until the agent's 30 s.
+func TestFaultVMDiesUnderAStage(t *testing.T) {
+	t.Parallel()
+	dies := func(t *testing.T, j *gitlabJob, how string) {
+		j.prepare()
+		body := "echo up; sleep 613"
+		if how == "kernel panic" {
+			body = "echo up; sleep 1; echo 1 >/proc/sys/kernel/sysrq; echo c >/proc/sysrq-trigger; sleep 613"
+		}
+		s := j.start("run", j.script("b.sh", body), "build_script")
+		s.waitFor("up")
+		if how == "qemu killed" {
+			b, err := os.ReadFile("/run/libvirt/qemu/" + j.instance() + ".pid")
+			require.NoError(t, err)
+			pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+			require.NoError(t, err)
+			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+		}
+		code, took := s.wait(time.Minute)
+		out := s.out.String()
+		assert.Equal(t, 2, code, "SYSTEM_FAILURE_EXIT_CODE: %s", out)
+		assert.Less(t, took, 10*time.Second, "ended within seconds of the VM's end: %s", out)
+		assert.Contains(t, out, "the VM is no longer running (shut off: its QEMU ended without a shutdown (killed, or the guest's kernel panicked))", "one line says the VM is gone, and why")
+		t.Logf("%s, %s: the stage ended %.1f s later", how, j.transport, took.Seconds())
+		r := j.stage("cleanup")
+		assert.Equal(t, 0, r.code, r.stderr)
+		assert.Empty(t, leftovers(t, j.l, j.prefix))
+	}
+	t.Run("qemu-killed", func(t *testing.T) {
+		t.Parallel()
+		overEachTransport(t, func(t *testing.T, j *gitlabJob) { dies(t, j, "qemu killed") })
+	})
+	t.Run("kernel-panic", func(t *testing.T) {
+		t.Parallel()
+		dies(t, newSystemdJob(t, "agent"), "kernel panic")
+	})
+}
+
 // A guest that never becomes ready (here its kernel finds no init): prepare fails at its
 // boot timeout as a system failure, and removes what it made.
 func TestFaultGuestNeverReady(t *testing.T) {

@@ -149,3 +149,38 @@ func (c *Conn) Instances() ([]Instance, error) {
 	slices.SortFunc(out, func(a, b Instance) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
 }
+
+// NotRunning says why the domain name runs no guest any more: it is gone, shut off
+// (and why, as libvirt records it), or crashed; "" while it runs (or is paused, or
+// libvirt cannot say).
+func (c *Conn) NotRunning(name string) string {
+	dom, err := c.api.DomainLookupByName(name)
+	if HasCode(err, libvirt.ErrNoDomain) {
+		return "it is gone"
+	}
+	if err != nil {
+		return ""
+	}
+	state, reason, err := c.api.DomainGetState(dom, 0)
+	if err != nil {
+		return ""
+	}
+	switch libvirt.DomainState(state) {
+	case libvirt.DomainShutoff:
+		switch libvirt.DomainShutoffReason(reason) {
+		case libvirt.DomainShutoffCrashed:
+			return "shut off: its QEMU ended without a shutdown (killed, or the guest's kernel panicked)"
+		case libvirt.DomainShutoffShutdown:
+			return "shut off: its guest powered off"
+		case libvirt.DomainShutoffDestroyed:
+			return "shut off: destroyed"
+		}
+		return "shut off"
+	case libvirt.DomainCrashed:
+		if libvirt.DomainCrashedReason(reason) == libvirt.DomainCrashedPanicked {
+			return "crashed: its guest's kernel panicked"
+		}
+		return "crashed"
+	}
+	return ""
+}

@@ -59,6 +59,9 @@ func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (state, reason int3
 			state, reason = int32(libvirt.DomainRunning), 1
 		default:
 			state = int32(libvirt.DomainShutoff)
+			if fd.crashed {
+				reason = int32(libvirt.DomainShutoffCrashed)
+			}
 		}
 		return nil
 	})
@@ -171,7 +174,7 @@ func (f *Libvirt) start(d libvirt.Domain) error {
 			}
 		}
 	}
-	fd.running = true
+	fd.running, fd.crashed = true, false
 	return nil
 }
 

@@ -68,6 +68,17 @@ type domain struct {
 	running bool
 	paused  bool
 	guest   *guest // while it runs
+	crashed bool   // shut off by Crash: its QEMU ended without a shutdown
+}
+
+// Crash ends the running domain name as a killed QEMU does: shut off, reason crashed,
+// its guest gone.
+func (f *Libvirt) Crash(name string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fd := f.domains[name]; fd != nil {
+		fd.running, fd.paused, fd.guest, fd.crashed = false, false, nil, true
+	}
 }
 
 // NoReseed makes the guests ones that cannot reseed their RNG at once (no vmgenid
