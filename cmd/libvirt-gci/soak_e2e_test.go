@@ -144,7 +144,10 @@ func soakRun(t *testing.T, n, conc int, everyKind bool) string {
 		}
 		tr := transports[i%len(transports)]
 		j := newJobOver(t, tr)
-		if i%8 == 7 && !everyKind {
+		// The systemd guest one job in eight, and for every kernel panic where every kind
+		// is drawn once: the tiny guest's kernel has no pvpanic driver, and spins a CPU
+		// in its panic until the agent's 30 s are over.
+		if (i%8 == 7 && !everyKind) || (everyKind && f.name == "guest kernel panics") {
 			j = newSystemdJob(t, tr)
 		}
 		j.prefix, j.env["LIBVIRT_GCI_PREFIX"] = base.prefix, base.prefix
@@ -225,11 +228,11 @@ func TestSoak(t *testing.T) {
 	require.Contains(t, line, " 0 unexpected; left after one gc: 0 domains, 0 volumes;", line)
 }
 
-// TestSoakEveryFault is `make test`'s short soak: every fault kind once, four jobs at a
-// time, and nothing left after one gc.
+// TestSoakEveryFault is `make test`'s short soak: every fault kind once, two jobs at a
+// time (beside the other tests), and nothing left after one gc.
 func TestSoakEveryFault(t *testing.T) {
 	t.Parallel()
-	line := soakRun(t, len(soakFaults), 4, true)
+	line := soakRun(t, len(soakFaults), 2, true)
 	t.Log(line)
 	require.Contains(t, line, " 0 unexpected; left after one gc: 0 domains, 0 volumes;", line)
 }
