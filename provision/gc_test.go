@@ -254,3 +254,40 @@ func TestGCAfterTheJobsTimeout(t *testing.T) {
 	_, err = conn.Lookup("gci-late")
 	assert.ErrorIs(t, err, ErrNoInstance)
 }
+
+// Issue 38 (the soak found it): a cleanup killed between its pause and its finisher's
+// start left an ending instance to no one, and gc waited out endingGrace for it. The
+// instance records its ender (its cleanup, then its finisher); gc removes one whose
+// ender is gone, once enderWait has passed; one whose ender lives is left to it.
+func TestGCEndingWhoseEnderIsGone(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	req := launchReq("gci-a")
+	req.Process = ProcessOf(os.Getpid())
+	require.NoError(t, h.Launch(context.Background(), req))
+	_, err := h.End(context.Background(), "gci-a", nil)
+	require.NoError(t, err)
+	conn := NewConn(f)
+	in, err := conn.Lookup("gci-a")
+	require.NoError(t, err)
+	m := in.Metadata
+	require.NotNil(t, m.Ender, "the cleanup recorded itself")
+	assert.Equal(t, os.Getpid(), m.Ender.PID)
+
+	m.EndingAt = time.Now().Add(-enderWait - time.Second).UTC().Format(time.RFC3339)
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	sw, err := h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 0, sw.Removed, "its ender lives: left to it")
+
+	dead := exec.Command("true")
+	require.NoError(t, dead.Run())
+	m.Ender.PID = dead.Process.Pid
+	require.NoError(t, conn.SetMetadata("gci-a", m))
+	sw, err = h.GC(context.Background(), false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Removed)
+	assert.Contains(t, log.String(), fmt.Sprintf("and the process removing it (pid %d) is gone before its removal finished", dead.Process.Pid))
+}

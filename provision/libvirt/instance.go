@@ -296,12 +296,12 @@ func (c *Conn) Teardown(ctx context.Context, name string, allow func(meta.Metada
 // End marks the instance name ending (at now) and pauses it, if allow agrees; it returns
 // its prepare ID, or "" if there is no such domain. An instance that is not running
 // (shut off, crashed) is marked only.
-func (c *Conn) End(name string, allow func(meta.Metadata) error, now time.Time) (string, error) {
+func (c *Conn) End(name string, allow func(meta.Metadata) error, now time.Time, ender *meta.Process) (string, error) {
 	dom, m, ok, err := c.owned(name, "end", allow)
 	if !ok {
 		return "", err
 	}
-	m.EndingAt = now.UTC().Format(time.RFC3339)
+	m.EndingAt, m.Ender = now.UTC().Format(time.RFC3339), ender
 	if err := c.setMetadata(dom, m); err != nil {
 		return "", err
 	}

@@ -57,6 +57,9 @@ type Metadata struct {
 	// EndingAt (RFC 3339): its job's cleanup paused it for good and left its removal to a
 	// process of its own (Host.End); gc removes it if that has not happened in a while.
 	EndingAt string `xml:"ending-at,omitempty"`
+	// Ender is the process removing an ending instance: its cleanup, then the finisher
+	// it started, once that has begun. gc removes an ending instance whose ender is gone.
+	Ender *Process `xml:"ender,omitempty"`
 	SSH      *SSH   `xml:"ssh,omitempty"` // set when the instance is reached over SSH, or its forwards are
 	// Transport is how stages reach the guest: TransportAgent, TransportSSH, or "" (the
 	// agent, or ssh where SSH is set: instances made before this field).
