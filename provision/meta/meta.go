@@ -60,7 +60,7 @@ type Metadata struct {
 	// Ender is the process removing an ending instance: its cleanup, then the finisher
 	// it started, once that has begun. gc removes an ending instance whose ender is gone.
 	Ender *Process `xml:"ender,omitempty"`
-	SSH      *SSH   `xml:"ssh,omitempty"` // set when the instance is reached over SSH, or its forwards are
+	SSH   *SSH     `xml:"ssh,omitempty"` // set when the instance is reached over SSH, or its forwards are
 	// Transport is how stages reach the guest: TransportAgent, TransportSSH, or "" (the
 	// agent, or ssh where SSH is set: instances made before this field).
 	Transport string `xml:"transport,omitempty"`
