@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+
+	"github.com/libvirt-gci/libvirt-gci/provision"
 )
 
 // BuildFailure: the job's script ran and exited non-zero. Every other error is a system
@@ -17,6 +19,10 @@ func (e *BuildFailure) Error() string { return fmt.Sprintf("job script exited wi
 type InputError struct{ Msg string }
 
 func (e *InputError) Error() string { return e.Msg }
+
+// Explain is err as the stage reports it: where libvirtd went away under it (stopped,
+// restarted), it says so first.
+func Explain(err error) error { return provision.Explain(err) }
 
 // ExitCode maps the outcome of a stage to GitLab's exit code contract. It is the one place
 // that does.

@@ -23,6 +23,9 @@ var (
 	ErrNotManaged = libvirt.ErrNotManaged
 )
 
+// Explain says that err came of libvirtd going away, where it did (libvirt.Explain).
+func Explain(err error) error { return libvirt.Explain(err) }
+
 // CancelGrace: see libvirt.CancelGrace.
 const CancelGrace = libvirt.CancelGrace
 

@@ -24,6 +24,8 @@
 #        scripts/testenv.sh runner      find or build the gitlab-runner the tests drive
 #        scripts/testenv.sh test        setup, building that gitlab-runner meanwhile (make test)
 #        scripts/testenv.sh env         print the settings the tests use, as shell exports
+#        scripts/testenv.sh libvirtd stop|start   stop libvirtd (its QEMUs go on), start it
+#                                       again: the fault tests' restarted libvirtd
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -72,6 +74,21 @@ start_daemons() {
     sleep 0.1
   done
   say "libvirtd did not come up"; exit 1
+}
+
+# stop_libvirtd stops libvirtd the way its service's stop does (SIGTERM; its QEMUs go
+# on), and waits until it is gone.
+stop_libvirtd() {
+  if [[ -d /run/systemd/system ]]; then
+    systemctl stop libvirtd libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket 2>/dev/null || true
+    return 0
+  fi
+  pkill -TERM -x libvirtd || return 0
+  for _ in $(seq 300); do
+    pgrep -x libvirtd >/dev/null || return 0
+    sleep 0.1
+  done
+  say "libvirtd did not stop in 30 s"; exit 1
 }
 
 # libvirt keeps QEMU's capabilities in a cache that is valid only while KVM is as usable
@@ -350,10 +367,17 @@ case ${1:-setup} in
     find_runner build
     say "gitlab-runner: $runner"
     ;;
+  libvirtd)
+    case ${2:-} in
+      stop) stop_libvirtd ;;
+      start) start_daemons ;;
+      *) echo "usage: $0 libvirtd stop|start" >&2; exit 2 ;;
+    esac
+    ;;
   env)
     echo "export LIBVIRT_GCI_URI=$uri LIBVIRT_GCI_TEST_TEMPLATE=$template LIBVIRT_GCI_TEST_NIC_TEMPLATE=$nic_template LIBVIRT_GCI_TEST_SYSTEMD_TEMPLATE=$systemd_template LIBVIRT_GCI_TEST_POOL=$test_pool"
     find_runner
     [[ -z $runner ]] || echo "export GITLAB_RUNNER_BIN=$runner"
     ;;
-  *) echo "usage: $0 [setup [tiny]|runner|test|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup [tiny]|runner|test|env|libvirtd stop|start]" >&2; exit 2 ;;
 esac

@@ -222,8 +222,16 @@ func newJobOver(t testing.TB, transport string) *gitlabJob {
 	}
 	j.writeResponse(jobID, "77", "e2e-runner")
 	// j.l, as a test may reconnect; the prefix made here, as a test may share another's.
-	t.Cleanup(func() { assertNothingLeft(t, j.l, prefix) })
+	t.Cleanup(func() { assertNothingLeft(t, live(t, j.l), prefix) })
 	return j
+}
+
+// live is l, or a new connection where libvirtd restarted since l was made.
+func live(t testing.TB, l *libvirt.Libvirt) *libvirt.Libvirt {
+	if l.IsConnected() {
+		return l
+	}
+	return reconnect(t)
 }
 
 // testPrefix is an instance name prefix of the test's own, and a serial number.

@@ -70,6 +70,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if cause := context.Cause(ctx); err != nil && cause != nil && !strings.Contains(err.Error(), cause.Error()) {
 		err = fmt.Errorf("%w (%v)", err, cause) // why a call in flight was interrupted
 	}
+	err = executor.Explain(err)
 	if err != nil {
 		var bf *executor.BuildFailure
 		log := cs.log

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,18 +22,22 @@ import (
 type soakFault struct {
 	name string
 	do   func(t *testing.T, j *gitlabJob, rng *rand.Rand) (ok bool, struck time.Time)
+	// host: it strikes every job on the host (libvirtd, the host itself, a warm image all
+	// restores share), so it runs alone. gc: what it leaves is gc's (its runner or its
+	// ender is gone), so it is counted after the final gc, not a minute after the job.
+	host, gc bool
 }
 
 // soakFaults are what a host running jobs for a month meets, each a function of its own.
 var soakFaults = []soakFault{
-	{"none", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "none", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {
 			return false, time.Now()
 		}
 		r := j.run("build_script", "echo ok")
 		return r.code == 0 && soakCleanup(t, j), time.Now()
 	}},
-	{"prepare killed", func(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
+	{name: "prepare killed", do: func(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
 		s := j.start("prepare")
 		time.Sleep(time.Duration(rng.IntN(2000)) * time.Millisecond)
 		_ = s.cmd.Process.Kill()
@@ -40,34 +45,34 @@ var soakFaults = []soakFault{
 		_, _ = s.wait(time.Minute)
 		return soakCleanup(t, j), struck
 	}},
-	{"run killed", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "run killed", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		return soakStage(t, j, func(s *started) { _ = s.cmd.Process.Kill() })
 	}},
-	{"run SIGTERM", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "run SIGTERM", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		return soakStage(t, j, func(s *started) { _ = s.cmd.Process.Signal(syscall.SIGTERM) })
 	}},
-	{"script fails", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "script fails", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {
 			return false, time.Now()
 		}
 		r := j.run("build_script", "exit 3")
 		return r.code == 1 && soakCleanup(t, j), time.Now()
 	}},
-	{"guest powers off", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "guest powers off", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {
 			return false, time.Now()
 		}
 		r := j.run("build_script", "busybox poweroff -f 2>/dev/null || echo o >/proc/sysrq-trigger; sleep 30")
 		return r.code == 2 && soakCleanup(t, j), time.Now()
 	}},
-	{"guest kernel panics", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "guest kernel panics", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {
 			return false, time.Now()
 		}
 		r := j.run("build_script", "echo 1 >/proc/sys/kernel/sysrq; echo c >/proc/sysrq-trigger; sleep 30")
 		return r.code == 2 && soakCleanup(t, j), time.Now()
 	}},
-	{"QEMU killed", func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
+	{name: "QEMU killed", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 		return soakStage(t, j, func(*started) {
 			if b, err := os.ReadFile("/run/libvirt/qemu/" + j.instance() + ".pid"); err == nil {
 				if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
@@ -76,7 +81,7 @@ var soakFaults = []soakFault{
 			}
 		})
 	}},
-	{"cleanup killed", func(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
+	{name: "cleanup killed", do: func(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {
 			return false, time.Now()
 		}
@@ -86,7 +91,15 @@ var soakFaults = []soakFault{
 		struck := time.Now()
 		_, _ = s.wait(time.Minute)
 		return true, struck
-	}},
+	}, gc: true},
+	{name: "finisher killed", do: finisherKilled, gc: true},
+	{name: "runner restarted", do: runnerRestarted, gc: true},
+	{name: "libvirtd restarted", do: libvirtdFault(0), host: true},
+	{name: "libvirtd stopped 3 s", do: libvirtdFault(3 * time.Second), host: true},
+	{name: "host reboots", do: hostReboots, host: true},
+	{name: "pool full", do: poolFull},
+	{name: "DHCP range used up", do: rangeUsedUp},
+	{name: "warm image damaged", do: warmDamaged, host: true},
 }
 
 // soakJobTimeout is the soak jobs' timeout (their job response's): a job whose cleanup was
@@ -127,20 +140,30 @@ func soakStage(t *testing.T, j *gitlabJob, fault func(s *started)) (bool, time.T
 	return soakCleanup(t, j) && ok, struck
 }
 
-// soakRun runs n jobs, conc at a time, each with the fault seed draws (kinds: every kind
-// once first), over both transports and, one in eight, the systemd guest; then waits
-// for the killed cleanups' jobs to run out of time, runs gc once, and counts what is
-// left. It returns the summary line.
-func soakRun(t *testing.T, n, conc int, everyKind bool) string {
+// soakRun runs n jobs, conc at a time, each with the fault seed draws from kinds (every
+// kind once first, where everyKind), over both transports and, one in eight, the systemd
+// guest; a host-wide fault runs alone. Then it waits for the killed cleanups' jobs to run
+// out of time, runs gc once, and counts what is left. It returns the summary line.
+func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) string {
 	base := newJob(t)
+	base.env["LIBVIRT_GCI_SECRET_FILE"] = filepath.Join(t.TempDir(), "secret")
+	cache := cacheDir(t)
 	counts := map[string]int{}
 	var mu sync.Mutex
+	var host sync.RWMutex // a host-wide fault holds it alone, every other job shares it
 	unexpected, worst := 0, time.Duration(0)
 	one := func(i int) {
 		rng := rand.New(rand.NewPCG(uint64(i), 7))
-		f := soakFaults[rng.IntN(len(soakFaults))]
-		if everyKind && i < len(soakFaults) {
-			f = soakFaults[i]
+		f := kinds[rng.IntN(len(kinds))]
+		if everyKind && i < len(kinds) {
+			f = kinds[i]
+		}
+		if f.host {
+			host.Lock()
+			defer host.Unlock()
+		} else {
+			host.RLock()
+			defer host.RUnlock()
 		}
 		tr := transports[i%len(transports)]
 		j := newJobOver(t, tr)
@@ -152,12 +175,16 @@ func soakRun(t *testing.T, n, conc int, everyKind bool) string {
 		}
 		j.prefix, j.env["LIBVIRT_GCI_PREFIX"] = base.prefix, base.prefix
 		j.env["LIBVIRT_GCI_JOB_GRACE"] = "1s"
+		j.env["LIBVIRT_GCI_SECRET_FILE"] = base.env["LIBVIRT_GCI_SECRET_FILE"]
+		if i%4 == 1 { // a project's cache share, mounted on the host
+			j.env["LIBVIRT_GCI_CACHE_DIR"] = cache
+		}
 		j.timeout = soakJobTimeout
 		j.writeResponse(j.jobID, "77", "e2e-runner")
 		name := j.instance()
 		ok, struck := f.do(t, j, rng)
 		gone := func() bool { _, err := j.l.DomainLookupByName(name); return err != nil }
-		for deadline := time.Now().Add(time.Minute); !gone() && f.name != "cleanup killed" && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(time.Minute); !gone() && !f.gc && time.Now().Before(deadline); {
 			time.Sleep(100 * time.Millisecond)
 		}
 		mu.Lock()
@@ -167,7 +194,7 @@ func soakRun(t *testing.T, n, conc int, everyKind bool) string {
 			unexpected++
 			t.Logf("job %d (%s, %s): not as the fault should make it go", i, f.name, tr)
 		}
-		if f.name != "cleanup killed" {
+		if !f.gc {
 			if !gone() {
 				t.Logf("job %d (%s, %s): %s still there a minute after its cleanup", i, f.name, tr, name)
 			} else if d := time.Since(struck); d > worst {
@@ -192,28 +219,79 @@ func soakRun(t *testing.T, n, conc int, everyKind bool) string {
 	}
 	close(next)
 	wg.Wait()
+	wall := time.Since(start)
 	if counts["cleanup killed"] > 0 { // their jobs' time, and the grace
 		time.Sleep(time.Duration(soakJobTimeout+2) * time.Second)
 	}
+	base.l = reconnect(t) // libvirtd may have restarted since base connected
 	base.env["LIBVIRT_GCI_JOB_GRACE"] = "1s"
 	r := base.stage("gc")
 	require.Equal(t, 0, r.code, r.stderr)
-	var doms, vols int
+	left := soakLeft(t, base, cache)
+	var drawn []string
+	for k, c := range counts {
+		drawn = append(drawn, fmt.Sprintf("%s %d", k, c))
+	}
+	slices.Sort(drawn)
+	return fmt.Sprintf("soak: %d jobs, %d at a time; faults: %s; %d unexpected; left after one gc: %s; %.0f s; worst fault to nothing left of its job: %.1f s",
+		n, conc, strings.Join(drawn, ", "), unexpected, left, wall.Seconds(), worst.Seconds())
+}
+
+// soakNothingLeft is what soakRun's line says when nothing is left.
+const soakNothingLeft = " 0 unexpected; left after one gc: 0 domains, 0 volumes, 0 files, 0 leases, 0 cache mounts;"
+
+// soakLeft counts what the soak left under its prefix: domains, volumes, files (in the
+// pool, and beside the secret besides the secret, the KVM verdict and the lock files),
+// leases and host entries, and mounts of cache shares whose cache is gone (a share's
+// mount stays for the project's next job while its image SHARE.img is there).
+func soakLeft(t *testing.T, base *gitlabJob, cache string) string {
+	var doms, vols, files, leases int
 	for _, l := range leftovers(t, base.l, base.prefix) {
-		switch {
-		case strings.HasPrefix(l, "domain "):
+		t.Log("left: " + l)
+		switch strings.Fields(l)[0] {
+		case "domain":
 			doms++
-		case strings.HasPrefix(l, "volume "):
+		case "volume":
 			vols++
+		case "file":
+			files++
+		case "network":
+			leases++
 		}
 	}
-	var kinds []string
-	for k, c := range counts {
-		kinds = append(kinds, fmt.Sprintf("%s %d", k, c))
+	beside, err := os.ReadDir(filepath.Dir(base.env["LIBVIRT_GCI_SECRET_FILE"]))
+	require.NoError(t, err)
+	for _, e := range beside {
+		switch n := e.Name(); {
+		case n == "secret", n == "kvm-probe", strings.HasSuffix(n, ".lock"):
+		default:
+			t.Log("left beside the secret: " + n)
+			files++
+		}
 	}
-	slices.Sort(kinds)
-	return fmt.Sprintf("soak: %d jobs, %d at a time; faults: %s; %d unexpected; left after one gc: %d domains, %d volumes; %.0f s; worst fault to nothing left of its job: %.1f s",
-		n, conc, strings.Join(kinds, ", "), unexpected, doms, vols, time.Since(start).Seconds(), worst.Seconds())
+	mounts := 0
+	for m := range mountsBelow(t, cache) {
+		if _, err := os.Stat(m + ".img"); err != nil {
+			t.Log("left: the mount of a removed cache: " + m)
+			mounts++
+		}
+	}
+	return fmt.Sprintf("%d domains, %d volumes, %d files, %d leases, %d cache mounts", doms, vols, files, leases, mounts)
+}
+
+// soakKinds are the fault kinds SOAK_KINDS names (comma-separated), or all of them.
+func soakKinds(t *testing.T) []soakFault {
+	names := os.Getenv("SOAK_KINDS")
+	if names == "" {
+		return soakFaults
+	}
+	var out []soakFault
+	for _, name := range strings.Split(names, ",") {
+		i := slices.IndexFunc(soakFaults, func(f soakFault) bool { return f.name == strings.TrimSpace(name) })
+		require.GreaterOrEqual(t, i, 0, "SOAK_KINDS: no fault kind %q", name)
+		out = append(out, soakFaults[i])
+	}
+	return out
 }
 
 // TestSoak runs SOAK_N jobs, SOAK_M at a time, each with a fault drawn from soakFaults,
@@ -223,18 +301,24 @@ func TestSoak(t *testing.T) {
 	if os.Getenv("LIBVIRT_GCI_SOAK") != "1" {
 		t.Skip("soak: set LIBVIRT_GCI_SOAK=1 (make soak)")
 	}
-	line := soakRun(t, envInt("SOAK_N", 20), max(1, envInt("SOAK_M", 4)), false)
+	var names []string
+	for _, f := range soakKinds(t) {
+		names = append(names, f.name)
+	}
+	fmt.Println("soak: fault kinds: " + strings.Join(names, ", "))
+	line := soakRun(t, envInt("SOAK_N", 20), max(1, envInt("SOAK_M", 4)), soakKinds(t), false)
 	fmt.Println(line)
-	require.Contains(t, line, " 0 unexpected; left after one gc: 0 domains, 0 volumes;", line)
+	require.Contains(t, line, soakNothingLeft, line)
 }
 
-// TestSoakEveryFault is `make test`'s short soak: every fault kind once, two jobs at a
-// time (beside the other tests), and nothing left after one gc.
+// TestSoakEveryFault is `make test`'s short soak: every fault kind once (SOAK_KINDS: the
+// ones named), two jobs at a time, and nothing left after one gc. Not parallel: its
+// host-wide faults (libvirtd restarted, the host rebooted) strike every job on the host.
 func TestSoakEveryFault(t *testing.T) {
-	t.Parallel()
-	line := soakRun(t, len(soakFaults), 2, true)
+	kinds := soakKinds(t)
+	line := soakRun(t, len(kinds), 2, kinds, true)
 	t.Log(line)
-	require.Contains(t, line, " 0 unexpected; left after one gc: 0 domains, 0 volumes;", line)
+	require.Contains(t, line, soakNothingLeft, line)
 }
 
 func envInt(name string, def int) int {

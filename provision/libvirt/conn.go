@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -239,6 +240,22 @@ func (c *Conn) WithLoss(ctx context.Context) (context.Context, context.CancelFun
 		}
 	}()
 	return lctx, func() { cancel(context.Canceled) }
+}
+
+// Explain says that err came of libvirtd going away, where it did: a call cut short by
+// the connection's end, a connection refused by a libvirtd that is not running. Such an
+// error is ErrLost's, with err after it; any other err is returned as it is.
+func Explain(err error) error {
+	if err == nil || errors.Is(err, ErrLost) {
+		return err
+	}
+	var op *net.OpError
+	refused := errors.As(err, &op) && op.Op == "dial" && (errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT))
+	if refused || errors.Is(err, libvirt.ErrInterrupted) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("%w: %w", ErrLost, err)
+	}
+	return err
 }
 
 // IsLost tells whether the connection to libvirtd has ended.
