@@ -101,6 +101,20 @@ func (h *Host) awaitReady(ctx context.Context, conn *libvirt.Conn, p *plan, begi
 	defer cancel()
 	bctx, cancelLoss := conn.WithLoss(bctx)
 	defer cancelLoss()
+	bctx, cancelWatch := conn.WatchDisks(bctx, p.Name)
+	defer cancelWatch()
+	err = h.awaitGuest(bctx, conn, agent, p, begin)
+	if err != nil && ctx.Err() == nil {
+		// Paused on a full pool: the watch ended the wait, or a wait failed on it first.
+		if full := conn.DiskFull(p.Name); full != nil {
+			return full
+		}
+	}
+	return err
+}
+
+// awaitGuest is awaitReady's waits, in order, within ctx.
+func (h *Host) awaitGuest(bctx context.Context, conn *libvirt.Conn, agent *guest.Agent, p *plan, begin time.Time) error {
 	if err := h.awaitAgent(bctx, agent, begin); err != nil {
 		return err
 	}

@@ -135,3 +135,26 @@ func TestCancelDuringSlowDefineRollsBack(t *testing.T) {
 	}
 	assert.NotContains(t, f.State(), "gci-a", "the rollback left something:\n%s", log.String())
 }
+
+// Issue 38: the pool's file system full while the guest boots. QEMU pauses the VM on the
+// write it cannot store; the prepare fails within a second or two saying so, rolled
+// back, not at the boot timeout.
+func TestLaunchSaysThePoolIsFull(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	f.SetNoAddress("52:54:00:fa:00:02") // the wait goes on, as it would until the timeout
+	go func() {
+		for !strings.Contains(f.State(), "gci-a running=true") {
+			time.Sleep(10 * time.Millisecond)
+		}
+		f.FillPool("gci-a")
+	}()
+	start := time.Now()
+	err := h.Launch(context.Background(), launchReq("gci-a"))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "the VM paused: a write to its disks could not be stored, the file system under its storage pool is full")
+	assert.Less(t, time.Since(start), 5*time.Second, "at once, not at the boot timeout")
+	assert.Equal(t, "domain tmpl running=false", f.State(), "the instance is rolled back")
+}

@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -155,8 +156,15 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 		}
 		defer f.Close()
 	}
-	st, err := s.tr.Run(ctx, script, stdout, stderr)
+	// A write the host could not store (the pool's file system full) pauses the VM:
+	// the stage fails at once as the host's failure, not at the job's timeout.
+	wctx, stop := s.conn.WatchDisks(ctx, s.Name)
+	defer stop()
+	st, err := s.tr.Run(wctx, script, stdout, stderr)
+	var full *libvirt.DiskFullError
 	switch {
+	case ctx.Err() == nil && errors.As(context.Cause(wctx), &full):
+		err = full
 	case err == nil || ctx.Err() != nil:
 	case s.Transport == meta.TransportAgent && s.conn.IsLost():
 		err = fmt.Errorf("%w: %v", libvirt.ErrLost, err) // the agent's calls failed for that
@@ -164,6 +172,9 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 		// The transport says what broke; libvirt says why, where the VM itself ended
 		// under the stage (its QEMU killed, its guest powered off or panicked). An ssh
 		// connection breaks the moment QEMU dies, a little before libvirt has seen it end.
+		if full := s.conn.DiskFull(s.Name); full != nil {
+			return st, full
+		}
 		why := s.conn.NotRunning(s.Name)
 		for end := time.Now().Add(vmEndSeen); why == "" && time.Now().Before(end) && sleep(ctx, 100*time.Millisecond); {
 			why = s.conn.NotRunning(s.Name)

@@ -33,3 +33,34 @@ func TestStageSaysTheVMIsGone(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "the VM is no longer running (shut off: its QEMU ended without a shutdown (killed, or the guest's kernel panicked)): ")
 }
+
+// Issue 38: the pool's file system full under a stage. QEMU pauses the VM on the write it
+// cannot store; the stage fails at once saying so, where the guest would otherwise wait
+// on its write until the job's timeout (measured on the real guest: a write hung for as
+// long as the stage was let run).
+func TestStageSaysThePoolIsFull(t *testing.T) {
+	t.Parallel()
+	for _, refused := range []bool{false, true} { // the agent still answering, or not
+		f := provisiontest.New("ci")
+		var log bytes.Buffer
+		h := readyHost(t, f, &log, time.Minute)
+		require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+		f.SetJob(func(j *provisiontest.Job) (int, int) {
+			if refused {
+				f.FillPool(j.Domain)
+			} else {
+				go func() { time.Sleep(100 * time.Millisecond); f.FillPool(j.Domain); f.Resume(j.Domain); f.FillPool(j.Domain) }()
+			}
+			<-j.Killed()
+			return 0, 15
+		})
+		s, err := h.Open(context.Background(), "gci-a", nil)
+		require.NoError(t, err)
+		start := time.Now()
+		_, err = s.Run(context.Background(), []byte("head -c 64M /dev/urandom >/var/fill"), io.Discard, io.Discard)
+		s.Close()
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "the VM paused: a write to its disks could not be stored, the file system under its storage pool is full")
+		assert.Less(t, time.Since(start), 5*time.Second, "at once, not at the job's timeout")
+	}
+}

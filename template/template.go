@@ -292,12 +292,15 @@ func (t *Template) overlayDisks(devs *libvirtxml.DomainDeviceList, inst Instance
 			d.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
 		}
 		d.Driver.Type = "qcow2"
-		// A write that fails (the file system under the pool full) is the guest's I/O
-		// error, failing the job that wrote, not a pause (QEMU's default, "stop"): a
-		// paused VM holds its slot and its job's stages fail as system failures.
-		// (A floppy drive has no such properties in QEMU: it keeps QEMU's default.)
+		// A write the host cannot store for want of room (the file system under the
+		// pool full) pauses the VM, whatever the template says: the stage sees the
+		// pause and fails at once as the host's failure. Told of it instead ("report"),
+		// the guest's file system fails the job's writes or waits on them for ever
+		// (measured: a job's write hung until its timeout). Other I/O errors, and
+		// reads, are the guest's to see. (A floppy drive has no such properties in
+		// QEMU: it keeps QEMU's default.)
 		if d.Device == "" || d.Device == "disk" {
-			d.Driver.ErrorPolicy, d.Driver.RErrorPolicy = "report", "report"
+			d.Driver.ErrorPolicy, d.Driver.RErrorPolicy = "enospace", "report"
 		}
 		d.Source = &libvirtxml.DomainDiskSource{
 			Volume: &libvirtxml.DomainDiskSourceVolume{Pool: ov.Pool, Volume: ov.Volume},

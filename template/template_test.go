@@ -79,7 +79,8 @@ func TestRenderGolden(t *testing.T) {
 		require.NotNil(t, disks[i].Source.Volume, "disk %d", i)
 		assert.Equal(t, Overlay{"ci", want}, Overlay{disks[i].Source.Volume.Pool, disks[i].Source.Volume.Volume})
 		assert.Equal(t, "qcow2", disks[i].Driver.Type)
-		assert.Equal(t, "report", disks[i].Driver.ErrorPolicy, "a full pool fails the guest's write, never pauses the VM")
+		assert.Equal(t, "enospace", disks[i].Driver.ErrorPolicy, "a full pool pauses the VM, which its stage sees")
+		assert.Equal(t, "report", disks[i].Driver.RErrorPolicy, "a failed read is the guest's to see")
 		assert.Nil(t, disks[i].BackingStore)
 	}
 	assert.Equal(t, "unsafe", disks[0].Driver.Cache, "driver tuning is kept")

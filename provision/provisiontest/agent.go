@@ -97,7 +97,17 @@ func (f *Libvirt) setPaused(name string, p bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if d := f.domains[name]; d != nil {
-		d.paused = p
+		d.paused, d.ioError = p, false
+	}
+}
+
+// FillPool pauses the domain name as QEMU does when a write to its disks cannot be
+// stored (error_policy 'enospace', the file system under its pool full).
+func (f *Libvirt) FillPool(name string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d := f.domains[name]; d != nil {
+		d.paused, d.ioError = true, true
 	}
 }
 

@@ -53,6 +53,8 @@ func (f *Libvirt) withDom(method string, d libvirt.Domain, op func(fd *domain) e
 func (f *Libvirt) DomainGetState(d libvirt.Domain, _ uint32) (state, reason int32, err error) {
 	err = f.withDom("DomainGetState", d, func(fd *domain) error {
 		switch {
+		case fd.running && fd.paused && fd.ioError:
+			state, reason = int32(libvirt.DomainPaused), int32(libvirt.DomainPausedIoerror)
 		case fd.running && fd.paused:
 			state, reason = int32(libvirt.DomainPaused), 1
 		case fd.running:

@@ -67,6 +67,7 @@ type domain struct {
 	xml     string
 	running bool
 	paused  bool
+	ioError bool   // paused by FillPool: on a write its host could not store
 	guest   *guest // while it runs
 	crashed bool   // shut off by Crash: its QEMU ended without a shutdown
 }
