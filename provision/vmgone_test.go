@@ -49,7 +49,12 @@ func TestStageSaysThePoolIsFull(t *testing.T) {
 			if refused {
 				f.FillPool(j.Domain)
 			} else {
-				go func() { time.Sleep(100 * time.Millisecond); f.FillPool(j.Domain); f.Resume(j.Domain); f.FillPool(j.Domain) }()
+				go func() {
+					time.Sleep(100 * time.Millisecond)
+					f.FillPool(j.Domain)
+					f.Resume(j.Domain)
+					f.FillPool(j.Domain)
+				}()
 			}
 			<-j.Killed()
 			return 0, 15
