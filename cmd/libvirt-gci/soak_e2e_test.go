@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -145,6 +146,7 @@ func soakStage(t *testing.T, j *gitlabJob, fault func(s *started)) (bool, time.T
 // guest; a host-wide fault runs alone. Then it waits for the killed cleanups' jobs to run
 // out of time, runs gc once, and counts what is left. It returns the summary line.
 func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) string {
+	kinds = slices.Clone(kinds)
 	base := newJob(t)
 	base.env["LIBVIRT_GCI_SECRET_FILE"] = filepath.Join(t.TempDir(), "secret")
 	cache := cacheDir(t)
@@ -152,7 +154,9 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 	var mu sync.Mutex
 	var host sync.RWMutex // a host-wide fault holds it alone, every other job shares it
 	unexpected, worst := 0, time.Duration(0)
-	one := func(i int) {
+	var worstKind string
+	var lastKilled time.Time // the last prepare of a job whose cleanup is killed
+	one := func(t *testing.T, i int) {
 		rng := rand.New(rand.NewPCG(uint64(i), 7))
 		f := kinds[rng.IntN(len(kinds))]
 		if everyKind && i < len(kinds) {
@@ -182,6 +186,11 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 		j.timeout = soakJobTimeout
 		j.writeResponse(j.jobID, "77", "e2e-runner")
 		name := j.instance()
+		if f.name == "cleanup killed" {
+			mu.Lock()
+			lastKilled = time.Now()
+			mu.Unlock()
+		}
 		ok, struck := f.do(t, j, rng)
 		gone := func() bool { _, err := j.l.DomainLookupByName(name); return err != nil }
 		for deadline := time.Now().Add(time.Minute); !gone() && !f.gc && time.Now().Before(deadline); {
@@ -198,31 +207,44 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 			if !gone() {
 				t.Logf("job %d (%s, %s): %s still there a minute after its cleanup", i, f.name, tr, name)
 			} else if d := time.Since(struck); d > worst {
-				worst = d
+				worst, worstKind = d, f.name
 			}
 		}
 	}
 	start := time.Now()
-	var wg sync.WaitGroup
-	next := make(chan int)
-	for range conc {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				one(i)
+	if everyKind { // each kind a subtest of its own: go test -run 'TestSoakEveryFault/pool_full'
+		t.Run("kinds", func(t *testing.T) {
+			// The killed cleanup first: its job's time runs out meanwhile.
+			first := func(f soakFault) int { return cmp.Or(slices.Index([]string{"cleanup killed"}, f.name)+1, 2) }
+			slices.SortStableFunc(kinds, func(a, b soakFault) int { return first(a) - first(b) })
+			for i, f := range kinds {
+				t.Run(f.name, func(t *testing.T) {
+					t.Parallel()
+					one(t, i)
+				})
 			}
-		}()
+		})
+	} else {
+		var wg sync.WaitGroup
+		next := make(chan int)
+		for range conc {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range next {
+					one(t, i)
+				}
+			}()
+		}
+		for i := range n {
+			next <- i
+		}
+		close(next)
+		wg.Wait()
 	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
 	wall := time.Since(start)
-	if counts["cleanup killed"] > 0 { // their jobs' time, and the grace
-		time.Sleep(time.Duration(soakJobTimeout+2) * time.Second)
-	}
+	// The killed cleanups' jobs' time, and the grace, from the last one's prepare.
+	time.Sleep(time.Until(lastKilled.Add(time.Duration(soakJobTimeout+2) * time.Second)))
 	base.l = reconnect(t) // libvirtd may have restarted since base connected
 	base.env["LIBVIRT_GCI_JOB_GRACE"] = "1s"
 	r := base.stage("gc")
@@ -233,8 +255,8 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 		drawn = append(drawn, fmt.Sprintf("%s %d", k, c))
 	}
 	slices.Sort(drawn)
-	return fmt.Sprintf("soak: %d jobs, %d at a time; faults: %s; %d unexpected; left after one gc: %s; %.0f s; worst fault to nothing left of its job: %.1f s",
-		n, conc, strings.Join(drawn, ", "), unexpected, left, wall.Seconds(), worst.Seconds())
+	return fmt.Sprintf("soak: %d jobs, %d at a time; faults: %s; %d unexpected; left after one gc: %s; %.0f s; worst fault to nothing left of its job: %.1f s (%s)",
+		n, conc, strings.Join(drawn, ", "), unexpected, left, wall.Seconds(), worst.Seconds(), worstKind)
 }
 
 // soakNothingLeft is what soakRun's line says when nothing is left.
@@ -312,11 +334,12 @@ func TestSoak(t *testing.T) {
 }
 
 // TestSoakEveryFault is `make test`'s short soak: every fault kind once (SOAK_KINDS: the
-// ones named), two jobs at a time, and nothing left after one gc. Not parallel: its
-// host-wide faults (libvirtd restarted, the host rebooted) strike every job on the host.
+// ones named), each a subtest of its own, as many at a time as -parallel lets, and
+// nothing left after one gc. Not parallel with the package's other tests: its host-wide
+// faults (libvirtd restarted, the host rebooted) strike every job on the host.
 func TestSoakEveryFault(t *testing.T) {
 	kinds := soakKinds(t)
-	line := soakRun(t, len(kinds), 2, kinds, true)
+	line := soakRun(t, len(kinds), 0, kinds, true)
 	t.Log(line)
 	require.Contains(t, line, soakNothingLeft, line)
 }
