@@ -60,6 +60,14 @@ type Layout struct {
 	DiskGrow uint64
 }
 
+// fallBackError: the strategy could not make the instance for a reason of its own (a
+// warm image damaged on disk), which the next strategy does not share: the launch goes
+// on with that one.
+type fallBackError struct{ err error }
+
+func (e *fallBackError) Error() string { return e.err.Error() }
+func (e *fallBackError) Unwrap() error { return e.err }
+
 // checkLayout says what of a whole layout l for the instance name lacks.
 func checkLayout(l *Layout, name string) error {
 	switch {
@@ -152,6 +160,8 @@ type plan struct {
 	// (makeWarm): its volumes are named by the image, and extra lists its save volume.
 	warmImage string
 	extra     []meta.Volume
+	// warmFrom: the warm image the instance is restored from.
+	warmFrom string
 	// shareMemory: the guest's memory is shared even without a share (a warm image's
 	// whose instances get their cache share after the restore).
 	shareMemory bool
@@ -178,11 +188,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	if err != nil {
 		return err
 	}
-	s, err := h.choose(ctx, conn, p)
-	if err != nil {
-		return err
-	}
-	tm, undo, err := h.admitAndMake(ctx, after, conn, s, p)
+	tm, undo, err := h.chooseAndMake(ctx, after, conn, p)
 	if err != nil {
 		return err
 	}
@@ -288,6 +294,36 @@ func (h *Host) choose(ctx context.Context, conn *libvirt.Conn, p *plan) (Strateg
 		}
 	}
 	return nil, errors.New("no launch strategy configured")
+}
+
+// chooseAndMake makes p's instance with the first strategy that can (choose,
+// admitAndMake); where that one's make fails for a reason of its own (fallBackError),
+// with the next.
+func (h *Host) chooseAndMake(ctx, after context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, func(), error) {
+	s, err := h.choose(ctx, conn, p)
+	if err != nil {
+		return libvirt.Timings{}, nil, err
+	}
+	tm, undo, err := h.admitAndMake(ctx, after, conn, s, p)
+	var fb *fallBackError
+	if !errors.As(err, &fb) || ctx.Err() != nil {
+		return tm, undo, err
+	}
+	ss := h.strategies()
+	i := slices.IndexFunc(ss, func(o Strategy) bool { return o.Name() == s.Name() })
+	if i < 0 || i+1 == len(ss) {
+		return tm, undo, err
+	}
+	next := ss[i+1]
+	h.Log.Warn(fmt.Sprintf("%v; %s %s instead", err, next.Doing(), p.Name))
+	p.Layout = Layout{}
+	if m, err := h.planWith(ctx, conn, next, p); err != nil || m != nil {
+		if m != nil {
+			err = fmt.Errorf("no way to start %s: %s", p.Name, m.why)
+		}
+		return libvirt.Timings{}, nil, err
+	}
+	return h.admitAndMake(ctx, after, conn, next, p)
 }
 
 // admitAndMake admits p's instance under the host's capacity (waiting for room within

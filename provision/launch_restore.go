@@ -49,6 +49,7 @@ func (r restore) Plan(ctx context.Context, conn *libvirt.Conn, p *plan) (*Layout
 		return nil, &misfit{why: why}, nil
 	}
 	l := &Layout{MemKiB: wi.MemKiB}
+	p.warmFrom = wi.Name
 	macs, err := r.layout(conn, p, l, wi)
 	if err != nil {
 		return nil, nil, err
@@ -123,8 +124,16 @@ func (r restore) layout(conn *libvirt.Conn, p *plan, l *Layout, wi *WarmImage) (
 // Make defines the domain, creates its overlays and restores the save image, then
 // attaches the cache share (QEMU 7.2 cannot save a virtiofs device; the warm image's
 // memory is shared for it, and the guest mounts it once it appears: guest.Setup).
-func (restore) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
+func (r restore) Make(ctx context.Context, conn *libvirt.Conn, p *plan) (libvirt.Timings, error) {
 	tm, err := conn.Restore(ctx, p.Spec)
+	if err != nil && ctx.Err() == nil && !conn.IsLost() && damaged(err) {
+		// Its save image was deleted or cut short on disk: the next prepare makes the
+		// image again (it is no longer marked whole), this one boots.
+		if derr := r.h.dropWarm(conn, p.warmFrom); derr != nil {
+			r.h.Log.Warn(derr.Error())
+		}
+		return tm, &fallBackError{fmt.Errorf("the warm image %s of %s is damaged (%v); it is made again on the next prepare", p.warmFrom, p.Template, err)}
+	}
 	if err == nil && p.Attach != "" {
 		err = conn.Attach(ctx, p.Name, "the cache share", p.Attach, &tm.Attach)
 	}
@@ -152,4 +161,16 @@ func (r restore) report(p *plan, wi *WarmImage, tm libvirt.Timings) {
 		p.Template, p.Name, wi.Name, (tm.Define+tm.Clone+tm.Image+tm.Start+tm.Attach+tm.Grow).Milliseconds(), tm.Define.Milliseconds(), len(p.Spec.Volumes), tm.Clone.Milliseconds(), tm.Start.Milliseconds(), image, reserved(tm)),
 		"template", p.Template, "name", p.Name, "warm", wi.Name, "define_ms", tm.Define.Milliseconds(), "clone_ms", tm.Clone.Milliseconds(),
 		"image_ms", tm.Image.Milliseconds(), "streamed", tm.Streamed, "restore_ms", tm.Start.Milliseconds(), "reserve_ms", tm.Reserve.Milliseconds())
+}
+
+// damaged says whether a restore failed for its save image's sake: the file gone, or
+// QEMU unable to load the state it holds (cut short, or overwritten).
+func damaged(err error) bool {
+	msg := err.Error()
+	for _, s := range []string{"load of migration failed", "error while loading state", "No such file or directory", "no storage vol with matching"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
 }

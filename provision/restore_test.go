@@ -138,6 +138,32 @@ func TestRestoreUnreadableImageBoots(t *testing.T) {
 	assert.Contains(t, log.String(), "cloned tmpl into gci-b")
 }
 
+// Issue 38: a warm image whose save image was cut short or deleted on disk under a
+// restore. The restore fails in QEMU; the launch boots instead and says why, the image
+// is no longer marked whole, and the next launch makes it again and restores. (Before,
+// every restore of the image failed the same way, each job a system failure.)
+func TestRestoreDamagedImageBootsAndIsMadeAgain(t *testing.T) {
+	t.Parallel()
+	f, log, h, warm := firstRestore(t)
+	f.FailNth("DomainRestoreFlags", countCalls(f, "DomainRestoreFlags")+1, golibvirt.Error{Code: uint32(golibvirt.ErrInternalError),
+		Message: "qemu unexpectedly closed the monitor: qemu-system-x86_64: error while loading state section id 3(ram)\nload of migration failed: Input/output error"})
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-b")))
+	assert.Contains(t, log.String(), "the warm image "+warm+" of tmpl is damaged")
+	assert.Contains(t, log.String(), "booting gci-b instead")
+	assert.Contains(t, log.String(), "cloned tmpl into gci-b")
+	assert.NotContains(t, f.State(), warm+".done", "no longer marked whole")
+
+	log.Reset()
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-c")))
+	assert.Contains(t, log.String(), "made the warm image "+warm+" of tmpl")
+	assert.Contains(t, log.String(), "restored tmpl into gci-c from "+warm)
+	for _, n := range []string{"gci-a", "gci-b", "gci-c"} {
+		require.NoError(t, h.Remove(context.Background(), n, nil))
+	}
+	assert.Equal(t, []string{"domain tmpl running=false"}, nonWarm(f), "only the warm image stays")
+}
+
 // A job that asks for a size is restored too (issue 25): from a warm image of that
 // CPUs and memory, made on its first ask, and its disk grown after the restore. Past
 // LIBVIRT_GCI_WARM_SIZES other sizes of the template, or with none allowed, it boots

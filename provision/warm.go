@@ -364,6 +364,21 @@ func (h *Host) warmSizesFull(conn *libvirt.Conn, tmplName string, prof warmProfi
 	return "", nil
 }
 
+// dropWarm unmarks the warm image name, whose save image is damaged: the next prepare
+// makes it again (clearWarmTry removes its volumes first), and no restore uses it
+// meanwhile. Instances restored from it before run on: their QEMUs hold the files
+// their disks stand on open.
+func (h *Host) dropWarm(conn *libvirt.Conn, name string) error {
+	pool, err := conn.Pool(h.Pool)
+	if err != nil {
+		return err
+	}
+	if err := pool.Delete(func(v string) bool { return v == libvirt.DoneMark(name) }); err != nil {
+		return fmt.Errorf("warm image %s: unmark it: %w", name, err)
+	}
+	return nil
+}
+
 // noRestoreMark is the volume that says the warm image name is never to be made: its
 // guest cannot reseed its RNG (guest.ErrCannotReseed). It goes with its family's old
 // images.
