@@ -67,14 +67,17 @@ bench:
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench '^BenchmarkPerformance$$' -benchtime 1x -timeout 30m ./cmd/libvirt-gci
 	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 $(GO) test -run '^$$' -bench . -skip '^BenchmarkPerformance' -benchtime 5x -timeout 30m ./cmd/libvirt-gci
 
-# SOAK_N jobs, SOAK_M at a time, each with a fault drawn from every kind; one summary
-# line (nothing left, nothing unexpected). SOAK_TIMEOUT bounds a run: 1,000 jobs take
-# hours on 2 cores; run them in pieces.
+# SOAK_N jobs, SOAK_M at a time, each with the next fault kind in turn (SOAK_KINDS: a
+# comma-separated few of them); one summary line (nothing left, nothing unexpected).
+# SOAK_TIMEOUT bounds a run: 1,000 jobs take hours on 2 cores; run them in pieces, each
+# with a SOAK_SEED of its own (where in the turn it starts, which strikes it draws).
 SOAK_N ?= 20
 SOAK_M ?= 4
+SOAK_SEED ?= 0
+SOAK_KINDS ?=
 SOAK_TIMEOUT ?= 3h
 soak: testenv
-	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 LIBVIRT_GCI_SOAK=1 SOAK_N=$(SOAK_N) SOAK_M=$(SOAK_M) $(GO) test -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_TIMEOUT) ./cmd/libvirt-gci
+	eval "$$(scripts/testenv.sh env)" && LIBVIRT_GCI_E2E=1 LIBVIRT_GCI_SOAK=1 SOAK_N=$(SOAK_N) SOAK_M=$(SOAK_M) SOAK_SEED=$(SOAK_SEED) SOAK_KINDS='$(SOAK_KINDS)' $(GO) test -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_TIMEOUT) ./cmd/libvirt-gci
 
 # Each fuzz target for FUZZTIME (its seed corpus also runs in every `make test`).
 FUZZTIME ?= 30s

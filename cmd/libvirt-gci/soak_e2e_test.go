@@ -141,8 +141,8 @@ func soakStage(t *testing.T, j *gitlabJob, fault func(s *started)) (bool, time.T
 	return soakCleanup(t, j) && ok, struck
 }
 
-// soakRun runs n jobs, conc at a time, each with the fault seed draws from kinds (every
-// kind once first, where everyKind), over both transports and, one in eight, the systemd
+// soakRun runs n jobs, conc at a time, each with the next fault of kinds in turn (each
+// a subtest of its own, where everyKind), over both transports and, one in eight, the systemd
 // guest; a host-wide fault runs alone. Then it waits for the killed cleanups' jobs to run
 // out of time, runs gc once, and counts what is left. It returns the summary line.
 func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) string {
@@ -157,8 +157,11 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 	var worstKind string
 	var lastKilled time.Time // the last prepare of a job whose cleanup is killed
 	one := func(t *testing.T, i int) {
-		rng := rand.New(rand.NewPCG(uint64(i), 7))
-		f := kinds[rng.IntN(len(kinds))]
+		// Every kind in turn (a piece of a long soak, SOAK_SEED, starts elsewhere in the
+		// turn and draws other strikes), so each is drawn as often as the others.
+		seed := envInt("SOAK_SEED", 0)
+		rng := rand.New(rand.NewPCG(uint64(i), uint64(7+seed)))
+		f := kinds[(i+seed)%len(kinds)]
 		if everyKind && i < len(kinds) {
 			f = kinds[i]
 		}
@@ -201,7 +204,11 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 		counts[f.name]++
 		if !ok {
 			unexpected++
-			t.Logf("job %d (%s, %s): not as the fault should make it go", i, f.name, tr)
+			report := t.Logf // the soak's line counts it
+			if everyKind {
+				report = t.Errorf // the kind's own test fails
+			}
+			report("job %d (%s, %s): not as the fault should make it go", i, f.name, tr)
 		}
 		if !f.gc {
 			if !gone() {
