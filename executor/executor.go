@@ -301,6 +301,7 @@ func (e *Executor) GC(ctx context.Context, dryRun bool, olderThan time.Duration)
 		total.Removed += sw.Removed
 		total.Kept += sw.Kept
 		total.Addresses += sw.Addresses
+		total.Warm += sw.Warm
 		return err
 	})
 	caches, cerr := e.gcCaches(ctx, dryRun)

@@ -105,6 +105,7 @@ func gone(r *meta.Process, who string) string {
 type Sweep struct {
 	Removed, Kept int
 	Addresses     int // host entries of gone instances given back
+	Warm          int // warm images of gone templates removed
 }
 
 // GC removes orphaned instances with our prefix: those whose runner process is gone or whose host
@@ -194,6 +195,11 @@ func (h *Host) gc(ctx context.Context, conn *libvirt.Conn, dryRun bool, olderTha
 	}
 	if err := h.gcReservations(ctx, conn, dryRun, &sw); err != nil {
 		errs = append(errs, err)
+	}
+	if budget == 0 { // gc's own work, not a launch's sweep: it reads each image's header
+		if err := h.gcWarm(ctx, conn, dryRun, &sw); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return sw, errors.Join(errs...)
 }

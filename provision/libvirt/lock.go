@@ -159,3 +159,24 @@ func (c *Conn) staleLock(ctx context.Context, pool libvirt.StoragePool, name str
 	}
 	return ""
 }
+
+// ClearLocks removes the pool's locks whose holder is certainly gone (gone, as
+// LockHolder.Gone), which the next taker of each would otherwise remove: gc leaves none
+// of a killed process behind. It returns the names of those it removed.
+func (p *Pool) ClearLocks(ctx context.Context, gone func(id string) bool) ([]string, error) {
+	vols, err := p.Volumes()
+	if err != nil {
+		return nil, err
+	}
+	var removed []string
+	for _, v := range vols {
+		name, ok := strings.CutSuffix(v, ".lock")
+		if !ok {
+			continue
+		}
+		if why := p.c.staleLock(ctx, p.p, name, func() bool { return true }, gone); why != "" && why != goneMeanwhile {
+			removed = append(removed, v)
+		}
+	}
+	return removed, nil
+}
