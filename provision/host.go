@@ -295,12 +295,13 @@ func (h *Host) teardown(ctx context.Context, name string, allow func(meta.Metada
 	ctx, cancel := context.WithTimeoutCause(ctx, teardownTime, fmt.Errorf("teardown took longer than %s", teardownTime))
 	defer cancel()
 	start := time.Now()
-	conn, err := h.reconnect(ctx)
-	if err != nil {
-		return err
+	r, err := h.teardownOnce(ctx, name, allow)
+	// libvirtd restarted under the removal: again on a new connection, once it is back
+	// (each try's connect waits reconnectTime for it), within teardownTime.
+	for errors.Is(libvirt.Explain(err), libvirt.ErrLost) && ctx.Err() == nil && sleep(ctx, 250*time.Millisecond) {
+		h.Log.Info(fmt.Sprintf("lost libvirtd while removing %s (%v); again on a new connection", name, err))
+		r, err = h.teardownOnce(ctx, name, allow)
 	}
-	defer conn.Close()
-	r, err := conn.Teardown(ctx, name, allow)
 	if err != nil {
 		return err
 	}
@@ -310,6 +311,16 @@ func (h *Host) teardown(ctx context.Context, name string, allow func(meta.Metada
 		h.Log.Info(fmt.Sprintf("no instance %s; nothing to remove", name))
 	}
 	return nil
+}
+
+// teardownOnce is one try of teardown, on a connection of its own.
+func (h *Host) teardownOnce(ctx context.Context, name string, allow func(meta.Metadata) error) (libvirt.Removed, error) {
+	conn, err := h.reconnect(ctx)
+	if err != nil {
+		return libvirt.Removed{}, err
+	}
+	defer conn.Close()
+	return conn.Teardown(ctx, name, allow)
 }
 
 // List lists every instance of ours, whatever its name or prefix.

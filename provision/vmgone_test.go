@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -68,4 +69,18 @@ func TestStageSaysThePoolIsFull(t *testing.T) {
 		assert.Contains(t, err.Error(), "the VM paused: a write to its disks could not be stored, the file system under its storage pool is full")
 		assert.Less(t, time.Since(start), 5*time.Second, "at once, not at the job's timeout")
 	}
+}
+
+// Issue 38: libvirtd restarted under a cleanup's removal. The removal goes on, on a new
+// connection, once libvirtd is back; before, the cleanup failed and left the VM to gc.
+func TestRemoveOutlastsALibvirtdRestart(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	f.FailNth("DomainUndefineFlags", countCalls(f, "DomainUndefineFlags")+1, golibvirt.ErrInterrupted)
+	require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
+	assert.Contains(t, log.String(), "lost libvirtd while removing gci-a")
+	assert.Equal(t, "domain tmpl running=false", f.State(), "nothing of gci-a left")
 }
