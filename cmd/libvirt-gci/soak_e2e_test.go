@@ -156,6 +156,7 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 	unexpected, worst := 0, time.Duration(0)
 	var worstKind string
 	var lastKilled time.Time // the last prepare of a job whose cleanup is killed
+	done, start := 0, time.Now()
 	one := func(t *testing.T, i int) {
 		// Every kind in turn (a piece of a long soak, SOAK_SEED, starts elsewhere in the
 		// turn and draws other strikes), so each is drawn as often as the others.
@@ -202,6 +203,9 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 		mu.Lock()
 		defer mu.Unlock()
 		counts[f.name]++
+		if done++; !everyKind && done%25 == 0 {
+			t.Logf("soak: %d of %d jobs done, %d unexpected, %.0f s", done, n, unexpected, time.Since(start).Seconds())
+		}
 		if !ok {
 			unexpected++
 			report := t.Logf // the soak's line counts it
@@ -218,7 +222,6 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 			}
 		}
 	}
-	start := time.Now()
 	if everyKind { // each kind a subtest of its own: go test -run 'TestSoakEveryFault/pool_full'
 		t.Run("kinds", func(t *testing.T) {
 			// The killed cleanup first: its job's time runs out meanwhile.
