@@ -182,6 +182,14 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 		return err
 	}
 	defer conn.Close()
+	defer func() {
+		if err != nil && ctx.Err() == nil && conn.IsLost() && !errors.Is(err, libvirt.ErrLost) {
+			// Whichever call libvirtd's restart cut short (a look-up, a define, the
+			// agent's, the set-up's): that is why. Later calls on the connection fail
+			// with go-libvirt's "invalid argument".
+			err = fmt.Errorf("%w: %v", libvirt.ErrLost, err)
+		}
+	}()
 	after, cancelAfter := lingeringPast(ctx, conn, AfterCancel)
 	defer cancelAfter()
 	p, err := h.begin(ctx, conn, req)
@@ -199,11 +207,6 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	}()
 	p.Report(tm)
 	if err := h.awaitReady(ctx, conn, p, begin); err != nil {
-		if conn.IsLost() && !errors.Is(err, libvirt.ErrLost) {
-			// Whichever of the waits' calls libvirtd's restart cut short (the agent's,
-			// the set-up's, the address's look-up): that is why.
-			err = fmt.Errorf("%w: %v", libvirt.ErrLost, err)
-		}
 		return fmt.Errorf("instance %q: %w", req.Name, err)
 	}
 	return h.markReady(conn, p, time.Since(begin))

@@ -123,6 +123,7 @@ type Conn struct {
 	settled   []chan struct{} // closed when inflight is next 0 (Settled)
 	cancelled bool            // ctx ended; drop the connection once inflight is 0 (or after grace)
 	dropped   atomic.Bool
+	ended     <-chan struct{} // a fake client's end (disconnecter); go-libvirt's is lv's
 	stop      func() bool
 	closeOnce sync.Once
 
@@ -228,10 +229,10 @@ var ErrLost = errors.New("lost the connection to libvirtd (was it stopped or res
 // does: calls on it fail from then on, so waiting for anything it could tell is in vain.
 func (c *Conn) WithLoss(ctx context.Context) (context.Context, context.CancelFunc) {
 	lctx, cancel := context.WithCancelCause(ctx)
-	if c.lv == nil {
+	lost := c.disconnected()
+	if lost == nil {
 		return lctx, func() { cancel(context.Canceled) }
 	}
-	lost := c.lv.Disconnected()
 	go func() {
 		select {
 		case <-lost:
@@ -258,8 +259,33 @@ func Explain(err error) error {
 	return err
 }
 
-// IsLost tells whether the connection to libvirtd has ended.
-func (c *Conn) IsLost() bool { return c.lv != nil && !c.lv.IsConnected() }
+// disconnecter is a client that says when its connection ended: go-libvirt's, and
+// provisiontest's fake (Drop).
+type disconnecter interface{ Disconnected() <-chan struct{} }
+
+// disconnected is closed once the connection has ended; nil where the client cannot
+// tell.
+func (c *Conn) disconnected() <-chan struct{} {
+	if c.lv != nil {
+		return c.lv.Disconnected()
+	}
+	return c.ended
+}
+
+// IsLost tells whether the connection to libvirtd has ended, other than by this Conn's
+// own drop (a cancel's).
+func (c *Conn) IsLost() bool {
+	lost := c.disconnected()
+	if lost == nil || c.dropped.Load() {
+		return false
+	}
+	select {
+	case <-lost:
+		return true
+	default:
+		return false
+	}
+}
 
 // API is the client, for the guest package's agent transport.
 func (c *Conn) API() API { return c.api }
@@ -269,6 +295,9 @@ func (c *Conn) API() API { return c.api }
 func NewConn(a API) *Conn {
 	c := &Conn{api: a, grace: CancelGrace}
 	c.redial = func(context.Context) (*Conn, error) { return NewConn(a), nil }
+	if d, ok := a.(disconnecter); ok {
+		c.ended = d.Disconnected() // this connection's end, not a later one's
+	}
 	return c
 }
 

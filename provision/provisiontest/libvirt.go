@@ -206,6 +206,9 @@ func (f *Libvirt) call(method string, op func() error) error {
 	}
 }
 
+// Disconnected is Dropped, as go-libvirt's client says it: the connection ended.
+func (f *Libvirt) Disconnected() <-chan struct{} { return f.Dropped() }
+
 // Reconnect is a new client connection to the same fake libvirtd.
 func (f *Libvirt) Reconnect() {
 	f.mu.Lock()
