@@ -270,12 +270,13 @@ func soakRun(t *testing.T, n, conc int, kinds []soakFault, everyKind bool) strin
 }
 
 // soakNothingLeft is what soakRun's line says when nothing is left.
-const soakNothingLeft = " 0 unexpected; left after one gc: 0 domains, 0 volumes, 0 files, 0 leases, 0 cache mounts;"
+const soakNothingLeft = " 0 unexpected; left after one gc: 0 domains, 0 volumes, 0 files, 0 leases, 0 cache mounts, 0 locks, 0 warm images of gone templates;"
 
-// soakLeft counts what the soak left under its prefix: domains, volumes, files (in the
+// soakLeft counts what the soak left: under its prefix, domains, volumes, files (in the
 // pool, and beside the secret besides the secret, the KVM verdict and the lock files),
-// leases and host entries, and mounts of cache shares whose cache is gone (a share's
-// mount stays for the project's next job while its image SHARE.img is there).
+// leases and host entries; mounts of cache shares whose cache is gone (a share's mount
+// stays for the project's next job while its image SHARE.img is there); in the pool,
+// locks and the warm images of gone templates.
 func soakLeft(t *testing.T, base *gitlabJob, cache string) string {
 	var doms, vols, files, leases int
 	for _, l := range leftovers(t, base.l, base.prefix) {
@@ -308,7 +309,12 @@ func soakLeft(t *testing.T, base *gitlabJob, cache string) string {
 			mounts++
 		}
 	}
-	return fmt.Sprintf("%d domains, %d volumes, %d files, %d leases, %d cache mounts", doms, vols, files, leases, mounts)
+	locks, images := poolLocks(t, base.l), goneTemplateImages(t, base.l)
+	for _, l := range append(locks, images...) {
+		t.Log("left: " + l)
+	}
+	return fmt.Sprintf("%d domains, %d volumes, %d files, %d leases, %d cache mounts, %d locks, %d warm images of gone templates",
+		doms, vols, files, leases, mounts, len(locks), len(images))
 }
 
 // soakKinds are the fault kinds SOAK_KINDS names (comma-separated), or all of them.

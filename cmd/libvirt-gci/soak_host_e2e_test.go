@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -310,44 +311,44 @@ func poolFull(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 
 var rangeMu sync.Mutex // one job at a time on the small network
 
-// smallNetwork is an isolated network with a DHCP range of one address, and a variant of
-// the tiny NIC template on it, made once per soak. It returns the template's name.
-func smallNetwork(t *testing.T, l *libvirt.Libvirt) (netName, tmpl string) {
+// smallNetwork is an isolated network with a DHCP range of one address, made once per
+// test binary and removed when it ends. It returns its name.
+func smallNetwork(t *testing.T, l *libvirt.Libvirt) string {
 	t.Helper()
 	smallNetOnce.Do(func() {
 		id := os.Getpid() % 10000
-		netName, tmpl = fmt.Sprintf("gci-e2e-one-%d", id), fmt.Sprintf("e2e-one-tmpl-%d", id)
+		smallNet = fmt.Sprintf("gci-e2e-one-%d", id)
 		x := fmt.Sprintf(`<network><name>%s</name><bridge name='gci-one-%d' stp='off'/><dns enable='no'/>
-<ip address='10.213.217.1' prefix='24'><dhcp><range start='10.213.217.10' end='10.213.217.10'/></dhcp></ip></network>`, netName, id)
+<ip address='10.213.217.1' prefix='24'><dhcp><range start='10.213.217.10' end='10.213.217.10'/></dhcp></ip></network>`, smallNet, id)
 		n, err := l.NetworkDefineXML(x)
 		require.NoError(t, err)
 		require.NoError(t, l.NetworkCreate(n))
-		dx := templateVariantOf(t, l, testNICTmpl, tmpl, `<source network='gci-isolated'/>`, "<source network='"+netName+"'/>")
-		dom, err := l.DomainDefineXMLFlags(dx, 0)
-		require.NoError(t, err)
 		addCleanup(func() {
-			_ = exec.Command("virsh", "-q", "-c", testURI, "undefine", tmpl).Run()
-			_ = exec.Command("virsh", "-q", "-c", testURI, "net-destroy", netName).Run()
-			_ = exec.Command("virsh", "-q", "-c", testURI, "net-undefine", netName).Run()
+			_ = exec.Command("virsh", "-q", "-c", testURI, "net-destroy", smallNet).Run()
+			_ = exec.Command("virsh", "-q", "-c", testURI, "net-undefine", smallNet).Run()
 		})
-		_ = dom
-		smallNet = [2]string{netName, tmpl}
 	})
-	return smallNet[0], smallNet[1]
+	return smallNet
 }
 
 var (
 	smallNetOnce sync.Once
-	smallNet     [2]string
+	smallNet     string
 )
 
 // rangeUsedUp: every address of the job network's DHCP range is held (by a host entry
 // of someone else's). The prepare fails as a system failure naming the network, leaving
 // nothing; once an address is free again, the next job on that network runs.
 func rangeUsedUp(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
-	netName, tmpl := smallNetwork(t, j.l)
+	netName := smallNetwork(t, j.l)
 	rangeMu.Lock()
 	defer rangeMu.Unlock()
+	// A template of the job's own on that network: undefined when the job is over, so
+	// that its warm image (made by the job after the fault) is one of a gone template.
+	tmpl := "e2e-one-" + j.jobID
+	dom, err := j.l.DomainDefineXMLFlags(templateVariantOf(t, j.l, testNICTmpl, tmpl, `<source network='gci-isolated'/>`, "<source network='"+netName+"'/>"), 0)
+	require.NoError(t, err)
+	defer func() { _ = j.l.DomainUndefine(dom) }()
 	j.env["CUSTOM_ENV_DISTRO"], j.env["LIBVIRT_GCI_TEMPLATES"], j.env["LIBVIRT_GCI_START"] = tmpl, tmpl, "boot"
 	n, err := j.l.NetworkLookupByName(netName)
 	require.NoError(t, err)
@@ -363,6 +364,7 @@ func rangeUsedUp(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 	ok = soakCleanup(t, j) && ok
 	require.NoError(t, j.l.NetworkUpdateCompat(n, libvirt.NetworkUpdateCommandDelete, libvirt.NetworkSectionIPDhcpHost, -1, host, libvirt.NetworkUpdateAffectLive))
 	next := j.sibling()
+	delete(next.env, "LIBVIRT_GCI_START") // restored: its warm image is made first
 	if !soakPrepare(t, next) {
 		return false, struck
 	}
@@ -430,6 +432,44 @@ func warmSavesOf(t *testing.T, l *libvirt.Libvirt, tmpl string) []string {
 			name := strings.TrimSuffix(o, ".qcow2")
 			name = name[:strings.LastIndexByte(name, '-')]
 			out = append(out, name+".save")
+		}
+	}
+	return out
+}
+
+// goneTemplateImages lists the warm images in the test pool whose template (named in
+// their save image's header) is no longer defined.
+func goneTemplateImages(t *testing.T, l *libvirt.Libvirt) []string {
+	t.Helper()
+	saves, _ := filepath.Glob("/var/lib/libvirt-gci/pool-" + testPool + "/libvirt-gci-warm-*.save")
+	var out []string
+	for _, f := range saves {
+		b, err := exec.Command("virsh", "-q", "-c", testURI, "save-image-dumpxml", f).Output()
+		if err != nil {
+			continue
+		}
+		m := regexp.MustCompile(`<(?:\w+:)?template>([^<]+)</(?:\w+:)?template>`).FindSubmatch(b)
+		if m == nil {
+			continue
+		}
+		if _, err := l.DomainLookupByName(string(m[1])); err != nil {
+			out = append(out, filepath.Base(f)+" of "+string(m[1]))
+		}
+	}
+	return out
+}
+
+// poolLocks lists the lock volumes in the test pool.
+func poolLocks(t *testing.T, l *libvirt.Libvirt) []string {
+	t.Helper()
+	pool, err := l.StoragePoolLookupByName(testPool)
+	require.NoError(t, err)
+	vols, _, err := l.StoragePoolListAllVolumes(pool, 1, 0)
+	require.NoError(t, err)
+	var out []string
+	for _, v := range vols {
+		if strings.HasSuffix(v.Name, ".lock") {
+			out = append(out, v.Name)
 		}
 	}
 	return out
