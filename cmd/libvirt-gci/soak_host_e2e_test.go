@@ -375,8 +375,17 @@ func rangeUsedUp(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 // the prepare or while it restores. The prepare succeeds (it boots instead) or fails as
 // a system failure saying so; the damaged image is not used again, and the next job runs.
 func warmDamaged(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
+	saves := warmSavesOf(t, j.l, j.env["CUSTOM_ENV_DISTRO"])
+	// The template's other warm images (other profiles) are damaged too, and no prepare
+	// of this job finds them so: unmarked at the end, as a prepare that found them would,
+	// so that later jobs and tests restore from images made again.
+	defer func() {
+		for _, f := range saves {
+			_ = exec.Command("virsh", "-q", "-c", testURI, "vol-delete", "--pool", testPool, strings.TrimSuffix(filepath.Base(f), ".save")+".done").Run()
+		}
+	}()
 	damage := func() {
-		for _, f := range warmSavesOf(t, j.l, j.env["CUSTOM_ENV_DISTRO"]) {
+		for _, f := range saves {
 			if rng.IntN(2) == 0 {
 				_ = os.Remove(f)
 			} else {
