@@ -2,16 +2,13 @@ package main
 
 import (
 	"fmt"
-	"net/url"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/digitalocean/go-libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -168,11 +165,7 @@ func TestFaultVMDiesUnderAStage(t *testing.T) {
 		s := j.start("run", j.script("b.sh", body), "build_script")
 		s.waitFor("up")
 		if how == "qemu killed" {
-			b, err := os.ReadFile("/run/libvirt/qemu/" + j.instance() + ".pid")
-			require.NoError(t, err)
-			pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-			require.NoError(t, err)
-			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+			require.NoError(t, killQEMU(j.instance()))
 		}
 		code, took := s.wait(time.Minute)
 		out := s.out.String()
@@ -209,26 +202,13 @@ func TestFaultGuestNeverReady(t *testing.T) {
 	assert.Empty(t, leftovers(t, j.l, j.prefix), "the rollback left something:\n%s", r.stderr)
 }
 
-// restartLibvirtd stops libvirtd (SIGTERM, as a package upgrade would) and starts it
-// again as scripts/testenv.sh does; QEMU processes live on. The job's own connection
-// is made again.
+// restartLibvirtd stops libvirtd and starts it again with the project's own script, as
+// a package upgrade would; QEMU processes live on. The job's own connection is made
+// again.
 func restartLibvirtd(t *testing.T, j *gitlabJob) {
 	t.Helper()
-	out, err := exec.Command("pgrep", "-x", "libvirtd").Output()
-	require.NoError(t, err, "libvirtd is not running")
-	pid, err := strconv.Atoi(strings.Fields(string(out))[0])
-	require.NoError(t, err)
-	require.NoError(t, syscall.Kill(pid, syscall.SIGTERM))
-	require.Eventually(t, func() bool { return syscall.Kill(pid, 0) != nil }, 30*time.Second, 20*time.Millisecond, "libvirtd did not stop")
-	require.NoError(t, exec.Command("libvirtd", "-d").Run())
-	require.Eventually(t, func() bool { return exec.Command("virsh", "-c", testURI, "version").Run() == nil }, 30*time.Second, 100*time.Millisecond,
-		"libvirtd did not come back")
-	// A connection of the test's own, not closed at its end: the job's checks at the end
-	// of the test use it after lv's own cleanups have run.
-	u, _ := url.Parse(testURI)
-	l, err := libvirt.ConnectToURI(u)
-	require.NoError(t, err)
-	j.l = l
+	bounceLibvirtd(t, 0)
+	j.l = reconnect(t)
 }
 
 // libvirtd restarted while prepare waits for the guest and while a script runs: each

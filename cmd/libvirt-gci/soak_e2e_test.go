@@ -74,13 +74,7 @@ var soakFaults = []soakFault{
 		return r.code == 2 && soakCleanup(t, j), time.Now()
 	}},
 	{name: "QEMU killed", do: func(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
-		return soakStage(t, j, func(*started) {
-			if b, err := os.ReadFile("/run/libvirt/qemu/" + j.instance() + ".pid"); err == nil {
-				if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-					_ = syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
-		})
+		return soakStage(t, j, func(*started) { _ = killQEMU(j.instance()) })
 	}},
 	{name: "cleanup killed", do: func(t *testing.T, j *gitlabJob, rng *rand.Rand) (bool, time.Time) {
 		if !soakPrepare(t, j) {

@@ -70,49 +70,39 @@ func libvirtdFault(down time.Duration) func(t *testing.T, j *gitlabJob, rng *ran
 				t.Logf("%s: %s under a libvirtd restart exited %d without naming libvirtd: %s", j.prefix, what, code, out)
 			}
 		}
-		var struck time.Time
-		switch stage := rng.IntN(3); stage {
-		case 0: // prepare
-			s := j.start("prepare")
+		stages := []string{"prepare", "run", "cleanup"}
+		stage := stages[rng.IntN(len(stages))]
+		if stage != "prepare" && !soakPrepare(t, j) {
+			return false, time.Now()
+		}
+		var s *started
+		switch stage {
+		case "prepare":
+			s = j.start("prepare")
 			time.Sleep(time.Duration(rng.IntN(1500)) * time.Millisecond)
-			struck = time.Now()
-			bounceLibvirtd(t, down)
-			code, _ := s.wait(5 * time.Minute)
-			check("prepare", code, s.out.String())
-			j.l = reconnect(t)
-			if code == 0 {
-				if r := j.run("build_script", "echo ok"); r.code != 0 {
-					ok = false
-					t.Logf("%s: the stage after a restarted prepare exited %d: %s", j.prefix, r.code, r.stderr)
-				}
-			}
-		case 1: // run
-			if !soakPrepare(t, j) {
-				return false, time.Now()
-			}
-			s := j.start("run", j.script("b.sh", "echo up; sleep 4; echo done"), "build_script")
+		case "run":
+			s = j.start("run", j.script("b.sh", "echo up; sleep 4; echo done"), "build_script")
 			s.waitFor("up")
-			struck = time.Now()
-			bounceLibvirtd(t, down)
-			code, _ := s.wait(5 * time.Minute)
-			check("run", code, s.out.String())
-			if code == 0 && !strings.Contains(s.out.String(), "done") {
-				ok = false
-				t.Logf("%s: the stage under a libvirtd restart succeeded but its output ended early: %s", j.prefix, s.out.String())
-			}
-			j.l = reconnect(t)
-		default: // cleanup
-			if !soakPrepare(t, j) {
-				return false, time.Now()
-			}
-			s := j.start("cleanup")
+		default:
+			s = j.start("cleanup")
 			time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
-			struck = time.Now()
-			bounceLibvirtd(t, down)
-			code, _ := s.wait(5 * time.Minute)
-			check("cleanup", code, s.out.String())
-			j.l = reconnect(t)
+		}
+		struck := time.Now()
+		bounceLibvirtd(t, down)
+		code, _ := s.wait(5 * time.Minute)
+		check(stage, code, s.out.String())
+		j.l = reconnect(t)
+		switch {
+		case stage == "cleanup":
 			return ok, struck // a failed cleanup's instance is gc's: the runner tries no other
+		case stage == "run" && code == 0 && !strings.Contains(s.out.String(), "done"):
+			ok = false
+			t.Logf("%s: the stage under a libvirtd restart succeeded but its output ended early: %s", j.prefix, s.out.String())
+		case stage == "prepare" && code == 0:
+			if r := j.run("build_script", "echo ok"); r.code != 0 {
+				ok = false
+				t.Logf("%s: the stage after a restarted prepare exited %d: %s", j.prefix, r.code, r.stderr)
+			}
 		}
 		return soakCleanup(t, j) && ok, struck
 	}
@@ -167,15 +157,24 @@ func runnerRestarted(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time)
 	return true, time.Now()
 }
 
+// killQEMU kills the QEMU of the running domain name, as the kernel's OOM killer would.
+func killQEMU(name string) error {
+	b, err := os.ReadFile("/run/libvirt/qemu/" + name + ".pid")
+	if err != nil {
+		return fmt.Errorf("the QEMU of %s: %w", name, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("the QEMU of %s: %w", name, err)
+	}
+	return syscall.Kill(pid, syscall.SIGKILL)
+}
+
 // killQEMUs kills the QEMU of every running domain whose name starts with prefix.
 func killQEMUs(prefix string) {
 	pids, _ := filepath.Glob("/run/libvirt/qemu/" + prefix + "*.pid")
 	for _, p := range pids {
-		if b, err := os.ReadFile(p); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
+		_ = killQEMU(strings.TrimSuffix(filepath.Base(p), ".pid"))
 	}
 }
 
@@ -195,12 +194,24 @@ func hostReboots(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 	killQEMUs(j.prefix)
 	bounceLibvirtd(t, 0)
 	j.l = reconnect(t)
+	return j.nextJobRuns(t, nil), struck
+}
+
+// nextJobRuns says whether the next job of j's project (with j's settings, changed by
+// change if not nil) runs: prepare, a stage, cleanup.
+func (j *gitlabJob) nextJobRuns(t *testing.T, change func(env map[string]string)) bool {
 	next := j.sibling()
-	if !soakPrepare(t, next) {
-		return false, struck
+	if change != nil {
+		change(next.env)
 	}
-	r := next.run("build_script", "echo ok")
-	return r.code == 0 && soakCleanup(t, next), struck
+	if !soakPrepare(t, next) {
+		return false
+	}
+	if r := next.run("build_script", "echo ok"); r.code != 0 {
+		t.Logf("%s: the next job's stage exited %d: %s", next.prefix, r.code, r.stderr)
+		return false
+	}
+	return soakCleanup(t, next)
 }
 
 // sibling is the next job of the same project with j's settings: another job ID, its
@@ -363,12 +374,8 @@ func rangeUsedUp(t *testing.T, j *gitlabJob, _ *rand.Rand) (bool, time.Time) {
 	}
 	ok = soakCleanup(t, j) && ok
 	require.NoError(t, j.l.NetworkUpdateCompat(n, libvirt.NetworkUpdateCommandDelete, libvirt.NetworkSectionIPDhcpHost, -1, host, libvirt.NetworkUpdateAffectLive))
-	next := j.sibling()
-	delete(next.env, "LIBVIRT_GCI_START") // restored: its warm image is made first
-	if !soakPrepare(t, next) {
-		return false, struck
-	}
-	return soakCleanup(t, next) && ok, struck
+	// The next job is restored: its warm image is made first.
+	return j.nextJobRuns(t, func(env map[string]string) { delete(env, "LIBVIRT_GCI_START") }) && ok, struck
 }
 
 // warmDamaged: the warm image a prepare restores from is deleted or truncated, before
