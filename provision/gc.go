@@ -105,7 +105,7 @@ func gone(r *meta.Process, who string) string {
 type Sweep struct {
 	Removed, Kept int
 	Addresses     int // host entries of gone instances given back
-	Warm          int // warm images of gone templates removed
+	Warm          int // warm images removed: of gone templates, or unfinished
 }
 
 // GC removes orphaned instances with our prefix: those whose runner process is gone or whose host

@@ -63,3 +63,45 @@ func TestGCWarmOfGoneTemplatesAndDeadLocks(t *testing.T) {
 	assert.NotContains(t, f.State(), warm, "none of its volumes left")
 	assert.Contains(t, log.String(), "gc: removed the warm image "+warm+": its template tmpl is gone")
 }
+
+// Issue 38 (the soak's piece C left one): a warm image that is not marked whole and that
+// nobody makes (its restore found it damaged and unmarked it, and no job of its template
+// came again; or its template went meanwhile) is removed by gc once no domain uses it;
+// before, gc left every unmarked image to a maker that would never come. One that a
+// maker holds the lock of stays, and so does one a domain stands on.
+func TestGCUnfinishedWarmImages(t *testing.T) {
+	t.Parallel()
+	f, log, h, warm := firstRestore(t)
+	ctx := context.Background()
+	conn := libvirt.NewConn(f)
+	require.NoError(t, h.dropWarm(conn, warm))
+	require.Contains(t, f.State(), warm+".save")
+
+	sw, err := h.GC(ctx, false, 0)
+	require.NoError(t, err)
+	assert.Zero(t, sw.Warm, "gci-a stands on it")
+	assert.Contains(t, f.State(), warm+".save")
+
+	require.NoError(t, h.Remove(ctx, "gci-a", nil))
+	lg := slog.New(slog.NewTextHandler(&bytes.Buffer{}, nil))
+	unlock, ok, err := conn.PoolLock(ctx, lg, "ci", warm, false, nil, lockHolder())
+	require.True(t, ok, err)
+	sw, err = h.GC(ctx, false, 0)
+	require.NoError(t, err)
+	assert.Zero(t, sw.Warm, "its maker holds its lock")
+	assert.Contains(t, f.State(), warm+".save")
+	unlock()
+
+	log.Reset()
+	sw, err = h.GC(ctx, false, 0)
+	require.NoError(t, err)
+	assert.Equal(t, 1, sw.Warm)
+	assert.NotContains(t, f.State(), warm, "none of its volumes left, nor its lock")
+	assert.Contains(t, log.String(), "gc: removed the unfinished warm image "+warm+": not marked whole, and nobody makes it")
+
+	// The next launch makes the image again and restores from it.
+	log.Reset()
+	require.NoError(t, h.Launch(ctx, launchReq("gci-b")))
+	assert.Contains(t, log.String(), "made the warm image "+warm)
+	assert.Contains(t, log.String(), "restored tmpl into gci-b from "+warm)
+}

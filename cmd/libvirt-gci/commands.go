@@ -218,7 +218,7 @@ func (cs *commandSet) gc(c *cli.Context) error {
 		given = fmt.Sprintf(", %d addresses of gone instances given back", sw.Addresses)
 	}
 	if sw.Warm > 0 {
-		given += fmt.Sprintf(", %d warm images of gone templates removed", sw.Warm)
+		given += fmt.Sprintf(", %d warm images removed (of gone templates, or unfinished)", sw.Warm)
 	}
 	if n := len(caches.Removed); n > 0 || caches.InUse > 0 {
 		given += fmt.Sprintf(", %d cache shares %s (%d in use left)", n, verb, caches.InUse)
