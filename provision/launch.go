@@ -183,7 +183,7 @@ func (h *Host) Launch(ctx context.Context, req Request) (err error) {
 	}
 	defer conn.Close()
 	defer func() {
-		if err != nil && ctx.Err() == nil && conn.IsLost() && !errors.Is(err, libvirt.ErrLost) {
+		if err != nil && ctx.Err() == nil && !errors.Is(err, libvirt.ErrLost) && conn.LostBy(err) {
 			// Whichever call libvirtd's restart cut short (a look-up, a define, the
 			// agent's, the set-up's): that is why. Later calls on the connection fail
 			// with go-libvirt's "invalid argument".

@@ -166,7 +166,7 @@ func (s *Session) Run(ctx context.Context, script []byte, stdout, stderr io.Writ
 	case ctx.Err() == nil && errors.As(context.Cause(wctx), &full):
 		err = full
 	case err == nil || ctx.Err() != nil:
-	case s.Transport == meta.TransportAgent && s.conn.IsLost():
+	case s.Transport == meta.TransportAgent && s.conn.LostBy(err):
 		err = fmt.Errorf("%w: %v", libvirt.ErrLost, err) // the agent's calls failed for that
 	default:
 		// The transport says what broke; libvirt says why, where the VM itself ended

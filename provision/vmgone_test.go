@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/libvirt-gci/libvirt-gci/provision/libvirt"
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
@@ -105,4 +107,35 @@ func TestLaunchSaysLibvirtdWentAway(t *testing.T) {
 	require.Error(t, err)
 	assert.True(t, strings.HasPrefix(err.Error(), "lost the connection to libvirtd (was it stopped or restarted?): "), err.Error())
 	assert.Equal(t, "domain tmpl running=false", f.State(), "rolled back once libvirtd was back")
+}
+
+// Issue 38 (the soak's piece D found it): libvirtd stopped under a stage over the agent.
+// go-libvirt closes its socket first and says that the connection ended a moment later;
+// a status call in that moment fails with the socket's bare EINVAL. The stage still
+// says that it lost libvirtd; before, it failed with "guest agent guest-exec-status:
+// invalid argument" alone.
+func TestStageSaysLibvirtdWentAwayBeforeItsEndIsSaid(t *testing.T) {
+	t.Parallel()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	f.SetJob(func(j *provisiontest.Job) (int, int) {
+		go func() {
+			time.Sleep(100 * time.Millisecond)
+			f.Fail("QEMUDomainAgentCommand", syscall.EINVAL) // the socket is closed
+			time.Sleep(300 * time.Millisecond)
+			f.Drop() // and then the connection's end is said
+		}()
+		<-j.Killed()
+		return 0, 15
+	})
+	s, err := h.Open(context.Background(), "gci-a", nil)
+	require.NoError(t, err)
+	defer s.Close()
+	_, err = s.Run(context.Background(), []byte("sleep 613"), io.Discard, io.Discard)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, libvirt.ErrLost)
+	assert.Contains(t, err.Error(), "lost the connection to libvirtd")
+	assert.Contains(t, err.Error(), "guest-exec-status: invalid argument", "what the call said stays in the line")
 }

@@ -287,6 +287,32 @@ func (c *Conn) IsLost() bool {
 	}
 }
 
+// lossSeen bounds how long LostBy waits for go-libvirt to say that the connection ended.
+const lossSeen = time.Second
+
+// LostBy tells whether err, a call's failure, came of the connection's end (IsLost).
+// go-libvirt closes its socket first and says that the connection ended a moment later;
+// a call in that moment fails with the socket's EINVAL ("invalid argument"), for which
+// LostBy waits up to lossSeen for the end to be said (the soak found a stage's status
+// call over the agent failing so, its connection not yet lost).
+func (c *Conn) LostBy(err error) bool {
+	if c.IsLost() {
+		return true
+	}
+	lost := c.disconnected()
+	if err == nil || !errors.Is(err, syscall.EINVAL) || lost == nil {
+		return false
+	}
+	t := time.NewTimer(lossSeen)
+	defer t.Stop()
+	select {
+	case <-lost:
+		return !c.dropped.Load()
+	case <-t.C:
+		return false
+	}
+}
+
 // API is the client, for the guest package's agent transport.
 func (c *Conn) API() API { return c.api }
 
