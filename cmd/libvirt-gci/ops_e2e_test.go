@@ -196,11 +196,17 @@ func TestCleanupNeverCame(t *testing.T) {
 	t.Parallel()
 	j, other := newJob(t), newJob(t)
 	other.prefix, other.env["LIBVIRT_GCI_PREFIX"] = j.prefix, j.prefix
-	j.timeout = 10
-	j.writeResponse(j.jobID, "77", "e2e-runner")
 	j.env["LIBVIRT_GCI_JOB_GRACE"], other.env["LIBVIRT_GCI_JOB_GRACE"] = "1s", "1s"
+	// Before j's: its prepare's sweep, once j's time had passed, would remove j's
+	// instance before the gc below (CI saw it on a slow run).
+	r := other.stage("prepare") // a job of an hour, the default here
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { other.stage("cleanup") })
+
+	j.timeout = 20
+	j.writeResponse(j.jobID, "77", "e2e-runner")
 	start := time.Now()
-	r := j.stage("prepare")
+	r = j.stage("prepare")
 	require.Equal(t, 0, r.code, r.stderr)
 	s := j.start("cleanup")
 	_ = s.cmd.Process.Kill() // before it did anything, as GitLab Runner's cleanup timeout would
@@ -210,12 +216,9 @@ func TestCleanupNeverCame(t *testing.T) {
 	}
 	r = j.stage("gc")
 	require.Equal(t, 0, r.code, r.stderr)
-	require.NotContains(t, r.stderr, "gc: removed "+j.instance(), "removed before its job's 10 s had passed (%.1f s after its prepare began)", time.Since(start).Seconds())
+	require.NotContains(t, r.stderr, "gc: removed "+j.instance(), "removed before its job's 20 s had passed (%.1f s after its prepare began)", time.Since(start).Seconds())
 
-	r = other.stage("prepare") // a job of an hour, the default here
-	require.Equal(t, 0, r.code, r.stderr)
-	t.Cleanup(func() { other.stage("cleanup") })
-	time.Sleep(time.Until(start.Add(12 * time.Second))) // the job's 10 s, and the 1 s of grace
+	time.Sleep(time.Until(start.Add(22 * time.Second))) // the job's 20 s, and the 1 s of grace
 	r = j.stage("gc")
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Regexp(t, `gc: removed `+regexp.QuoteMeta(j.instance())+`: its job's timeout ended \d+s ago \(LIBVIRT_GCI_JOB_GRACE 1s\): its cleanup never came`, r.stderr)
