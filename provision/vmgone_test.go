@@ -99,10 +99,10 @@ func TestLaunchSaysLibvirtdWentAway(t *testing.T) {
 	gate := f.Gate("DomainDefineXMLFlags")
 	go func() {
 		<-f.Entered()
-		f.Drop() // libvirtd stops: the define in flight is cut short
+		f.Drop() // libvirtd stops: the define in flight is cut short, never done
 		f.Reconnect()
-		close(gate)
 	}()
+	t.Cleanup(func() { close(gate) }) // the fake's gated call ends, after the test
 	err := h.Launch(context.Background(), launchReq("gci-a"))
 	require.Error(t, err)
 	assert.True(t, strings.HasPrefix(err.Error(), "lost the connection to libvirtd (was it stopped or restarted?): "), err.Error())

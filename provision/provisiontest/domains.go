@@ -97,15 +97,11 @@ func (f *Libvirt) DomainGetMetadata(d libvirt.Domain, typ int32, uri libvirt.Opt
 	return "", lverr(libvirt.ErrNoDomainMetadata, "metadata not found: Requested metadata element is not present")
 }
 
-func (f *Libvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (d libvirt.Domain, err error) {
+func (f *Libvirt) DomainDefineXMLFlags(x string, fl libvirt.DomainDefineFlags) (libvirt.Domain, error) {
 	if err := f.enter("DomainDefineXMLFlags"); err != nil {
 		return libvirt.Domain{}, err
 	}
-	err = f.call("DomainDefineXMLFlags", func() (err error) {
-		d, err = f.define(x, fl)
-		return err
-	})
-	return d, err
+	return callFor(f, "DomainDefineXMLFlags", func() (libvirt.Domain, error) { return f.define(x, fl) })
 }
 
 func (f *Libvirt) define(x string, _ libvirt.DomainDefineFlags) (libvirt.Domain, error) {

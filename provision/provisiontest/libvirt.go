@@ -206,6 +206,23 @@ func (f *Libvirt) call(method string, op func() error) error {
 	}
 }
 
+// callFor is call for an op with a result. The result comes back over a channel, never
+// through the caller's variables: a client that drops gets ErrInterrupted at once, while
+// a gated op still runs, later, when its gate opens.
+func callFor[T any](f *Libvirt, method string, op func() (T, error)) (T, error) {
+	out := make(chan T, 1)
+	err := f.call(method, func() error {
+		v, err := op()
+		out <- v
+		return err
+	})
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	return <-out, nil
+}
+
 // Disconnected is Dropped, as go-libvirt's client says it: the connection ended.
 func (f *Libvirt) Disconnected() <-chan struct{} { return f.Dropped() }
 

@@ -55,27 +55,27 @@ func (f *Libvirt) StorageVolGetXMLDesc(v libvirt.StorageVol, _ uint32) (string, 
 }
 
 // StorageVolCreateXMLFrom creates a volume with the content of clone.
-func (f *Libvirt) StorageVolCreateXMLFrom(p libvirt.StoragePool, x string, clone libvirt.StorageVol, fl libvirt.StorageVolCreateFlags) (v libvirt.StorageVol, err error) {
+func (f *Libvirt) StorageVolCreateXMLFrom(p libvirt.StoragePool, x string, clone libvirt.StorageVol, fl libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
 	if err := f.enter("StorageVolCreateXMLFrom"); err != nil {
 		return libvirt.StorageVol{}, err
 	}
-	err = f.call("StorageVolCreateXMLFrom", func() error {
+	return callFor(f, "StorageVolCreateXMLFrom", func() (libvirt.StorageVol, error) {
 		f.mu.Lock()
 		_, ok := f.pools[clone.Pool][clone.Name]
 		src := bytes.Clone(f.data[clone.Pool+"/"+clone.Name])
 		f.mu.Unlock()
 		if !ok {
-			return lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", clone.Name)
+			return libvirt.StorageVol{}, lverr(libvirt.ErrNoStorageVol, "Storage volume not found: '%s'", clone.Name)
 		}
-		if v, err = f.createVol(p, x, fl); err != nil {
-			return err
+		v, err := f.createVol(p, x, fl)
+		if err != nil {
+			return libvirt.StorageVol{}, err
 		}
 		f.mu.Lock()
 		f.data[v.Pool+"/"+v.Name] = src
 		f.mu.Unlock()
-		return nil
+		return v, nil
 	})
-	return v, err
 }
 
 // StorageVolDownload writes the volume's content from offset, length bytes of it (0:

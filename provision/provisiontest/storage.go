@@ -23,15 +23,11 @@ func (f *Libvirt) StoragePoolLookupByName(name string) (libvirt.StoragePool, err
 	return libvirt.StoragePool{Name: name}, nil
 }
 
-func (f *Libvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvirt.StorageVolCreateFlags) (v libvirt.StorageVol, err error) {
+func (f *Libvirt) StorageVolCreateXML(p libvirt.StoragePool, x string, fl libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
 	if err := f.enter("StorageVolCreateXML"); err != nil {
 		return libvirt.StorageVol{}, err
 	}
-	err = f.call("StorageVolCreateXML", func() (err error) {
-		v, err = f.createVol(p, x, fl)
-		return err
-	})
-	return v, err
+	return callFor(f, "StorageVolCreateXML", func() (libvirt.StorageVol, error) { return f.createVol(p, x, fl) })
 }
 
 func (f *Libvirt) createVol(p libvirt.StoragePool, x string, _ libvirt.StorageVolCreateFlags) (libvirt.StorageVol, error) {
