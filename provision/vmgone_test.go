@@ -17,23 +17,39 @@ import (
 	"github.com/libvirt-gci/libvirt-gci/provision/provisiontest"
 )
 
+// launchedA is a fake libvirtd with the instance gci-a launched, its host, and the
+// host's log.
+func launchedA(t *testing.T) (*provisiontest.Libvirt, *Host, *bytes.Buffer) {
+	t.Helper()
+	f := provisiontest.New("ci")
+	var log bytes.Buffer
+	h := readyHost(t, f, &log, time.Minute)
+	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	return f, h, &log
+}
+
+// runInA runs script in gci-a as a stage does, on a session of its own; the stage's
+// error.
+func runInA(t *testing.T, h *Host, script string) error {
+	t.Helper()
+	s, err := h.Open(context.Background(), "gci-a", nil)
+	require.NoError(t, err)
+	defer s.Close()
+	_, err = s.Run(context.Background(), []byte(script), io.Discard, io.Discard)
+	return err
+}
+
 // Issue 38: a VM that dies under a stage (its QEMU killed) fails the stage with a line
 // that says the VM is no longer running and why, where the transport alone said
 // "guest agent guest-exec-status: domain is not running".
 func TestStageSaysTheVMIsGone(t *testing.T) {
 	t.Parallel()
-	f := provisiontest.New("ci")
-	var log bytes.Buffer
-	h := readyHost(t, f, &log, time.Minute)
-	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	f, h, _ := launchedA(t)
 	f.SetJob(func(j *provisiontest.Job) (int, int) {
 		f.Crash(j.Domain)
 		return 0, 9
 	})
-	s, err := h.Open(context.Background(), "gci-a", nil)
-	require.NoError(t, err)
-	defer s.Close()
-	_, err = s.Run(context.Background(), []byte("sleep 613"), io.Discard, io.Discard)
+	err := runInA(t, h, "sleep 613")
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "the VM is no longer running (shut off: its QEMU ended without a shutdown (killed, or the guest's kernel panicked)): ")
 }
@@ -45,10 +61,7 @@ func TestStageSaysTheVMIsGone(t *testing.T) {
 func TestStageSaysThePoolIsFull(t *testing.T) {
 	t.Parallel()
 	for _, refused := range []bool{false, true} { // the agent still answering, or not
-		f := provisiontest.New("ci")
-		var log bytes.Buffer
-		h := readyHost(t, f, &log, time.Minute)
-		require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+		f, h, _ := launchedA(t)
 		f.SetJob(func(j *provisiontest.Job) (int, int) {
 			if refused {
 				f.FillPool(j.Domain)
@@ -63,11 +76,8 @@ func TestStageSaysThePoolIsFull(t *testing.T) {
 			<-j.Killed()
 			return 0, 15
 		})
-		s, err := h.Open(context.Background(), "gci-a", nil)
-		require.NoError(t, err)
 		start := time.Now()
-		_, err = s.Run(context.Background(), []byte("head -c 64M /dev/urandom >/var/fill"), io.Discard, io.Discard)
-		s.Close()
+		err := runInA(t, h, "head -c 64M /dev/urandom >/var/fill")
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "the VM paused: a write to its disks could not be stored, the file system under its storage pool is full")
 		assert.Less(t, time.Since(start), 5*time.Second, "at once, not at the job's timeout")
@@ -78,10 +88,7 @@ func TestStageSaysThePoolIsFull(t *testing.T) {
 // connection, once libvirtd is back; before, the cleanup failed and left the VM to gc.
 func TestRemoveOutlastsALibvirtdRestart(t *testing.T) {
 	t.Parallel()
-	f := provisiontest.New("ci")
-	var log bytes.Buffer
-	h := readyHost(t, f, &log, time.Minute)
-	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	f, h, log := launchedA(t)
 	f.FailNth("DomainUndefineFlags", countCalls(f, "DomainUndefineFlags")+1, golibvirt.ErrInterrupted)
 	require.NoError(t, h.Remove(context.Background(), "gci-a", nil))
 	assert.Contains(t, log.String(), "lost libvirtd while removing gci-a")
@@ -116,10 +123,7 @@ func TestLaunchSaysLibvirtdWentAway(t *testing.T) {
 // invalid argument" alone.
 func TestStageSaysLibvirtdWentAwayBeforeItsEndIsSaid(t *testing.T) {
 	t.Parallel()
-	f := provisiontest.New("ci")
-	var log bytes.Buffer
-	h := readyHost(t, f, &log, time.Minute)
-	require.NoError(t, h.Launch(context.Background(), launchReq("gci-a")))
+	f, h, _ := launchedA(t)
 	f.SetJob(func(j *provisiontest.Job) (int, int) {
 		go func() {
 			time.Sleep(100 * time.Millisecond)
@@ -130,10 +134,7 @@ func TestStageSaysLibvirtdWentAwayBeforeItsEndIsSaid(t *testing.T) {
 		<-j.Killed()
 		return 0, 15
 	})
-	s, err := h.Open(context.Background(), "gci-a", nil)
-	require.NoError(t, err)
-	defer s.Close()
-	_, err = s.Run(context.Background(), []byte("sleep 613"), io.Discard, io.Discard)
+	err := runInA(t, h, "sleep 613")
 	require.Error(t, err)
 	assert.ErrorIs(t, err, libvirt.ErrLost)
 	assert.Contains(t, err.Error(), "lost the connection to libvirtd")
